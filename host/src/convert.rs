@@ -1,0 +1,276 @@
+//! Quantize and write: the streaming conversion from a resolved plan to a
+//! ComfyUI-loadable file.
+//!
+//! Input tensors are read from the memory map one at a time, quantized on the
+//! backend by a few worker threads (so quantization of the next tensors overlaps
+//! writing of this one) and written in order; pages already written are dropped
+//! from the process, so peak memory does not grow with model size.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow};
+use safetensors::Dtype;
+use serde::Serialize;
+
+use crate::backend::Backend;
+use crate::checkpoint::writer::{PlannedTensor, StreamingWriter};
+use crate::checkpoint::{Checkpoint, TensorEntry};
+use crate::formats::{ErrorStats, QuantFormat, QuantSpec, StoredSpec, StoredTensor, WeightView};
+use crate::plan::{LayerDecision, ResolvedPlan};
+
+/// On-disk layout of the output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layout {
+    /// ComfyUI's mixed-precision layout: per-layer `.comfy_quant` plus `_quantization_metadata`.
+    #[default]
+    Comfy,
+    /// The `scaled_fp8` layout of ComfyUI before December 2025 (FP8 only).
+    ComfyLegacy,
+}
+
+/// One output item, in write order.
+#[derive(Clone, Debug)]
+enum Item<'a> {
+    Copy(&'a TensorEntry),
+    Quantize { entry: &'a TensorEntry, layer: &'a LayerDecision, spec: QuantSpec, stored: Vec<StoredSpec> },
+    Bytes { name: String, dtype: Dtype, shape: Vec<usize>, data: Vec<u8> },
+}
+
+/// The bytes of a `.comfy_quant` tensor.
+pub fn comfy_quant_json(format: QuantFormat) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "format": format.comfy_name() })).unwrap()
+}
+
+/// Per-layer line of the dry run and the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerReport {
+    pub layer: String,
+    pub format: Option<String>,
+    pub shape: [usize; 2],
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorStats>,
+}
+
+/// What a conversion wrote.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ConvertSummary {
+    pub tensors_written: usize,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    pub quantized_layers: usize,
+    pub seconds: f64,
+    pub layers: Vec<LayerReport>,
+}
+
+pub struct ConvertOptions {
+    pub output: PathBuf,
+    pub layout: Layout,
+    /// Extra `__metadata__` entries (provenance).
+    pub metadata: HashMap<String, String>,
+    /// Dequantize every layer and compare it with the original.
+    pub verify: bool,
+    pub progress: Option<indicatif::ProgressBar>,
+}
+
+fn build_items<'a>(ckpt: &'a Checkpoint, plan: &'a ResolvedPlan, layout: Layout) -> Result<Vec<Item<'a>>> {
+    let mut items = Vec::with_capacity(ckpt.tensors().len() + plan.layers.len());
+    if layout == Layout::ComfyLegacy {
+        if let Some(l) = plan.quantized().find(|l| l.spec.unwrap().format != QuantFormat::Fp8) {
+            return Err(anyhow!("--layout comfy-legacy stores FP8 only, but layer {} is {}", l.path, l.spec.unwrap().format.name()));
+        }
+        items.push(Item::Bytes { name: format!("{}scaled_fp8", ckpt.prefix()), dtype: Dtype::F8_E4M3, shape: vec![0], data: vec![] });
+    }
+    for entry in ckpt.tensors() {
+        let Some(layer) = plan.decision_for_key(&entry.key) else {
+            items.push(Item::Copy(entry));
+            continue;
+        };
+        let spec = layer.spec.expect("decision_for_key returns quantized layers");
+        let stored = spec.implementation().layout(layer.shape[0], layer.shape[1]);
+        items.push(Item::Quantize { entry, layer, spec, stored });
+        if layout == Layout::Comfy {
+            let data = comfy_quant_json(spec.format);
+            items.push(Item::Bytes { name: format!("{}.comfy_quant", layer.key), dtype: Dtype::U8, shape: vec![data.len()], data });
+        }
+    }
+    Ok(items)
+}
+
+/// Output name of a stored tensor in the chosen layout.
+fn stored_name(layer: &LayerDecision, suffix: &str, layout: Layout) -> String {
+    match (layout, suffix) {
+        (Layout::ComfyLegacy, "weight_scale") => format!("{}.scale_weight", layer.key),
+        _ => format!("{}.{suffix}", layer.key),
+    }
+}
+
+fn planned(items: &[Item<'_>], layout: Layout) -> Vec<PlannedTensor> {
+    let mut out = Vec::new();
+    for item in items {
+        match item {
+            Item::Copy(e) => out.push(PlannedTensor { name: e.key.clone(), dtype: e.dtype, shape: e.shape.clone() }),
+            Item::Quantize { layer, stored, .. } => {
+                for s in stored {
+                    out.push(PlannedTensor { name: stored_name(layer, s.suffix, layout), dtype: s.dtype, shape: s.shape.clone() });
+                }
+            }
+            Item::Bytes { name, dtype, shape, .. } => out.push(PlannedTensor { name: name.clone(), dtype: *dtype, shape: shape.clone() }),
+        }
+    }
+    out
+}
+
+/// The per-layer table of a plan, without converting anything (`--dry-run`).
+pub fn dry_run(ckpt: &Checkpoint, plan: &ResolvedPlan, layout: Layout) -> Result<(Vec<LayerReport>, u64)> {
+    let items = build_items(ckpt, plan, layout)?;
+    let total: u64 = planned(&items, layout).iter().map(|t| t.byte_len() as u64).sum();
+    let mut layers = Vec::new();
+    for l in &plan.layers {
+        let before = ckpt.get(&format!("{}.weight", l.key)).map(|e| e.byte_len() as u64).unwrap_or(0);
+        let after = match l.spec {
+            Some(spec) => {
+                spec.implementation().layout(l.shape[0], l.shape[1]).iter().map(|s| s.byte_len() as u64).sum::<u64>()
+                    + if layout == Layout::Comfy { comfy_quant_json(spec.format).len() as u64 } else { 0 }
+            }
+            None => before,
+        };
+        layers.push(LayerReport { layer: l.path.clone(), format: l.spec.map(|s| s.format.name().to_string()), shape: l.shape, bytes_before: before, bytes_after: after, error: None });
+    }
+    Ok((layers, total))
+}
+
+/// `_quantization_metadata` for the comfy layout: full stored keys, as ComfyUI's
+/// `convert_old_quants` turns each into `<key>.comfy_quant`.
+pub fn quantization_metadata(plan: &ResolvedPlan) -> String {
+    let mut layers = serde_json::Map::new();
+    for l in plan.quantized() {
+        layers.insert(l.key.clone(), serde_json::json!({ "format": l.spec.unwrap().format.comfy_name() }));
+    }
+    serde_json::json!({ "format_version": "1.0", "layers": layers }).to_string()
+}
+
+type JobResult = Result<(Vec<StoredTensor>, Option<ErrorStats>)>;
+
+struct Job<'a> {
+    view: WeightView<'a>,
+    spec: QuantSpec,
+    verify: bool,
+    reply: mpsc::SyncSender<JobResult>,
+}
+
+/// Converts `ckpt` according to `plan`, streaming into `opts.output`.
+pub fn convert(ckpt: &Checkpoint, plan: &ResolvedPlan, backend: &dyn Backend, opts: &ConvertOptions) -> Result<ConvertSummary> {
+    let started = Instant::now();
+    let items = build_items(ckpt, plan, opts.layout)?;
+    let planned_tensors = planned(&items, opts.layout);
+    let mut metadata: HashMap<String, String> = ckpt.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    metadata.extend(opts.metadata.clone());
+    if opts.layout == Layout::Comfy && plan.quantized().next().is_some() {
+        metadata.insert("_quantization_metadata".into(), quantization_metadata(plan));
+    }
+    let mut writer = StreamingWriter::create(&opts.output, planned_tensors, metadata)?;
+    let mut summary = ConvertSummary { input_bytes: ckpt.file_len() as u64, ..Default::default() };
+
+    let workers = backend.in_flight().max(1);
+    let window = workers + 1;
+    let (job_tx, job_rx) = mpsc::channel::<Job<'_>>();
+    let job_rx = Arc::new(Mutex::new(job_rx));
+
+    std::thread::scope(|scope| -> Result<()> {
+        for _ in 0..workers {
+            let rx = job_rx.clone();
+            scope.spawn(move || {
+                loop {
+                    let job = match rx.lock().unwrap().recv() {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    };
+                    let result = backend.quantize(job.spec, &job.view).map_err(anyhow::Error::from).and_then(|stored| {
+                        let err = if job.verify {
+                            Some(job.spec.implementation().verify(&job.view, &stored).map_err(|e| anyhow!("verification failed for {}: {e}", job.view.name))?)
+                        } else {
+                            None
+                        };
+                        Ok((stored, err))
+                    });
+                    let _ = job.reply.send(result);
+                }
+            });
+        }
+        let quant_items: Vec<usize> = items.iter().enumerate().filter(|(_, it)| matches!(it, Item::Quantize { .. })).map(|(i, _)| i).collect();
+        let mut pending: VecDeque<mpsc::Receiver<JobResult>> = VecDeque::new();
+        let mut next_submit = 0usize;
+        let result = {
+        let submit = |idx: usize| -> Result<mpsc::Receiver<JobResult>> {
+            let Item::Quantize { entry, layer, spec, .. } = &items[idx] else { unreachable!() };
+            let (tx, rx) = mpsc::sync_channel(1);
+            let view = WeightView { name: &entry.key, dtype: layer.dtype, rows: layer.shape[0], cols: layer.shape[1], bytes: ckpt.bytes(entry) };
+            job_tx.send(Job { view, spec: *spec, verify: opts.verify, reply: tx }).map_err(|_| anyhow!("internal: quantization workers stopped"))?;
+            Ok(rx)
+        };
+        (|| -> Result<()> {
+            for item in &items {
+                while pending.len() < window && next_submit < quant_items.len() {
+                    pending.push_back(submit(quant_items[next_submit])?);
+                    next_submit += 1;
+                }
+                match item {
+                    Item::Copy(entry) => {
+                        writer.write(&entry.key, ckpt.bytes(entry))?;
+                        ckpt.release(entry);
+                        summary.tensors_written += 1;
+                        if let Some(pb) = &opts.progress {
+                            pb.inc(entry.byte_len() as u64);
+                        }
+                    }
+                    Item::Quantize { entry, layer, stored: specs, spec } => {
+                        let rx = pending.pop_front().expect("a job per quantized item");
+                        let (stored, err) = rx.recv().map_err(|_| anyhow!("internal: a quantization worker died"))??;
+                        let mut after = 0u64;
+                        for (s, want) in stored.iter().zip(specs) {
+                            debug_assert_eq!(&s.spec, want);
+                            writer.write(&stored_name(layer, s.spec.suffix, opts.layout), &s.data)?;
+                            after += s.data.len() as u64;
+                            summary.tensors_written += 1;
+                        }
+                        ckpt.release(entry);
+                        summary.quantized_layers += 1;
+                        summary.layers.push(LayerReport {
+                            layer: layer.path.clone(),
+                            format: Some(spec.format.name().to_string()),
+                            shape: layer.shape,
+                            bytes_before: entry.byte_len() as u64,
+                            bytes_after: after,
+                            error: err,
+                        });
+                        if let Some(pb) = &opts.progress {
+                            pb.inc(entry.byte_len() as u64);
+                        }
+                    }
+                    Item::Bytes { name, data, .. } => {
+                        writer.write(name, data)?;
+                        summary.tensors_written += 1;
+                    }
+                }
+            }
+            Ok(())
+        })()
+        };
+        drop(job_tx);
+        // Unblock workers waiting on replies nobody reads.
+        drop(pending);
+        result
+    })?;
+    summary.output_bytes = writer.bytes_written();
+    writer.finish().with_context(|| format!("cannot finish {}", opts.output.display()))?;
+    summary.output_bytes = std::fs::metadata(&opts.output).map(|m| m.len()).unwrap_or(summary.output_bytes);
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}

@@ -1,0 +1,118 @@
+//! Evaluate: re-read a converted file and check it against its source and
+//! against what ComfyUI expects (SPEC section 3), layer by layer.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use safetensors::Dtype;
+use serde::Serialize;
+
+use crate::checkpoint::Checkpoint;
+use crate::formats::{ErrorStats, QuantFormat, QuantSpec, SourceDtype, StoredTensor, WeightView};
+use crate::modules::{ModuleKind, ModuleTable};
+use crate::plan::{PROBE_LAYERS, QuantizerPattern};
+
+/// Dtypes ComfyUI's loader accepts on disk.
+pub const COMFY_DTYPES: &[Dtype] = &[
+    Dtype::F64, Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::I64, Dtype::I32, Dtype::I16, Dtype::I8, Dtype::U64, Dtype::U32, Dtype::U16, Dtype::U8, Dtype::BOOL, Dtype::F8_E4M3, Dtype::F8_E5M2,
+];
+
+/// The result of checking one converted file.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct OutputCheck {
+    /// Quantized layer (stored key) -> format and error against the source.
+    pub layers: BTreeMap<String, (String, ErrorStats)>,
+    pub passthrough_tensors: usize,
+    pub legacy: bool,
+}
+
+/// Checks `output` against `source`: every rule of SPEC section 3, byte-identical
+/// pass-through, and every quantized layer dequantized within its format's bound.
+pub fn check_output(source: &Checkpoint, output: &Path) -> Result<OutputCheck> {
+    let bytes = std::fs::read(output).with_context(|| format!("cannot read {}", output.display()))?;
+    let out = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("output is not valid safetensors: {e}"))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{e}"))?;
+    let header_meta = meta.metadata().clone().unwrap_or_default();
+    let mut check = OutputCheck::default();
+
+    for (name, view) in out.iter() {
+        ensure!(COMFY_DTYPES.contains(&view.dtype()), "tensor {name} has dtype {:?}, which ComfyUI does not load", view.dtype());
+    }
+    let prefix = source.prefix();
+    check.legacy = out.tensor(&format!("{prefix}scaled_fp8")).is_ok();
+    let modules = ModuleTable::build(source);
+    let probes: Vec<QuantizerPattern> = PROBE_LAYERS.iter().map(|p| QuantizerPattern::new(p).unwrap()).collect();
+
+    // Quantized layers: from per-layer markers (comfy) or scale_weight (legacy).
+    let mut quantized: BTreeMap<String, QuantSpec> = BTreeMap::new();
+    for (name, view) in out.iter() {
+        if let Some(layer) = name.strip_suffix(".comfy_quant") {
+            ensure!(view.dtype() == Dtype::U8 && view.shape().len() == 1, "{name} must be a 1-D U8 tensor");
+            let conf: serde_json::Value = serde_json::from_slice(view.data()).with_context(|| format!("{name} is not JSON"))?;
+            let fmt = conf["format"].as_str().ok_or_else(|| anyhow!("{name} has no format"))?;
+            let format = QuantFormat::parse(fmt).ok_or_else(|| anyhow!("{name}: unknown format {fmt}"))?;
+            let per_channel = format == QuantFormat::Int8 && out.tensor(&format!("{layer}.weight_scale"))?.shape().len() == 2;
+            quantized.insert(layer.to_string(), QuantSpec { format, per_channel });
+        } else if let Some(layer) = name.strip_suffix(".scale_weight") {
+            ensure!(check.legacy, "{name} found without the scaled_fp8 marker");
+            quantized.insert(layer.to_string(), QuantSpec { format: QuantFormat::Fp8, per_channel: false });
+        }
+    }
+    if !check.legacy && !quantized.is_empty() {
+        let qm = header_meta.get("_quantization_metadata").ok_or_else(|| anyhow!("header lacks _quantization_metadata"))?;
+        let qm: serde_json::Value = serde_json::from_str(qm)?;
+        ensure!(qm["format_version"] == "1.0", "_quantization_metadata.format_version must be \"1.0\"");
+        let layers = qm["layers"].as_object().ok_or_else(|| anyhow!("_quantization_metadata.layers missing"))?;
+        ensure!(layers.len() == quantized.len(), "_quantization_metadata lists {} layers, the file marks {}", layers.len(), quantized.len());
+        for (k, spec) in &quantized {
+            ensure!(layers.get(k).and_then(|v| v["format"].as_str()) == Some(spec.format.comfy_name()), "_quantization_metadata disagrees on {k}");
+        }
+    }
+    if check.legacy {
+        ensure!(!header_meta.contains_key("_quantization_metadata"), "legacy layout must not carry _quantization_metadata");
+    }
+
+    for (layer, spec) in &quantized {
+        let local = layer.strip_prefix(prefix).unwrap_or(layer);
+        let module = modules.get(local).ok_or_else(|| anyhow!("quantized layer {layer} is not a module of the source"))?;
+        ensure!(module.kind == ModuleKind::Linear, "layer {layer} is a {} layer; only Linear layers may be quantized", module.kind.name());
+        if spec.format.changes_shape() {
+            ensure!(!probes.iter().any(|p| p.matches(local)), "layer {layer} is probed by ComfyUI and must keep its logical shape");
+        }
+        let src = source.get(&format!("{layer}.weight")).unwrap();
+        let dtype = SourceDtype::from_safetensors(src.dtype).ok_or_else(|| anyhow!("{layer}: source dtype"))?;
+        let (rows, cols) = (src.shape[0], src.shape[1]);
+        let imp = spec.implementation();
+        let mut stored = Vec::new();
+        for s in imp.layout(rows, cols) {
+            let key = if check.legacy && s.suffix == "weight_scale" { format!("{layer}.scale_weight") } else { format!("{layer}.{}", s.suffix) };
+            let v = out.tensor(&key).with_context(|| format!("missing {key}"))?;
+            ensure!(v.dtype() == s.dtype && v.shape() == s.shape.as_slice(), "{key}: expected {:?} {:?}, found {:?} {:?}", s.dtype, s.shape, v.dtype(), v.shape());
+            stored.push(StoredTensor { spec: s, data: v.data().to_vec() });
+        }
+        let view = WeightView { name: &src.key, dtype, rows, cols, bytes: source.bytes(src) };
+        let err = imp.verify(&view, &stored).map_err(|e| anyhow!("layer {layer}: {e}"))?;
+        check.layers.insert(layer.clone(), (spec.format.name().to_string(), err));
+    }
+
+    // Everything else must be byte-identical to the source.
+    for t in source.tensors() {
+        let layer = t.key.strip_suffix(".weight");
+        if layer.is_some_and(|l| quantized.contains_key(l)) {
+            continue;
+        }
+        let v = out.tensor(&t.key).with_context(|| format!("source tensor {} is missing from the output", t.key))?;
+        ensure!(v.dtype() == t.dtype && v.shape() == t.shape.as_slice() && v.data() == source.bytes(t), "tensor {} changed although it is not quantized", t.key);
+        check.passthrough_tensors += 1;
+    }
+    for (name, _) in out.iter() {
+        let known = source.get(name).is_some()
+            || quantized.keys().any(|l| name.starts_with(l.as_str()) && name[l.len()..].starts_with('.'))
+            || (check.legacy && name == format!("{prefix}scaled_fp8"));
+        if !known {
+            bail!("output has an unexpected tensor {name}");
+        }
+    }
+    Ok(check)
+}

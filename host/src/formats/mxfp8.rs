@@ -1,0 +1,376 @@
+//! `mxfp8`: an E4M3 weight with one E8M0 (power of two) scale per block of 32
+//! inputs, scales in cuBLAS's swizzled layout and stored as U8.
+//!
+//! comfy-kitchen (`TensorCoreMXFP8Layout.quantize` + eager `quantize_mxfp8`),
+//! on the source padded with zeros to `[roundup(rows,32), roundup(cols,32)]`:
+//! ```text
+//! e = clamp(ceil(log2(max(f32(bmax) / 448, 2^-127))) + 127, 0, 254)
+//! q = bmax == 0 ? 0 : e4m3(clamp(f32(x) / e8m0_to_f32(e), -448, 448))
+//! ```
+//! `e8m0_to_f32(0)` is 0.0, so a nonzero block with bmax ≤ 448·2^-127
+//! (possible for bf16 and f32 denormals) divides by zero: its nonzero
+//! elements become ±inf and clamp to ±448, its zeros become 0/0 = NaN. We
+//! replicate that, with the NaN written as 0xFF: x86's default NaN has the
+//! sign bit set, and PyTorch on x86 CPUs writes 0xFF there (checked against
+//! comfy-kitchen 0.2.24 on torch 2.15). Such a block dequantizes to 0 here;
+//! comfy-kitchen's own dequantization turns its NaN codes into NaN weights.
+//! See [`e8m0_ceil_code`] for why the exponent is computed exactly.
+
+use rayon::prelude::*;
+use safetensors::Dtype;
+
+use super::numerics::{
+    self, E4M3_MAX, Src, blocked_index, blocked_shape, e4m3_from_f32, e4m3_half_step, e4m3_to_f32, e8m0_ceil_code,
+    e8m0_to_f32, f64_ceil_log2, finite_amax, roundup, with_src,
+};
+use super::{ErrorStats, Format, QuantError, QuantFormat, StoredSpec, StoredTensor, WeightView};
+
+/// Elements per block scale.
+pub const BLOCK: u32 = 32;
+const B: usize = BLOCK as usize;
+
+/// `2^-127`, the smallest E8M0 scale comfy-kitchen clamps to.
+const MIN_SCALE: f32 = 5.877_471_8e-39;
+
+pub struct Mxfp8;
+
+/// The code PyTorch (x86 CPU) writes for 0/0 in a block whose scale is 0.
+const ZERO_OVER_ZERO: u8 = 0xFF;
+
+/// Quantizes one block of 32 values; returns its E8M0 code.
+#[inline(always)]
+fn encode_block(x: &[f32; B], out: &mut [u8]) -> u8 {
+    let bmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if bmax == 0.0 {
+        out.fill(0);
+        return 0;
+    }
+    let e = e8m0_ceil_code((bmax / E4M3_MAX).max(MIN_SCALE));
+    if e == 0 {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = if v == 0.0 { ZERO_OVER_ZERO } else if v > 0.0 { 0x7E } else { 0xFE };
+        }
+        return 0;
+    }
+    // x / 2^k and x · 2^-k round the same exact value once, and 2^-k is an
+    // f32 (at least 2^-127, a subnormal) for every e in [1, 254].
+    let inv = 1.0 / e8m0_to_f32(e);
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = e4m3_from_f32((v * inv).clamp(-E4M3_MAX, E4M3_MAX));
+    }
+    e
+}
+
+/// Padded data shape `(rows, cols)` and block columns.
+fn dims(rows: usize, cols: usize) -> (usize, usize, usize) {
+    let (pr, pc) = (roundup(rows, B), roundup(cols, B));
+    (pr, pc, pc / B)
+}
+
+fn quantize_t<T: Src>(w: &WeightView<'_>) -> Result<Vec<StoredTensor>, QuantError> {
+    finite_amax::<T>(w)?;
+    let (rows, cols) = (w.rows, w.cols);
+    let (pr, pc, nb) = dims(rows, cols);
+    let (sr, sc) = blocked_shape(pr, nb);
+    let mut data = vec![0u8; pr * pc];
+    let mut scales = vec![0u8; sr * sc];
+    let row_bytes = cols * T::SIZE;
+    // 128 rows own one contiguous row of 128×4 scale tiles; see nvfp4.
+    data.par_chunks_mut(128 * pc).zip(scales.par_chunks_mut(128 * sc)).enumerate().for_each(|(g, (data, scales))| {
+        for (lr, drow) in data.chunks_exact_mut(pc).enumerate() {
+            let r = g * 128 + lr;
+            if r >= rows {
+                break;
+            }
+            let mut blocks = w.bytes[r * row_bytes..(r + 1) * row_bytes].chunks(B * T::SIZE);
+            for (b, out) in drow.chunks_exact_mut(B).enumerate() {
+                let mut x = [0f32; B];
+                for (x, c) in x.iter_mut().zip(blocks.next().unwrap().chunks_exact(T::SIZE)) {
+                    *x = T::to_f32(T::bits(c));
+                }
+                scales[blocked_index(lr, b, nb)] = encode_block(&x, out);
+            }
+        }
+    });
+    let [wspec, sspec]: [StoredSpec; 2] = Mxfp8.layout(rows, cols).try_into().unwrap();
+    Ok(vec![StoredTensor { spec: wspec, data }, StoredTensor { spec: sspec, data: scales }])
+}
+
+fn verify_t<T: Src>(w: &WeightView<'_>, tensors: &[StoredTensor]) -> Result<ErrorStats, String> {
+    numerics::check_view(w).map_err(|e| e.to_string())?;
+    let (rows, cols) = (w.rows, w.cols);
+    let (pr, pc, nb) = dims(rows, cols);
+    let (sr, sc) = blocked_shape(pr, nb);
+    let layout = Mxfp8.layout(rows, cols);
+    let data = &numerics::stored(tensors, &layout, "weight")?.data;
+    let blocked = &numerics::stored(tensors, &layout, "weight_scale")?.data;
+    let name = w.name;
+
+    for r in 0..sr {
+        for c in 0..sc {
+            if (r >= rows || c >= nb) && blocked[blocked_index(r, c, nb)] != 0 {
+                return Err(format!("{name}: padding block scale [{r}, {c}] is not zero"));
+            }
+        }
+    }
+    for r in 0..pr {
+        for c in 0..pc {
+            if (r >= rows || c >= cols) && data[r * pc + c] != 0 {
+                return Err(format!("{name}: padding code [{r}, {c}] is not zero"));
+            }
+        }
+    }
+
+    // Each exponent must be the smallest power of two with bmax/2^(e-127) ≤ 448,
+    // allowing for the f32 rounding of bmax/448 (checked in f64, independently
+    // of the bit-level e8m0_ceil_code).
+    let row_bytes = cols * T::SIZE;
+    let bmax: Vec<f64> = w
+        .bytes
+        .par_chunks(row_bytes)
+        .flat_map_iter(|row| row.chunks(B * T::SIZE).map(numerics::amax_f64::<T>).collect::<Vec<_>>())
+        .collect();
+    let exp_of = |s: f64| (f64_ceil_log2(s.max(MIN_SCALE as f64)) + 127).clamp(0, 254);
+    let mut exps = vec![0u8; rows * nb];
+    for r in 0..rows {
+        for b in 0..nb {
+            let e = blocked[blocked_index(r, b, nb)];
+            let m = bmax[r * nb + b] / E4M3_MAX as f64;
+            let (lo, hi) = if m == 0.0 { (0, 0) } else { (exp_of(m * (1.0 - 2f64.powi(-23))), exp_of(m * (1.0 + 2f64.powi(-23)))) };
+            if !((lo..=hi).contains(&(e as i32))) {
+                return Err(format!("{name}: block scale [{r}, {b}] is 2^({e}-127), expected 2^({lo}-127) for block max {:e}", bmax[r * nb + b]));
+            }
+            exps[r * nb + b] = e;
+        }
+    }
+
+    let min_block = 448.0 * (MIN_SCALE as f64) * (1.0 + 2f64.powi(-20));
+    numerics::verify_elements::<T, _>(w, |r, c, x| {
+        let e = exps[r * nb + c / B];
+        let x = x as f64;
+        if e == 0 {
+            // Zero block, or one so small comfy-kitchen's scale is 0: it dequantizes to 0.
+            return (0.0, min_block);
+        }
+        let scale = e8m0_to_f32(e) as f64;
+        let d = e4m3_to_f32(data[r * pc + c]) as f64 * scale;
+        let ay = (x / scale).abs();
+        let bound = scale * (e4m3_half_step(ay.min(448.0)) + (ay - 448.0).max(0.0) + 2f64.powi(-150)) + 1e-45;
+        (d, bound)
+    })
+}
+
+impl Format for Mxfp8 {
+    fn id(&self) -> QuantFormat {
+        QuantFormat::Mxfp8
+    }
+
+    fn layout(&self, rows: usize, cols: usize) -> Vec<StoredSpec> {
+        let (pr, pc, nb) = dims(rows, cols);
+        let (sr, sc) = blocked_shape(pr, nb);
+        vec![
+            StoredSpec { suffix: "weight", dtype: Dtype::F8_E4M3, shape: vec![pr, pc] },
+            StoredSpec { suffix: "weight_scale", dtype: Dtype::U8, shape: vec![sr, sc] },
+        ]
+    }
+
+    fn quantize(&self, w: &WeightView<'_>) -> Result<Vec<StoredTensor>, QuantError> {
+        with_src!(w.dtype, T => quantize_t::<T>(w))
+    }
+
+    fn dequantize(&self, stored: &[StoredTensor], rows: usize, cols: usize) -> Vec<f32> {
+        let layout = self.layout(rows, cols);
+        let (_, pc, nb) = dims(rows, cols);
+        let data = &numerics::expect_stored(stored, &layout, "weight").data;
+        let blocked = &numerics::expect_stored(stored, &layout, "weight_scale").data;
+        let mut out = vec![0f32; rows * cols];
+        out.par_chunks_mut(cols).enumerate().for_each(|(r, o)| {
+            for (b, o) in o.chunks_mut(B).enumerate() {
+                let e = blocked[blocked_index(r, b, nb)];
+                if e == 0 {
+                    o.fill(0.0);
+                    continue;
+                }
+                let scale = e8m0_to_f32(e);
+                for (i, o) in o.iter_mut().enumerate() {
+                    *o = e4m3_to_f32(data[r * pc + b * B + i]) * scale;
+                }
+            }
+        });
+        out
+    }
+
+    fn verify(&self, original: &WeightView<'_>, stored: &[StoredTensor]) -> Result<ErrorStats, String> {
+        with_src!(original.dtype, T => verify_t::<T>(original, stored))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::SourceDtype;
+    use crate::formats::numerics::{f32_to_bf16, f32_to_f16, from_blocked, to_blocked};
+
+    fn bytes_of(dtype: SourceDtype, v: &[f32]) -> Vec<u8> {
+        match dtype {
+            SourceDtype::BF16 => v.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect(),
+            SourceDtype::F16 => v.iter().flat_map(|&x| f32_to_f16(x).to_le_bytes()).collect(),
+            SourceDtype::F32 => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+        }
+    }
+
+    fn quantize(dtype: SourceDtype, rows: usize, cols: usize, v: &[f32]) -> Vec<StoredTensor> {
+        let bytes = bytes_of(dtype, v);
+        let w = WeightView { name: "t", dtype, rows, cols, bytes: &bytes };
+        let out = Mxfp8.quantize(&w).unwrap();
+        for (t, spec) in out.iter().zip(Mxfp8.layout(rows, cols)) {
+            assert_eq!(t.spec, spec);
+            assert_eq!(t.data.len(), spec.byte_len());
+        }
+        Mxfp8.verify(&w, &out).unwrap();
+        out
+    }
+
+    #[test]
+    fn hand_checked_with_padding() {
+        // 2 × 40 bf16 → padded 32 × 64, 2 blocks per row; scales [128, 4].
+        // Row 0, block 0: bmax 1.0 → 1/448 = 2^-8.8 → ceil −8 → e = 119 (scale 2^-8 = 1/256):
+        //   1.0 → 256 = 0 1111 000 = 0x78; -0.5 → -128 = 1 1110 000 = 0xF0;
+        //   bf16 0.3 = 0.30078125 → 77.0 → e4m3 step 8 in [64,128): 80 = 0 1101 010 = 0x6A;
+        //   0.0703125 → 18.0 → step 2 in [16,32): 18 = 0 1011 001 = 0x59;
+        //   0.06640625 → 17.0 → tie 16/18 → 16 = 0x58.
+        // Row 0, block 1 (cols 32..40 + padding): bmax 1.75 → 1.75/448 = 2^-8 exactly → e = 119:
+        //   1.75 → 448 = 0x7E; -1.75 → 0xFE.
+        // Row 1, block 0: bmax 3.5 → 3.5/448 = 2^-7 exactly → e = 120: 3.5 → 448 = 0x7E.
+        // Row 1, block 1: bmax bf16 3.6 = 3.59375 → /448 = 2^-6.96 → e = 121 (scale 2^-6):
+        //   3.59375 → 230 → step 16 in [128,256): 224 = 0 1110 110 = 0x76.
+        let mut v = vec![0f32; 80];
+        v[..5].copy_from_slice(&[1.0, -0.5, 0.3, 0.0703125, 0.06640625]);
+        v[32] = 1.75;
+        v[39] = -1.75;
+        v[40] = 3.5;
+        v[72] = 3.6;
+        let out = quantize(SourceDtype::BF16, 2, 40, &v);
+        let mut want = vec![0u8; 32 * 64];
+        want[..5].copy_from_slice(&[0x78, 0xF0, 0x6A, 0x59, 0x58]);
+        want[32] = 0x7E;
+        want[39] = 0xFE;
+        want[64] = 0x7E;
+        want[64 + 32] = 0x76;
+        assert_eq!(out[0].data, want);
+        let mut scales = vec![0u8; 128 * 4];
+        scales[0] = 119; // (0, 0)
+        scales[1] = 119; // (0, 1)
+        scales[16] = 120; // (1, 0)
+        scales[17] = 121; // (1, 1)
+        assert_eq!(out[1].data, scales);
+    }
+
+    #[test]
+    fn zero_and_denormal_blocks() {
+        // Block 0 zero; block 1 a bf16 denormal with bmax/448 < 2^-127: scale code 0,
+        // codes ±448 for nonzero and NaN (0xFF) for zero elements, dequantized to 0.
+        let mut v = vec![0f32; 64];
+        v[32] = 1e-39;
+        v[33] = -1e-39;
+        let out = quantize(SourceDtype::BF16, 1, 64, &v);
+        assert_eq!(out[1].data[..2], [0, 0]);
+        assert!(out[0].data[..32].iter().all(|&b| b == 0));
+        assert_eq!(out[0].data[32..35], [0x7E, 0xFE, 0xFF]);
+        assert!(Mxfp8.dequantize(&out, 1, 64).iter().all(|&x| x == 0.0));
+        // All-zero tensor: zero codes and scales.
+        let out = quantize(SourceDtype::F16, 5, 7, &[0.0; 35]);
+        assert!(out.iter().all(|t| t.data.iter().all(|&b| b == 0)));
+    }
+
+    fn reference(dtype: SourceDtype, rows: usize, cols: usize, v: &[f32]) -> (Vec<u8>, Vec<u8>) {
+        let t = |x: f32| match dtype {
+            SourceDtype::BF16 => half::bf16::from_f32(x).to_f32(),
+            SourceDtype::F16 => half::f16::from_f32(x).to_f32(),
+            SourceDtype::F32 => x,
+        };
+        let (pr, pc) = (rows.div_ceil(32) * 32, cols.div_ceil(32) * 32);
+        let mut x = vec![0f32; pr * pc];
+        for r in 0..rows {
+            for c in 0..cols {
+                x[r * pc + c] = t(v[r * cols + c]);
+            }
+        }
+        let mut codes = vec![0u8; pr * pc];
+        let mut scales = vec![0u8; pr * pc / 32];
+        for (bi, blk) in x.chunks(32).enumerate() {
+            let bmax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // log2 in f64 is exact enough to take the ceiling for these data.
+            let e = ((bmax / 448.0).max(MIN_SCALE) as f64).log2().ceil() as i32 + 127;
+            let e = e.clamp(0, 254) as u8;
+            if bmax == 0.0 {
+                continue;
+            }
+            scales[bi] = e;
+            let scale = f32::from_bits((e as u32) << 23);
+            for (i, &xv) in blk.iter().enumerate() {
+                codes[bi * 32 + i] = e4m3_from_f32((xv / scale).clamp(-448.0, 448.0));
+            }
+        }
+        (codes, to_blocked(&scales, pr, pc / 32))
+    }
+
+    #[test]
+    fn matches_plain_reference_random_padded() {
+        let mut seed = 0xD1B54A32D192ED03u64;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for (rows, cols) in [(1, 1), (37, 50), (130, 96), (32, 32), (200, 33)] {
+            let v: Vec<f32> =
+                (0..rows * cols).map(|_| ((rnd() - 0.5) * 0.1 * (rnd() * 8.0).exp()) as f32).collect();
+            for dtype in [SourceDtype::BF16, SourceDtype::F16, SourceDtype::F32] {
+                let out = quantize(dtype, rows, cols, &v);
+                let (data, scales) = reference(dtype, rows, cols, &v);
+                assert_eq!(out[0].data, data, "{dtype:?} {rows}x{cols}");
+                assert_eq!(out[1].data, scales, "{dtype:?} {rows}x{cols}");
+                let dq = Mxfp8.dequantize(&out, rows, cols);
+                let decoded = numerics::decode_dtype(dtype, &bytes_of(dtype, &v));
+                // Half a step relative to the value, or E4M3's subnormal step of the block scale.
+                let amax = decoded.iter().fold(0f32, |m, x| m.max(x.abs()));
+                assert!(dq.iter().zip(&decoded).all(|(a, b)| (a - b).abs() <= b.abs() / 16.0 + amax / 448.0 / 512.0));
+                let (pr, pc) = (rows.div_ceil(32) * 32, cols.div_ceil(32) * 32);
+                assert_eq!(to_blocked(&from_blocked(&out[1].data, pr, pc / 32), pr, pc / 32), out[1].data);
+            }
+        }
+    }
+
+    #[test]
+    fn verify_catches_swizzle_and_exponent_bugs() {
+        let (rows, cols) = (130, 128);
+        let v: Vec<f32> = (0..rows * cols).map(|i| (((i * 7919) % 997) as f32 / 997.0 - 0.5) * (1.0 + (i / cols) as f32)).collect();
+        let bytes = bytes_of(SourceDtype::F32, &v);
+        let w = WeightView { name: "t", dtype: SourceDtype::F32, rows, cols, bytes: &bytes };
+        let good = Mxfp8.quantize(&w).unwrap();
+        let stats = Mxfp8.verify(&w, &good).unwrap();
+        assert!(stats.cosine > 0.999, "{stats:?}");
+        // One exponent one too low (data saturates) or too high.
+        for delta in [-1i8, 1] {
+            let mut bad = good.clone();
+            bad[1].data[blocked_index(7, 2, 4)] = (bad[1].data[blocked_index(7, 2, 4)] as i8 + delta) as u8;
+            assert!(Mxfp8.verify(&w, &bad).unwrap_err().contains("[7, 2]"));
+        }
+        // Two rows of the same tile swapped (r and r+32 share a 16-byte line).
+        let mut bad = good.clone();
+        for c in 0..4 {
+            bad[1].data.swap(blocked_index(3, c, 4), blocked_index(35, c, 4));
+        }
+        assert!(Mxfp8.verify(&w, &bad).is_err());
+    }
+
+    #[test]
+    fn nonfinite_refused() {
+        let bytes = bytes_of(SourceDtype::F32, &[0.0, f32::INFINITY]);
+        let w = WeightView { name: "final_layer.linear.weight", dtype: SourceDtype::F32, rows: 1, cols: 2, bytes: &bytes };
+        let e = Mxfp8.quantize(&w).unwrap_err();
+        assert!(matches!(e, QuantError::NonFinite { ref name, count: 1, first: 1 } if name == "final_layer.linear.weight"));
+    }
+}

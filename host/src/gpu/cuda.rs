@@ -1,0 +1,643 @@
+//! [`CudaBackend`]: quantization on one CUDA device, several tensors in flight.
+//!
+//! Each in-flight slot owns a stream, a pinned upload buffer, a pinned download
+//! buffer and two device buffers (input, output), all grown on demand and
+//! reused across tensors. One `quantize` call:
+//!
+//! 1. copies the memory-mapped source into the pinned buffer in 16 MiB pieces,
+//!    starting the asynchronous upload of each piece as soon as it is there;
+//! 2. runs the amax kernel and the format's quantize kernel on the slot's
+//!    stream (the amax never leaves the device);
+//! 3. downloads every stored tensor plus the amax word in one copy, waits for
+//!    the stream, and checks the amax for NaN/infinity (then the CPU names
+//!    the first bad element, exactly as the CPU reference does).
+//!
+//! The pipeline calls `quantize` from [`Backend::in_flight`] threads at once,
+//! so one tensor's upload overlaps another's kernels and a third's download
+//! and file write.
+
+use std::ops::Range;
+use std::sync::{Arc, Condvar, Mutex};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use cudarc::driver::safe::CudaContext;
+use cudarc::driver::sys;
+use rayon::prelude::*;
+
+use super::driver::{self, DeviceBuffer, Event, Kernel, MemStats, Module, PinnedBuffer, Stream, arg};
+use super::kernels;
+use crate::backend::Backend;
+use crate::formats::numerics::{self, with_src};
+use crate::formats::{QuantError, QuantFormat, QuantSpec, SourceDtype, StoredSpec, StoredTensor, WeightView};
+
+/// Upload piece size: the CPU fills piece k+1 while the DMA engine moves piece k.
+const PIECE: usize = 16 << 20;
+/// Alignment of each tensor inside the device output buffer.
+const ALIGN: usize = 256;
+/// Bytes at the end of the output buffer for the amax word.
+const SCRATCH: usize = 256;
+/// Threads per block of every kernel.
+const THREADS: u32 = 256;
+/// Chunks (8 elements) per block of the flat kernels (`QS_TILE_CHUNKS`) and of
+/// the block-format kernels (8 warps x 32 lanes x 4).
+const TILE_CHUNKS: usize = 1024;
+
+/// What the device is.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub multiprocessors: u32,
+    pub total_memory: u64,
+    /// `cuDriverGetVersion`, e.g. 13000.
+    pub driver_version: i32,
+    pub nvrtc_version: (i32, i32),
+}
+
+/// Which maxima [`CudaBackend::amax`] computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AmaxKind {
+    /// One value: max |x| over the tensor.
+    Tensor,
+    /// One value per row.
+    Rows,
+    /// One value per run of `n` elements along each row (zero-padded), `[rows, ceil(cols/n)]`.
+    Blocks(usize),
+}
+
+/// Mismatches found by the conversion self-test (all zero when healthy).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SelfTest {
+    /// bf16 rounding, f16 rounding, E4M3 encoding, f16 decoding.
+    pub mismatches: [u32; 4],
+    /// The smallest f32 (or f16) bit pattern that mismatched, per check.
+    pub first: [u32; 4],
+}
+
+/// Kernels of one input dtype.
+#[derive(Clone, Copy)]
+struct DtypeKernels {
+    amax_tensor: Kernel,
+    amax_rows: Kernel,
+    amax_blocks: Kernel,
+    fp8: Kernel,
+    int8_tensor: Kernel,
+    int8_rows: Kernel,
+    nvfp4: Kernel,
+    mxfp8: Kernel,
+}
+
+struct Kernels {
+    /// Indexed by [`dtype_index`].
+    by_dtype: [DtypeKernels; 3],
+    fp8_dequant: Kernel,
+    int8_dequant: Kernel,
+    nvfp4_dequant: Kernel,
+    mxfp8_dequant: Kernel,
+    selftest: Kernel,
+}
+
+fn dtype_index(d: SourceDtype) -> usize {
+    match d {
+        SourceDtype::F32 => 0,
+        SourceDtype::F16 => 1,
+        SourceDtype::BF16 => 2,
+    }
+}
+
+impl Kernels {
+    fn load(m: &Module) -> Result<Kernels> {
+        let mut by_dtype = Vec::new();
+        for suf in kernels::DTYPE_SUFFIXES {
+            let k = |name: &str| m.kernel(&format!("{name}_{suf}"));
+            by_dtype.push(DtypeKernels {
+                amax_tensor: k("qs_amax_tensor")?,
+                amax_rows: k("qs_amax_rows")?,
+                amax_blocks: k("qs_amax_blocks")?,
+                fp8: k("qs_fp8_quant")?,
+                int8_tensor: k("qs_int8_tensor_quant")?,
+                int8_rows: k("qs_int8_rows_quant")?,
+                nvfp4: k("qs_nvfp4_quant")?,
+                mxfp8: k("qs_mxfp8_quant")?,
+            });
+        }
+        Ok(Kernels {
+            by_dtype: [by_dtype[0], by_dtype[1], by_dtype[2]],
+            fp8_dequant: m.kernel("qs_fp8_dequant")?,
+            int8_dequant: m.kernel("qs_int8_dequant")?,
+            nvfp4_dequant: m.kernel("qs_nvfp4_dequant")?,
+            mxfp8_dequant: m.kernel("qs_mxfp8_dequant")?,
+            selftest: m.kernel("qs_selftest_conversions")?,
+        })
+    }
+}
+
+/// One in-flight slot: a stream and its reusable buffers.
+struct Slot {
+    stream: Stream,
+    h_in: Option<PinnedBuffer>,
+    h_out: Option<PinnedBuffer>,
+    d_in: Option<DeviceBuffer>,
+    d_out: Option<DeviceBuffer>,
+}
+
+/// Capacity for a buffer that must hold `need` bytes and held `old` before:
+/// at least half again the old size, in whole MiB, so a run of growing
+/// tensors reallocates only a few times.
+fn grown(need: usize, old: usize) -> usize {
+    let want = need.max(old + old / 2);
+    want.div_ceil(1 << 20) * (1 << 20)
+}
+
+impl Slot {
+    fn ensure(&mut self, ctx: &Arc<CudaContext>, stats: &Arc<MemStats>, in_len: usize, out_len: usize) -> Result<()> {
+        if self.d_in.as_ref().map_or(0, |b| b.len()) < in_len {
+            let old = self.d_in.take().map_or(0, |b| b.len());
+            self.d_in = Some(DeviceBuffer::new(ctx, stats, grown(in_len, old))?);
+        }
+        if self.d_out.as_ref().map_or(0, |b| b.len()) < out_len {
+            let old = self.d_out.take().map_or(0, |b| b.len());
+            self.d_out = Some(DeviceBuffer::new(ctx, stats, grown(out_len, old))?);
+        }
+        if self.h_in.as_ref().map_or(0, |b| b.len()) < in_len {
+            let old = self.h_in.take().map_or(0, |b| b.len());
+            self.h_in = Some(PinnedBuffer::new(ctx, grown(in_len, old), true)?);
+        }
+        if self.h_out.as_ref().map_or(0, |b| b.len()) < out_len {
+            let old = self.h_out.take().map_or(0, |b| b.len());
+            self.h_out = Some(PinnedBuffer::new(ctx, grown(out_len, old), false)?);
+        }
+        Ok(())
+    }
+}
+
+/// Where each stored tensor lives in the output buffer.
+pub(crate) struct OutLayout {
+    pub(crate) specs: Vec<StoredSpec>,
+    pub(crate) ranges: Vec<Range<usize>>,
+    /// Offset of the amax word.
+    pub(crate) scratch: usize,
+    /// Bytes to download (through the scratch area).
+    pub(crate) total: usize,
+}
+
+impl OutLayout {
+    pub(crate) fn new(specs: Vec<StoredSpec>) -> OutLayout {
+        let mut off = 0usize;
+        let mut ranges = Vec::with_capacity(specs.len());
+        for s in &specs {
+            let n = s.byte_len();
+            ranges.push(off..off + n);
+            off = (off + n).div_ceil(ALIGN) * ALIGN;
+        }
+        OutLayout { specs, ranges, scratch: off, total: off + SCRATCH }
+    }
+
+    fn range(&self, suffix: &str) -> Range<usize> {
+        let i = self.specs.iter().position(|s| s.suffix == suffix).unwrap_or_else(|| panic!("layout has no `{suffix}`"));
+        self.ranges[i].clone()
+    }
+}
+
+/// Quantization on one CUDA device. `Send + Sync`: share it between the
+/// pipeline's worker threads; each call takes a free slot (waiting if none).
+pub struct CudaBackend {
+    // Field order is drop order: slots and module go before the context.
+    slots: Vec<Mutex<Slot>>,
+    free: Mutex<Vec<usize>>,
+    freed: Condvar,
+    kernels: Kernels,
+    _module: Module,
+    stats: Arc<MemStats>,
+    info: DeviceInfo,
+    ctx: Arc<CudaContext>,
+}
+
+/// Returns a slot to the free list when dropped.
+struct SlotLease<'a> {
+    backend: &'a CudaBackend,
+    index: usize,
+}
+
+impl Drop for SlotLease<'_> {
+    fn drop(&mut self) {
+        self.backend.free.lock().unwrap_or_else(|e| e.into_inner()).push(self.index);
+        self.backend.freed.notify_one();
+    }
+}
+
+/// Runs `f`, turning a panic inside cudarc (e.g. a symbol missing from an old
+/// driver) into an error.
+fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(anyhow!("{what}: {msg}"))
+        }
+    }
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal` with `slots` tensors in flight: loads the driver,
+    /// compiles the kernels for the device's compute capability with NVRTC and
+    /// loads them.
+    pub fn new(ordinal: usize, slots: usize) -> Result<CudaBackend> {
+        ensure!(slots >= 1, "at least one slot is needed");
+        if !super::driver_available() {
+            bail!("no CUDA driver found (libcuda.so is not loadable)");
+        }
+        let count = super::device_count()?;
+        if count == 0 {
+            bail!("the CUDA driver reports no GPU");
+        }
+        if ordinal >= count {
+            bail!("GPU {ordinal} requested but the driver reports {count} device(s) (cuda:0..cuda:{})", count - 1);
+        }
+        if !kernels::nvrtc_available() {
+            bail!(
+                "libnvrtc (CUDA 13 NVRTC) is not loadable, so the kernels cannot be compiled; install the CUDA toolkit's NVRTC \
+                 or `pip install nvidia-cuda-nvrtc==13.0.88` and add its nvidia/cu13/lib to LD_LIBRARY_PATH"
+            );
+        }
+        no_panic("CUDA initialisation", || Self::init(ordinal, slots))
+    }
+
+    fn init(ordinal: usize, nslots: usize) -> Result<CudaBackend> {
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver::err("context creation", e))?;
+        let cc = ctx.compute_capability().map_err(|e| driver::err("compute capability", e))?;
+        let name = ctx.name().map_err(|e| driver::err("device name", e))?;
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| driver::err("multiprocessor count", e))?;
+        let total = ctx.total_mem().map_err(|e| driver::err("memory size", e))?;
+        let mut drv = 0i32;
+        // SAFETY: out-pointer to a live integer.
+        unsafe { sys::cuDriverGetVersion(&mut drv) }.result().map_err(|e| driver::err("cuDriverGetVersion", e))?;
+        let nvrtc_version = kernels::nvrtc_version()?;
+        let compiled = kernels::compile_for_device(cc.0, cc.1)?;
+        let module = Module::load(&ctx, &compiled.image).context("loading the compiled kernels")?;
+        let kernels = Kernels::load(&module)?;
+        let mut slots = Vec::with_capacity(nslots);
+        for _ in 0..nslots {
+            slots.push(Mutex::new(Slot { stream: Stream::new(&ctx)?, h_in: None, h_out: None, d_in: None, d_out: None }));
+        }
+        let info = DeviceInfo {
+            ordinal,
+            name,
+            compute_capability: cc,
+            multiprocessors: sms.max(1) as u32,
+            total_memory: total as u64,
+            driver_version: drv,
+            nvrtc_version,
+        };
+        Ok(CudaBackend {
+            slots,
+            free: Mutex::new((0..nslots).rev().collect()),
+            freed: Condvar::new(),
+            kernels,
+            _module: module,
+            stats: Arc::new(MemStats::default()),
+            info,
+            ctx,
+        })
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn mem_stats(&self) -> &Arc<MemStats> {
+        &self.stats
+    }
+
+    fn lease(&self) -> SlotLease<'_> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(index) = free.pop() {
+                return SlotLease { backend: self, index };
+            }
+            free = self.freed.wait(free).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Runs `f` on a free slot with the context current on this thread.
+    fn with_slot<T>(&self, f: impl FnOnce(&mut Slot) -> Result<T>) -> Result<T> {
+        let lease = self.lease();
+        let mut slot = self.slots[lease.index].lock().unwrap_or_else(|e| e.into_inner());
+        self.ctx.bind_to_thread().map_err(|e| driver::err("cuCtxSetCurrent", e))?;
+        f(&mut slot)
+    }
+
+    /// Copies `src` into the slot's pinned buffer and uploads it to the device
+    /// input buffer, piece by piece (the upload of a piece starts as soon as it is staged).
+    fn upload(&self, slot: &mut Slot, src: &[u8]) -> Result<()> {
+        let d_in = slot.d_in.as_ref().expect("ensured").ptr();
+        let h_in = slot.h_in.as_mut().expect("ensured");
+        let mut off = 0;
+        while off < src.len() {
+            let end = (off + PIECE).min(src.len());
+            // SAFETY: the previous user of this slot synchronised the stream, and
+            // the pieces uploaded so far do not overlap this range.
+            let dst = unsafe { h_in.slice_mut(off..end) };
+            let part = &src[off..end];
+            if part.len() >= (4 << 20) {
+                dst.par_chunks_mut(1 << 20).zip(part.par_chunks(1 << 20)).for_each(|(d, s)| d.copy_from_slice(s));
+            } else {
+                dst.copy_from_slice(part);
+            }
+            // SAFETY: ranges lie inside the live buffers; h_in stays untouched until the sync.
+            unsafe { slot.stream.htod(d_in + off as u64, h_in.as_ptr().add(off), end - off)? };
+            off = end;
+        }
+        Ok(())
+    }
+
+    /// The launches of one quantization on `s`: the `[rows, cols]` input of
+    /// `dtype` at device address `x`, the output laid out as `out` from `base`.
+    ///
+    /// # Safety
+    /// `x` must hold the input and `base` at least `out.total` bytes, both live
+    /// until the stream has run the launches.
+    pub(crate) unsafe fn launch_quantize(
+        &self,
+        s: &Stream,
+        spec: QuantSpec,
+        dtype: SourceDtype,
+        (rows, cols): (usize, usize),
+        x: sys::CUdeviceptr,
+        base: sys::CUdeviceptr,
+        out: &OutLayout,
+    ) -> Result<()> {
+        let w_rows = rows;
+        let k = &self.kernels.by_dtype[dtype_index(dtype)];
+        let at = |r: Range<usize>| base + r.start as u64;
+        let amax = base + out.scratch as u64;
+        let (rows, cols) = (rows as i64, cols as i64);
+        let n = rows * cols;
+        let flat_grid = ((n as usize).div_ceil(8).div_ceil(TILE_CHUNKS)) as u32;
+        // SAFETY: caller's contract: every pointer below lies in live buffers
+        // sized for this input and `out`; argument types match the kernels'
+        // parameters (const u8*, i64, u32*, ...).
+        unsafe {
+            s.memset(amax, 0, SCRATCH)?;
+            match spec.format {
+                QuantFormat::Fp8 => {
+                    k.amax_tensor.launch(s, flat_grid, THREADS, &mut [arg(&x), arg(&n), arg(&amax)])?;
+                    let (q, sc) = (at(out.range("weight")), at(out.range("weight_scale")));
+                    k.fp8.launch(s, flat_grid, THREADS, &mut [arg(&x), arg(&n), arg(&amax), arg(&q), arg(&sc)])?;
+                }
+                QuantFormat::Int8 if spec.per_channel => {
+                    let (q, sc) = (at(out.range("weight")), at(out.range("weight_scale")));
+                    let grid = w_rows.min(self.info.multiprocessors as usize * 16) as u32;
+                    k.int8_rows.launch(s, grid, THREADS, &mut [arg(&x), arg(&rows), arg(&cols), arg(&q), arg(&sc), arg(&amax)])?;
+                }
+                QuantFormat::Int8 => {
+                    k.amax_tensor.launch(s, flat_grid, THREADS, &mut [arg(&x), arg(&n), arg(&amax)])?;
+                    let (q, sc) = (at(out.range("weight")), at(out.range("weight_scale")));
+                    k.int8_tensor.launch(s, flat_grid, THREADS, &mut [arg(&x), arg(&n), arg(&amax), arg(&q), arg(&sc)])?;
+                }
+                QuantFormat::Nvfp4 => {
+                    k.amax_tensor.launch(s, flat_grid, THREADS, &mut [arg(&x), arg(&n), arg(&amax)])?;
+                    let (q, scr, s2) = (out.range("weight"), out.range("weight_scale"), out.range("weight_scale_2"));
+                    s.memset(at(scr.clone()), 0, scr.len())?;
+                    let (q, sc, s2) = (at(q), at(scr), at(s2));
+                    let chunks = numerics::roundup(rows as usize, 16) * numerics::roundup(cols as usize, 16) / 8;
+                    let grid = chunks.div_ceil(TILE_CHUNKS) as u32;
+                    k.nvfp4.launch(s, grid, THREADS, &mut [arg(&x), arg(&rows), arg(&cols), arg(&amax), arg(&q), arg(&sc), arg(&s2)])?;
+                }
+                QuantFormat::Mxfp8 => {
+                    let (q, scr) = (out.range("weight"), out.range("weight_scale"));
+                    s.memset(at(scr.clone()), 0, scr.len())?;
+                    let (q, sc) = (at(q), at(scr));
+                    let chunks = numerics::roundup(rows as usize, 32) * numerics::roundup(cols as usize, 32) / 8;
+                    let grid = chunks.div_ceil(TILE_CHUNKS) as u32;
+                    k.mxfp8.launch(s, grid, THREADS, &mut [arg(&x), arg(&rows), arg(&cols), arg(&q), arg(&sc), arg(&amax)])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn quantize_impl(&self, spec: QuantSpec, w: &WeightView<'_>) -> Result<std::result::Result<Vec<StoredTensor>, QuantError>> {
+        let out = OutLayout::new(spec.implementation().layout(w.rows, w.cols));
+        self.with_slot(|slot| {
+            slot.ensure(&self.ctx, &self.stats, w.bytes.len(), out.total)?;
+            self.upload(slot, w.bytes)?;
+            let (x, base) = (slot.d_in.as_ref().expect("ensured").ptr(), slot.d_out.as_ref().expect("ensured").ptr());
+            // SAFETY: `ensure` sized both buffers for this input and `out`; the
+            // stream is synchronised before they are reused.
+            unsafe { self.launch_quantize(&slot.stream, spec, w.dtype, (w.rows, w.cols), x, base, &out)? };
+            let h_out = slot.h_out.as_mut().expect("ensured");
+            let d_out = slot.d_out.as_ref().expect("ensured").ptr();
+            // SAFETY: both buffers hold at least out.total bytes.
+            unsafe { slot.stream.dtoh(h_out.as_ptr() as *mut u8, d_out, out.total)? };
+            slot.stream.synchronize().with_context(|| format!("quantizing {} on the GPU", w.name))?;
+            // SAFETY: the stream is idle.
+            let host = unsafe { h_out.slice(0..out.total) };
+            let amax = u32::from_le_bytes(host[out.scratch..out.scratch + 4].try_into().unwrap());
+            if amax >= 0x7F80_0000 {
+                // Non-finite input: let the CPU find and name it, as the reference does.
+                let e = with_src!(w.dtype, T => numerics::finite_amax::<T>(w));
+                return Ok(Err(e.err().unwrap_or_else(|| QuantError::Invalid {
+                    name: w.name.to_string(),
+                    reason: "the GPU saw a non-finite value the CPU does not".into(),
+                })));
+            }
+            let tensors = out
+                .specs
+                .iter()
+                .zip(&out.ranges)
+                .map(|(spec, r)| StoredTensor { spec: spec.clone(), data: host[r.clone()].to_vec() })
+                .collect();
+            Ok(Ok(tensors))
+        })
+    }
+
+    /// Dequantizes tensors laid out as the format's `layout(rows, cols)` says
+    /// back to f32 `[rows, cols]` on the GPU (for checks).
+    pub fn dequantize(&self, spec: QuantSpec, stored: &[StoredTensor], rows: usize, cols: usize) -> Result<Vec<f32>> {
+        let layout = spec.implementation().layout(rows, cols);
+        ensure!(stored.len() == layout.len(), "expected {} stored tensors, got {}", layout.len(), stored.len());
+        for (t, l) in stored.iter().zip(&layout) {
+            ensure!(t.spec == *l && t.data.len() == l.byte_len(), "stored tensor `{}` does not match the layout", l.suffix);
+        }
+        let packed = OutLayout::new(layout);
+        let mut input = vec![0u8; packed.total];
+        for (t, r) in stored.iter().zip(&packed.ranges) {
+            input[r.clone()].copy_from_slice(&t.data);
+        }
+        let out_len = rows * cols * 4;
+        self.with_slot(|slot| {
+            slot.ensure(&self.ctx, &self.stats, input.len(), out_len + SCRATCH)?;
+            self.upload(slot, &input)?;
+            let s = &slot.stream;
+            let base = slot.d_in.as_ref().expect("ensured").ptr();
+            let at = |suffix: &str| base + packed.range(suffix).start as u64;
+            let o = slot.d_out.as_ref().expect("ensured").ptr();
+            let (r, c) = (rows as i64, cols as i64);
+            let n = r * c;
+            let grid = ((rows * cols).div_ceil(THREADS as usize)).min(1 << 20) as u32;
+            let k = &self.kernels;
+            // SAFETY: pointers lie in the slot's buffers sized above; argument types match.
+            unsafe {
+                match spec.format {
+                    QuantFormat::Fp8 => {
+                        let (q, sc) = (at("weight"), at("weight_scale"));
+                        k.fp8_dequant.launch(s, grid, THREADS, &mut [arg(&q), arg(&n), arg(&sc), arg(&o)])?;
+                    }
+                    QuantFormat::Int8 => {
+                        let (q, sc) = (at("weight"), at("weight_scale"));
+                        let per_row: i32 = spec.per_channel as i32;
+                        k.int8_dequant.launch(s, grid, THREADS, &mut [arg(&q), arg(&r), arg(&c), arg(&sc), arg(&per_row), arg(&o)])?;
+                    }
+                    QuantFormat::Nvfp4 => {
+                        let (q, sc, s2) = (at("weight"), at("weight_scale"), at("weight_scale_2"));
+                        k.nvfp4_dequant.launch(s, grid, THREADS, &mut [arg(&q), arg(&sc), arg(&s2), arg(&r), arg(&c), arg(&o)])?;
+                    }
+                    QuantFormat::Mxfp8 => {
+                        let (q, sc) = (at("weight"), at("weight_scale"));
+                        k.mxfp8_dequant.launch(s, grid, THREADS, &mut [arg(&q), arg(&sc), arg(&r), arg(&c), arg(&o)])?;
+                    }
+                }
+                let h = slot.h_out.as_mut().expect("ensured");
+                s.dtoh(h.as_ptr() as *mut u8, o, out_len)?;
+            }
+            s.synchronize()?;
+            // SAFETY: the stream is idle.
+            let bytes = unsafe { slot.h_out.as_ref().unwrap().slice(0..out_len) };
+            Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
+        })
+    }
+
+    /// max |x| of `w` on the GPU: per tensor, per row or per block (for checks).
+    /// Non-finite values come back as infinity/NaN.
+    pub fn amax(&self, w: &WeightView<'_>, kind: AmaxKind) -> Result<Vec<f32>> {
+        numerics::check_view(w)?;
+        let (rows, cols) = (w.rows as i64, w.cols as i64);
+        let count = match kind {
+            AmaxKind::Tensor => 1,
+            AmaxKind::Rows => w.rows,
+            AmaxKind::Blocks(b) => {
+                ensure!(b > 0, "block size must be positive");
+                w.rows * w.cols.div_ceil(b)
+            }
+        };
+        self.with_slot(|slot| {
+            slot.ensure(&self.ctx, &self.stats, w.bytes.len(), count * 4 + SCRATCH)?;
+            self.upload(slot, w.bytes)?;
+            let s = &slot.stream;
+            let k = &self.kernels.by_dtype[dtype_index(w.dtype)];
+            let x = slot.d_in.as_ref().expect("ensured").ptr();
+            let o = slot.d_out.as_ref().expect("ensured").ptr();
+            // SAFETY: pointers lie in the slot's buffers sized above; argument types match.
+            unsafe {
+                s.memset(o, 0, count * 4)?;
+                match kind {
+                    AmaxKind::Tensor => {
+                        let n = rows * cols;
+                        let grid = ((n as usize).div_ceil(8).div_ceil(TILE_CHUNKS)) as u32;
+                        k.amax_tensor.launch(s, grid, THREADS, &mut [arg(&x), arg(&n), arg(&o)])?;
+                    }
+                    AmaxKind::Rows => {
+                        let grid = w.rows.min(self.info.multiprocessors as usize * 16) as u32;
+                        k.amax_rows.launch(s, grid, THREADS, &mut [arg(&x), arg(&rows), arg(&cols), arg(&o)])?;
+                    }
+                    AmaxKind::Blocks(b) => {
+                        let b = b as i64;
+                        let grid = count.div_ceil(THREADS as usize).min(1 << 20) as u32;
+                        k.amax_blocks.launch(s, grid, THREADS, &mut [arg(&x), arg(&rows), arg(&cols), arg(&b), arg(&o)])?;
+                    }
+                }
+                let h = slot.h_out.as_mut().expect("ensured");
+                s.dtoh(h.as_ptr() as *mut u8, o, count * 4)?;
+            }
+            s.synchronize()?;
+            // SAFETY: the stream is idle.
+            let bytes = unsafe { slot.h_out.as_ref().unwrap().slice(0..count * 4) };
+            Ok(bytes.chunks_exact(4).map(|b| f32::from_bits(u32::from_le_bytes(b.try_into().unwrap()))).collect())
+        })
+    }
+
+    /// Checks the hardware conversions the kernels use against their software
+    /// definitions over every f32 bit pattern.
+    pub fn selftest_conversions(&self) -> Result<SelfTest> {
+        self.with_slot(|slot| {
+            slot.ensure(&self.ctx, &self.stats, 64, 64)?;
+            let s = &slot.stream;
+            let o = slot.d_out.as_ref().expect("ensured").ptr();
+            let (counts, first) = (o, o + 16);
+            let grid = self.info.multiprocessors * 16;
+            // SAFETY: 32 bytes inside d_out; the kernel takes (u32*, u32*).
+            unsafe {
+                s.memset(counts, 0, 16)?;
+                s.memset(first, 0xFF, 16)?;
+                self.kernels.selftest.launch(s, grid, THREADS, &mut [arg(&counts), arg(&first)])?;
+                let h = slot.h_out.as_mut().expect("ensured");
+                s.dtoh(h.as_ptr() as *mut u8, o, 32)?;
+            }
+            s.synchronize()?;
+            // SAFETY: the stream is idle.
+            let b = unsafe { slot.h_out.as_ref().unwrap().slice(0..32) };
+            let word = |i: usize| u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap());
+            Ok(SelfTest { mismatches: [word(0), word(1), word(2), word(3)], first: [word(4), word(5), word(6), word(7)] })
+        })
+    }
+
+    /// Bytes of the output buffer (stored tensors, padding and scratch) for a layout.
+    pub fn output_bytes(spec: QuantSpec, rows: usize, cols: usize) -> usize {
+        OutLayout::new(spec.implementation().layout(rows, cols)).total
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> String {
+        let (ma, mi) = self.info.compute_capability;
+        format!("cuda:{} ({}, sm_{ma}{mi}, {} streams)", self.info.ordinal, self.info.name, self.slots.len())
+    }
+
+    fn quantize(&self, spec: QuantSpec, w: &WeightView<'_>) -> std::result::Result<Vec<StoredTensor>, QuantError> {
+        numerics::check_view(w)?;
+        match self.quantize_impl(spec, w) {
+            Ok(r) => r,
+            Err(e) => Err(QuantError::Invalid { name: w.name.to_string(), reason: format!("GPU quantization failed: {e:#}") }),
+        }
+    }
+
+    fn peak_device_bytes(&self) -> Option<u64> {
+        Some(self.stats.peak())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.slots.len()
+    }
+}
+
+/// A timing helper for benchmarks: median milliseconds of `iters` runs of `f`
+/// on `stream`, after `warmup` runs, each bracketed by events.
+pub(crate) fn time_ms(ctx: &Arc<CudaContext>, stream: &Stream, warmup: usize, iters: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+    for i in 0..warmup {
+        f(i)?;
+    }
+    stream.synchronize()?;
+    let mut times = Vec::with_capacity(iters);
+    let (a, b) = (Event::new(ctx)?, Event::new(ctx)?);
+    for i in 0..iters {
+        a.record(stream)?;
+        f(warmup + i)?;
+        b.record(stream)?;
+        b.synchronize()?;
+        times.push(a.elapsed_ms(&b)? as f64);
+    }
+    times.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    Ok(times[times.len() / 2])
+}

@@ -1,0 +1,409 @@
+//! `run-recipe`: the Quantsmith command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use quantsmith::backend::DeviceChoice;
+use quantsmith::checkpoint::CheckpointError;
+use quantsmith::convert::Layout;
+use quantsmith::pipeline::{self, Refused, RunOptions, RunReport};
+use quantsmith::recipe::params::{ParamError, RawParams, kind_name, value_to_json};
+use quantsmith::recipe::{PRESETS, RecipeError, RecipeRuntime, RecipeSource, SandboxLimits};
+use quantsmith::synth::{self, Family, Scale, SynthOptions};
+
+/// Exit codes: 0 success, 1 internal failure, 2 usage, 3 bad input (file,
+/// parameters, a checkpoint the recipe refuses), 4 the recipe misbehaved.
+const EXIT_INTERNAL: u8 = 1;
+const EXIT_BAD_INPUT: u8 = 3;
+const EXIT_RECIPE: u8 = 4;
+
+#[derive(Parser)]
+#[command(name = "run-recipe", version, about = "Quantize diffusion checkpoints (SD1.5, SDXL, SD3, FLUX.1) into files ComfyUI loads as they are", long_about = None)]
+struct Cli {
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show what a checkpoint is: family, variant, prefix, components, modules, matching preset.
+    Inspect {
+        model: PathBuf,
+        #[command(flatten)]
+        sandbox: SandboxArgs,
+    },
+    /// List the built-in presets (or describe one recipe, with its parameters).
+    Recipes {
+        /// A preset name or a path to a .wasm recipe.
+        #[arg(long)]
+        recipe: Option<String>,
+        #[command(flatten)]
+        sandbox: SandboxArgs,
+    },
+    /// Quantize a checkpoint with a recipe.
+    Run(RunArgs),
+    /// Write a synthetic checkpoint with the exact tensor layout of a real model.
+    Synth {
+        /// sd15, sdxl, sd3 or flux.
+        family: String,
+        /// tiny (same keys, narrow layers, a few MB) or full (real size).
+        #[arg(long, default_value = "tiny")]
+        scale: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// flux: schnell; sd15: inpaint.
+        #[arg(long)]
+        variant: Option<String>,
+        /// A full single-file checkpoint (model.diffusion_model. prefix, VAE and text encoder tensors).
+        #[arg(long)]
+        full_checkpoint: bool,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// The whole job on a built-in synthetic checkpoint: synthesize, quantize, check.
+    Demo {
+        /// sd15, sdxl, sd3 or flux.
+        #[arg(long, default_value = "sdxl")]
+        family: String,
+        #[arg(long, default_value = "fp8")]
+        format: String,
+        /// Folder for the two files.
+        #[arg(long, default_value = "demo-out")]
+        dir: PathBuf,
+    },
+    /// Check a converted file against its source: ComfyUI's layout rules, pass-through bytes, error bounds.
+    Check { source: PathBuf, output: PathBuf },
+    /// Scaffold a new recipe crate.
+    New {
+        dir: PathBuf,
+        /// Family the recipe targets: sd15, sdxl, sd3 or flux.
+        #[arg(long, default_value = "sdxl")]
+        family: String,
+    },
+}
+
+#[derive(Args, Clone)]
+struct SandboxArgs {
+    /// CPU budget of one recipe call, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    recipe_timeout: f64,
+    /// Memory limit of a recipe, in MiB.
+    #[arg(long, default_value_t = 256)]
+    recipe_memory: usize,
+}
+
+impl SandboxArgs {
+    fn limits(&self) -> Result<SandboxLimits> {
+        anyhow::ensure!(self.recipe_timeout > 0.0 && self.recipe_timeout.is_finite(), "--recipe-timeout must be positive");
+        anyhow::ensure!(self.recipe_memory >= 1, "--recipe-memory must be at least 1 MiB");
+        Ok(SandboxLimits { memory_bytes: self.recipe_memory << 20, timeout: Duration::from_secs_f64(self.recipe_timeout) })
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    model: PathBuf,
+    /// Output file (default: <model>.<format>.safetensors beside the input).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// A built-in preset (sd15, sdxl, sd3, flux), a path to a .wasm recipe, or auto.
+    #[arg(long, default_value = "auto")]
+    recipe: String,
+    /// Recipe parameter, key=value (repeatable); overrides --config.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// TOML file of recipe parameters (top-level keys or a [params] table).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the plan (each layer, its format, bytes before -> after) and write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[arg(long, value_enum, default_value_t = Layout::Comfy)]
+    layout: Layout,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Dequantize every layer and record its error in the report.
+    #[arg(long)]
+    verify: bool,
+    /// Write a JSON run report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(short, long)]
+    quiet: bool,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if cause.is::<RecipeError>() {
+            return EXIT_RECIPE;
+        }
+        if cause.is::<CheckpointError>() || cause.is::<ParamError>() || cause.is::<Refused>() || cause.is::<BadInput>() {
+            return EXIT_BAD_INPUT;
+        }
+    }
+    EXIT_INTERNAL
+}
+
+/// A problem with what the user gave us (paths, options).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadInput(String);
+
+fn bad(msg: impl Into<String>) -> anyhow::Error {
+    BadInput(msg.into()).into()
+}
+
+fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Inspect { model, sandbox } => inspect(&model, sandbox.limits()?),
+        Command::Recipes { recipe, sandbox } => recipes(recipe.as_deref(), sandbox.limits()?),
+        Command::Run(args) => run(args),
+        Command::Synth { family, scale, seed, variant, full_checkpoint, output } => {
+            let opts = synth_options(&family, &scale, seed, variant, full_checkpoint)?;
+            let pb = progress_bar(!matches!(opts.scale, Scale::Tiny));
+            let summary = synth::write(&opts, &output, |done, total| {
+                pb.set_length(total);
+                pb.set_position(done);
+            })?;
+            pb.finish_and_clear();
+            println!("wrote {} ({} tensors, {} parameters, {})", output.display(), summary.tensors, summary.params, human_bytes(summary.bytes));
+            Ok(())
+        }
+        Command::Demo { family, format, dir } => demo(&family, &format, &dir),
+        Command::Check { source, output } => {
+            let src = quantsmith::checkpoint::Checkpoint::open(&source)?;
+            let check = quantsmith::evaluate::check_output(&src, &output).map_err(|e| bad(format!("{} fails the check: {e:#}", output.display())))?;
+            print_check(&check);
+            Ok(())
+        }
+        Command::New { dir, family } => {
+            quantsmith::scaffold::create(&dir, &family).map_err(|e| bad(format!("{e:#}")))?;
+            println!("created recipe crate in {}; build it with:\n  cargo build --release --target wasm32-wasip2 --manifest-path {}/Cargo.toml", dir.display(), dir.display());
+            Ok(())
+        }
+    }
+}
+
+fn synth_options(family: &str, scale: &str, seed: u64, variant: Option<String>, full_checkpoint: bool) -> Result<SynthOptions> {
+    let family = Family::parse(family).map_err(|e| bad(format!("{e:#}")))?;
+    let scale = Scale::parse(scale).map_err(|e| bad(format!("{e:#}")))?;
+    Ok(SynthOptions { scale, seed, variant, full_checkpoint, ..SynthOptions::new(family) })
+}
+
+fn progress_bar(visible: bool) -> indicatif::ProgressBar {
+    if !visible {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, eta {eta})").unwrap());
+    pb
+}
+
+fn human_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{b} B") } else { format!("{v:.2} {}", units[u]) }
+}
+
+fn inspect(model: &Path, limits: SandboxLimits) -> Result<()> {
+    let ctx = pipeline::open_context(model)?;
+    let c = &ctx.checkpoint;
+    println!("file        {} ({})", model.display(), human_bytes(c.file_len() as u64));
+    println!("layout      {}", if c.is_full_checkpoint() { format!("full checkpoint, diffusion model under {:?}", c.prefix()) } else { "diffusion model only".into() });
+    let comps: Vec<String> = c
+        .components()
+        .iter()
+        .map(|comp| {
+            let n = c.tensors().iter().filter(|t| t.component == *comp).count();
+            format!("{} ({n} tensors)", comp.name())
+        })
+        .collect();
+    println!("components  {}", comps.join(", "));
+    println!("modules     {} in the diffusion model:", ctx.modules.len());
+    for (kind, n, params) in ctx.modules.summary() {
+        if n > 0 {
+            println!("  {:<10} {n:>5} modules {:>15} parameters", kind.name(), params);
+        }
+    }
+    let runtime = RecipeRuntime::new(limits)?;
+    let verdicts = pipeline::detect_all(&runtime, &ctx)?;
+    if let Some((recipe, Ok(d))) = verdicts.first() {
+        println!("family      {} {} (confidence {:.2})", d.family, d.variant, d.confidence);
+        println!("evidence    {}", d.reason);
+        println!("preset      {} {} (run-recipe run {} picks it automatically)", recipe.name(), recipe.info.version, model.display());
+    } else {
+        println!("family      not recognised by any built-in preset");
+    }
+    for (recipe, v) in &verdicts {
+        match v {
+            Ok(d) => println!("  {:<6} accepts ({:.2})", recipe.name(), d.confidence),
+            Err(reason) => println!("  {:<6} declines: {reason}", recipe.name()),
+        }
+    }
+    Ok(())
+}
+
+fn recipes(which: Option<&str>, limits: SandboxLimits) -> Result<()> {
+    let runtime = RecipeRuntime::new(limits)?;
+    let sources: Vec<RecipeSource> = match which {
+        Some(w) => vec![RecipeSource::parse(w).map_err(bad)?],
+        None => PRESETS.iter().map(|p| RecipeSource::Builtin(p.name)).collect(),
+    };
+    for source in sources {
+        let r = runtime.load(&source)?;
+        let i = &r.info;
+        println!("{} {}  [{}]", i.name, i.version, source.label());
+        println!("  {}", i.description);
+        println!("  families: {}   formats: {}", i.families.join(", "), i.formats.join(", "));
+        println!("  sha256:   {}", r.sha256);
+        println!("  parameters:");
+        for p in &i.params {
+            let allowed = if p.allowed.is_empty() { String::new() } else { format!(" [{}]", p.allowed.join("|")) };
+            println!("    {:<16} {}{} (default {})  {}", p.name, kind_name(p.kind), allowed, value_to_json(&p.default), p.help);
+        }
+        println!();
+    }
+    Ok(())
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let mut params = RawParams::default();
+    for pair in &args.set {
+        params.set(pair).map_err(bad)?;
+    }
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+        params.load_toml(&text, &path.display().to_string()).map_err(bad)?;
+    }
+    let device: DeviceChoice = args.device.parse().map_err(bad)?;
+    let opts = RunOptions {
+        input: args.model.clone(),
+        output: args.output.clone(),
+        recipe: Some(args.recipe.clone()),
+        params,
+        dry_run: args.dry_run,
+        layout: args.layout,
+        device,
+        verify: args.verify,
+        limits: args.sandbox.limits()?,
+        progress: !args.quiet,
+    };
+    let report = pipeline::run(&opts)?;
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write the report {}", path.display()))?;
+    }
+    print_report(&report);
+    Ok(())
+}
+
+fn print_report(r: &RunReport) {
+    println!("recipe   {} {} ({})", r.recipe.name, r.recipe.version, r.recipe.source);
+    println!("model    {} {} (confidence {:.2})", r.detection.family, r.detection.variant, r.detection.confidence);
+    for w in &r.warnings {
+        println!("warning  {w}");
+    }
+    if r.dry_run {
+        println!("\n{:<60} {:<8} {:>14} {:>12} {:>12}", "layer", "format", "shape", "before", "after");
+        for l in &r.layers {
+            println!(
+                "{:<60} {:<8} {:>14} {:>12} {:>12}",
+                l.layer,
+                l.format.as_deref().unwrap_or("-"),
+                format!("{}x{}", l.shape[0], l.shape[1]),
+                human_bytes(l.bytes_before),
+                human_bytes(l.bytes_after)
+            );
+        }
+        println!();
+    }
+    let t = &r.totals;
+    println!(
+        "layers   {} of {} Linear layers quantized: {} -> {}",
+        t.quantized_layers,
+        t.layers,
+        human_bytes(t.quantized_bytes_before),
+        human_bytes(t.quantized_bytes_after)
+    );
+    println!("file     {} -> {}{}", human_bytes(t.input_bytes), human_bytes(t.output_bytes), if r.dry_run { " (planned; nothing written)" } else { "" });
+    if let Some(out) = &r.output {
+        println!("wrote    {out} in {:.2} s ({:.2} GB/s of input) on {}", t.seconds, t.input_gb_per_s, r.backend.as_deref().unwrap_or("?"));
+    }
+    let worst = r.layers.iter().filter_map(|l| l.error.map(|e| (l, e))).max_by(|a, b| a.1.relative_l2.total_cmp(&b.1.relative_l2));
+    if let Some((l, e)) = worst {
+        println!("error    worst layer {}: relative L2 {:.4}, cosine {:.6}", l.layer, e.relative_l2, e.cosine);
+    }
+}
+
+fn print_check(check: &quantsmith::evaluate::OutputCheck) {
+    println!("ok: {} quantized layers within their format's error bound, {} tensors passed through unchanged{}", check.layers.len(), check.passthrough_tensors, if check.legacy { " (legacy scaled_fp8 layout)" } else { "" });
+    if let Some((name, (fmt, e))) = check.layers.iter().max_by(|a, b| a.1.1.relative_l2.total_cmp(&b.1.1.relative_l2)) {
+        println!("worst layer {name} ({fmt}): relative L2 {:.4}, cosine {:.6}, max abs error {:.3e}", e.relative_l2, e.cosine, e.max_abs_error);
+    }
+}
+
+fn demo(family: &str, format: &str, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let input = dir.join(format!("{family}-tiny.safetensors"));
+    let output = dir.join(format!("{family}-tiny.{format}.safetensors"));
+    let opts = synth_options(family, "tiny", 0, None, false)?;
+    let s = synth::write(&opts, &input, |_, _| {})?;
+    println!("1. synthesized {} ({} tensors, {})", input.display(), s.tensors, human_bytes(s.bytes));
+    let mut params = RawParams::default();
+    params.set(&format!("format={format}")).map_err(bad)?;
+    let opts = RunOptions {
+        input: input.clone(),
+        output: Some(output.clone()),
+        recipe: None,
+        params,
+        dry_run: false,
+        layout: Layout::Comfy,
+        device: DeviceChoice::Auto,
+        verify: true,
+        limits: SandboxLimits::default(),
+        progress: false,
+    };
+    let report = pipeline::run(&opts)?;
+    std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    println!("2. quantized with the built-in {} preset:", report.recipe.name);
+    print_report(&report);
+    let src = quantsmith::checkpoint::Checkpoint::open(&input)?;
+    let check = quantsmith::evaluate::check_output(&src, &output)?;
+    print!("3. checked {}: ", output.display());
+    print_check(&check);
+    println!("   run report: {}", dir.join("report.json").display());
+    Ok(())
+}

@@ -1,0 +1,282 @@
+//! The whole job, stage by stage: checkpoint -> module table -> recipe -> plan ->
+//! quantize + write -> report. Used by the CLI and the tests.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::backend::DeviceChoice;
+use crate::checkpoint::Checkpoint;
+use crate::convert::{self, ConvertOptions, ConvertSummary, LayerReport, Layout};
+use crate::modules::ModuleTable;
+use crate::plan::{self, ResolvedPlan};
+use crate::recipe::params::{RawParams, value_to_json};
+use crate::recipe::wit::{Detection, ParamValue};
+use crate::recipe::{HostContext, LoadedRecipe, PRESETS, RecipeError, RecipeRuntime, RecipeSource, SandboxLimits};
+
+/// The checkpoint is not one the recipe accepts (wrong family, unsupported variant).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// Options of `run-recipe run`.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub input: PathBuf,
+    pub output: Option<PathBuf>,
+    /// `None`: ask every built-in preset's `detect`.
+    pub recipe: Option<String>,
+    pub params: RawParams,
+    pub dry_run: bool,
+    pub layout: Layout,
+    pub device: DeviceChoice,
+    pub verify: bool,
+    pub limits: SandboxLimits,
+    pub progress: bool,
+}
+
+/// The recipe that ran, for reports and metadata.
+#[derive(Clone, Debug, Serialize)]
+pub struct RecipeReport {
+    pub name: String,
+    pub version: String,
+    pub source: String,
+    pub sha256: String,
+    pub params: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DetectionReport {
+    pub family: String,
+    pub variant: String,
+    pub confidence: f32,
+    pub reason: String,
+}
+
+impl From<&Detection> for DetectionReport {
+    fn from(d: &Detection) -> Self {
+        DetectionReport { family: d.family.clone(), variant: d.variant.clone(), confidence: d.confidence, reason: d.reason.clone() }
+    }
+}
+
+/// The JSON run report (`--report`).
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    pub tool: String,
+    pub input: String,
+    pub output: Option<String>,
+    pub dry_run: bool,
+    pub layout: Layout,
+    pub backend: Option<String>,
+    pub recipe: RecipeReport,
+    pub detection: DetectionReport,
+    pub warnings: Vec<String>,
+    pub notes: Vec<String>,
+    pub layers: Vec<LayerReport>,
+    pub totals: Totals,
+    pub peak_rss_bytes: Option<u64>,
+    pub peak_device_bytes: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Totals {
+    pub layers: usize,
+    pub quantized_layers: usize,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    pub quantized_bytes_before: u64,
+    pub quantized_bytes_after: u64,
+    pub seconds: f64,
+    pub input_gb_per_s: f64,
+}
+
+pub fn tool_version() -> String {
+    format!("quantsmith {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Peak resident set of this process (Linux), for the report.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Opens the input and builds what recipes may see.
+pub fn open_context(input: &Path) -> Result<Arc<HostContext>> {
+    let checkpoint = Checkpoint::open(input)?;
+    let modules = ModuleTable::build(&checkpoint);
+    Ok(Arc::new(HostContext { checkpoint: Arc::new(checkpoint), modules: Arc::new(modules) }))
+}
+
+/// Every preset's verdict on the checkpoint, best first.
+pub fn detect_all(runtime: &RecipeRuntime, ctx: &Arc<HostContext>) -> Result<Vec<(LoadedRecipe, Result<Detection, String>)>> {
+    let mut out = Vec::new();
+    for p in PRESETS {
+        let recipe = runtime.load(&RecipeSource::Builtin(p.name))?;
+        let params = RawParams::default().validate(recipe.name(), &recipe.info.params)?;
+        let verdict = recipe.detect(ctx, params)?;
+        out.push((recipe, verdict));
+    }
+    out.sort_by(|a, b| {
+        let score = |v: &Result<Detection, String>| v.as_ref().map(|d| d.confidence).unwrap_or(-1.0);
+        score(&b.1).total_cmp(&score(&a.1))
+    });
+    Ok(out)
+}
+
+/// Loads the recipe to use: the named one, or the best-matching preset.
+pub fn choose_recipe(runtime: &RecipeRuntime, ctx: &Arc<HostContext>, name: Option<&str>) -> Result<LoadedRecipe> {
+    match name {
+        Some(name) if name != "auto" => {
+            let source = RecipeSource::parse(name).map_err(|e| Refused(e))?;
+            Ok(runtime.load(&source)?)
+        }
+        _ => {
+            let verdicts = detect_all(runtime, ctx)?;
+            let reasons: Vec<String> = verdicts.iter().map(|(r, v)| format!("  {}: {}", r.name(), v.as_ref().err().cloned().unwrap_or_default())).collect();
+            match verdicts.into_iter().next() {
+                Some((recipe, Ok(_))) => Ok(recipe),
+                _ => Err(Refused(format!(
+                    "no built-in preset recognises {}:\n{}",
+                    ctx.checkpoint.path().display(),
+                    reasons.join("\n")
+                ))
+                .into()),
+            }
+        }
+    }
+}
+
+/// Default output path: `<stem>.<format>.safetensors` beside the input.
+pub fn default_output(input: &Path, params: &[(String, ParamValue)]) -> PathBuf {
+    let tag = params
+        .iter()
+        .find(|(k, _)| k == "format")
+        .and_then(|(_, v)| if let ParamValue::Text(s) = v { Some(s.clone()) } else { None })
+        .unwrap_or_else(|| "quantized".into());
+    let stem = input.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
+    input.with_file_name(format!("{stem}.{tag}.safetensors"))
+}
+
+/// Runs the whole job.
+pub fn run(opts: &RunOptions) -> Result<RunReport> {
+    let ctx = open_context(&opts.input)?;
+    let runtime = RecipeRuntime::new(opts.limits)?;
+    let recipe = choose_recipe(&runtime, &ctx, opts.recipe.as_deref())?;
+    let params = opts.params.validate(recipe.name(), &recipe.info.params)?;
+
+    let detection = match recipe.detect(&ctx, params.clone())? {
+        Ok(d) => d,
+        Err(reason) => bail!(Refused(format!("recipe {} does not accept {}: {reason}", recipe.name(), opts.input.display()))),
+    };
+    tracing::info!("{}: {} {} (confidence {:.2}): {}", recipe.name(), detection.family, detection.variant, detection.confidence, detection.reason);
+    let wit_plan = match recipe.plan(&ctx, params.clone())? {
+        Ok(p) => p,
+        Err(reason) => bail!(Refused(format!("recipe {} refused to plan {}: {reason}", recipe.name(), opts.input.display()))),
+    };
+    let resolved: ResolvedPlan = plan::resolve(&wit_plan, &ctx.modules, &ctx.checkpoint)
+        .map_err(|message| RecipeError::Invalid { recipe: recipe.name().to_string(), message: format!("invalid plan: {message}") })?;
+    for w in &resolved.warnings {
+        tracing::warn!("{}: {w}", recipe.name());
+    }
+
+    let recipe_report = RecipeReport {
+        name: recipe.info.name.clone(),
+        version: recipe.info.version.clone(),
+        source: recipe.source.label(),
+        sha256: recipe.sha256.clone(),
+        params: params.iter().map(|(k, v)| (k.clone(), value_to_json(v))).collect(),
+    };
+    let mut report = RunReport {
+        tool: tool_version(),
+        input: opts.input.display().to_string(),
+        output: None,
+        dry_run: opts.dry_run,
+        layout: opts.layout,
+        backend: None,
+        recipe: recipe_report,
+        detection: DetectionReport::from(&detection),
+        warnings: resolved.warnings.clone(),
+        notes: resolved.notes.clone(),
+        layers: vec![],
+        totals: Totals { layers: resolved.layers.len(), quantized_layers: resolved.quantized().count(), input_bytes: ctx.checkpoint.file_len() as u64, ..Default::default() },
+        peak_rss_bytes: None,
+        peak_device_bytes: None,
+    };
+
+    if opts.dry_run {
+        let (layers, total) = convert::dry_run(&ctx.checkpoint, &resolved, opts.layout)?;
+        report.totals.output_bytes = total;
+        fill_layer_totals(&mut report, layers);
+        report.peak_rss_bytes = peak_rss_bytes();
+        return Ok(report);
+    }
+
+    let output = opts.output.clone().unwrap_or_else(|| default_output(&opts.input, &params));
+    if same_file(&output, &opts.input) {
+        bail!(Refused(format!("the output {} is the input file; choose another path with -o", output.display())));
+    }
+    let backend = crate::gpu::open(opts.device)?;
+    report.backend = Some(backend.name());
+    tracing::info!("quantizing on {}", backend.name());
+
+    let mut metadata = HashMap::new();
+    metadata.insert("quantsmith.version".into(), env!("CARGO_PKG_VERSION").into());
+    metadata.insert("quantsmith.recipe".into(), report.recipe.name.clone());
+    metadata.insert("quantsmith.recipe_version".into(), report.recipe.version.clone());
+    metadata.insert("quantsmith.recipe_sha256".into(), report.recipe.sha256.clone());
+    metadata.insert("quantsmith.recipe_source".into(), report.recipe.source.clone());
+    metadata.insert("quantsmith.params".into(), serde_json::Value::Object(report.recipe.params.clone()).to_string());
+    metadata.insert("quantsmith.detected".into(), format!("{} {}", detection.family, detection.variant));
+    if let Some(name) = opts.input.file_name() {
+        metadata.insert("quantsmith.source_file".into(), name.to_string_lossy().into());
+    }
+
+    let progress = if opts.progress {
+        let pb = indicatif::ProgressBar::new(ctx.checkpoint.file_len() as u64);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, eta {eta})")
+                .unwrap(),
+        );
+        Some(pb)
+    } else {
+        None
+    };
+    let summary: ConvertSummary = convert::convert(
+        &ctx.checkpoint,
+        &resolved,
+        backend.as_ref(),
+        &ConvertOptions { output: output.clone(), layout: opts.layout, metadata, verify: opts.verify, progress: progress.clone() },
+    )
+    .with_context(|| format!("converting {}", opts.input.display()))?;
+    if let Some(pb) = progress {
+        pb.finish_and_clear();
+    }
+    report.output = Some(output.display().to_string());
+    report.totals.output_bytes = summary.output_bytes;
+    report.totals.seconds = summary.seconds;
+    report.totals.input_gb_per_s = summary.input_bytes as f64 / summary.seconds.max(1e-9) / 1e9;
+    fill_layer_totals(&mut report, summary.layers);
+    report.peak_rss_bytes = peak_rss_bytes();
+    report.peak_device_bytes = backend.peak_device_bytes();
+    Ok(report)
+}
+
+fn fill_layer_totals(report: &mut RunReport, layers: Vec<LayerReport>) {
+    for l in layers.iter().filter(|l| l.format.is_some()) {
+        report.totals.quantized_bytes_before += l.bytes_before;
+        report.totals.quantized_bytes_after += l.bytes_after;
+    }
+    report.layers = layers;
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}

@@ -1,0 +1,296 @@
+//! The wasmtime side: engine, compilation cache, sandbox, version check, calls.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable, types::ComponentItem};
+use wasmtime::{Cache, CacheConfig, Config, Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::wit::{Detection, QuantPlan, RecipeInfo};
+use super::{PRESETS, RecipeSource, RecipeV0, RecipeV0Pre, WIT_VERSION};
+use crate::checkpoint::Checkpoint;
+use crate::modules::ModuleTable;
+
+/// CPU and memory budget of one recipe call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SandboxLimits {
+    /// Linear memory a recipe may grow to.
+    pub memory_bytes: usize,
+    /// Wall-clock budget of one call (describe, detect or plan).
+    pub timeout: Duration,
+}
+
+impl Default for SandboxLimits {
+    fn default() -> Self {
+        SandboxLimits { memory_bytes: 256 << 20, timeout: Duration::from_secs(10) }
+    }
+}
+
+/// What a recipe can query: the checkpoint and its module table.
+pub struct HostContext {
+    pub checkpoint: Arc<Checkpoint>,
+    pub modules: Arc<ModuleTable>,
+}
+
+/// Everything that can go wrong with a recipe, each naming it.
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    #[error("recipe {recipe}: cannot load: {reason}")]
+    Load { recipe: String, reason: String },
+    #[error("recipe {recipe} was built against quantsmith:recipe@{found}; this host speaks quantsmith:recipe@{WIT_VERSION} (0.1.x). Rebuild it with a matching quantsmith-recipe-sdk")]
+    Version { recipe: String, found: String },
+    #[error("recipe {recipe}: {call} exceeded its CPU budget of {secs:.1} s and was stopped (raise it with --recipe-timeout)")]
+    Timeout { recipe: String, call: &'static str, secs: f64 },
+    #[error("recipe {recipe}: {call} exceeded its memory limit of {mib} MiB and was stopped (raise it with --recipe-memory)")]
+    Memory { recipe: String, call: &'static str, mib: usize },
+    #[error("recipe {recipe}: {call} crashed: {reason}")]
+    Trap { recipe: String, call: &'static str, reason: String },
+    #[error("recipe {recipe}: {message}")]
+    Invalid { recipe: String, message: String },
+}
+
+/// Per-call store data.
+pub(super) struct State {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    pub(super) ctx: Option<Arc<HostContext>>,
+    pub(super) params: Vec<(String, super::wit::ParamValue)>,
+    pub(super) recipe: String,
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// The engine and linker shared by every recipe.
+pub struct RecipeRuntime {
+    engine: Engine,
+    linker: Arc<Linker<State>>,
+    limits: SandboxLimits,
+}
+
+const TICK: Duration = Duration::from_millis(10);
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("QUANTSMITH_CACHE_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    directories::ProjectDirs::from("", "", "quantsmith").map(|d| d.cache_dir().join("wasm"))
+}
+
+impl RecipeRuntime {
+    pub fn new(limits: SandboxLimits) -> anyhow::Result<RecipeRuntime> {
+        static ENGINE: OnceLock<Engine> = OnceLock::new();
+        let engine = match ENGINE.get() {
+            Some(e) => e.clone(),
+            None => {
+                let mut config = Config::new();
+                config.wasm_component_model(true).epoch_interruption(true);
+                // A second run reuses the machine code compiled by the first.
+                if let Some(dir) = cache_dir() {
+                    let mut cc = CacheConfig::new();
+                    cc.with_directory(dir);
+                    match Cache::new(cc) {
+                        Ok(cache) => {
+                            config.cache(Some(cache));
+                        }
+                        Err(e) => tracing::debug!("compilation cache disabled: {e:#}"),
+                    }
+                }
+                let engine = Engine::new(&config)?;
+                let weak = engine.weak();
+                std::thread::Builder::new().name("recipe-epoch".into()).spawn(move || {
+                    while let Some(engine) = weak.upgrade() {
+                        engine.increment_epoch();
+                        drop(engine);
+                        std::thread::sleep(TICK);
+                    }
+                })?;
+                ENGINE.get_or_init(|| engine).clone()
+            }
+        };
+        let mut linker = Linker::<State>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        RecipeV0::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
+        Ok(RecipeRuntime { engine, linker: Arc::new(linker), limits })
+    }
+
+    pub fn limits(&self) -> SandboxLimits {
+        self.limits
+    }
+
+    /// Loads, checks and describes a recipe.
+    pub fn load(&self, source: &RecipeSource) -> Result<LoadedRecipe, RecipeError> {
+        let label = source.label();
+        let load_err = |reason: String| RecipeError::Load { recipe: label.clone(), reason };
+        let bytes: Vec<u8> = match source {
+            RecipeSource::Builtin(name) => PRESETS.iter().find(|p| p.name == *name).expect("preset").wasm.to_vec(),
+            RecipeSource::File(path) => std::fs::read(path).map_err(|e| load_err(format!("cannot read {}: {e}", path.display())))?,
+        };
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let component = Component::new(&self.engine, &bytes).map_err(|e| load_err(format!("not a valid WebAssembly component: {e:#}")))?;
+        check_contract(&self.engine, &component, &label)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| load_err(format!("it needs imports the sandbox does not provide: {e:#}")))?;
+        let pre = RecipeV0Pre::new(pre).map_err(|e| load_err(format!("{e:#}")))?;
+        let mut loaded = LoadedRecipe {
+            label: label.clone(),
+            source: source.clone(),
+            sha256,
+            pre,
+            engine: self.engine.clone(),
+            limits: self.limits,
+            info: RecipeInfo { name: label.clone(), version: String::new(), description: String::new(), families: vec![], formats: vec![], params: vec![] },
+        };
+        let info = loaded.call("describe", None, vec![], |r, s| r.quantsmith_recipe_recipe().call_describe(s))?;
+        super::params::check_schema(&info.params).map_err(|m| RecipeError::Invalid { recipe: label.clone(), message: format!("describe returned an invalid parameter schema: {m}") })?;
+        if info.name.trim().is_empty() {
+            return Err(RecipeError::Invalid { recipe: label, message: "describe returned an empty name".into() });
+        }
+        loaded.info = info;
+        Ok(loaded)
+    }
+}
+
+/// Refuses components that are not recipes or speak another contract version.
+fn check_contract(engine: &Engine, component: &Component, label: &str) -> Result<(), RecipeError> {
+    let ty = component.component_type();
+    let names: Vec<String> = ty.imports(engine).map(|(n, _)| n.to_string()).chain(ty.exports(engine).map(|(n, _)| n.to_string())).collect();
+    let ours: Vec<&String> = names.iter().filter(|n| n.starts_with("quantsmith:recipe/")).collect();
+    for name in &ours {
+        let version = name.rsplit_once('@').map(|(_, v)| v).unwrap_or("unversioned");
+        if !compatible(version) {
+            return Err(RecipeError::Version { recipe: label.to_string(), found: version.to_string() });
+        }
+    }
+    let exports_recipe = ty.exports(engine).any(|(n, item)| n.starts_with("quantsmith:recipe/recipe@") && matches!(item.ty, ComponentItem::ComponentInstance(_)));
+    if !exports_recipe {
+        let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
+        return Err(RecipeError::Load {
+            recipe: label.to_string(),
+            reason: format!(
+                "not a Quantsmith recipe: it does not export quantsmith:recipe/recipe@{WIT_VERSION} (exports: {})",
+                if exports.is_empty() { "nothing".into() } else { exports.join(", ") }
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// 0.x versions are compatible within a minor version, as semver says.
+fn compatible(version: &str) -> bool {
+    let ours: Vec<&str> = WIT_VERSION.split('.').collect();
+    let theirs: Vec<&str> = version.split('.').collect();
+    theirs.len() == 3 && theirs[0] == ours[0] && theirs[1] == ours[1]
+}
+
+/// A recipe ready to be called.
+pub struct LoadedRecipe {
+    label: String,
+    pub source: RecipeSource,
+    /// SHA-256 of the component bytes.
+    pub sha256: String,
+    pub info: RecipeInfo,
+    pre: RecipeV0Pre<State>,
+    engine: Engine,
+    limits: SandboxLimits,
+}
+
+impl LoadedRecipe {
+    /// The recipe's own name (from `describe`).
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+
+    /// The recipe's verdict on a checkpoint: `Ok(Err(reason))` when it declines.
+    pub fn detect(&self, ctx: &Arc<HostContext>, params: Vec<(String, super::wit::ParamValue)>) -> Result<Result<Detection, String>, RecipeError> {
+        self.call("detect", Some(ctx.clone()), params, |r, s| r.quantsmith_recipe_recipe().call_detect(s))
+    }
+
+    /// The recipe's plan: `Ok(Err(reason))` when it refuses.
+    pub fn plan(&self, ctx: &Arc<HostContext>, params: Vec<(String, super::wit::ParamValue)>) -> Result<Result<QuantPlan, String>, RecipeError> {
+        self.call("plan", Some(ctx.clone()), params, |r, s| r.quantsmith_recipe_recipe().call_plan(s))
+    }
+
+    /// Runs one export in a fresh store: an instance that trapped is never re-entered.
+    fn call<R>(
+        &self,
+        call: &'static str,
+        ctx: Option<Arc<HostContext>>,
+        params: Vec<(String, super::wit::ParamValue)>,
+        f: impl FnOnce(&RecipeV0, &mut Store<State>) -> wasmtime::Result<R>,
+    ) -> Result<R, RecipeError> {
+        let recipe = if self.info.name.is_empty() || self.info.name == self.label { self.label.clone() } else { format!("{} ({})", self.info.name, self.label) };
+        let stderr = MemoryOutputPipe::new(64 << 10);
+        let wasi = WasiCtx::builder()
+            .stderr(stderr.clone())
+            .stdout(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .socket_addr_check(|_, _| Box::pin(async { false }))
+            .build();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.limits.memory_bytes)
+            .instances(32)
+            .tables(32)
+            .memories(32)
+            .table_elements(1 << 20)
+            .trap_on_grow_failure(true)
+            .build();
+        let state = State { wasi, table: ResourceTable::new(), limits, ctx, params, recipe: recipe.clone() };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        let ticks = (self.limits.timeout.as_millis() / TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+        let started = Instant::now();
+        let result = self.pre.instantiate(&mut store).and_then(|instance| f(&instance, &mut store));
+        let elapsed = started.elapsed();
+        result.map_err(|e| {
+            let output = String::from_utf8_lossy(&stderr.contents()).trim().to_string();
+            classify_failure(e, recipe, call, self.limits, elapsed, output)
+        })
+    }
+}
+
+fn classify_failure(e: wasmtime::Error, recipe: String, call: &'static str, limits: SandboxLimits, elapsed: Duration, output: String) -> RecipeError {
+    let text = format!("{e:#}");
+    if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+        return RecipeError::Timeout { recipe, call, secs: elapsed.as_secs_f64().max(limits.timeout.as_secs_f64()) };
+    }
+    if text.contains("forcing trap when growing memory") || output.contains("memory allocation of") {
+        return RecipeError::Memory { recipe, call, mib: limits.memory_bytes >> 20 };
+    }
+    let mut reason = match e.downcast_ref::<Trap>() {
+        Some(Trap::UnreachableCodeReached) if !output.is_empty() => "it aborted".to_string(),
+        Some(trap) => format!("wasm trap: {trap}"),
+        None => text,
+    };
+    if !output.is_empty() {
+        let tail: Vec<&str> = output.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
+        reason.push_str(&format!("; its output: {}", tail.join(" | ")));
+    }
+    RecipeError::Trap { recipe, call, reason }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn semver_for_zero_versions() {
+        assert!(super::compatible("0.1.0"));
+        assert!(super::compatible("0.1.7"));
+        assert!(!super::compatible("0.2.0"));
+        assert!(!super::compatible("1.1.0"));
+        assert!(!super::compatible("unversioned"));
+    }
+}

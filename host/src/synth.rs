@@ -1,0 +1,1270 @@
+//! Synthetic diffusion checkpoints with real layouts, for tests and demos.
+//!
+//! Tensor names, order and shapes come from the manifests in `host/manifests/`
+//! (SD1.5, SDXL base, SD3-medium, FLUX.1-dev as ComfyUI's model classes define
+//! them); values are random but shaped like a trained model's: per-layer gains,
+//! a few outlier input channels in every Linear weight, norm weights around 1,
+//! small biases. Nothing here can produce images; it exercises every code path
+//! that reads, detects, quantizes and writes checkpoints.
+//!
+//! Two scales:
+//! - [`Scale::Full`]: the real shapes (FLUX.1-dev is 11.9 B parameters, 23.8 GB in bf16).
+//! - [`Scale::Tiny`]: the same key structure (names, ranks, number of blocks) with
+//!   internal widths divided by a per-family factor `k`. A dimension `d` is divided
+//!   iff `d >= 256`, `d % k == 0` and `d` is not one of the family's *interface*
+//!   dimensions, which stay as they are because ComfyUI and our detection read them
+//!   (text context widths, pooled-vector widths, timestep-frequency widths, the
+//!   SD3 position-table length). See [`Family::shrink_dim`].
+//!
+//! Output is written one tensor at a time through the streaming writer, so memory
+//! stays flat whatever the model size (two tensor buffers: generating one tensor
+//! overlaps writing the previous one; ~140 MB peak RSS for the 23.8 GB FLUX.1-dev).
+//! Each tensor is generated in parallel over fixed-size chunks, each chunk seeded
+//! from (seed, tensor name, chunk index): the bytes depend on the options only,
+//! never on the thread count.
+//!
+//! FLUX's RMS-norm scales are written as `...norm.query_norm.scale` /
+//! `...norm.key_norm.scale`, as in the released checkpoints and as ComfyUI's
+//! detection probes them (the manifest lists them under the in-memory `.weight`).
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use anyhow::{Context, Result, anyhow, bail};
+use half::{bf16, f16};
+use rand::RngCore;
+use rand_distr::{Distribution, StandardNormal};
+use rayon::prelude::*;
+use safetensors::Dtype;
+use serde::Deserialize;
+
+use crate::checkpoint::DIFFUSION_PREFIX;
+use crate::checkpoint::writer::{PlannedTensor, StreamingWriter};
+
+/// The metadata key that marks a synthetic checkpoint; its value is
+/// `family/variant/scale/seed`, e.g. `flux/dev/tiny/42`.
+pub const METADATA_KEY: &str = "quantsmith.synthetic";
+
+/// Model families with a manifest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// Stable Diffusion 1.5 UNet (`manifests/sd15.json`).
+    Sd15,
+    /// SDXL base UNet (`manifests/sdxl.json`).
+    Sdxl,
+    /// SD3-medium MMDiT (`manifests/sd3_medium.json`).
+    Sd3,
+    /// FLUX.1-dev (`manifests/flux_dev.json`).
+    Flux,
+}
+
+/// Per-family layout facts.
+struct Layout {
+    manifest: &'static str,
+    /// Tiny scale divides internal widths by this.
+    divisor: usize,
+    /// Interface widths that tiny scale keeps.
+    keep: &'static [usize],
+    /// Variants; the first is the default.
+    variants: &'static [&'static str],
+}
+
+// Tiny-scale choices, checked against the manifests:
+// - sd15, sdxl: k = 10 turns model_channels 320 into 32, the smallest width
+//   GroupNorm(32 groups) accepts, so tiny UNets still instantiate; every UNet width
+//   (320..10240, skip concatenations 960/1920/2560 included) divides by 10 into
+//   multiples of 32. Kept: context 768 (sd15), context 2048 and adm 2816 (sdxl).
+// - sd3: k = 24: hidden 1536 -> 64 (one head of the real head width 64), qkv 4608 ->
+//   192, mlp 6144 -> 256, adaLN 9216 -> 384 / 3072 -> 128. Kept: context 4096, pooled
+//   2048, timestep frequencies 256, position table 36864 (its width follows hidden).
+//   ComfyUI derives depth from hidden / 64, so tiny SD3 only suits our own
+//   detection, which counts joint blocks (k = 12 also works: 39 MB instead of 13 MB).
+// - flux: k = 24: hidden 3072 -> 128 (one head of the real head width 128: the q/k
+//   norm scales [128] are head widths and stay), qkv 9216 -> 384, mlp 12288 -> 512,
+//   linear1 21504 -> 896 = 3*128 + 512, linear2 in 15360 -> 640 = 128 + 512, mod
+//   18432 -> 768 / 9216 -> 384, final adaLN 6144 -> 256. Kept: txt 4096, vector 768,
+//   timestep/guidance frequencies 256 (img_in's 64 is below the threshold).
+const SD15: Layout = Layout { manifest: include_str!("../manifests/sd15.json"), divisor: 10, keep: &[768], variants: &["base", "inpaint"] };
+const SDXL: Layout = Layout { manifest: include_str!("../manifests/sdxl.json"), divisor: 10, keep: &[2048, 2816], variants: &["base"] };
+const SD3: Layout =
+    Layout { manifest: include_str!("../manifests/sd3_medium.json"), divisor: 24, keep: &[4096, 2048, 36864, 256], variants: &["medium"] };
+const FLUX: Layout =
+    Layout { manifest: include_str!("../manifests/flux_dev.json"), divisor: 24, keep: &[4096, 768, 256], variants: &["dev", "schnell"] };
+
+impl Family {
+    /// Every family, in a fixed order.
+    pub const ALL: [Family; 4] = [Family::Sd15, Family::Sdxl, Family::Sd3, Family::Flux];
+
+    /// Parses `sd15`, `sdxl`, `sd3` or `flux` (case-insensitive).
+    pub fn parse(s: &str) -> Result<Family> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "sd15" => Ok(Family::Sd15),
+            "sdxl" => Ok(Family::Sdxl),
+            "sd3" => Ok(Family::Sd3),
+            "flux" => Ok(Family::Flux),
+            _ => bail!("unknown model family `{s}` (expected one of: sd15, sdxl, sd3, flux)"),
+        }
+    }
+
+    /// The name [`Family::parse`] accepts.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Sd15 => "sd15",
+            Family::Sdxl => "sdxl",
+            Family::Sd3 => "sd3",
+            Family::Flux => "flux",
+        }
+    }
+
+    /// Variants [`SynthOptions::variant`] accepts; the first is the default.
+    pub fn variants(self) -> &'static [&'static str] {
+        self.layout().variants
+    }
+
+    /// The width a full-size dimension `d` has at [`Scale::Tiny`].
+    pub fn shrink_dim(self, d: usize) -> usize {
+        let l = self.layout();
+        if d >= 256 && d.is_multiple_of(l.divisor) && !l.keep.contains(&d) { d / l.divisor } else { d }
+    }
+
+    fn layout(self) -> &'static Layout {
+        match self {
+            Family::Sd15 => &SD15,
+            Family::Sdxl => &SDXL,
+            Family::Sd3 => &SD3,
+            Family::Flux => &FLUX,
+        }
+    }
+}
+
+impl FromStr for Family {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Family> {
+        Family::parse(s)
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Size of the synthetic model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scale {
+    /// Same key structure, internal widths shrunk (a few MB to ~115 MB).
+    Tiny,
+    /// The real shapes.
+    Full,
+}
+
+impl Scale {
+    /// Parses `tiny` or `full` (case-insensitive).
+    pub fn parse(s: &str) -> Result<Scale> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "tiny" => Ok(Scale::Tiny),
+            "full" => Ok(Scale::Full),
+            _ => bail!("unknown scale `{s}` (expected tiny or full)"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scale::Tiny => "tiny",
+            Scale::Full => "full",
+        }
+    }
+}
+
+impl FromStr for Scale {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Scale> {
+        Scale::parse(s)
+    }
+}
+
+impl fmt::Display for Scale {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// On-disk element type of every tensor of the synthetic checkpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum SynthDtype {
+    #[default]
+    Bf16,
+    F16,
+    F32,
+}
+
+impl SynthDtype {
+    /// Parses `bf16`/`bfloat16`, `f16`/`fp16`/`float16`, `f32`/`fp32`/`float32`.
+    pub fn parse(s: &str) -> Result<SynthDtype> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "bf16" | "bfloat16" => Ok(SynthDtype::Bf16),
+            "f16" | "fp16" | "float16" => Ok(SynthDtype::F16),
+            "f32" | "fp32" | "float32" => Ok(SynthDtype::F32),
+            _ => bail!("unknown dtype `{s}` (expected bf16, f16 or f32)"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SynthDtype::Bf16 => "bf16",
+            SynthDtype::F16 => "f16",
+            SynthDtype::F32 => "f32",
+        }
+    }
+
+    /// The safetensors dtype.
+    pub fn dtype(self) -> Dtype {
+        match self {
+            SynthDtype::Bf16 => Dtype::BF16,
+            SynthDtype::F16 => Dtype::F16,
+            SynthDtype::F32 => Dtype::F32,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            SynthDtype::Bf16 | SynthDtype::F16 => 2,
+            SynthDtype::F32 => 4,
+        }
+    }
+}
+
+impl FromStr for SynthDtype {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<SynthDtype> {
+        SynthDtype::parse(s)
+    }
+}
+
+impl fmt::Display for SynthDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What to generate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SynthOptions {
+    pub family: Family,
+    pub scale: Scale,
+    /// Same options and seed give byte-identical files.
+    pub seed: u64,
+    /// `None` is the family's default (sd15 `base`, sdxl `base`, sd3 `medium`,
+    /// flux `dev`). `flux` `schnell` drops `guidance_in.*`; `sd15` `inpaint` makes
+    /// `input_blocks.0.0.weight` take 9 input channels.
+    pub variant: Option<String>,
+    /// A full single-file checkpoint: every diffusion-model key under
+    /// `model.diffusion_model.`, plus small fake VAE (`first_stage_model.*`) and text
+    /// encoder tensors (`cond_stage_model.*` for sd15, `conditioner.embedders.*` for
+    /// sdxl, `text_encoders.*` for sd3 and flux) with real names and shrunk widths.
+    pub full_checkpoint: bool,
+    pub dtype: SynthDtype,
+}
+
+impl SynthOptions {
+    /// Tiny, seed 0, default variant, diffusion model only, bf16.
+    pub fn new(family: Family) -> SynthOptions {
+        SynthOptions { family, scale: Scale::Tiny, seed: 0, variant: None, full_checkpoint: false, dtype: SynthDtype::Bf16 }
+    }
+
+    /// The variant in effect (the family's default when none is set).
+    pub fn resolved_variant(&self) -> Result<&'static str> {
+        let variants = self.family.variants();
+        match &self.variant {
+            None => Ok(variants[0]),
+            Some(v) => {
+                let v = v.trim().to_ascii_lowercase();
+                variants
+                    .iter()
+                    .copied()
+                    .find(|x| *x == v)
+                    .ok_or_else(|| anyhow!("unknown variant `{v}` for {} (expected one of: {})", self.family, variants.join(", ")))
+            }
+        }
+    }
+
+    /// The `__metadata__` the file carries: `{"quantsmith.synthetic": "family/variant/scale/seed"}`.
+    pub fn metadata(&self) -> Result<HashMap<String, String>> {
+        let v = self.resolved_variant()?;
+        Ok(HashMap::from([(METADATA_KEY.to_string(), format!("{}/{v}/{}/{}", self.family, self.scale, self.seed))]))
+    }
+}
+
+/// What [`write`] produced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SynthSummary {
+    /// Number of tensors.
+    pub tensors: usize,
+    /// Bytes of tensor data (the file adds the header).
+    pub bytes: u64,
+    /// Number of elements over all tensors.
+    pub params: u64,
+}
+
+/// Names, shapes and dtypes of the checkpoint `opts` describes, in file order.
+pub fn plan(opts: &SynthOptions) -> Result<Vec<PlannedTensor>> {
+    Ok(build(opts)?.into_iter().map(|s| s.tensor).collect())
+}
+
+/// Generates the checkpoint and writes it to `dest` (atomically: a temporary file
+/// renamed into place at the end; an error leaves nothing behind). `progress` is
+/// called with (bytes of tensor data done, total) before the first tensor and after
+/// each one.
+pub fn write(opts: &SynthOptions, dest: &Path, progress: impl Fn(u64, u64)) -> Result<SynthSummary> {
+    let specs = build(opts)?;
+    let planned: Vec<PlannedTensor> = specs.iter().map(|s| s.tensor.clone()).collect();
+    let total: u64 = planned.iter().map(|t| t.byte_len() as u64).sum();
+    let params: u64 = planned.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
+    let mut writer = StreamingWriter::create(dest, planned, opts.metadata()?)?;
+    progress(0, total);
+
+    // Generating tensor i+1 overlaps writing tensor i: two buffers circulate between
+    // this thread (generation, progress) and a writer thread, so memory stays at two
+    // tensors at most. A buffer coming back reports its tensor written.
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(1);
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<(u64, Vec<u8>)>();
+    for _ in 0..2 {
+        free_tx.send((0, Vec::new())).expect("channel open");
+    }
+    let result = std::thread::scope(|scope| -> Result<()> {
+        let specs = &specs;
+        let writer_thread = scope.spawn(move || -> Result<StreamingWriter> {
+            for (i, buf) in full_rx {
+                writer.write(&specs[i].tensor.name, &buf)?;
+                // The generating side may have stopped; nothing to do then.
+                let _ = free_tx.send((buf.len() as u64, buf));
+            }
+            Ok(writer)
+        });
+        let mut done = 0u64;
+        let mut report = |written: u64| {
+            if written > 0 {
+                done += written;
+                progress(done, total);
+            }
+        };
+        for (i, spec) in specs.iter().enumerate() {
+            // An error here means the writer failed; its error is reported below.
+            let Ok((written, mut buf)) = free_rx.recv() else { break };
+            report(written);
+            buf.resize(spec.tensor.byte_len(), 0);
+            generate(spec, opts, &mut buf);
+            if full_tx.send((i, buf)).is_err() {
+                break;
+            }
+        }
+        drop(full_tx);
+        for (written, _) in free_rx {
+            report(written);
+        }
+        let writer = writer_thread.join().map_err(|_| anyhow!("the checkpoint writer thread panicked"))??;
+        writer.finish()
+    });
+    result.with_context(|| format!("cannot write the synthetic checkpoint {}", dest.display()))?;
+    Ok(SynthSummary { tensors: specs.len(), bytes: total, params })
+}
+
+// ---------------------------------------------------------------------------
+// Layout
+
+#[derive(Deserialize)]
+struct Manifest {
+    /// Parameter count of the default variant (checked by the tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    params: u64,
+    tensors: Vec<ManifestTensor>,
+}
+
+#[derive(Deserialize)]
+struct ManifestTensor {
+    name: String,
+    shape: Vec<usize>,
+}
+
+fn manifest(family: Family) -> Result<Manifest> {
+    serde_json::from_str(family.layout().manifest).with_context(|| format!("internal: the {family} manifest is invalid"))
+}
+
+/// How a tensor's values are drawn.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Init {
+    /// N(mean, std^2).
+    Normal { mean: f32, std: f32 },
+    /// Linear weight `[out, in]`: N(0, std^2) with a few outlier input columns.
+    Linear { std: f32 },
+}
+
+struct Spec {
+    tensor: PlannedTensor,
+    /// Seeds the values: the diffusion-model name without prefix, so a tensor has
+    /// the same values in a full checkpoint, a diffusion-only file and either variant.
+    seed_name: String,
+    init: Init,
+}
+
+fn build(opts: &SynthOptions) -> Result<Vec<Spec>> {
+    let family = opts.family;
+    let variant = opts.resolved_variant()?;
+    let m = manifest(family)?;
+    // (key, seed name, shape)
+    let mut raw: Vec<(String, String, Vec<usize>)> = Vec::with_capacity(m.tensors.len() + 64);
+    for t in m.tensors {
+        if family == Family::Flux && variant == "schnell" && t.name.starts_with("guidance_in.") {
+            continue;
+        }
+        let mut shape = t.shape;
+        if family == Family::Sd15 && variant == "inpaint" && t.name == "input_blocks.0.0.weight" {
+            shape[1] = 9;
+        }
+        if opts.scale == Scale::Tiny {
+            shape = shape.into_iter().map(|d| family.shrink_dim(d)).collect();
+        }
+        let mut name = t.name;
+        if family == Family::Flux {
+            for norm in [".norm.query_norm.weight", ".norm.key_norm.weight"] {
+                if let Some(stem) = name.strip_suffix(norm) {
+                    name = format!("{stem}{}.scale", norm.strip_suffix(".weight").unwrap_or(norm));
+                    break;
+                }
+            }
+        }
+        let key = if opts.full_checkpoint { format!("{DIFFUSION_PREFIX}{name}") } else { name.clone() };
+        raw.push((key, name, shape));
+    }
+    if opts.full_checkpoint {
+        for (key, shape) in components(family) {
+            raw.push((key.clone(), key, shape));
+        }
+    }
+
+    // Modules whose weight is 1-D are norms (LayerNorm, GroupNorm, RMSNorm).
+    let norm_modules: HashSet<&str> = raw
+        .iter()
+        .filter(|(_, n, s)| s.len() == 1 && (n.ends_with(".weight") || n.ends_with(".scale")))
+        .filter_map(|(_, n, _)| n.rsplit_once('.').map(|(m, _)| m))
+        .collect();
+    let specs = raw
+        .iter()
+        .map(|(key, seed_name, shape)| {
+            let gain = 0.5 + unit(mix(tensor_key(opts.seed, seed_name), TAG_GAIN)) as f32;
+            Spec {
+                tensor: PlannedTensor { name: key.clone(), dtype: opts.dtype.dtype(), shape: shape.clone() },
+                seed_name: seed_name.clone(),
+                init: classify(seed_name, shape, &norm_modules, gain),
+            }
+        })
+        .collect();
+    Ok(specs)
+}
+
+fn classify(name: &str, shape: &[usize], norm_modules: &HashSet<&str>, gain: f32) -> Init {
+    let (module, leaf) = name.rsplit_once('.').unwrap_or(("", name));
+    let embedding = name.contains("pos_embed")
+        || name.contains("embedding")
+        || name.contains("relative_attention_bias")
+        || name.ends_with("shared.weight");
+    if embedding {
+        return Init::Normal { mean: 0.0, std: 0.02 };
+    }
+    let bias = leaf == "bias" || leaf.ends_with("_bias");
+    match shape.len() {
+        0 | 1 if bias => Init::Normal { mean: 0.0, std: if norm_modules.contains(module) { 0.05 } else { 0.02 } },
+        0 | 1 => Init::Normal { mean: 1.0, std: 0.05 },
+        2 => Init::Linear { std: gain / (shape[1] as f32).sqrt() },
+        _ => Init::Normal { mean: 0.0, std: gain / (shape[1..].iter().product::<usize>() as f32).sqrt() },
+    }
+}
+
+/// Small fake VAE and text encoders with real key names (widths 32, one block each).
+fn components(family: Family) -> Vec<(String, Vec<usize>)> {
+    let mut a = Acc::default();
+    // VAE (LDM AutoencoderKL names). SD1.5/SDXL latents have 4 channels and
+    // quant convs; SD3/FLUX latents have 16 and none.
+    let z = if matches!(family, Family::Sd15 | Family::Sdxl) { 4 } else { 16 };
+    let c = 32;
+    let enc = "first_stage_model.encoder.";
+    a.conv(&format!("{enc}conv_in"), c, 3, 3);
+    a.resnet(&format!("{enc}down.0.block.0"), c);
+    a.norm(&format!("{enc}mid.attn_1.norm"), c);
+    for p in ["q", "k", "v", "proj_out"] {
+        a.conv(&format!("{enc}mid.attn_1.{p}"), c, c, 1);
+    }
+    a.norm(&format!("{enc}norm_out"), c);
+    a.conv(&format!("{enc}conv_out"), 2 * z, c, 3);
+    if z == 4 {
+        a.conv("first_stage_model.quant_conv", 2 * z, 2 * z, 1);
+        a.conv("first_stage_model.post_quant_conv", z, z, 1);
+    }
+    let dec = "first_stage_model.decoder.";
+    a.conv(&format!("{dec}conv_in"), c, z, 3);
+    a.resnet(&format!("{dec}mid.block_1"), c);
+    a.norm(&format!("{dec}norm_out"), c);
+    a.conv(&format!("{dec}conv_out"), 3, c, 3);
+
+    match family {
+        Family::Sd15 => a.clip_hf("cond_stage_model.transformer.", false),
+        Family::Sdxl => {
+            a.clip_hf("conditioner.embedders.0.transformer.", false);
+            a.open_clip("conditioner.embedders.1.model.");
+        }
+        Family::Sd3 => {
+            a.clip_hf("text_encoders.clip_l.transformer.", false);
+            a.clip_hf("text_encoders.clip_g.transformer.", true);
+            a.t5("text_encoders.t5xxl.transformer.");
+        }
+        Family::Flux => {
+            a.clip_hf("text_encoders.clip_l.transformer.", false);
+            a.t5("text_encoders.t5xxl.transformer.");
+        }
+    }
+    a.0
+}
+
+#[derive(Default)]
+struct Acc(Vec<(String, Vec<usize>)>);
+
+/// Fake text-encoder width, vocabulary and sequence length.
+const TE_DIM: usize = 32;
+const TE_VOCAB: usize = 128;
+const TE_POSITIONS: usize = 77;
+
+impl Acc {
+    fn add(&mut self, name: String, shape: &[usize]) {
+        self.0.push((name, shape.to_vec()));
+    }
+    fn conv(&mut self, m: &str, out: usize, inp: usize, k: usize) {
+        self.add(format!("{m}.weight"), &[out, inp, k, k]);
+        self.add(format!("{m}.bias"), &[out]);
+    }
+    fn linear(&mut self, m: &str, out: usize, inp: usize, bias: bool) {
+        self.add(format!("{m}.weight"), &[out, inp]);
+        if bias {
+            self.add(format!("{m}.bias"), &[out]);
+        }
+    }
+    fn norm(&mut self, m: &str, c: usize) {
+        self.add(format!("{m}.weight"), &[c]);
+        self.add(format!("{m}.bias"), &[c]);
+    }
+    fn resnet(&mut self, m: &str, c: usize) {
+        self.norm(&format!("{m}.norm1"), c);
+        self.conv(&format!("{m}.conv1"), c, c, 3);
+        self.norm(&format!("{m}.norm2"), c);
+        self.conv(&format!("{m}.conv2"), c, c, 3);
+    }
+    /// Hugging Face CLIPTextModel names (CLIP-L, and CLIP-G as ComfyUI stores it).
+    fn clip_hf(&mut self, p: &str, projection: bool) {
+        let d = TE_DIM;
+        let t = format!("{p}text_model.");
+        self.add(format!("{t}embeddings.token_embedding.weight"), &[TE_VOCAB, d]);
+        self.add(format!("{t}embeddings.position_embedding.weight"), &[TE_POSITIONS, d]);
+        let l = format!("{t}encoder.layers.0.");
+        for proj in ["k_proj", "v_proj", "q_proj", "out_proj"] {
+            self.linear(&format!("{l}self_attn.{proj}"), d, d, true);
+        }
+        self.norm(&format!("{l}layer_norm1"), d);
+        self.linear(&format!("{l}mlp.fc1"), 4 * d, d, true);
+        self.linear(&format!("{l}mlp.fc2"), d, 4 * d, true);
+        self.norm(&format!("{l}layer_norm2"), d);
+        self.norm(&format!("{t}final_layer_norm"), d);
+        if projection {
+            self.linear(&format!("{p}text_projection"), d, d, false);
+        }
+    }
+    /// OpenCLIP names (SDXL's ViT-bigG text tower).
+    fn open_clip(&mut self, p: &str) {
+        let d = TE_DIM;
+        self.add(format!("{p}positional_embedding"), &[TE_POSITIONS, d]);
+        self.add(format!("{p}text_projection"), &[d, d]);
+        self.add(format!("{p}token_embedding.weight"), &[TE_VOCAB, d]);
+        let r = format!("{p}transformer.resblocks.0.");
+        self.add(format!("{r}attn.in_proj_weight"), &[3 * d, d]);
+        self.add(format!("{r}attn.in_proj_bias"), &[3 * d]);
+        self.linear(&format!("{r}attn.out_proj"), d, d, true);
+        self.norm(&format!("{r}ln_1"), d);
+        self.norm(&format!("{r}ln_2"), d);
+        self.linear(&format!("{r}mlp.c_fc"), 4 * d, d, true);
+        self.linear(&format!("{r}mlp.c_proj"), d, 4 * d, true);
+        self.norm(&format!("{p}ln_final"), d);
+    }
+    /// T5 v1.1 encoder names (no biases, gated feed-forward, RMS norms without bias).
+    fn t5(&mut self, p: &str) {
+        let d = TE_DIM;
+        let ff = 80; // d_ff / d_model = 2.5 as in T5-XXL
+        let heads = 4;
+        let b = format!("{p}encoder.block.0.layer.");
+        for w in ["q", "k", "v", "o"] {
+            self.linear(&format!("{b}0.SelfAttention.{w}"), d, d, false);
+        }
+        self.add(format!("{b}0.SelfAttention.relative_attention_bias.weight"), &[32, heads]);
+        self.add(format!("{b}0.layer_norm.weight"), &[d]);
+        self.linear(&format!("{b}1.DenseReluDense.wi_0"), ff, d, false);
+        self.linear(&format!("{b}1.DenseReluDense.wi_1"), ff, d, false);
+        self.linear(&format!("{b}1.DenseReluDense.wo"), d, ff, false);
+        self.add(format!("{b}1.layer_norm.weight"), &[d]);
+        self.add(format!("{p}encoder.final_layer_norm.weight"), &[d]);
+        self.add(format!("{p}shared.weight"), &[TE_VOCAB, d]);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Values
+
+/// Elements per independently seeded chunk. Fixed: the output must not depend on
+/// the thread count.
+const CHUNK: usize = 1 << 16;
+/// Share of a Linear weight's input columns that are outliers (at least one).
+const OUTLIER_SHARE: f64 = 0.005;
+const TAG_GAIN: u64 = 0xA5A5_0000_0000_0001;
+const TAG_OUTLIERS: u64 = 0xA5A5_0000_0000_0002;
+const TAG_CHUNK: u64 = 0x5A5A_0000_0000_0000;
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    splitmix64(a ^ splitmix64(b))
+}
+
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3))
+}
+
+fn tensor_key(seed: u64, name: &str) -> u64 {
+    mix(splitmix64(seed), fnv1a(name))
+}
+
+/// A uniform in [0, 1) from 53 bits.
+fn unit(x: u64) -> f64 {
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// xoshiro256++, written out so the stream never changes with a dependency update.
+struct Xoshiro256pp([u64; 4]);
+
+impl Xoshiro256pp {
+    fn new(seed: u64) -> Xoshiro256pp {
+        let mut z = seed;
+        let mut next = || {
+            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            splitmix64(z)
+        };
+        Xoshiro256pp([next(), next(), next(), next()])
+    }
+}
+
+impl RngCore for Xoshiro256pp {
+    #[inline]
+    fn next_u64(&mut self) -> u64 {
+        let s = &mut self.0;
+        let result = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        result
+    }
+
+    #[inline]
+    fn next_u32(&mut self) -> u32 {
+        (self.next_u64() >> 32) as u32
+    }
+
+    fn fill_bytes(&mut self, dst: &mut [u8]) {
+        rand::rand_core::impls::fill_bytes_via_next(self, dst)
+    }
+}
+
+/// Per-input-column multipliers of a Linear weight: 1, except ~0.5% of the columns
+/// (at least one) scaled by 8..20, like the activation-outlier channels trained
+/// models show.
+fn outlier_columns(key: u64, cols: usize) -> Vec<f32> {
+    let mut scale = vec![1.0f32; cols];
+    let n = ((cols as f64 * OUTLIER_SHARE).round() as usize).clamp(1, cols);
+    let mut rng = Xoshiro256pp::new(mix(key, TAG_OUTLIERS));
+    let mut placed = 0;
+    while placed < n {
+        let c = (rng.next_u64() % cols as u64) as usize;
+        if scale[c] == 1.0 {
+            scale[c] = 8.0 + 12.0 * unit(rng.next_u64()) as f32;
+            placed += 1;
+        }
+    }
+    scale
+}
+
+/// Fills `out` (exactly the tensor's bytes) with the tensor's values.
+fn generate(spec: &Spec, opts: &SynthOptions, out: &mut [u8]) {
+    let key = tensor_key(opts.seed, &spec.seed_name);
+    let (mean, std, cols) = match spec.init {
+        Init::Normal { mean, std } => (mean, std, None),
+        Init::Linear { std } => (0.0, std, Some(outlier_columns(key, spec.tensor.shape[1]))),
+    };
+    let width = opts.dtype.size();
+    let dtype = opts.dtype;
+    out.par_chunks_mut(CHUNK * width).enumerate().for_each(|(ci, buf)| {
+        let mut rng = Xoshiro256pp::new(mix(key, TAG_CHUNK ^ ci as u64));
+        let cols = cols.as_deref().map(|c| (c, (ci * CHUNK) % c.len()));
+        match dtype {
+            SynthDtype::Bf16 => fill(buf, &mut rng, mean, std, cols, |v| bf16::from_f32(v).to_le_bytes()),
+            SynthDtype::F16 => fill(buf, &mut rng, mean, std, cols, |v| f16::from_f32(v).to_le_bytes()),
+            SynthDtype::F32 => fill(buf, &mut rng, mean, std, cols, |v: f32| v.to_le_bytes()),
+        }
+    });
+}
+
+/// Fills one chunk: `mean + std * z` per element, `z` standard normal, times the
+/// column's multiplier for a Linear weight (`cols` = multipliers and the chunk's
+/// first column), encoded little-endian by `enc`.
+#[inline(always)]
+fn fill<const W: usize>(
+    buf: &mut [u8],
+    rng: &mut Xoshiro256pp,
+    mean: f32,
+    std: f32,
+    cols: Option<(&[f32], usize)>,
+    enc: impl Fn(f32) -> [u8; W],
+) {
+    let mut out = buf.chunks_exact_mut(W);
+    match cols {
+        None => {
+            for b in out {
+                let z: f32 = StandardNormal.sample(rng);
+                b.copy_from_slice(&enc(mean + std * z));
+            }
+        }
+        Some((scale, mut col)) => loop {
+            // One run of columns up to the end of a row; `run` first in the zip so
+            // no output element is consumed when the row ends.
+            let run = &scale[col..];
+            let mut n = 0;
+            for (&s, b) in run.iter().zip(&mut out) {
+                let z: f32 = StandardNormal.sample(rng);
+                b.copy_from_slice(&enc(mean + std * s * z));
+                n += 1;
+            }
+            if n < run.len() {
+                break;
+            }
+            col = 0;
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_of(opts: &SynthOptions, name: &str) -> Spec {
+        build(opts).unwrap().into_iter().find(|s| s.tensor.name == name).unwrap()
+    }
+
+    fn opts(family: Family, scale: Scale) -> SynthOptions {
+        SynthOptions { scale, seed: 7, ..SynthOptions::new(family) }
+    }
+
+    fn shapes(opts: &SynthOptions) -> HashMap<String, Vec<usize>> {
+        plan(opts).unwrap().into_iter().map(|t| (t.name, t.shape)).collect()
+    }
+
+    fn write_tmp(opts: &SynthOptions) -> (tempfile::TempDir, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("synthetic.safetensors");
+        write(opts, &path, |_, _| {}).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        (dir, bytes)
+    }
+
+    fn values(st: &safetensors::SafeTensors<'_>, name: &str) -> (Vec<usize>, Vec<f32>) {
+        let t = st.tensor(name).unwrap();
+        let v = match t.dtype() {
+            Dtype::BF16 => t.data().chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F16 => t.data().chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F32 => t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+            d => panic!("unexpected dtype {d:?}"),
+        };
+        (t.shape().to_vec(), v)
+    }
+
+    fn mean_std(v: &[f32]) -> (f64, f64) {
+        let n = v.len() as f64;
+        let m = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let var = v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / n;
+        (m, var.sqrt())
+    }
+
+    #[test]
+    fn parse_names() {
+        for f in Family::ALL {
+            assert_eq!(Family::parse(f.name()).unwrap(), f);
+            assert_eq!(f.to_string().parse::<Family>().unwrap(), f);
+        }
+        assert_eq!(Family::parse(" FLUX ").unwrap(), Family::Flux);
+        assert!(Family::parse("sd2").is_err());
+        assert_eq!(Scale::parse("tiny").unwrap(), Scale::Tiny);
+        assert_eq!(Scale::parse("Full").unwrap(), Scale::Full);
+        assert!(Scale::parse("small").is_err());
+        assert_eq!(SynthDtype::parse("bfloat16").unwrap(), SynthDtype::Bf16);
+        assert_eq!(SynthDtype::parse("fp16").unwrap(), SynthDtype::F16);
+        assert_eq!(SynthDtype::parse("f32").unwrap(), SynthDtype::F32);
+        assert!(SynthDtype::parse("fp8").is_err());
+        assert_eq!(SynthDtype::default(), SynthDtype::Bf16);
+    }
+
+    #[test]
+    fn variants() {
+        let mut o = SynthOptions::new(Family::Flux);
+        assert_eq!(o.resolved_variant().unwrap(), "dev");
+        o.variant = Some("Schnell".into());
+        assert_eq!(o.resolved_variant().unwrap(), "schnell");
+        o.variant = Some("pro".into());
+        assert!(plan(&o).unwrap_err().to_string().contains("dev, schnell"));
+        let mut o = SynthOptions::new(Family::Sdxl);
+        o.variant = Some("inpaint".into());
+        assert!(plan(&o).is_err());
+        o.variant = Some("base".into());
+        assert!(plan(&o).is_ok());
+    }
+
+    #[test]
+    fn full_plan_matches_manifest() {
+        for f in Family::ALL {
+            let m = manifest(f).unwrap();
+            let o = opts(f, Scale::Full);
+            let p = plan(&o).unwrap();
+            assert_eq!(p.len(), m.tensors.len(), "{f}");
+            let bytes: u64 = p.iter().map(|t| t.byte_len() as u64).sum();
+            assert_eq!(bytes, m.params * 2, "{f}: bf16 bytes");
+            for (t, mt) in p.iter().zip(&m.tensors) {
+                assert_eq!(t.shape, mt.shape, "{}", t.name);
+                assert_eq!(t.dtype, Dtype::BF16);
+                if f != Family::Flux {
+                    assert_eq!(t.name, mt.name);
+                }
+            }
+            let o32 = SynthOptions { dtype: SynthDtype::F32, ..o };
+            let bytes32: u64 = plan(&o32).unwrap().iter().map(|t| t.byte_len() as u64).sum();
+            assert_eq!(bytes32, m.params * 4, "{f}: f32 bytes");
+        }
+    }
+
+    #[test]
+    fn flux_norm_scales_use_released_names() {
+        for scale in [Scale::Tiny, Scale::Full] {
+            let s = shapes(&opts(Family::Flux, scale));
+            assert_eq!(s["double_blocks.0.img_attn.norm.key_norm.scale"], vec![128]);
+            assert_eq!(s["single_blocks.37.norm.query_norm.scale"], vec![128]);
+            assert!(!s.keys().any(|k| k.ends_with("_norm.weight")));
+            assert_eq!(s.keys().filter(|k| k.ends_with("_norm.scale")).count(), 152);
+        }
+    }
+
+    #[test]
+    fn tiny_keeps_key_structure() {
+        for f in Family::ALL {
+            for &variant in f.variants() {
+                for full_checkpoint in [false, true] {
+                    let base = SynthOptions { variant: Some(variant.into()), full_checkpoint, ..opts(f, Scale::Full) };
+                    let tiny = SynthOptions { scale: Scale::Tiny, ..base.clone() };
+                    let (pf, pt) = (plan(&base).unwrap(), plan(&tiny).unwrap());
+                    assert_eq!(pf.len(), pt.len());
+                    for (a, b) in pf.iter().zip(&pt) {
+                        assert_eq!(a.name, b.name);
+                        assert_eq!(a.shape.len(), b.shape.len(), "{}", a.name);
+                        assert_eq!(a.dtype, b.dtype);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every tiny dimension is the full one, or the full one divided by the family's
+    /// k; a divided width keeps being a multiple of 32 where it was; widths >= 256
+    /// stay only where they are interfaces, and interface widths appear only where
+    /// expected (so no internal width is kept by coincidence).
+    #[test]
+    fn tiny_shapes_are_consistent() {
+        let interfaces: &[(Family, usize, &[&str])] = &[
+            (Family::Sd15, 768, &["attn2.to_k.weight", "attn2.to_v.weight"]),
+            (Family::Sdxl, 2048, &["attn2.to_k.weight", "attn2.to_v.weight"]),
+            (Family::Sdxl, 2816, &["label_emb.0.0.weight"]),
+            (Family::Sd3, 4096, &["context_embedder.weight"]),
+            (Family::Sd3, 2048, &["y_embedder.mlp.0.weight"]),
+            (Family::Sd3, 256, &["t_embedder.mlp.0.weight"]),
+            (Family::Sd3, 36864, &["pos_embed"]),
+            (Family::Flux, 4096, &["txt_in.weight"]),
+            (Family::Flux, 768, &["vector_in.in_layer.weight"]),
+            (Family::Flux, 256, &["time_in.in_layer.weight", "guidance_in.in_layer.weight"]),
+        ];
+        for f in Family::ALL {
+            let k = f.layout().divisor;
+            let full = plan(&opts(f, Scale::Full)).unwrap();
+            let tiny = shapes(&opts(f, Scale::Tiny));
+            for t in &full {
+                let ts = &tiny[&t.name];
+                for (axis, (&d, &e)) in t.shape.iter().zip(ts).enumerate() {
+                    if e != d {
+                        assert_eq!(e * k, d, "{f} {} axis {axis}", t.name);
+                        if d % 32 == 0 {
+                            assert_eq!(e % 32, 0, "{f} {} axis {axis}: {d} -> {e}", t.name);
+                        }
+                    } else if d >= 256 {
+                        let ok = interfaces
+                            .iter()
+                            .any(|(ff, w, names)| *ff == f && *w == d && axis == 1 && names.iter().any(|n| t.name.ends_with(n)));
+                        assert!(ok, "{f} {} axis {axis}: width {d} kept", t.name);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tiny_keeps_detection_facts() {
+        // SD1.5: context 768, 4-D proj_in, no label_emb, model_channels 32.
+        let s = shapes(&opts(Family::Sd15, Scale::Tiny));
+        assert_eq!(s["input_blocks.0.0.weight"], vec![32, 4, 3, 3]);
+        assert_eq!(s["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"][1], 768);
+        assert_eq!(s["input_blocks.1.1.proj_in.weight"].len(), 4);
+        assert!(!s.contains_key("label_emb.0.0.weight"));
+        let mut inpaint = opts(Family::Sd15, Scale::Tiny);
+        inpaint.variant = Some("inpaint".into());
+        assert_eq!(shapes(&inpaint)["input_blocks.0.0.weight"], vec![32, 9, 3, 3]);
+        assert_eq!(shapes(&SynthOptions { scale: Scale::Full, ..inpaint })["input_blocks.0.0.weight"], vec![320, 9, 3, 3]);
+
+        // SDXL: adm 2816, context 2048 in every cross-attention, 2-D proj_in.
+        let s = shapes(&opts(Family::Sdxl, Scale::Tiny));
+        assert_eq!(s["label_emb.0.0.weight"][1], 2816);
+        assert_eq!(s["input_blocks.0.0.weight"], vec![32, 4, 3, 3]);
+        let to_k: Vec<_> = s.iter().filter(|(k, _)| k.ends_with("attn2.to_k.weight")).collect();
+        assert_eq!(to_k.len(), 70);
+        assert!(to_k.iter().all(|(_, sh)| sh[1] == 2048));
+        assert_eq!(s["input_blocks.4.1.proj_in.weight"].len(), 2);
+
+        // UNets: every GroupNorm/LayerNorm width divides into 32 groups.
+        for f in [Family::Sd15, Family::Sdxl] {
+            for (n, sh) in shapes(&opts(f, Scale::Tiny)) {
+                if sh.len() == 1 && n.ends_with(".weight") {
+                    assert_eq!(sh[0] % 32, 0, "{f} {n}");
+                }
+            }
+        }
+
+        // SD3: 24 joint blocks, 16 latent channels, context 4096, pooled 2048.
+        let s = shapes(&opts(Family::Sd3, Scale::Tiny));
+        let h = s["x_embedder.proj.weight"][0];
+        assert_eq!(s["x_embedder.proj.weight"], vec![h, 16, 2, 2]);
+        assert_eq!(s["context_embedder.weight"], vec![h, 4096]);
+        assert_eq!(s["y_embedder.mlp.0.weight"], vec![h, 2048]);
+        assert_eq!(s["t_embedder.mlp.0.weight"], vec![h, 256]);
+        assert_eq!(s["pos_embed"], vec![1, 36864, h]);
+        assert_eq!(s["final_layer.linear.weight"], vec![64, h]);
+        assert!(s.contains_key("joint_blocks.23.x_block.attn.qkv.weight"));
+        assert!(!s.contains_key("joint_blocks.24.x_block.attn.qkv.weight"));
+        for (n, sh) in &s {
+            if n.ends_with("attn.qkv.weight") {
+                assert_eq!(sh, &vec![3 * h, h], "{n}");
+            }
+            if n.ends_with("mlp.fc1.weight") {
+                assert_eq!(sh, &vec![4 * h, h], "{n}");
+            }
+            if n.ends_with("mlp.fc2.weight") {
+                assert_eq!(sh, &vec![h, 4 * h], "{n}");
+            }
+            if n.ends_with("adaLN_modulation.1.weight") {
+                let expected =
+                    if n == "joint_blocks.23.context_block.adaLN_modulation.1.weight" || n.starts_with("final_layer") { 2 } else { 6 };
+                assert_eq!(sh, &vec![expected * h, h], "{n}");
+            }
+        }
+
+        // FLUX: img_in 64, vector_in 768, txt_in 4096, head width 128, 19 + 38 blocks.
+        let s = shapes(&opts(Family::Flux, Scale::Tiny));
+        let h = s["img_in.weight"][0];
+        assert_eq!(s["img_in.weight"], vec![h, 64]);
+        assert_eq!(s["vector_in.in_layer.weight"], vec![h, 768]);
+        assert_eq!(s["txt_in.weight"], vec![h, 4096]);
+        assert_eq!(s["time_in.in_layer.weight"], vec![h, 256]);
+        assert_eq!(s["guidance_in.in_layer.weight"], vec![h, 256]);
+        assert_eq!(h % 128, 0);
+        let mlp = s["double_blocks.0.img_mlp.0.weight"][0];
+        assert_eq!(mlp, 4 * h);
+        assert!(s.contains_key("double_blocks.18.img_attn.qkv.weight") && !s.contains_key("double_blocks.19.img_attn.qkv.weight"));
+        assert!(s.contains_key("single_blocks.37.linear1.weight") && !s.contains_key("single_blocks.38.linear1.weight"));
+        for (n, sh) in &s {
+            if n.ends_with("attn.qkv.weight") {
+                assert_eq!(sh, &vec![3 * h, h], "{n}");
+            }
+            if n.ends_with("linear1.weight") {
+                assert_eq!(sh, &vec![3 * h + mlp, h], "{n}");
+            }
+            if n.ends_with("linear2.weight") {
+                assert_eq!(sh, &vec![h, h + mlp], "{n}");
+            }
+            if n.ends_with("_mod.lin.weight") {
+                assert_eq!(sh, &vec![6 * h, h], "{n}");
+            }
+            if n.ends_with("modulation.lin.weight") && n.starts_with("single_blocks.") {
+                assert_eq!(sh, &vec![3 * h, h], "{n}");
+            }
+            if n.ends_with("_norm.scale") {
+                assert_eq!(sh, &vec![128], "{n}");
+            }
+        }
+        assert_eq!(s["final_layer.adaLN_modulation.1.weight"], vec![2 * h, h]);
+    }
+
+    #[test]
+    fn tiny_sizes() {
+        for f in Family::ALL {
+            let bytes: usize = plan(&opts(f, Scale::Tiny)).unwrap().iter().map(|t| t.byte_len()).sum();
+            // SDXL's floor: model_channels 32 (GroupNorm) and 140 cross-attention
+            // projections that keep their 2048-wide context input.
+            let limit = if f == Family::Sdxl { 120_000_000 } else { 45_000_000 };
+            assert!(bytes < limit, "{f}: {bytes} bytes");
+        }
+    }
+
+    #[test]
+    fn flux_schnell_has_no_guidance() {
+        let mut o = opts(Family::Flux, Scale::Tiny);
+        o.variant = Some("schnell".into());
+        let s = shapes(&o);
+        assert!(!s.keys().any(|k| k.starts_with("guidance_in.")));
+        assert_eq!(s.len(), shapes(&opts(Family::Flux, Scale::Tiny)).len() - 4);
+        assert!(s.contains_key("time_in.in_layer.weight"));
+    }
+
+    #[test]
+    fn full_checkpoint_layout() {
+        let te_prefix = |f: Family| match f {
+            Family::Sd15 => "cond_stage_model.",
+            Family::Sdxl => "conditioner.embedders.",
+            Family::Sd3 | Family::Flux => "text_encoders.",
+        };
+        for f in Family::ALL {
+            let dm = plan(&opts(f, Scale::Tiny)).unwrap();
+            let full = plan(&SynthOptions { full_checkpoint: true, ..opts(f, Scale::Tiny) }).unwrap();
+            for (a, b) in dm.iter().zip(&full) {
+                assert_eq!(format!("{DIFFUSION_PREFIX}{}", a.name), b.name);
+                assert_eq!(a.shape, b.shape);
+            }
+            let rest = &full[dm.len()..];
+            assert!(rest.iter().all(|t| !t.name.starts_with(DIFFUSION_PREFIX)));
+            let names: HashSet<&str> = full.iter().map(|t| t.name.as_str()).collect();
+            assert_eq!(names.len(), full.len(), "{f}: duplicate names");
+            let size = |p: &str| rest.iter().filter(|t| t.name.starts_with(p)).map(|t| t.byte_len()).sum::<usize>();
+            let (vae, te) = (size("first_stage_model."), size(te_prefix(f)));
+            assert!((10_000..200_000).contains(&vae), "{f}: VAE {vae} bytes");
+            assert!((10_000..200_000).contains(&te), "{f}: text encoders {te} bytes");
+            assert_eq!(vae + te, rest.iter().map(|t| t.byte_len()).sum::<usize>(), "{f}: stray component tensors");
+            assert!(names.contains("first_stage_model.decoder.conv_out.weight"));
+            // Components are the same at both scales.
+            let full_size = plan(&SynthOptions { full_checkpoint: true, ..opts(f, Scale::Full) }).unwrap();
+            assert_eq!(&full_size[full_size.len() - rest.len()..], rest);
+        }
+        let sd3 = shapes(&SynthOptions { full_checkpoint: true, ..opts(Family::Sd3, Scale::Tiny) });
+        for k in [
+            "text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.weight",
+            "text_encoders.clip_g.transformer.text_projection.weight",
+            "text_encoders.t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wi_0.weight",
+            "text_encoders.t5xxl.transformer.shared.weight",
+        ] {
+            assert!(sd3.contains_key(k), "{k}");
+        }
+        let sdxl = shapes(&SynthOptions { full_checkpoint: true, ..opts(Family::Sdxl, Scale::Tiny) });
+        assert!(sdxl.contains_key("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"));
+        assert!(sdxl.contains_key("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"));
+        assert!(sdxl.contains_key("first_stage_model.quant_conv.weight"));
+        let flux = shapes(&SynthOptions { full_checkpoint: true, ..opts(Family::Flux, Scale::Tiny) });
+        assert_eq!(flux["first_stage_model.encoder.conv_out.weight"], vec![32, 32, 3, 3]);
+        assert!(!flux.contains_key("first_stage_model.quant_conv.weight"));
+    }
+
+    #[test]
+    fn opens_as_a_checkpoint() {
+        for full_checkpoint in [false, true] {
+            let o = SynthOptions { full_checkpoint, ..opts(Family::Sd3, Scale::Tiny) };
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("c.safetensors");
+            write(&o, &path, |_, _| {}).unwrap();
+            let c = crate::checkpoint::Checkpoint::open(&path).unwrap();
+            assert_eq!(c.is_full_checkpoint(), full_checkpoint);
+            assert_eq!(c.diffusion_tensors().count(), 491);
+            assert!(!c.components().contains(&crate::checkpoint::Component::Other));
+            assert_eq!(c.components().len(), if full_checkpoint { 3 } else { 1 });
+            assert_eq!(c.metadata()[METADATA_KEY], "sd3/medium/tiny/7");
+        }
+    }
+
+    #[test]
+    fn round_trip_and_value_spread() {
+        let o = opts(Family::Flux, Scale::Tiny);
+        let (_dir, bytes) = write_tmp(&o);
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap()[METADATA_KEY], "flux/dev/tiny/7");
+        let p = plan(&o).unwrap();
+        assert_eq!(st.len(), p.len());
+        for t in &p {
+            let v = st.tensor(&t.name).unwrap();
+            assert_eq!(v.shape(), t.shape.as_slice());
+            assert_eq!(v.dtype(), Dtype::BF16);
+            let (_, vals) = values(&st, &t.name);
+            assert!(vals.iter().all(|x| x.is_finite()), "{}", t.name);
+        }
+        // Data offsets follow the plan's order.
+        let offsets: Vec<usize> = p.iter().map(|t| meta.info(&t.name).unwrap().data_offsets.0).collect();
+        assert!(offsets.windows(2).all(|w| w[0] < w[1]));
+
+        let (_, norm) = values(&st, "double_blocks.3.img_attn.norm.key_norm.scale");
+        let (m, s) = mean_std(&norm);
+        assert!((m - 1.0).abs() < 0.03 && s > 0.02 && s < 0.1, "norm scale {m} {s}");
+        let (_, bias) = values(&st, "double_blocks.3.img_attn.qkv.bias");
+        let (m, s) = mean_std(&bias);
+        assert!(m.abs() < 0.01 && (0.01..0.03).contains(&s), "bias {m} {s}");
+        let (shape, w) = values(&st, "double_blocks.3.img_attn.proj.weight");
+        let (m, s) = mean_std(&w);
+        let fan_in = shape[1] as f64;
+        assert!(m.abs() < 0.01, "{m}");
+        assert!(s * fan_in.sqrt() > 0.5 && s * fan_in.sqrt() < 1.5 * 2.0, "weight std {s}");
+
+        // Gains differ between layers.
+        let gains: Vec<f64> = ["double_blocks.0.img_mlp.2.weight", "double_blocks.1.img_mlp.2.weight", "double_blocks.2.img_mlp.2.weight"]
+            .iter()
+            .map(|n| mean_std(&values(&st, n).1).1)
+            .collect();
+        assert!(gains.iter().any(|&g| (g - gains[0]).abs() > 0.05 * gains[0]), "{gains:?}");
+    }
+
+    fn column_norm_ratio(shape: &[usize], w: &[f32]) -> f64 {
+        let (rows, cols) = (shape[0], shape[1]);
+        let mut norms: Vec<f64> = (0..cols).map(|c| (0..rows).map(|r| (w[r * cols + c] as f64).powi(2)).sum::<f64>().sqrt()).collect();
+        let max = norms.iter().cloned().fold(0.0, f64::max);
+        norms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        max / norms[cols / 2]
+    }
+
+    #[test]
+    fn linear_weights_have_outlier_columns() {
+        let o = opts(Family::Sd15, Scale::Tiny);
+        let (_dir, bytes) = write_tmp(&o);
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for name in [
+            "input_blocks.4.1.transformer_blocks.0.ff.net.0.proj.weight",
+            "middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+            "time_embed.0.weight",
+        ] {
+            let (shape, w) = values(&st, name);
+            let ratio = column_norm_ratio(&shape, &w);
+            assert!(ratio > 4.0, "{name}: max/median column norm {ratio}");
+        }
+        // Convolutions and norms have none.
+        let (shape, w) = values(&st, "input_blocks.1.0.in_layers.2.weight");
+        let flat = [shape[0], shape[1..].iter().product()];
+        assert!(column_norm_ratio(&flat, &w) < 2.0);
+        // ~0.5% of the columns (at least one).
+        let cols = outlier_columns(123, 2048);
+        assert_eq!(cols.iter().filter(|&&c| c != 1.0).count(), 10);
+        assert!(cols.iter().all(|&c| c == 1.0 || (8.0..=20.0).contains(&c)));
+        assert_eq!(outlier_columns(5, 64).iter().filter(|&&c| c != 1.0).count(), 1);
+    }
+
+    #[test]
+    fn deterministic_and_seeded() {
+        let o = opts(Family::Sd15, Scale::Tiny);
+        let (_d1, a) = write_tmp(&o);
+        let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let (_d2, b) = one_thread.install(|| write_tmp(&o));
+        assert!(a == b, "same seed, different bytes");
+        let (_d3, c) = write_tmp(&SynthOptions { seed: 8, ..o.clone() });
+        assert_eq!(a.len(), c.len());
+        assert!(a != c, "different seeds, same bytes");
+        // Tensors keep their values whether or not the file is a full checkpoint.
+        let (_d4, full) = write_tmp(&SynthOptions { full_checkpoint: true, ..o.clone() });
+        let (sa, sf) = (safetensors::SafeTensors::deserialize(&a).unwrap(), safetensors::SafeTensors::deserialize(&full).unwrap());
+        let name = "output_blocks.5.1.transformer_blocks.0.ff.net.0.proj.weight";
+        assert!(sa.tensor(name).unwrap().data() == sf.tensor(&format!("{DIFFUSION_PREFIX}{name}")).unwrap().data());
+    }
+
+    #[test]
+    fn other_dtypes() {
+        for dtype in [SynthDtype::F16, SynthDtype::F32] {
+            let o = SynthOptions { dtype, full_checkpoint: true, ..opts(Family::Sd3, Scale::Tiny) };
+            let (_dir, bytes) = write_tmp(&o);
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            for (name, view) in st.tensors() {
+                assert_eq!(view.dtype(), dtype.dtype());
+                assert!(values(&st, &name).1.iter().all(|x| x.is_finite()), "{name}");
+            }
+            // Rounding from the same f32 values: bf16 and f16 agree to their precision.
+            let bf = write_tmp(&SynthOptions { dtype: SynthDtype::Bf16, ..o.clone() }).1;
+            let stb = safetensors::SafeTensors::deserialize(&bf).unwrap();
+            let name = format!("{DIFFUSION_PREFIX}joint_blocks.5.x_block.mlp.fc1.weight");
+            let (x, y) = (values(&st, &name).1, values(&stb, &name).1);
+            assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() <= a.abs() / 128.0 + 1e-6));
+        }
+    }
+
+    #[test]
+    fn progress_and_failure() {
+        let o = opts(Family::Sd3, Scale::Tiny);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.safetensors");
+        let calls = std::cell::RefCell::new(Vec::new());
+        let summary = write(&o, &path, |d, t| calls.borrow_mut().push((d, t))).unwrap();
+        let calls = calls.into_inner();
+        assert_eq!(calls.first(), Some(&(0, summary.bytes)));
+        assert_eq!(calls.last(), Some(&(summary.bytes, summary.bytes)));
+        assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0));
+        assert_eq!(summary.tensors, 491);
+        assert_eq!(summary.params * 2, summary.bytes);
+        let file_len = std::fs::metadata(&path).unwrap().len();
+        assert!(file_len > summary.bytes && file_len < summary.bytes + 100_000);
+        // A destination in a missing directory fails and leaves nothing.
+        let bad = dir.path().join("missing").join("x.safetensors");
+        assert!(write(&o, &bad, |_, _| {}).is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    /// Generation speed of one large tensor, without I/O:
+    /// `cargo test --release synth::tests::bench_generate -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_generate() {
+        let mut opts = SynthOptions::new(Family::Flux);
+        opts.scale = Scale::Full;
+        let spec = spec_of(&opts, "single_blocks.0.linear1.weight");
+        let mut buf = vec![0u8; spec.tensor.byte_len()];
+        for round in 0..3 {
+            let t = std::time::Instant::now();
+            generate(&spec, &opts, &mut buf);
+            let s = t.elapsed().as_secs_f64();
+            println!(
+                "round {round}: {:?} {} MB in {:.3} s: {:.0} MB/s, {:.0} M elements/s, {} threads",
+                spec.tensor.shape,
+                buf.len() / 1_000_000,
+                s,
+                buf.len() as f64 / 1e6 / s,
+                buf.len() as f64 / 2e6 / s,
+                rayon::current_num_threads()
+            );
+        }
+    }
+}

@@ -1,0 +1,119 @@
+// MXFP8: E4M3 data in blocks of 32 along the rows with an E8M0 (power of two)
+// scale per block, swizzled into cuBLAS's 128x4 tile layout, as the CPU
+// reference (host/src/formats/mxfp8.rs) defines it after comfy-kitchen's
+// quantize_mxfp8(pad_32x=True):
+//   e     = clamp(ceil(log2(max(bmax / 448, 2^-127))) + 127, 0, 254)   (exact, from bits)
+//   scale = 2^(e - 127), 0 for e == 0
+//   data  = e4m3(clamp(x / scale, -448, 448)); a block with bmax == 0 gets e = 0 and zero data;
+//           a nonzero block with e == 0 divides by zero: +-448, and 0x7F (NaN) for its zeros
+// over the input zero-padded to [roundup(rows, 32), roundup(cols, 32)].
+//
+// Four lanes own a block (8 elements each) and exchange maxima with two
+// shuffles. No global amax is needed; the block maxima are folded into
+// *amax_all for the host's non-finite check. `scales` must be zeroed first.
+
+#define QS_MX_WARPS 8
+#define QS_MX_UNROLL 4
+
+template <int DT>
+QS_DEV void qs_mxfp8_quant(const u8* __restrict__ x, i64 rows, i64 cols, u8* __restrict__ q, u8* __restrict__ scales,
+                           u32* __restrict__ amax_all) {
+    const i64 rows_p = (rows + 31) & ~(i64)31;
+    const i64 cols_p = (cols + 31) & ~(i64)31;
+    const i64 cpr = cols_p >> 3;
+    const i64 total = rows_p * cpr;
+    const i64 ncb = (((cols_p >> 5) + 3) >> 2);
+    const bool vec = (cols & 7) == 0;
+    const bool small = total < 0xffffffffLL;
+    const int lane = threadIdx.x & 31;
+    const i64 warp = (i64)blockIdx.x * QS_MX_WARPS + (threadIdx.x >> 5);
+    const i64 base = warp * (32 * QS_MX_UNROLL);
+
+    float v[QS_MX_UNROLL][8];
+    i64 rr[QS_MX_UNROLL], cc[QS_MX_UNROLL];
+#pragma unroll
+    for (int u = 0; u < QS_MX_UNROLL; ++u) {
+        const i64 c = base + u * 32 + lane;
+        if (c < total) {
+            qs_chunk_pos(c, cpr, small, rr[u], cc[u]);
+            qs_load_padded8<DT>(x, rows, cols, rr[u], cc[u], vec, v[u]);
+        } else {
+            rr[u] = -1;
+            cc[u] = 0;
+#pragma unroll
+            for (int k = 0; k < 8; ++k) v[u][k] = 0.0f;
+        }
+    }
+    u32 all = 0;
+#pragma unroll
+    for (int u = 0; u < QS_MX_UNROLL; ++u) {
+        u32 m = 0;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            u32 a = qs_abs_bits(v[u][k]);
+            m = a > m ? a : m;
+        }
+        u32 o = __shfl_xor_sync(0xffffffffu, m, 1);
+        m = o > m ? o : m;
+        o = __shfl_xor_sync(0xffffffffu, m, 2);
+        m = o > m ? o : m;
+        all = m > all ? m : all;
+        const float bmax = qs_f(m);
+        const u32 e = bmax == 0.0f ? 0u : qs_mx_exponent(bmax);
+        const float scale = qs_e8m0_to_f32(e);
+        u8 out[8];
+        if (bmax == 0.0f) {
+#pragma unroll
+            for (int k = 0; k < 8; ++k) out[k] = 0;
+        } else if (e == 0) {
+            // x / 0: +-448 for nonzero x, NaN (0x7F, CUDA's positive NaN) for zeros
+#pragma unroll
+            for (int k = 0; k < 8; ++k) out[k] = v[u][k] == 0.0f ? 0x7f : (v[u][k] > 0.0f ? 0x7e : 0xfe);
+        } else {
+#pragma unroll
+            for (int k = 0; k < 8; k += 2) {
+                float a = qs_clamp(__fdiv_rn(v[u][k], scale), -448.0f, 448.0f);
+                float b = qs_clamp(__fdiv_rn(v[u][k + 1], scale), -448.0f, 448.0f);
+                u16 p = qs_f32x2_to_e4m3(a, b);
+                out[k] = (u8)(p & 0xff);
+                out[k + 1] = (u8)(p >> 8);
+            }
+        }
+        const i64 c = base + u * 32 + lane;
+        if (c < total) {
+            reinterpret_cast<u64*>(q)[c] = qs_pack8(out);
+            if ((lane & 3) == 0) scales[qs_swizzle(rr[u], cc[u] >> 5, ncb)] = (u8)e;
+        }
+    }
+    all = qs_warp_max(all);
+    if (lane == 0 && all != 0) atomicMax(amax_all, all);
+}
+
+// Dequantization to f32 [rows, cols] (the unpadded part): out = f32(code) * 2^(e-127).
+QS_DEV void qs_mxfp8_dequant_impl(const u8* __restrict__ q, const u8* __restrict__ scales, i64 rows, i64 cols,
+                                  float* __restrict__ out) {
+    const i64 cols_p = (cols + 31) & ~(i64)31;
+    const i64 ncb = (((cols_p >> 5) + 3) >> 2);
+    const i64 n = rows * cols;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const i64 r = i / cols;
+        const i64 c = i - r * cols;
+        const float s = qs_e8m0_to_f32(scales[qs_swizzle(r, c >> 5, ncb)]);
+        out[i] = __fmul_rn(qs_e4m3_to_f32(q[r * cols_p + c]), s);
+    }
+}
+
+#define QS_MXFP8_INST(SUF, DT)                                                                             \
+    extern "C" __global__ void __launch_bounds__(QS_MX_WARPS * 32)                                          \
+        qs_mxfp8_quant_##SUF(const u8* x, i64 rows, i64 cols, u8* q, u8* scales, u32* amax_all) {          \
+        qs_mxfp8_quant<DT>(x, rows, cols, q, scales, amax_all);                                             \
+    }
+
+QS_MXFP8_INST(f32, QS_F32)
+QS_MXFP8_INST(f16, QS_F16)
+QS_MXFP8_INST(bf16, QS_BF16)
+
+extern "C" __global__ void __launch_bounds__(256)
+    qs_mxfp8_dequant(const u8* q, const u8* scales, i64 rows, i64 cols, float* out) {
+    qs_mxfp8_dequant_impl(q, scales, rows, cols, out);
+}

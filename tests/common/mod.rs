@@ -1,0 +1,61 @@
+//! Shared helpers for the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use quantsmith::backend::DeviceChoice;
+use quantsmith::convert::Layout;
+use quantsmith::pipeline::{RunOptions, RunReport};
+use quantsmith::recipe::SandboxLimits;
+use quantsmith::recipe::params::RawParams;
+use quantsmith::synth::{self, Family, SynthOptions};
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("QUANTSMITH_FIXTURES_DIR")).join(format!("{name}.wasm"))
+}
+
+/// Writes a tiny synthetic checkpoint of `family` into `dir`.
+pub fn synth_tiny(dir: &Path, family: &str) -> PathBuf {
+    synth_with(dir, family, None, false)
+}
+
+pub fn synth_with(dir: &Path, family: &str, variant: Option<&str>, full_checkpoint: bool) -> PathBuf {
+    let fam = Family::parse(family).unwrap();
+    let path = dir.join(format!("{family}-{}-{}.safetensors", variant.unwrap_or("default"), if full_checkpoint { "full" } else { "dm" }));
+    let opts = SynthOptions { variant: variant.map(String::from), full_checkpoint, ..SynthOptions::new(fam) };
+    synth::write(&opts, &path, |_, _| {}).unwrap();
+    path
+}
+
+pub fn options(input: &Path, output: &Path, recipe: Option<&str>, sets: &[&str]) -> RunOptions {
+    let mut params = RawParams::default();
+    for s in sets {
+        params.set(s).unwrap();
+    }
+    RunOptions {
+        input: input.to_path_buf(),
+        output: Some(output.to_path_buf()),
+        recipe: recipe.map(String::from),
+        params,
+        dry_run: false,
+        layout: Layout::Comfy,
+        device: DeviceChoice::Cpu,
+        verify: false,
+        limits: SandboxLimits { memory_bytes: 64 << 20, timeout: Duration::from_secs(2) },
+        progress: false,
+    }
+}
+
+pub fn run(input: &Path, output: &Path, recipe: Option<&str>, sets: &[&str]) -> anyhow::Result<RunReport> {
+    quantsmith::pipeline::run(&options(input, output, recipe, sets))
+}
+
+/// No output and no temporary file left in `dir` besides the inputs.
+pub fn assert_no_output(dir: &Path, output: &Path) {
+    assert!(!output.exists(), "{} must not exist", output.display());
+    for e in std::fs::read_dir(dir).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().to_string();
+        assert!(!name.ends_with(".partial"), "temporary file {name} left behind");
+    }
+}
