@@ -60,7 +60,6 @@ QS_DEV void qs_mxfp8_quant(const u8* __restrict__ x, i64 rows, i64 cols, u8* __r
         all = m > all ? m : all;
         const float bmax = qs_f(m);
         const u32 e = bmax == 0.0f ? 0u : qs_mx_exponent(bmax);
-        const float scale = qs_e8m0_to_f32(e);
         u8 out[8];
         if (bmax == 0.0f) {
 #pragma unroll
@@ -70,10 +69,13 @@ QS_DEV void qs_mxfp8_quant(const u8* __restrict__ x, i64 rows, i64 cols, u8* __r
 #pragma unroll
             for (int k = 0; k < 8; ++k) out[k] = v[u][k] == 0.0f ? 0x7f : (v[u][k] > 0.0f ? 0x7e : 0xfe);
         } else {
+            // x / 2^k and x * 2^-k round the same exact value once; 2^-k is an f32
+            // (at least 2^-127, a subnormal) for every e in [1, 254].
+            const float inv = e == 254 ? qs_f(0x00400000u) : qs_f((254u - e) << 23);
 #pragma unroll
             for (int k = 0; k < 8; k += 2) {
-                float a = qs_clamp(__fdiv_rn(v[u][k], scale), -448.0f, 448.0f);
-                float b = qs_clamp(__fdiv_rn(v[u][k + 1], scale), -448.0f, 448.0f);
+                float a = qs_clamp(__fmul_rn(v[u][k], inv), -448.0f, 448.0f);
+                float b = qs_clamp(__fmul_rn(v[u][k + 1], inv), -448.0f, 448.0f);
                 u16 p = qs_f32x2_to_e4m3(a, b);
                 out[k] = (u8)(p & 0xff);
                 out[k + 1] = (u8)(p >> 8);

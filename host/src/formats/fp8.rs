@@ -22,7 +22,8 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 use super::numerics::{
-    self, E4M3_MAX, Src, e4m3_from_f32, e4m3_half_step, e4m3_to_f32, finite_amax, with_src,
+    self, BOUND_SLACK, E4M3_MAX, Src, e4m3_from_f32_sat, e4m3_half_step, e4m3_to_f32, finite_amax, fmax, fmin,
+    with_src,
 };
 use super::{ErrorStats, Format, QuantError, QuantFormat, StoredSpec, StoredTensor, WeightView};
 
@@ -52,7 +53,7 @@ pub(crate) fn plan<T: Src>(amax: f32) -> Plan {
 fn code<T: Src, const ROUND_T: bool>(x: f32, mul: f32) -> u8 {
     let p = x * mul;
     let p = if ROUND_T { T::round(p) } else { p };
-    e4m3_from_f32(p.clamp(-E4M3_MAX, E4M3_MAX))
+    e4m3_from_f32_sat(p.clamp(-E4M3_MAX, E4M3_MAX))
 }
 
 /// Below this many elements the 64K-entry table costs more than it saves.
@@ -104,12 +105,18 @@ fn quantize_t<T: Src>(w: &WeightView<'_>) -> Result<Vec<StoredTensor>, QuantErro
 
 fn verify_t<T: Src>(w: &WeightView<'_>, tensors: &[StoredTensor]) -> Result<ErrorStats, String> {
     numerics::check_view(w).map_err(|e| e.to_string())?;
-    let layout = Fp8.layout(w.rows, w.cols);
+    let cols = w.cols;
+    let layout = Fp8.layout(w.rows, cols);
     let q = &numerics::stored(tensors, &layout, "weight")?.data;
     let s = numerics::f32_at(&numerics::stored(tensors, &layout, "weight_scale")?.data, 0);
-    let amax = w.bytes.par_chunks(1 << 16).map(numerics::amax_f64::<T>).reduce(|| 0.0, f64::max);
+    let amax_bits = numerics::amax_bits::<T>(w.bytes);
+    if amax_bits >= T::NONFINITE {
+        return Err(format!("{}: the source holds NaN or infinity", w.name));
+    }
+    let amax = T::to_f32(amax_bits) as f64;
 
-    // The scale must be T(amax / 448) (or its f32 value after the fallback).
+    // The scale must be T(amax / 448), its f32 value after the fallback, or
+    // 1.0 with zero codes for a (near-)zero tensor.
     let zero_plan = s == 1.0 && amax < 2f64.powi(-118) && q.par_iter().all(|&b| b == 0);
     if !zero_plan {
         let (lo, hi) = numerics::scale_interval::<T>(amax / 448.0, 2f64.powi(-23));
@@ -117,30 +124,38 @@ fn verify_t<T: Src>(w: &WeightView<'_>, tensors: &[StoredTensor]) -> Result<Erro
             return Err(format!("{}: weight_scale {s:e} is not amax/448 = {:e}", w.name, amax / 448.0));
         }
     }
-    // Replay the reciprocal the quantizer used.
+    // Replay the reciprocal the quantizer used; `u` bounds the rounding of
+    // x·mul to f32 and then to T.
     let inv = 1.0 / s;
     let (mul, u, sub) = match T::round(inv) {
-        m if m.is_finite() => (m, T::UNIT_ROUNDOFF, T::HALF_MIN_SUBNORMAL),
-        _ => (inv, 2f64.powi(-24), 2f64.powi(-150)),
+        m if m.is_finite() => (m, T::UNIT_ROUNDOFF + f32::EPSILON / 2.0, T::HALF_MIN_SUBNORMAL),
+        _ => (inv, f32::EPSILON, f32::from_bits(1)),
     };
-    let (s64, mul64) = (s as f64, mul as f64);
-    let scale_mismatch = (mul64 * s64 - 1.0).abs();
-    let values: Vec<f32> = (0..=255u8).map(e4m3_to_f32).collect();
-    numerics::verify_elements::<T, _>(w, |r, c, x| {
-        let d = (values[q[r * w.cols + c] as usize] * s) as f64;
-        let x = x as f64;
-        if zero_plan {
-            return (d, x.abs());
+    let mismatch = ((mul as f64 * s as f64 - 1.0).abs() * (1.0 + 1e-6)) as f32;
+    numerics::verify_rows::<T, _>(w, |r, x, d, b| {
+        for (d, &c) in d.iter_mut().zip(&q[r * cols..(r + 1) * cols]) {
+            *d = e4m3_to_f32(c) * s;
         }
-        let ay = (x * mul64).abs();
-        // |T(x·mul)| is at most `hi`: f32 rounding of the product, then T's.
-        let hi = ay * (1.0 + u + 2f64.powi(-24)) + sub;
-        let bound = s64
-            * (e4m3_half_step(hi.min(448.0)) + (hi - 448.0).max(0.0) + ay * (u + 2f64.powi(-24)) + sub)
-            + x.abs() * scale_mismatch
-            + d.abs() * 2f64.powi(-24)
-            + 1e-45;
-        (d, bound)
+        let n = x.len();
+        let (d, b) = (&d[..n], &mut b[..n]);
+        if zero_plan {
+            for i in 0..n {
+                b[i] = x[i].abs() * BOUND_SLACK;
+            }
+            return Ok(());
+        }
+        for i in 0..n {
+            // Rounding to E4M3 at the largest magnitude T(x·mul) can have,
+            // saturation past 448, the roundings of x·mul, and s·mul ≠ 1.
+            let ax = x[i].abs();
+            let ay = ax * mul;
+            let hi = ay * (1.0 + u) + sub;
+            let e = s * (e4m3_half_step(fmin(hi, E4M3_MAX)) + fmax(hi - E4M3_MAX, 0.0) + ay * u + sub)
+                + ax * mismatch
+                + d[i].abs() * f32::EPSILON;
+            b[i] = e * BOUND_SLACK + 1e-45;
+        }
+        Ok(())
     })
 }
 
@@ -177,7 +192,7 @@ impl Format for Fp8 {
 mod tests {
     use super::*;
     use crate::formats::SourceDtype;
-    use crate::formats::numerics::{Bf16, F16, f32_to_bf16, f32_to_f16};
+    use crate::formats::numerics::{Bf16, F16, e4m3_from_f32, f32_to_bf16, f32_to_f16};
 
     pub(crate) fn bytes_of(dtype: SourceDtype, v: &[f32]) -> Vec<u8> {
         match dtype {
@@ -277,7 +292,7 @@ mod tests {
 
     #[allow(non_snake_case)]
     fn T_amax<T: Src>(bytes: &[u8]) -> f32 {
-        T::to_f32(numerics::max_mag::<T>(bytes))
+        T::to_f32(T::max_mag(bytes))
     }
 
     #[test]

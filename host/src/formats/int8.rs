@@ -16,7 +16,7 @@
 use rayon::prelude::*;
 use safetensors::Dtype;
 
-use super::numerics::{self, Src, finite_amax, max_mag, with_src};
+use super::numerics::{self, BOUND_SLACK, Src, finite_amax, fmax, with_src};
 use super::{ErrorStats, Format, QuantError, QuantFormat, StoredSpec, StoredTensor, WeightView};
 
 pub struct Int8 {
@@ -37,10 +37,11 @@ fn divisor<T: Src>(scale: f32) -> f32 {
 #[inline(always)]
 fn code<T: Src>(x: f32, div: f32) -> i8 {
     // Pre-clamping to [-129, 128] changes no result and keeps the magic
-    // constant exact: adding 1.5·2^23 rounds to an integer, half to even.
+    // constant exact: adding 1.5·2^23 rounds to an integer, half to even,
+    // and leaves it in the low mantissa bits.
     let v = T::round(x / div).clamp(-129.0, 128.0);
-    let r = (v + 12_582_912.0) - 12_582_912.0;
-    r.clamp(-128.0, 127.0) as i8
+    let n = (v + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
+    n.clamp(-128, 127) as i8
 }
 
 fn encode_row<T: Src>(bytes: &[u8], out: &mut [u8], div: f32) {
@@ -60,7 +61,7 @@ fn quantize_t<T: Src>(w: &WeightView<'_>, per_channel: bool) -> Result<Vec<Store
         q.par_chunks_mut(cols)
             .zip(w.bytes.par_chunks(row_bytes))
             .map(|(o, b)| {
-                let scale = scale_of(T::to_f32(max_mag::<T>(b)));
+                let scale = scale_of(T::to_f32(T::max_mag(b)));
                 encode_row::<T>(b, o, divisor::<T>(scale));
                 scale
             })
@@ -90,37 +91,48 @@ fn quantize_t<T: Src>(w: &WeightView<'_>, per_channel: bool) -> Result<Vec<Store
 
 fn verify_t<T: Src>(w: &WeightView<'_>, tensors: &[StoredTensor], per_channel: bool) -> Result<ErrorStats, String> {
     numerics::check_view(w).map_err(|e| e.to_string())?;
-    let layout = Int8 { per_channel }.layout(w.rows, w.cols);
+    let cols = w.cols;
+    let layout = Int8 { per_channel }.layout(w.rows, cols);
     let q = &numerics::stored(tensors, &layout, "weight")?.data;
     let sdata = &numerics::stored(tensors, &layout, "weight_scale")?.data;
-    let row_bytes = w.cols * T::SIZE;
-    let amaxes: Vec<f64> = if per_channel {
-        w.bytes.par_chunks(row_bytes).map(numerics::amax_f64::<T>).collect()
-    } else {
-        vec![w.bytes.par_chunks(1 << 16).map(numerics::amax_f64::<T>).reduce(|| 0.0, f64::max)]
-    };
-    // Per scale: (stored scale, divisor used, |scale/divisor - 1|), after
-    // checking the scale is max(amax/127, 1e-30).
-    let mut per_scale = Vec::with_capacity(amaxes.len());
-    for (i, &amax) in amaxes.iter().enumerate() {
+    // A scale must be max(amax/127, 1e-30) over its row or the tensor.
+    let check = |i: usize, amax: f32| {
         let s = numerics::f32_at(sdata, i);
-        let want = (amax / 127.0).max(1e-30f32 as f64);
-        if !((s as f64 - want).abs() <= want * 2f64.powi(-23)) {
-            return Err(format!("{}: weight_scale[{i}] = {s:e}, expected amax/127 = {want:e}", w.name));
+        let want = (amax as f64 / 127.0).max(1e-30f32 as f64);
+        if (s as f64 - want).abs() <= want * 2f64.powi(-23) {
+            Ok(s)
+        } else {
+            Err(format!("weight_scale[{i}] = {s:e}, expected amax/127 = {want:e}"))
         }
+    };
+    let tensor_scale = if per_channel {
+        None
+    } else {
+        let amax = T::to_f32(numerics::amax_bits::<T>(w.bytes));
+        Some(check(0, amax).map_err(|e| format!("{}: {e}", w.name))?)
+    };
+    let (u, sub) = (T::UNIT_ROUNDOFF + f32::EPSILON / 2.0, T::HALF_MIN_SUBNORMAL);
+    numerics::verify_rows::<T, _>(w, |r, x, d, b| {
+        let s = match tensor_scale {
+            Some(s) => s,
+            None => check(r, numerics::max_abs(x))?,
+        };
         let div = divisor::<T>(s);
-        per_scale.push((s as f64, div as f64, (s as f64 / div as f64 - 1.0).abs()));
-    }
-    let (u, sub) = (T::UNIT_ROUNDOFF + 2f64.powi(-24), T::HALF_MIN_SUBNORMAL);
-    numerics::verify_elements::<T, _>(w, |r, c, x| {
-        let (s, div, mismatch) = per_scale[if per_channel { r } else { 0 }];
-        let code = q[r * w.cols + c] as i8;
-        let d = (code as f32 * s as f32) as f64;
-        let x = x as f64;
-        let ay = (x / div).abs();
-        let hi = ay * (1.0 + u) + sub;
-        let bound = s * (0.5 + (hi - 127.0).max(0.0) + ay * u + sub) + x.abs() * mismatch + d.abs() * 2f64.powi(-24) + 1e-45;
-        (d, bound)
+        // The quantizer divided by `div` but the stored scale is `s`.
+        let mismatch = ((s as f64 / div as f64 - 1.0).abs() * (1.0 + 1e-6)) as f32;
+        for (d, &c) in d.iter_mut().zip(&q[r * cols..(r + 1) * cols]) {
+            *d = c as i8 as f32 * s;
+        }
+        let n = x.len();
+        let (d, b) = (&d[..n], &mut b[..n]);
+        for i in 0..n {
+            let ax = x[i].abs();
+            let ay = ax / div;
+            let hi = ay * (1.0 + u) + sub;
+            let e = s * (0.5 + fmax(hi - 127.0, 0.0) + ay * u + sub) + ax * mismatch + d[i].abs() * f32::EPSILON;
+            b[i] = e * BOUND_SLACK + 1e-45;
+        }
+        Ok(())
     })
 }
 

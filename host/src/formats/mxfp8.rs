@@ -20,8 +20,8 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 use super::numerics::{
-    self, E4M3_MAX, Src, blocked_index, blocked_shape, e4m3_from_f32, e4m3_half_step, e4m3_to_f32, e8m0_ceil_code,
-    e8m0_to_f32, f64_ceil_log2, finite_amax, roundup, with_src,
+    self, BOUND_SLACK, E4M3_MAX, Src, blocked_index, blocked_shape, e4m3_from_f32_sat, e4m3_half_step, e4m3_to_f32,
+    e8m0_ceil_code, e8m0_to_f32, f64_ceil_log2, finite_amax, fmax, fmin, roundup, with_src,
 };
 use super::{ErrorStats, Format, QuantError, QuantFormat, StoredSpec, StoredTensor, WeightView};
 
@@ -37,28 +37,32 @@ pub struct Mxfp8;
 /// The code PyTorch (x86 CPU) writes for 0/0 in a block whose scale is 0.
 const ZERO_OVER_ZERO: u8 = 0xFF;
 
-/// Quantizes one block of 32 values; returns its E8M0 code.
+/// Quantizes one row (`x`, zero-padded to whole blocks) into E4M3 codes
+/// `out` and E8M0 block codes `scales`, step by step over the whole row so
+/// the steps vectorize across blocks.
 #[inline(always)]
-fn encode_block(x: &[f32; B], out: &mut [u8]) -> u8 {
-    let bmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    if bmax == 0.0 {
-        out.fill(0);
-        return 0;
+fn encode_row(x: &[f32], bmax: &mut [f32], scales: &mut [u8], out: &mut [u8]) {
+    for ((bmax, code), x) in bmax.iter_mut().zip(scales.iter_mut()).zip(x.chunks_exact(B)) {
+        *bmax = numerics::max_abs(x);
+        // A zero block gets 2^-127, code 0, as comfy-kitchen's zero-block rule wants.
+        *code = e8m0_ceil_code(fmax(*bmax / E4M3_MAX, MIN_SCALE));
     }
-    let e = e8m0_ceil_code((bmax / E4M3_MAX).max(MIN_SCALE));
-    if e == 0 {
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = if v == 0.0 { ZERO_OVER_ZERO } else if v > 0.0 { 0x7E } else { 0xFE };
+    for (((out, x), &bmax), &e) in out.chunks_exact_mut(B).zip(x.chunks_exact(B)).zip(bmax.iter()).zip(scales.iter()) {
+        if bmax == 0.0 {
+            out.fill(0);
+        } else if e == 0 {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = if v == 0.0 { ZERO_OVER_ZERO } else if v > 0.0 { 0x7E } else { 0xFE };
+            }
+        } else {
+            // x / 2^k and x · 2^-k round the same exact value once, and 2^-k
+            // is an f32 (at least 2^-127, a subnormal) for every e in [1, 254].
+            let inv = 1.0 / e8m0_to_f32(e);
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = e4m3_from_f32_sat((v * inv).clamp(-E4M3_MAX, E4M3_MAX));
+            }
         }
-        return 0;
     }
-    // x / 2^k and x · 2^-k round the same exact value once, and 2^-k is an
-    // f32 (at least 2^-127, a subnormal) for every e in [1, 254].
-    let inv = 1.0 / e8m0_to_f32(e);
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = e4m3_from_f32((v * inv).clamp(-E4M3_MAX, E4M3_MAX));
-    }
-    e
 }
 
 /// Padded data shape `(rows, cols)` and block columns.
@@ -77,18 +81,16 @@ fn quantize_t<T: Src>(w: &WeightView<'_>) -> Result<Vec<StoredTensor>, QuantErro
     let row_bytes = cols * T::SIZE;
     // 128 rows own one contiguous row of 128×4 scale tiles; see nvfp4.
     data.par_chunks_mut(128 * pc).zip(scales.par_chunks_mut(128 * sc)).enumerate().for_each(|(g, (data, scales))| {
+        let (mut x, mut bmax, mut codes) = (vec![0f32; pc], vec![0f32; nb], vec![0u8; nb]);
         for (lr, drow) in data.chunks_exact_mut(pc).enumerate() {
             let r = g * 128 + lr;
             if r >= rows {
                 break;
             }
-            let mut blocks = w.bytes[r * row_bytes..(r + 1) * row_bytes].chunks(B * T::SIZE);
-            for (b, out) in drow.chunks_exact_mut(B).enumerate() {
-                let mut x = [0f32; B];
-                for (x, c) in x.iter_mut().zip(blocks.next().unwrap().chunks_exact(T::SIZE)) {
-                    *x = T::to_f32(T::bits(c));
-                }
-                scales[blocked_index(lr, b, nb)] = encode_block(&x, out);
+            numerics::decode_into::<T>(&w.bytes[r * row_bytes..(r + 1) * row_bytes], &mut x[..cols]);
+            encode_row(&x, &mut bmax, &mut codes, drow);
+            for (b, &code) in codes.iter().enumerate() {
+                scales[blocked_index(lr, b, nb)] = code;
             }
         }
     });
@@ -113,50 +115,49 @@ fn verify_t<T: Src>(w: &WeightView<'_>, tensors: &[StoredTensor]) -> Result<Erro
             }
         }
     }
-    for r in 0..pr {
-        for c in 0..pc {
-            if (r >= rows || c >= cols) && data[r * pc + c] != 0 {
-                return Err(format!("{name}: padding code [{r}, {c}] is not zero"));
-            }
+    if data[rows * pc..].iter().any(|&b| b != 0) {
+        return Err(format!("{name}: a padding row holds nonzero codes"));
+    }
+    for r in 0..rows {
+        if data[r * pc + cols..(r + 1) * pc].iter().any(|&b| b != 0) {
+            return Err(format!("{name}: padding columns of row {r} hold nonzero codes"));
         }
     }
 
     // Each exponent must be the smallest power of two with bmax/2^(e-127) ≤ 448,
-    // allowing for the f32 rounding of bmax/448 (checked in f64, independently
-    // of the bit-level e8m0_ceil_code).
-    let row_bytes = cols * T::SIZE;
-    let bmax: Vec<f64> = w
-        .bytes
-        .par_chunks(row_bytes)
-        .flat_map_iter(|row| row.chunks(B * T::SIZE).map(numerics::amax_f64::<T>).collect::<Vec<_>>())
-        .collect();
+    // allowing for the f32 rounding of bmax/448 (checked in f64, apart from
+    // the bit-level e8m0_ceil_code).
     let exp_of = |s: f64| (f64_ceil_log2(s.max(MIN_SCALE as f64)) + 127).clamp(0, 254);
-    let mut exps = vec![0u8; rows * nb];
-    for r in 0..rows {
-        for b in 0..nb {
+    // A block whose exponent is 0 dequantizes to 0: its max was at most 448·2^-127.
+    let tiny_block = (448.0 * MIN_SCALE as f64 * (1.0 + 2f64.powi(-20))) as f32;
+    numerics::verify_rows::<T, _>(w, |r, x, d, bound| {
+        let row = &data[r * pc..r * pc + cols];
+        for (b, (((x, d), bound), q)) in x.chunks(B).zip(d.chunks_mut(B)).zip(bound.chunks_mut(B)).zip(row.chunks(B)).enumerate() {
+            // The quantizer's own exponent, or one within the f32 rounding of bmax/448.
             let e = blocked[blocked_index(r, b, nb)];
-            let m = bmax[r * nb + b] / E4M3_MAX as f64;
-            let (lo, hi) = if m == 0.0 { (0, 0) } else { (exp_of(m * (1.0 - 2f64.powi(-23))), exp_of(m * (1.0 + 2f64.powi(-23)))) };
-            if !((lo..=hi).contains(&(e as i32))) {
-                return Err(format!("{name}: block scale [{r}, {b}] is 2^({e}-127), expected 2^({lo}-127) for block max {:e}", bmax[r * nb + b]));
+            let bmax = numerics::max_abs(x);
+            let exact = if bmax == 0.0 { 0 } else { e8m0_ceil_code(fmax(bmax / E4M3_MAX, MIN_SCALE)) };
+            if e != exact {
+                let m = bmax as f64 / E4M3_MAX as f64;
+                let (lo, hi) = if m == 0.0 { (0, 0) } else { (exp_of(m * (1.0 - 2f64.powi(-23))), exp_of(m * (1.0 + 2f64.powi(-23)))) };
+                if !(lo..=hi).contains(&(e as i32)) {
+                    return Err(format!("block scale [{r}, {b}] is 2^({e}-127), expected 2^({lo}-127) for block max {bmax:e}"));
+                }
             }
-            exps[r * nb + b] = e;
+            if e == 0 {
+                d.fill(0.0);
+                bound.fill(tiny_block);
+                continue;
+            }
+            let scale = e8m0_to_f32(e);
+            let inv = 1.0 / scale;
+            for i in 0..x.len() {
+                d[i] = e4m3_to_f32(q[i]) * scale;
+                let ay = x[i].abs() * inv;
+                bound[i] = scale * (e4m3_half_step(fmin(ay, E4M3_MAX)) + fmax(ay - E4M3_MAX, 0.0)) * BOUND_SLACK + 1e-45;
+            }
         }
-    }
-
-    let min_block = 448.0 * (MIN_SCALE as f64) * (1.0 + 2f64.powi(-20));
-    numerics::verify_elements::<T, _>(w, |r, c, x| {
-        let e = exps[r * nb + c / B];
-        let x = x as f64;
-        if e == 0 {
-            // Zero block, or one so small comfy-kitchen's scale is 0: it dequantizes to 0.
-            return (0.0, min_block);
-        }
-        let scale = e8m0_to_f32(e) as f64;
-        let d = e4m3_to_f32(data[r * pc + c]) as f64 * scale;
-        let ay = (x / scale).abs();
-        let bound = scale * (e4m3_half_step(ay.min(448.0)) + (ay - 448.0).max(0.0) + 2f64.powi(-150)) + 1e-45;
-        (d, bound)
+        Ok(())
     })
 }
 
@@ -209,7 +210,7 @@ impl Format for Mxfp8 {
 mod tests {
     use super::*;
     use crate::formats::SourceDtype;
-    use crate::formats::numerics::{f32_to_bf16, f32_to_f16, from_blocked, to_blocked};
+    use crate::formats::numerics::{e4m3_from_f32, f32_to_bf16, f32_to_f16, from_blocked, to_blocked};
 
     fn bytes_of(dtype: SourceDtype, v: &[f32]) -> Vec<u8> {
         match dtype {

@@ -54,8 +54,24 @@ pub fn round_to_bf16(x: f32) -> f32 {
     f32::from_bits(b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000)
 }
 
+/// f16 bits → f32 (exact), branch-free so loops over it vectorize; agrees
+/// with the `half` crate for all 65536 inputs (tested).
+#[inline(always)]
 pub fn f16_to_f32(bits: u16) -> f32 {
-    half::f16::from_bits(bits).to_f32()
+    let h = bits as u32;
+    let sign = (h & 0x8000) << 16;
+    let em = h & 0x7FFF;
+    let normal = (em << 13) + ((127 - 15) << 23);
+    let inf_nan = (em << 13) | 0x7F80_0000;
+    let sub = (em as f32 * (1.0 / 16_777_216.0)).to_bits();
+    let mag = if em >= 0x7C00 {
+        inf_nan
+    } else if em >= 0x0400 {
+        normal
+    } else {
+        sub
+    };
+    f32::from_bits(sign | mag)
 }
 
 /// f32 → f16 bits, round to nearest even, overflow to infinity.
@@ -90,55 +106,51 @@ pub fn round_to_f16(x: f32) -> f32 {
 /// `fp8e4m3fn_from_fp32_value` for |x| ≤ 448 (every caller clamps first, as
 /// comfy-kitchen does). Finite |x| > 448 saturates to ±448 (0x7E/0xFE), where
 /// c10 would return NaN from 464 up; NaN gives 0x7F with the sign bit of `x`.
-#[inline(always)]
 pub fn e4m3_from_f32(x: f32) -> u8 {
     let bits = x.to_bits();
     let sign = ((bits >> 24) & 0x80) as u8;
+    match bits & 0x7FFF_FFFF {
+        a if a > 0x7F80_0000 => sign | 0x7F,
+        a if a > 0x43E0_0000 => sign | 0x7E,
+        _ => e4m3_from_f32_sat(x),
+    }
+}
+
+/// [`e4m3_from_f32`] for |x| ≤ 448, not NaN; branch-free so loops over it
+/// vectorize.
+#[inline(always)]
+pub fn e4m3_from_f32_sat(x: f32) -> u8 {
+    let bits = x.to_bits();
     let a = bits & 0x7FFF_FFFF;
     // Below 2^-6 (E4M3's smallest normal): adding 2^14, whose f32 ulp is
     // 2^-9 (E4M3's subnormal step), rounds to the subnormal grid; the low
-    // byte of the sum's bits is then the code.
-    let denorm = (f32::from_bits(a) + 16384.0).to_bits().wrapping_sub(141 << 23) as u8;
+    // bits of the sum are then the code.
+    let denorm = (f32::from_bits(a) + 16384.0).to_bits().wrapping_sub(141 << 23);
     // Normal: rebias the exponent (127 → 7) and round the 20 dropped
     // mantissa bits to nearest even with the magic adder 0x7FFFF + lsb.
     let odd = (a >> 20) & 1;
-    let normal = (a.wrapping_add((7u32.wrapping_sub(127) << 23).wrapping_add(0x7FFFF + odd)) >> 20) as u8;
-    let mag = if a < (121 << 23) {
-        denorm
-    } else if a <= 0x43E0_0000 {
-        normal
-    } else if a <= 0x7F80_0000 {
-        0x7E
-    } else {
-        0x7F
-    };
-    sign | mag
+    let normal = a.wrapping_add((7u32.wrapping_sub(127) << 23).wrapping_add(0x7FFFF + odd)) >> 20;
+    let mag = if a < (121 << 23) { denorm } else { normal };
+    (((bits >> 24) & 0x80) | (mag & 0x7F)) as u8
 }
 
-/// E4M3 (fn) code → f32 (exact; 0x7F/0xFF are NaN).
-#[inline]
+/// E4M3 (fn) code → f32 (exact; 0x7F/0xFF are NaN). Branch-free.
+#[inline(always)]
 pub fn e4m3_to_f32(code: u8) -> f32 {
-    let sign = ((code & 0x80) as u32) << 24;
-    let exp = ((code >> 3) & 0x0F) as u32;
-    let man = (code & 0x07) as u32;
-    let mag = if exp == 0 {
-        man as f32 * (1.0 / 512.0)
-    } else if exp == 15 && man == 7 {
-        f32::NAN
+    let c = code as u32;
+    let sign = (c & 0x80) << 24;
+    let em = c & 0x7F;
+    // Normal: exponent and mantissa move up 20 bits, the bias goes 7 → 127.
+    let normal = (em << 20) + (120 << 23);
+    let sub = ((em & 7) as f32 * (1.0 / 512.0)).to_bits();
+    let mag = if em == 0x7F {
+        0x7FC0_0000
+    } else if em < 8 {
+        sub
     } else {
-        f32::from_bits(((exp + 120) << 23) | (man << 20))
+        normal
     };
-    f32::from_bits(mag.to_bits() | sign)
-}
-
-/// Half the distance between neighbouring E4M3 values around magnitude `m`
-/// (the worst rounding error of [`e4m3_from_f32`] below 448).
-pub fn e4m3_half_step(m: f64) -> f64 {
-    if m < 1.0 / 64.0 {
-        1.0 / 1024.0
-    } else {
-        f64::powi(2.0, f64_floor_log2(m) - 4)
-    }
+    f32::from_bits(sign | mag)
 }
 
 // ---------------------------------------------------------------------------
@@ -185,23 +197,15 @@ pub fn e2m1_from_f32_fast(x: f32) -> u8 {
     (((x.to_bits() >> 28) & 0x8) as u8) | mag
 }
 
-const E2M1_VALUES: [f32; 16] =
-    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
-
-/// E2M1 code (low nibble) → f32.
+/// E2M1 code (low nibble) → f32. Branch-free.
+#[inline(always)]
 pub fn e2m1_to_f32(code: u8) -> f32 {
-    E2M1_VALUES[(code & 0x0F) as usize]
-}
-
-/// Half the distance between neighbouring E2M1 values around magnitude `m`.
-pub fn e2m1_half_step(m: f64) -> f64 {
-    if m < 2.0 {
-        0.25
-    } else if m < 4.0 {
-        0.5
-    } else {
-        1.0
-    }
+    let c = code as u32;
+    let m = c & 7;
+    // 2^((m>>1)-1)·(1 + (m&1)/2) for m ≥ 2; 0 and 0.5 below.
+    let normal = (((m >> 1) + 126) << 23) | ((m & 1) << 22);
+    let sub = (m as f32 * 0.5).to_bits();
+    f32::from_bits(((c & 8) << 28) | if m < 2 { sub } else { normal })
 }
 
 // ---------------------------------------------------------------------------
@@ -212,29 +216,27 @@ pub fn e2m1_half_step(m: f64) -> f64 {
 /// clamped to [0, 254], computed exactly from the bits of `s` (f32 subnormals
 /// included; `s` ≤ 0 gives 0).
 ///
-/// comfy-kitchen's eager backend computes `torch.ceil(torch.log2(s))` in f32.
-/// The f32 logarithm rounds k + 1.44·δ to k when `s` = 2^k·(1+δ) lies a few
-/// ulps above a power of two (1 ulp for |k| in [4, 8), about 22 for
-/// |k| ≥ 64), and then picks the exponent one lower than exact (the block
-/// saturates at 448 instead). That only happens for F32 sources: `s` is
-/// `bmax / 448` and a bf16/f16 `bmax` is either exactly 1.75·2^j (then `s` is
-/// a power of two) or at least 2^-10 relatively away from it. We follow the
-/// exact definition, as comfy-kitchen's CUDA kernel does
-/// (`__nv_cvt_float_to_e8m0(.., cudaRoundPosInf)`).
+/// comfy-kitchen's eager backend computes `torch.ceil(torch.log2(s))` in f32,
+/// and the f32 logarithm is rounded: for `s` = 2^k·(1 + n·2^-23) it returns
+/// exactly k while 1.4427·n·2^-23 is below half an ulp of k, and the
+/// exponent comes out one lower than exact (the block then saturates at
+/// 448). Against torch 2.15 that is n ≤ 1 for |k| in [4, 8), n ≤ 2 for
+/// [8, 16), n ≤ 5 for [16, 32), doubling per binade; never for |k| < 4.
+/// Only F32 sources can get there: `s` is `bmax / 448`, and a bf16/f16
+/// `bmax` is either exactly 1.75·2^j (then `s` is a power of two) or at
+/// least 2^-10 relatively away from one. We follow the exact definition, as
+/// comfy-kitchen's CUDA kernel does (`__nv_cvt_float_to_e8m0(..,
+/// cudaRoundPosInf)`).
+#[inline(always)]
 pub fn e8m0_ceil_code(s: f32) -> u8 {
-    if !(s > 0.0) {
-        return 0;
-    }
-    let b = s.to_bits();
-    let exp = (b >> 23) as i32;
-    let man = b & 0x7F_FFFF;
-    let ceil_log2 = if exp == 0 {
-        // s = man·2^-149 and ceil(log2(man)) = bit length of (man - 1).
-        -149 + (32 - (man - 1).leading_zeros()) as i32
-    } else {
-        exp - 127 + (man != 0) as i32
-    };
-    (ceil_log2 + 127).clamp(0, 254) as u8
+    // A subnormal `s` is scaled by 2^64 first (exact), so one exponent and
+    // mantissa test covers both ranges; branch-free for vector loops.
+    let sub = s < f32::MIN_POSITIVE;
+    let t = if sub { s * 18_446_744_073_709_551_616.0 } else { s };
+    let b = t.to_bits();
+    let ceil_log2 = ((b >> 23) & 0xFF) as i32 - 127 + ((b & 0x7F_FFFF) != 0) as i32 - if sub { 64 } else { 0 };
+    let code = (ceil_log2 + 127).clamp(0, 254);
+    if s > 0.0 { code as u8 } else { 0 }
 }
 
 /// E8M0 code → f32: 2^(code-127), and 0.0 for code 0 (`float_utils.e8m0_to_f32`
@@ -313,9 +315,10 @@ pub(crate) trait Src: Copy + Send + Sync + 'static {
     /// Magnitude bits (sign cleared) at or above this are infinity or NaN.
     const NONFINITE: u32;
     /// Relative rounding error bound of `round` for normal results (2^-p).
-    const UNIT_ROUNDOFF: f64;
-    /// Absolute rounding error bound of `round` in the subnormal range.
-    const HALF_MIN_SUBNORMAL: f64;
+    const UNIT_ROUNDOFF: f32;
+    /// Absolute rounding error bound of `round` in the subnormal range (at
+    /// least f32's smallest subnormal, so it is never 0 in f32).
+    const HALF_MIN_SUBNORMAL: f32;
     /// `torch.finfo(T).tiny`, the smallest positive normal.
     const TINY: f32;
     /// Raw bits of the element in `c` (`SIZE` little-endian bytes).
@@ -325,6 +328,8 @@ pub(crate) trait Src: Copy + Send + Sync + 'static {
     fn to_f32(bits: u32) -> f32;
     /// f32 → `T` (round to nearest even) → f32.
     fn round(x: f32) -> f32;
+    /// The largest magnitude bits of a run of elements.
+    fn max_mag(bytes: &[u8]) -> u32;
 }
 
 #[derive(Clone, Copy)]
@@ -337,8 +342,8 @@ pub(crate) struct F32;
 impl Src for Bf16 {
     const SIZE: usize = 2;
     const NONFINITE: u32 = 0x7F80;
-    const UNIT_ROUNDOFF: f64 = 1.0 / 256.0;
-    const HALF_MIN_SUBNORMAL: f64 = 4.591774807899561e-41; // 2^-134
+    const UNIT_ROUNDOFF: f32 = 1.0 / 256.0;
+    const HALF_MIN_SUBNORMAL: f32 = 4.591_774_8e-41; // 2^-134
     const TINY: f32 = f32::MIN_POSITIVE;
     #[inline(always)]
     fn bits(c: &[u8]) -> u32 {
@@ -356,14 +361,17 @@ impl Src for Bf16 {
     fn round(x: f32) -> f32 {
         round_to_bf16(x)
     }
+    fn max_mag(bytes: &[u8]) -> u32 {
+        max_mag16(bytes)
+    }
 }
 
 impl Src for F16 {
     const SIZE: usize = 2;
     const NONFINITE: u32 = 0x7C00;
-    const UNIT_ROUNDOFF: f64 = 1.0 / 2048.0;
-    const HALF_MIN_SUBNORMAL: f64 = 2.9802322387695312e-8; // 2^-25
-    const TINY: f32 = 6.103515625e-5; // 2^-14
+    const UNIT_ROUNDOFF: f32 = 1.0 / 2048.0;
+    const HALF_MIN_SUBNORMAL: f32 = 2.980_232_2e-8; // 2^-25
+    const TINY: f32 = 6.103_515_6e-5; // 2^-14
     #[inline(always)]
     fn bits(c: &[u8]) -> u32 {
         u16::from_le_bytes([c[0], c[1]]) as u32
@@ -380,13 +388,16 @@ impl Src for F16 {
     fn round(x: f32) -> f32 {
         round_to_f16(x)
     }
+    fn max_mag(bytes: &[u8]) -> u32 {
+        max_mag16(bytes)
+    }
 }
 
 impl Src for F32 {
     const SIZE: usize = 4;
     const NONFINITE: u32 = 0x7F80_0000;
-    const UNIT_ROUNDOFF: f64 = 1.0 / 16_777_216.0;
-    const HALF_MIN_SUBNORMAL: f64 = 7.006492321624085e-46; // 2^-150
+    const UNIT_ROUNDOFF: f32 = 1.0 / 16_777_216.0;
+    const HALF_MIN_SUBNORMAL: f32 = 1.401_298_5e-45; // 2^-149 (2^-150 is not an f32)
     const TINY: f32 = f32::MIN_POSITIVE;
     #[inline(always)]
     fn bits(c: &[u8]) -> u32 {
@@ -404,6 +415,32 @@ impl Src for F32 {
     fn round(x: f32) -> f32 {
         x
     }
+    fn max_mag(bytes: &[u8]) -> u32 {
+        // Eight independent lanes so the reduction vectorizes.
+        let mut lanes = [0u32; 8];
+        let mut it = bytes.chunks_exact(32);
+        for group in &mut it {
+            for (l, c) in lanes.iter_mut().zip(group.chunks_exact(4)) {
+                *l = (*l).max(Self::mag(Self::bits(c)));
+            }
+        }
+        let tail = it.remainder().chunks_exact(4).map(|c| Self::mag(Self::bits(c))).max().unwrap_or(0);
+        lanes.into_iter().max().unwrap_or(0).max(tail)
+    }
+}
+
+/// Largest magnitude bits of 16-bit elements: sign-cleared bits fit an i16,
+/// and SSE2 has a 16-bit signed max.
+fn max_mag16(bytes: &[u8]) -> u32 {
+    let mut lanes = [0i16; 16];
+    let mut it = bytes.chunks_exact(32);
+    for group in &mut it {
+        for (l, c) in lanes.iter_mut().zip(group.chunks_exact(2)) {
+            *l = (*l).max((u16::from_le_bytes([c[0], c[1]]) & 0x7FFF) as i16);
+        }
+    }
+    let tail = it.remainder().chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7FFF).max().unwrap_or(0);
+    (lanes.into_iter().max().unwrap_or(0) as u16).max(tail) as u32
 }
 
 /// Runs `$body` with `$T` bound to the [`Src`] type of `$dtype`.
@@ -427,7 +464,7 @@ macro_rules! with_src {
 }
 pub(crate) use with_src;
 
-/// Source elements are decoded per row chunk of about this many bytes.
+/// Work items are about this many source bytes.
 const CHUNK_BYTES: usize = 1 << 18;
 
 /// Rows per parallel work item for rows of `row_bytes` bytes.
@@ -458,49 +495,53 @@ pub(crate) fn check_view(w: &WeightView<'_>) -> Result<(), QuantError> {
     Ok(())
 }
 
-/// Largest magnitude bits of a run of elements.
-#[inline]
-pub(crate) fn max_mag<T: Src>(bytes: &[u8]) -> u32 {
-    // Eight independent lanes so the reduction vectorizes.
-    let mut lanes = [0u32; 8];
-    let mut it = bytes.chunks_exact(8 * T::SIZE);
-    for group in &mut it {
-        for (l, c) in lanes.iter_mut().zip(group.chunks_exact(T::SIZE)) {
-            *l = (*l).max(T::mag(T::bits(c)));
-        }
-    }
-    let tail = it.remainder().chunks_exact(T::SIZE).map(|c| T::mag(T::bits(c))).max().unwrap_or(0);
-    lanes.into_iter().max().unwrap_or(0).max(tail)
+/// Max |x| of the whole source, as magnitude bits (parallel).
+pub(crate) fn amax_bits<T: Src>(bytes: &[u8]) -> u32 {
+    bytes.par_chunks(CHUNK_BYTES / T::SIZE * T::SIZE).map(T::max_mag).max().unwrap_or(0)
 }
 
 /// Validates `w`, refuses non-finite values (naming the tensor) and returns
 /// the magnitude bits of max|x|.
 pub(crate) fn finite_amax<T: Src>(w: &WeightView<'_>) -> Result<u32, QuantError> {
     check_view(w)?;
-    let amax = w.bytes.par_chunks(CHUNK_BYTES / T::SIZE * T::SIZE).map(max_mag::<T>).max().unwrap_or(0);
-    if amax < T::NONFINITE {
-        return Ok(amax);
-    }
+    let amax = amax_bits::<T>(w.bytes);
+    if amax < T::NONFINITE { Ok(amax) } else { Err(nonfinite::<T>(w)) }
+}
+
+/// The error for a source known to hold a non-finite value.
+pub(crate) fn nonfinite<T: Src>(w: &WeightView<'_>) -> QuantError {
     let bad = |c: &[u8]| T::mag(T::bits(c)) >= T::NONFINITE;
     let count = w.bytes.par_chunks_exact(T::SIZE).filter(|c| bad(c)).count();
     let first = w.bytes.chunks_exact(T::SIZE).position(bad).unwrap_or(0);
-    Err(QuantError::NonFinite { name: w.name.to_string(), count, first })
+    QuantError::NonFinite { name: w.name.to_string(), count, first }
+}
+
+/// Decodes `out.len()` elements from `bytes` (exact).
+#[inline(always)]
+pub(crate) fn decode_into<T: Src>(bytes: &[u8], out: &mut [f32]) {
+    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(T::SIZE)) {
+        *o = T::to_f32(T::bits(c));
+    }
 }
 
 /// The whole source as f32 (exact).
 pub(crate) fn decode<T: Src>(bytes: &[u8]) -> Vec<f32> {
     let mut out = vec![0f32; bytes.len() / T::SIZE];
-    out.par_chunks_mut(CHUNK_BYTES).zip(bytes.par_chunks(CHUNK_BYTES * T::SIZE)).for_each(|(o, b)| {
-        for (o, c) in o.iter_mut().zip(b.chunks_exact(T::SIZE)) {
-            *o = T::to_f32(T::bits(c));
-        }
-    });
+    out.par_chunks_mut(CHUNK_BYTES).zip(bytes.par_chunks(CHUNK_BYTES * T::SIZE)).for_each(|(o, b)| decode_into::<T>(b, o));
     out
 }
 
 /// [`decode`] for a runtime dtype.
 pub(crate) fn decode_dtype(dtype: SourceDtype, bytes: &[u8]) -> Vec<f32> {
     with_src!(dtype, T => decode::<T>(bytes))
+}
+
+/// Largest |x| of a decoded run (0 for an empty one).
+#[inline(always)]
+pub(crate) fn max_abs(x: &[f32]) -> f32 {
+    // On magnitude bits: an integer max reduces in vector lanes, a float max
+    // (with its NaN rules) does not.
+    f32::from_bits(x.iter().map(|v| v.to_bits() & 0x7FFF_FFFF).max().unwrap_or(0))
 }
 
 // ---------------------------------------------------------------------------
@@ -542,6 +583,42 @@ pub(crate) fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// `a > b ? a : b`: one vector instruction, unlike `f32::max` and its NaN rules.
+#[inline(always)]
+pub(crate) fn fmax<F: PartialOrd>(a: F, b: F) -> F {
+    if a > b { a } else { b }
+}
+
+/// `a < b ? a : b`.
+#[inline(always)]
+pub(crate) fn fmin<F: PartialOrd>(a: F, b: F) -> F {
+    if a < b { a } else { b }
+}
+
+/// Half the distance between neighbouring E4M3 values around magnitude `m`
+/// (the worst rounding error of [`e4m3_from_f32`] up to 448): 2^(⌊log2 m⌋-4),
+/// and 2^-10 in the subnormal range.
+#[inline(always)]
+pub fn e4m3_half_step(m: f32) -> f32 {
+    fmax(f32::from_bits(m.to_bits() & 0x7F80_0000) * 0.0625, 1.0 / 1024.0)
+}
+
+/// Half the distance between neighbouring E2M1 values around magnitude `m`.
+#[inline(always)]
+pub fn e2m1_half_step(m: f32) -> f32 {
+    if m < 2.0 {
+        0.25
+    } else if m < 4.0 {
+        0.5
+    } else {
+        1.0
+    }
+}
+
+/// Bounds are computed in f32; this covers their own rounding (a few ulps)
+/// without loosening them measurably.
+pub(crate) const BOUND_SLACK: f32 = 1.0 + 1.0 / 4096.0;
+
 /// Running sums for [`ErrorStats`].
 #[derive(Clone, Copy, Default)]
 pub(crate) struct StatAcc {
@@ -550,18 +627,48 @@ pub(crate) struct StatAcc {
     err2: f64,
     x2: f64,
     d2: f64,
-    xd: f64,
 }
 
 impl StatAcc {
-    fn add(&mut self, x: f64, d: f64) {
-        let e = d - x;
-        self.n += 1;
-        self.max_abs = self.max_abs.max(e.abs());
-        self.err2 += e * e;
-        self.x2 += x * x;
-        self.d2 += d * d;
-        self.xd += x * d;
+    /// Adds a row; returns the column of the first element with
+    /// |d - x| > bound (or a non-finite d or bound), if any.
+    fn add_row(&mut self, x: &[f32], d: &[f32], bound: &[f32]) -> Option<usize> {
+        // f32 sums in 8 lanes per row (a lane sees at most a few thousand
+        // terms), f64 across rows. The cosine is derived from the error sum
+        // (see `finish`), so these roundings do not blur it.
+        const L: usize = 8;
+        let (mut e2, mut x2, mut d2, mut mx) = ([0f32; L], [0f32; L], [0f32; L], [0f32; L]);
+        let mut bad = [0u32; L];
+        let n = x.len();
+        let (d, bound) = (&d[..n], &bound[..n]);
+        let mut lane = |l: usize, x: f32, d: f32, b: f32| {
+            let e = d - x;
+            e2[l] += e * e;
+            x2[l] += x * x;
+            d2[l] += d * d;
+            mx[l] = fmax(mx[l], e.abs());
+            bad[l] |= !(e.abs() <= b) as u32;
+        };
+        let full = n - n % L;
+        for j in (0..full).step_by(L) {
+            let (x, d, b) = (&x[j..j + L], &d[j..j + L], &bound[j..j + L]);
+            for l in 0..L {
+                lane(l, x[l], d[l], b[l]);
+            }
+        }
+        for i in full..n {
+            lane(0, x[i], d[i], bound[i]);
+        }
+        if bad.iter().any(|&b| b != 0) {
+            return Some((0..n).find(|&i| !((d[i] - x[i]).abs() <= bound[i])).unwrap_or(0));
+        }
+        let sum = |v: [f32; L]| v.iter().map(|&v| v as f64).sum::<f64>();
+        self.n += n;
+        self.max_abs = mx.iter().fold(self.max_abs, |m, &v| m.max(v as f64));
+        self.err2 += sum(e2);
+        self.x2 += sum(x2);
+        self.d2 += sum(d2);
+        None
     }
 
     fn merge(mut self, o: StatAcc) -> StatAcc {
@@ -570,7 +677,6 @@ impl StatAcc {
         self.err2 += o.err2;
         self.x2 += o.x2;
         self.d2 += o.d2;
-        self.xd += o.xd;
         self
     }
 
@@ -582,9 +688,13 @@ impl StatAcc {
         } else {
             0.0
         };
-        let cosine = if self.x2 > 0.0 && self.d2 > 0.0 {
-            self.xd / (self.x2.sqrt() * self.d2.sqrt())
-        } else if self.x2 == 0.0 && self.d2 == 0.0 {
+        // cos = x·d / (|x||d|) with 2·x·d = |x|² + |d|² - |d - x|², written
+        // so that the small quantity (1 - cos) comes from the error sum and
+        // not from the difference of two large sums.
+        let (sx, sd) = (self.x2.sqrt(), self.d2.sqrt());
+        let cosine = if sx > 0.0 && sd > 0.0 {
+            (1.0 - (self.err2 - (sx - sd) * (sx - sd)) / (2.0 * sx * sd)).clamp(-1.0, 1.0)
+        } else if sx == 0.0 && sd == 0.0 {
             1.0
         } else {
             0.0
@@ -593,36 +703,37 @@ impl StatAcc {
     }
 }
 
-/// Compares every element of `w` with its dequantized value: `elem(row, col,
-/// x)` returns `(dequantized, bound)` and the element fails if
-/// `|dequantized - x| > bound` (or either is not finite). Rows run in
-/// parallel; the error names the first failing element in row-major order.
-pub(crate) fn verify_elements<T: Src, F>(w: &WeightView<'_>, elem: F) -> Result<ErrorStats, String>
+/// Compares every row of `w` with its dequantized value. `row(r, x, d,
+/// bound)` gets the decoded source row `x`, fills the dequantized row `d`
+/// and the per-element error bound `bound`, and may reject the row (its
+/// scales, say) with a message. An element fails when |d - x| > bound or
+/// either is not finite. Rows run in parallel; the error names the first
+/// failing row in order.
+pub(crate) fn verify_rows<T: Src, F>(w: &WeightView<'_>, row: F) -> Result<ErrorStats, String>
 where
-    F: Fn(usize, usize, f32) -> (f64, f64) + Sync,
+    F: Fn(usize, &[f32], &mut [f32], &mut [f32]) -> Result<(), String> + Sync,
 {
     check_view(w).map_err(|e| e.to_string())?;
-    let row_bytes = w.cols * T::SIZE;
+    let cols = w.cols;
+    let row_bytes = cols * T::SIZE;
     let per = rows_per_chunk(row_bytes);
     let parts: Vec<Result<StatAcc, String>> = w
         .bytes
         .par_chunks(per * row_bytes)
         .enumerate()
         .map(|(ci, chunk)| {
+            let (mut x, mut d, mut b) = (vec![0f32; cols], vec![0f32; cols], vec![0f32; cols]);
             let mut acc = StatAcc::default();
-            for (ri, row) in chunk.chunks_exact(row_bytes).enumerate() {
+            for (ri, src) in chunk.chunks_exact(row_bytes).enumerate() {
                 let r = ci * per + ri;
-                for (c, e) in row.chunks_exact(T::SIZE).enumerate() {
-                    let x = T::to_f32(T::bits(e));
-                    let (d, bound) = elem(r, c, x);
-                    let err = (d - x as f64).abs();
-                    if !(err <= bound) {
-                        return Err(format!(
-                            "{}: element [{r}, {c}] = {x:e} dequantizes to {d:e}, error {err:e} exceeds the bound {bound:e}",
-                            w.name
-                        ));
-                    }
-                    acc.add(x as f64, d);
+                decode_into::<T>(src, &mut x);
+                row(r, &x, &mut d, &mut b).map_err(|e| format!("{}: {e}", w.name))?;
+                if let Some(c) = acc.add_row(&x, &d, &b) {
+                    let err = (d[c] - x[c]).abs();
+                    return Err(format!(
+                        "{}: element [{r}, {c}] = {:e} dequantizes to {:e}, error {err:e} exceeds the bound {:e}",
+                        w.name, x[c], d[c], b[c]
+                    ));
                 }
             }
             Ok(acc)
@@ -643,12 +754,6 @@ pub(crate) fn scale_interval<T: Src>(value: f64, rel: f64) -> (f64, f64) {
     let lo_t = T::round(lo as f32) as f64;
     let hi_t = T::round(hi as f32) as f64;
     (lo.min(lo_t) * (1.0 - 1e-7), hi.max(hi_t) * (1.0 + 1e-7))
-}
-
-/// Max |x| of a source run, as f64 (for verification, independent of the
-/// magnitude-bits shortcut used when quantizing).
-pub(crate) fn amax_f64<T: Src>(bytes: &[u8]) -> f64 {
-    bytes.chunks_exact(T::SIZE).map(|c| (T::to_f32(T::bits(c)) as f64).abs()).fold(0.0, f64::max)
 }
 
 #[cfg(test)]

@@ -23,8 +23,8 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 use super::numerics::{
-    self, E2M1_MAX, E4M3_MAX, Src, blocked_index, blocked_shape, e2m1_from_f32_fast, e2m1_half_step, e2m1_to_f32,
-    e4m3_from_f32, e4m3_to_f32, finite_amax, roundup, with_src,
+    self, BOUND_SLACK, E2M1_MAX, E4M3_MAX, Src, blocked_index, blocked_shape, e2m1_from_f32_fast, e2m1_half_step,
+    e2m1_to_f32, e4m3_from_f32, e4m3_from_f32_sat, e4m3_to_f32, finite_amax, fmax, fmin, roundup, with_src,
 };
 use super::{ErrorStats, Format, QuantError, QuantFormat, StoredSpec, StoredTensor, WeightView};
 
@@ -48,23 +48,28 @@ pub(crate) fn global_scale<T: Src>(amax: f32) -> f32 {
     if s2 != 0.0 { s2 } else { 1.0 }
 }
 
-/// Quantizes one block of 16 values into 8 packed bytes; returns the E4M3
-/// block scale code.
+/// Quantizes one row (`x`, zero-padded to whole blocks) into packed codes
+/// `out` and E4M3 block scale codes `scales`. Each step runs over the whole
+/// row so it vectorizes across blocks, not just within one.
 #[inline(always)]
-fn encode_block(x: &[f32; B], s2: f32, e4m3_values: &[f32; 256], out: &mut [u8]) -> u8 {
-    let bmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let code = e4m3_from_f32((bmax / E2M1_MAX / s2).min(E4M3_MAX));
-    let total = s2 * e4m3_values[code as usize];
-    if total == 0.0 {
-        out.fill(0);
-        return code;
+fn encode_row(x: &[f32], s2: f32, totals: &mut [f32], scales: &mut [u8], out: &mut [u8]) {
+    for ((code, total), x) in scales.iter_mut().zip(totals.iter_mut()).zip(x.chunks_exact(B)) {
+        let bmax = numerics::max_abs(x);
+        *code = e4m3_from_f32_sat(fmin(bmax / E2M1_MAX / s2, E4M3_MAX));
+        *total = s2 * e4m3_to_f32(*code);
     }
-    for (o, pair) in out.iter_mut().zip(x.chunks_exact(2)) {
-        let hi = e2m1_from_f32_fast((pair[0] / total).clamp(-E2M1_MAX, E2M1_MAX));
-        let lo = e2m1_from_f32_fast((pair[1] / total).clamp(-E2M1_MAX, E2M1_MAX));
-        *o = (hi << 4) | lo;
+    for ((out, x), &total) in out.chunks_exact_mut(B / 2).zip(x.chunks_exact(B)).zip(totals.iter()) {
+        let mut q = [0u8; B];
+        for (q, &x) in q.iter_mut().zip(x) {
+            *q = e2m1_from_f32_fast((x / total).clamp(-E2M1_MAX, E2M1_MAX));
+        }
+        // A zero total (zero block, or a scale that rounded to 0) gives zero
+        // codes; the division above made NaN or infinities there.
+        let keep = if total == 0.0 { 0 } else { 0xFF };
+        for (o, pair) in out.iter_mut().zip(q.chunks_exact(2)) {
+            *o = ((pair[0] << 4) | pair[1]) & keep;
+        }
     }
-    code
 }
 
 fn e4m3_table() -> [f32; 256] {
@@ -85,26 +90,22 @@ fn quantize_t<T: Src>(w: &WeightView<'_>) -> Result<Vec<StoredTensor>, QuantErro
     let (sr, sc) = blocked_shape(pr, nb);
     let mut data = vec![0u8; pr * pc / 2];
     let mut scales = vec![0u8; sr * sc];
-    let values = e4m3_table();
     let row_bytes = cols * T::SIZE;
     // A group of 128 rows owns one contiguous row of 128×4 scale tiles, so
     // groups run in parallel with disjoint outputs. Padding rows stay zero:
     // their blocks would get scale 0 and codes 0.
     data.par_chunks_mut(128 * pc / 2).zip(scales.par_chunks_mut(128 * sc)).enumerate().for_each(
         |(g, (data, scales))| {
+            let (mut x, mut totals, mut codes) = (vec![0f32; pc], vec![0f32; nb], vec![0u8; nb]);
             for (lr, drow) in data.chunks_exact_mut(pc / 2).enumerate() {
                 let r = g * 128 + lr;
                 if r >= rows {
                     break;
                 }
-                let src = &w.bytes[r * row_bytes..(r + 1) * row_bytes];
-                let mut blocks = src.chunks(B * T::SIZE);
-                for (b, out) in drow.chunks_exact_mut(B / 2).enumerate() {
-                    let mut x = [0f32; B];
-                    for (x, c) in x.iter_mut().zip(blocks.next().unwrap().chunks_exact(T::SIZE)) {
-                        *x = T::to_f32(T::bits(c));
-                    }
-                    scales[blocked_index(lr, b, nb)] = encode_block(&x, s2, &values, out);
+                numerics::decode_into::<T>(&w.bytes[r * row_bytes..(r + 1) * row_bytes], &mut x[..cols]);
+                encode_row(&x, s2, &mut totals, &mut codes, drow);
+                for (b, &code) in codes.iter().enumerate() {
+                    scales[blocked_index(lr, b, nb)] = code;
                 }
             }
         },
@@ -134,18 +135,14 @@ fn verify_t<T: Src>(w: &WeightView<'_>, tensors: &[StoredTensor]) -> Result<Erro
     let s2 = numerics::f32_at(&numerics::stored(tensors, &layout, "weight_scale_2")?.data, 0);
     let name = w.name;
 
-    // Block maxima of the original, row by row.
-    let row_bytes = cols * T::SIZE;
-    let bmax: Vec<f64> = w
-        .bytes
-        .par_chunks(row_bytes)
-        .flat_map_iter(|row| row.chunks(B * T::SIZE).map(numerics::amax_f64::<T>).collect::<Vec<_>>())
-        .collect();
-    let amax = bmax.iter().copied().fold(0.0, f64::max);
-
     // s2 = T(amax / 2688), its f32 value after the fallback, or 1.0 for (near-)zero tensors.
-    let tiny = amax < 2f64.powi(-137);
+    let amax_bits = numerics::amax_bits::<T>(w.bytes);
+    if amax_bits >= T::NONFINITE {
+        return Err(format!("{name}: the source holds NaN or infinity"));
+    }
+    let amax = T::to_f32(amax_bits) as f64;
     let (lo, hi) = numerics::scale_interval::<T>(amax / GLOBAL_DIV as f64, 2f64.powi(-23));
+    let tiny = amax < 2f64.powi(-137);
     if !((s2 > 0.0 && s2 as f64 >= lo && s2 as f64 <= hi) || (tiny && s2 == 1.0)) {
         return Err(format!("{name}: weight_scale_2 {s2:e} is not amax/2688 = {:e}", amax / GLOBAL_DIV as f64));
     }
@@ -158,47 +155,64 @@ fn verify_t<T: Src>(w: &WeightView<'_>, tensors: &[StoredTensor]) -> Result<Erro
             }
         }
     }
-    for r in 0..pr {
-        for c in 0..pc {
-            if (r >= rows || c >= cols) && nibble(data, pc, r, c) != 0 {
+    if data[rows * pc / 2..].iter().any(|&b| b != 0) {
+        return Err(format!("{name}: a padding row holds nonzero codes"));
+    }
+    for r in 0..rows {
+        for c in cols..pc {
+            if nibble(data, pc, r, c) != 0 {
                 return Err(format!("{name}: padding code [{r}, {c}] is not zero"));
             }
         }
     }
 
-    // Each block scale must be an E4M3 rounding of min(bmax / 6 / s2, 448).
     let values = e4m3_table();
-    let mut totals = vec![0f32; rows * nb];
-    for r in 0..rows {
-        for b in 0..nb {
+    let (rel_lo, rel_hi) = (1.0 - 2f64.powi(-22), 1.0 + 2f64.powi(-22));
+    numerics::verify_rows::<T, _>(w, |r, x, d, bound| {
+        let row = &data[r * pc / 2..(r + 1) * pc / 2];
+        for (b, ((x, d), bound)) in x.chunks(B).zip(d.chunks_mut(B)).zip(bound.chunks_mut(B)).enumerate() {
+            // The block scale must be an E4M3 rounding of min(bmax / 6 / s2, 448):
+            // the quantizer's own f32 result, or one within the f32 roundings.
             let code = blocked[blocked_index(r, b, nb)];
             let bs = values[code as usize];
-            let want = (bmax[r * nb + b] / E2M1_MAX as f64 / s2 as f64).min(E4M3_MAX as f64);
-            let lo = values[e4m3_from_f32((want * (1.0 - 2f64.powi(-22))) as f32) as usize];
-            let hi = values[e4m3_from_f32((want * (1.0 + 2f64.powi(-22))).min(448.0) as f32) as usize];
-            if !(bs >= lo && bs <= hi) {
-                return Err(format!("{name}: block scale [{r}, {b}] = {bs:e}, expected e4m3({want:e})"));
+            let bmax = numerics::max_abs(x);
+            if code != e4m3_from_f32(fmin(bmax / E2M1_MAX / s2, E4M3_MAX)) {
+                let want = (bmax as f64 / E2M1_MAX as f64 / s2 as f64).min(E4M3_MAX as f64);
+                let lo = values[e4m3_from_f32((want * rel_lo) as f32) as usize];
+                let hi = values[e4m3_from_f32((want * rel_hi).min(448.0) as f32) as usize];
+                if !(bs >= lo && bs <= hi) {
+                    return Err(format!("block scale [{r}, {b}] = {bs:e}, expected e4m3({want:e})"));
+                }
             }
-            totals[r * nb + b] = s2 * bs;
+            let t = s2 * bs;
+            let packed = &row[b * B / 2..];
+            if d.len() == B {
+                for j in 0..B / 2 {
+                    d[2 * j] = e2m1_to_f32(packed[j] >> 4) * t;
+                    d[2 * j + 1] = e2m1_to_f32(packed[j] & 0x0F) * t;
+                }
+            } else {
+                for (i, d) in d.iter_mut().enumerate() {
+                    let byte = packed[i / 2];
+                    *d = e2m1_to_f32(if i % 2 == 0 { byte >> 4 } else { byte & 0x0F }) * t;
+                }
+            }
+            if t == 0.0 {
+                // The block scale rounded to 0 (or s2·scale underflowed): codes 0,
+                // and the block max was at most 6·s2·2^-10 (or 6·s2·1.5·scale).
+                let z = (6.0 * s2 as f64 * (1.5 * bs as f64).max(2f64.powi(-10)) * (1.0 + 1e-5)) as f32;
+                bound.fill(z);
+                continue;
+            }
+            for i in 0..x.len() {
+                let ay = x[i].abs() / t;
+                let hi = ay * (1.0 + f32::EPSILON);
+                let e = t * (e2m1_half_step(fmin(hi, E2M1_MAX)) + fmax(hi - E2M1_MAX, 0.0) + ay * f32::EPSILON)
+                    + d[i].abs() * f32::EPSILON;
+                bound[i] = e * BOUND_SLACK + 1e-45;
+            }
         }
-    }
-
-    numerics::verify_elements::<T, _>(w, |r, c, x| {
-        let t = totals[r * nb + c / B];
-        let d = (e2m1_to_f32(nibble(data, pc, r, c)) * t) as f64;
-        let x = x as f64;
-        if t == 0.0 {
-            // The block scale rounded to 0 (or s2·scale underflowed): codes 0.
-            let bs = values[blocked[blocked_index(r, c / B, nb)] as usize] as f64;
-            return (d, 6.0 * s2 as f64 * (1.5 * bs).max(2f64.powi(-10)) * (1.0 + 1e-5));
-        }
-        let t = t as f64;
-        let ay = (x / t).abs();
-        let hi = ay * (1.0 + 2f64.powi(-23));
-        let bound = t * (e2m1_half_step(hi.min(6.0)) + (hi - 6.0).max(0.0) + ay * 2f64.powi(-23))
-            + d.abs() * 2f64.powi(-23)
-            + 1e-45;
-        (d, bound)
+        Ok(())
     })
 }
 

@@ -63,20 +63,26 @@ impl XorShift {
     }
 }
 
-/// Weight-like bytes of `dtype`: roughly N(0, 0.02) with rare outliers.
+/// Weight-like bytes of `dtype`: roughly N(0, 0.02) with rare outliers
+/// (generated in parallel, reproducible for a given seed).
 pub fn random_weight(dtype: SourceDtype, n: usize, seed: u64) -> Vec<u8> {
     use crate::formats::numerics::{f32_to_bf16, f32_to_f16};
-    let mut rng = XorShift::new(seed);
-    let mut out = Vec::with_capacity(n * dtype.size());
-    for i in 0..n {
-        let v = (rng.next_f32() + rng.next_f32() + rng.next_f32()) * 0.02;
-        let v = if i % 100_003 == 7 { v * 40.0 } else { v };
-        match dtype {
-            SourceDtype::F32 => out.extend_from_slice(&v.to_le_bytes()),
-            SourceDtype::F16 => out.extend_from_slice(&f32_to_f16(v).to_le_bytes()),
-            SourceDtype::BF16 => out.extend_from_slice(&f32_to_bf16(v).to_le_bytes()),
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 20;
+    let size = dtype.size();
+    let mut out = vec![0u8; n * size];
+    out.par_chunks_mut(CHUNK * size).enumerate().for_each(|(k, part)| {
+        let mut rng = XorShift::new(seed ^ ((k as u64 + 1) << 32));
+        for (i, e) in part.chunks_exact_mut(size).enumerate() {
+            let v = (rng.next_f32() + rng.next_f32() + rng.next_f32()) * 0.02;
+            let v = if (k * CHUNK + i) % 100_003 == 7 { v * 40.0 } else { v };
+            match dtype {
+                SourceDtype::F32 => e.copy_from_slice(&v.to_le_bytes()),
+                SourceDtype::F16 => e.copy_from_slice(&f32_to_f16(v).to_le_bytes()),
+                SourceDtype::BF16 => e.copy_from_slice(&f32_to_bf16(v).to_le_bytes()),
+            }
         }
-    }
+    });
     out
 }
 
@@ -164,7 +170,7 @@ pub fn streaming(backend: &dyn Backend, spec: QuantSpec, dtype: SourceDtype, ten
                 s.spawn(|| -> Option<String> {
                     loop {
                         let i = next.fetch_add(1, Ordering::SeqCst);
-                        let Some((rows, cols, bytes)) = tensors.get(i) else { return None };
+                        let (rows, cols, bytes) = tensors.get(i)?;
                         let w = WeightView { name: "bench", dtype, rows: *rows, cols: *cols, bytes };
                         if let Err(e) = backend.quantize(spec, &w) {
                             return Some(e.to_string());

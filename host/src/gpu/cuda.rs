@@ -368,6 +368,7 @@ impl CudaBackend {
     /// # Safety
     /// `x` must hold the input and `base` at least `out.total` bytes, both live
     /// until the stream has run the launches.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn launch_quantize(
         &self,
         s: &Stream,

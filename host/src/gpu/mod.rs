@@ -62,7 +62,7 @@ pub fn configured_slots() -> usize {
 ///
 /// - `cpu`: the CPU reference.
 /// - `cuda[:N]`: GPU N, or an error saying why it cannot be used.
-/// - `auto`: GPU 0 when it can be used, else the CPU, with one log line saying why.
+/// - `auto`: GPU 0 when it can be used, else the CPU, with one warning saying why.
 pub fn open(choice: DeviceChoice) -> Result<Box<dyn Backend>> {
     match choice {
         DeviceChoice::Cpu => Ok(Box::new(CpuBackend)),
@@ -73,7 +73,7 @@ pub fn open(choice: DeviceChoice) -> Result<Box<dyn Backend>> {
         }
         DeviceChoice::Auto => {
             if !driver_available() {
-                tracing::info!("--device auto: no CUDA driver found (libcuda.so); quantizing on the CPU");
+                tracing::warn!("--device auto: no CUDA driver found (libcuda.so); quantizing on the CPU (pass --device cpu to skip this check)");
                 return Ok(Box::new(CpuBackend));
             }
             match CudaBackend::new(0, configured_slots()) {
@@ -82,7 +82,7 @@ pub fn open(choice: DeviceChoice) -> Result<Box<dyn Backend>> {
                     Ok(Box::new(b))
                 }
                 Err(e) => {
-                    tracing::warn!("--device auto: no usable CUDA GPU ({e:#}); quantizing on the CPU");
+                    tracing::warn!("--device auto: no usable CUDA GPU ({e:#}); quantizing on the CPU (pass --device cpu to skip this check)");
                     Ok(Box::new(CpuBackend))
                 }
             }

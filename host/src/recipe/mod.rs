@@ -13,6 +13,7 @@ pub use runtime::{HostContext, LoadedRecipe, RecipeError, RecipeRuntime, Sandbox
 wasmtime::component::bindgen!({
     world: "recipe-v0",
     path: "../wit",
+    additional_derives: [PartialEq],
 });
 
 pub use quantsmith::recipe::types as wit;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable, types::ComponentItem};
-use wasmtime::{Cache, CacheConfig, Config, Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{Cache, CacheConfig, Config, Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -53,11 +53,50 @@ pub enum RecipeError {
     Invalid { recipe: String, message: String },
 }
 
+/// Caps the *sum* of a recipe's linear memories (a component may hold several),
+/// and turns a refused growth into a trap so the failure is reported, not hidden.
+struct TotalMemoryLimiter {
+    limit: usize,
+    used: usize,
+}
+
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+impl ResourceLimiter for TotalMemoryLimiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.used - current.min(self.used) + desired;
+        if total > self.limit || maximum.is_some_and(|m| desired > m) {
+            wasmtime::bail!("forcing trap when growing memory to {total} bytes in total");
+        }
+        self.used = total;
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > MAX_TABLE_ELEMENTS || maximum.is_some_and(|m| desired > m) {
+            wasmtime::bail!("forcing trap when growing a table to {desired} elements");
+        }
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        32
+    }
+
+    fn tables(&self) -> usize {
+        32
+    }
+
+    fn memories(&self) -> usize {
+        8
+    }
+}
+
 /// Per-call store data.
 pub(super) struct State {
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: TotalMemoryLimiter,
     pub(super) ctx: Option<Arc<HostContext>>,
     pub(super) params: Vec<(String, super::wit::ParamValue)>,
     pub(super) recipe: String,
@@ -239,14 +278,7 @@ impl LoadedRecipe {
             .allow_ip_name_lookup(false)
             .socket_addr_check(|_, _| Box::pin(async { false }))
             .build();
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(self.limits.memory_bytes)
-            .instances(32)
-            .tables(32)
-            .memories(32)
-            .table_elements(1 << 20)
-            .trap_on_grow_failure(true)
-            .build();
+        let limits = TotalMemoryLimiter { limit: self.limits.memory_bytes, used: 0 };
         let state = State { wasi, table: ResourceTable::new(), limits, ctx, params, recipe: recipe.clone() };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);

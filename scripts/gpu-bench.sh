@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# GPU tests and benchmarks, run on the GPU machine from the repository root.
+#
+# The GPU machine has no Rust: build here first and put the binaries in .device/
+# (git-ignored), then run this script there with .device carried along:
+#
+#   cargo test --release -p quantsmith --test gpu --no-run          # note the binary path it prints
+#   cargo build --release -p quantsmith --example gpu_bench --bin run-recipe
+#   mkdir -p .device && cp target/release/deps/gpu-<hash> .device/gpu-test \
+#       && cp target/release/examples/gpu_bench target/release/run-recipe .device/
+#   # on the GPU machine:
+#   bash scripts/gpu-bench.sh [--e2e]
+#
+# Writes logs to $OUT (or /tmp/qs-out). --e2e adds the end-to-end FLUX.1-dev
+# conversion (synthesized full size on local disk): cp vs --device cuda vs --device cpu.
+set -uo pipefail
+OUT=${OUT:-/tmp/qs-out}
+mkdir -p "$OUT"
+E2E=0
+[ "${1:-}" = "--e2e" ] && E2E=1
+
+# NVRTC: the CUDA toolkit's, or the one PyTorch's wheels bring.
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [ -e "$d/libnvrtc.so.13" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}" && break
+done
+if ! ldconfig -p | grep -q libnvrtc.so.13 && ! ls ${LD_LIBRARY_PATH//:/ } 2>/dev/null | grep -q libnvrtc.so.13; then
+    n=$(find / -name 'libnvrtc.so.13' -not -path '*/proc/*' 2>/dev/null | head -1)
+    [ -n "$n" ] && export LD_LIBRARY_PATH="$(dirname "$n"):${LD_LIBRARY_PATH:-}"
+fi
+echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+nproc; free -g | head -2; df -h /tmp | tail -1
+
+echo "== tests"
+QUANTSMITH_REQUIRE_GPU=1 QUANTSMITH_REQUIRE_NVRTC=1 .device/gpu-test --test-threads 1 --nocapture 2>&1 | tee "$OUT/gpu-test.log" | grep -v "^seed\|^$"
+
+echo "== kernel and streaming benchmarks"
+.device/gpu_bench --dump /tmp/qsdump 2>&1 | tee "$OUT/bench.txt"
+
+echo "== PyTorch FP8 on the same GPU"
+python3 scripts/torch_fp8_bench.py /tmp/qsdump 2>&1 | tee "$OUT/torch.txt"
+
+if [ "$E2E" = 1 ]; then
+    echo "== end to end: FLUX.1-dev, full size, bf16"
+    W=/tmp/e2e
+    mkdir -p $W
+    t() { local s=$(date +%s%N); "$@"; local r=$?; echo "  wall $(( ($(date +%s%N) - s) / 1000000 )) ms: $*"; return $r; }
+    t .device/run-recipe synth flux --scale full -o $W/flux.safetensors >/dev/null || exit 1
+    ls -l $W/flux.safetensors
+    sync
+    t cp $W/flux.safetensors $W/copy.safetensors
+    t sync
+    rm -f $W/copy.safetensors
+    sync
+    t .device/run-recipe run $W/flux.safetensors --recipe flux --device cuda -q -o $W/gpu.safetensors --report $OUT/e2e-gpu.json
+    t sync
+    ls -l $W/gpu.safetensors
+    rm -f $W/gpu.safetensors
+    sync
+    t .device/run-recipe run $W/flux.safetensors --recipe flux --device cpu -q -o $W/cpu.safetensors --report $OUT/e2e-cpu.json
+    t sync
+    rm -f $W/cpu.safetensors $W/flux.safetensors
+fi
