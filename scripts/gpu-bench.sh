@@ -20,11 +20,8 @@ E2E=0
 [ "${1:-}" = "--e2e" ] && E2E=1
 
 # NVRTC: the CUDA toolkit's, or the one PyTorch's wheels bring.
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-    [ -e "$d/libnvrtc.so.13" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}" && break
-done
-if ! ldconfig -p | grep -q libnvrtc.so.13 && ! ls ${LD_LIBRARY_PATH//:/ } 2>/dev/null | grep -q libnvrtc.so.13; then
-    n=$(find / -name 'libnvrtc.so.13' -not -path '*/proc/*' 2>/dev/null | head -1)
+if ! ldconfig -p | grep -q 'libnvrtc.so.13 '; then
+    n=$(find /usr/local /opt /usr/lib -name 'libnvrtc.so.13' 2>/dev/null | head -1)
     [ -n "$n" ] && export LD_LIBRARY_PATH="$(dirname "$n"):${LD_LIBRARY_PATH:-}"
 fi
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
@@ -32,13 +29,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 nproc; free -g | head -2; df -h /tmp | tail -1
 
 echo "== tests"
-QUANTSMITH_REQUIRE_GPU=1 QUANTSMITH_REQUIRE_NVRTC=1 .device/gpu-test --test-threads 1 --nocapture 2>&1 | tee "$OUT/gpu-test.log" | grep -v "^seed\|^$"
+QUANTSMITH_REQUIRE_GPU=1 QUANTSMITH_REQUIRE_NVRTC=1 timeout 200 .device/gpu-test --test-threads 1 --nocapture 2>&1 | tee "$OUT/gpu-test.log"
 
 echo "== kernel and streaming benchmarks"
-.device/gpu_bench --dump /tmp/qsdump 2>&1 | tee "$OUT/bench.txt"
+timeout 200 .device/gpu_bench --dump /tmp/qsdump 2>&1 | tee "$OUT/bench.txt"
 
 echo "== PyTorch FP8 on the same GPU"
-python3 scripts/torch_fp8_bench.py /tmp/qsdump 2>&1 | tee "$OUT/torch.txt"
+timeout 90 python3 scripts/torch_fp8_bench.py /tmp/qsdump 2>&1 | tee "$OUT/torch.txt"
 
 if [ "$E2E" = 1 ]; then
     echo "== end to end: FLUX.1-dev, full size, bf16"
@@ -46,7 +43,7 @@ if [ "$E2E" = 1 ]; then
     mkdir -p $W
     t() { local s=$(date +%s%N); "$@"; local r=$?; echo "  wall $(( ($(date +%s%N) - s) / 1000000 )) ms: $*"; return $r; }
     t .device/run-recipe synth flux --scale full -o $W/flux.safetensors >/dev/null || exit 1
-    ls -l $W/flux.safetensors
+    ls -l $W/flux.safetensors; df -h $W | tail -1
     sync
     t cp $W/flux.safetensors $W/copy.safetensors
     t sync

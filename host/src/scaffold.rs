@@ -135,7 +135,7 @@ impl Preset for Recipe {{
         let mut plan = standard_plan(&params)?;
         if params.boolean("keep-attention").unwrap_or(false) {{
             // Later rules win: appending an exclusion overrides the format rules.
-            plan.rules.extend(RuleSet::new().exclude_existing(&["*.attn1.*", "*.attn2.*", "*.attn.*"]).build().rules);
+            plan.rules.extend(RuleSet::new().exclude_existing(&["*attn*"]).build().rules);
             plan.notes.push("attention kept in high precision".into());
         }}
         log(host::LogLevel::Info, format!("{{}} rules", plan.rules.len()));

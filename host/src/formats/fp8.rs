@@ -223,7 +223,7 @@ mod tests {
         //  0     → 0x00
         // -2.0   → -300    → -288 (step 32 in [256,448])          = 1 1111 001 = 0xF9
         let (q, s) = quantize(SourceDtype::BF16, 2, 3, &[1.0, -0.5, 3.0, 0.1, 0.0, -2.0]);
-        assert_eq!(s, 0.006683349609375);
+        assert_eq!(s, 219.0 / 32768.0);
         assert_eq!(q, [0x71, 0xE9, 0x7E, 0x57, 0x00, 0xF9]);
     }
 

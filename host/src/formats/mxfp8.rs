@@ -30,7 +30,7 @@ pub const BLOCK: u32 = 32;
 const B: usize = BLOCK as usize;
 
 /// `2^-127`, the smallest E8M0 scale comfy-kitchen clamps to.
-const MIN_SCALE: f32 = 5.877_471_8e-39;
+const MIN_SCALE: f32 = f32::from_bits(1 << 22);
 
 pub struct Mxfp8;
 
@@ -109,8 +109,8 @@ fn verify_t<T: Src>(w: &WeightView<'_>, tensors: &[StoredTensor]) -> Result<Erro
     let name = w.name;
 
     for r in 0..sr {
-        for c in 0..sc {
-            if (r >= rows || c >= nb) && blocked[blocked_index(r, c, nb)] != 0 {
+        for c in if r < rows { nb } else { 0 }..sc {
+            if blocked[blocked_index(r, c, nb)] != 0 {
                 return Err(format!("{name}: padding block scale [{r}, {c}] is not zero"));
             }
         }

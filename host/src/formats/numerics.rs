@@ -343,7 +343,7 @@ impl Src for Bf16 {
     const SIZE: usize = 2;
     const NONFINITE: u32 = 0x7F80;
     const UNIT_ROUNDOFF: f32 = 1.0 / 256.0;
-    const HALF_MIN_SUBNORMAL: f32 = 4.591_774_8e-41; // 2^-134
+    const HALF_MIN_SUBNORMAL: f32 = f32::from_bits(1 << 15); // 2^-134
     const TINY: f32 = f32::MIN_POSITIVE;
     #[inline(always)]
     fn bits(c: &[u8]) -> u32 {
@@ -370,8 +370,8 @@ impl Src for F16 {
     const SIZE: usize = 2;
     const NONFINITE: u32 = 0x7C00;
     const UNIT_ROUNDOFF: f32 = 1.0 / 2048.0;
-    const HALF_MIN_SUBNORMAL: f32 = 2.980_232_2e-8; // 2^-25
-    const TINY: f32 = 6.103_515_6e-5; // 2^-14
+    const HALF_MIN_SUBNORMAL: f32 = f32::from_bits(102 << 23); // 2^-25
+    const TINY: f32 = f32::from_bits(113 << 23); // 2^-14
     #[inline(always)]
     fn bits(c: &[u8]) -> u32 {
         u16::from_le_bytes([c[0], c[1]]) as u32
@@ -397,7 +397,7 @@ impl Src for F32 {
     const SIZE: usize = 4;
     const NONFINITE: u32 = 0x7F80_0000;
     const UNIT_ROUNDOFF: f32 = 1.0 / 16_777_216.0;
-    const HALF_MIN_SUBNORMAL: f32 = 1.401_298_5e-45; // 2^-149 (2^-150 is not an f32)
+    const HALF_MIN_SUBNORMAL: f32 = f32::from_bits(1); // 2^-149 (2^-150 is not an f32)
     const TINY: f32 = f32::MIN_POSITIVE;
     #[inline(always)]
     fn bits(c: &[u8]) -> u32 {
@@ -604,15 +604,10 @@ pub fn e4m3_half_step(m: f32) -> f32 {
 }
 
 /// Half the distance between neighbouring E2M1 values around magnitude `m`.
+/// (0.25 below 2, 0.5 below 4, then 1.)
 #[inline(always)]
 pub fn e2m1_half_step(m: f32) -> f32 {
-    if m < 2.0 {
-        0.25
-    } else if m < 4.0 {
-        0.5
-    } else {
-        1.0
-    }
+    f32::from_bits(fmax(m, 1.0).to_bits() & 0x7F80_0000) * 0.25
 }
 
 /// Bounds are computed in f32; this covers their own rounding (a few ulps)
@@ -632,6 +627,7 @@ pub(crate) struct StatAcc {
 impl StatAcc {
     /// Adds a row; returns the column of the first element with
     /// |d - x| > bound (or a non-finite d or bound), if any.
+    #[allow(clippy::neg_cmp_op_on_partial_ord, reason = "NaN must fail the bound")]
     fn add_row(&mut self, x: &[f32], d: &[f32], bound: &[f32]) -> Option<usize> {
         // f32 sums in 8 lanes per row (a lane sees at most a few thousand
         // terms), f64 across rows. The cosine is derived from the error sum
@@ -911,6 +907,72 @@ mod tests {
                 assert_eq!(round_to_f16(x).to_bits(), f16_to_f32(f32_to_f16(x)).to_bits(), "f16 {x:e}");
             }
         }
+    }
+
+    #[test]
+    fn fast_decoders_match_references() {
+        for b in 0..=u16::MAX {
+            let h = f16_to_f32(b);
+            let want = half::f16::from_bits(b).to_f32();
+            assert!(h.to_bits() == want.to_bits() || (h.is_nan() && want.is_nan()), "f16 {b:#06x}");
+        }
+        // E2M1 decode: every code by hand.
+        let want = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+        for (code, &v) in want.iter().enumerate() {
+            assert_eq!(e2m1_to_f32(code as u8), v);
+            assert_eq!(e2m1_to_f32(code as u8 | 8).to_bits(), (-v).to_bits());
+        }
+        // The saturating E4M3 encoder is the general one on [-448, 448].
+        let mut b = 0u32;
+        while b <= 0x43E0_0000 {
+            for x in [f32::from_bits(b), -f32::from_bits(b)] {
+                assert_eq!(e4m3_from_f32_sat(x), e4m3_from_f32(x), "{x:e}");
+            }
+            b += 997;
+        }
+    }
+
+    #[test]
+    fn half_steps() {
+        assert_eq!(e4m3_half_step(0.0), 1.0 / 1024.0);
+        assert_eq!(e4m3_half_step(0.015), 1.0 / 1024.0); // subnormal E4M3 range
+        assert_eq!(e4m3_half_step(1.0 / 64.0), 1.0 / 1024.0); // 2^-6: step 2^-9
+        assert_eq!(e4m3_half_step(1.0), 1.0 / 16.0); // step 1/8 in [1, 2)
+        assert_eq!(e4m3_half_step(300.0), 16.0); // step 32 in [256, 448]
+        assert_eq!(e2m1_half_step(0.3), 0.25);
+        assert_eq!(e2m1_half_step(1.99), 0.25);
+        assert_eq!(e2m1_half_step(2.0), 0.5);
+        assert_eq!(e2m1_half_step(5.5), 1.0);
+    }
+
+    #[test]
+    fn error_stats_are_accurate() {
+        // 3 rows of 1000: d = x·(1 + 1e-4·sign) so 1 - cos is about 1e-8.
+        let x: Vec<f32> = (0..3000).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let d: Vec<f32> = x.iter().enumerate().map(|(i, &v)| v * if i % 2 == 0 { 1.0001 } else { 0.9999 }).collect();
+        let b = vec![1.0f32; 1000];
+        let mut acc = StatAcc::default();
+        for r in 0..3 {
+            assert_eq!(acc.add_row(&x[r * 1000..(r + 1) * 1000], &d[r * 1000..(r + 1) * 1000], &b), None);
+        }
+        let s = acc.finish();
+        let (mut xd, mut xx, mut dd, mut ee) = (0f64, 0f64, 0f64, 0f64);
+        for (&a, &b) in x.iter().zip(&d) {
+            let (a, b) = (a as f64, b as f64);
+            xd += a * b;
+            xx += a * a;
+            dd += b * b;
+            ee += (b - a) * (b - a);
+        }
+        let cos = xd / (xx.sqrt() * dd.sqrt());
+        assert_eq!(s.elements, 3000);
+        assert!(((1.0 - s.cosine) - (1.0 - cos)).abs() < 1e-3 * (1.0 - cos), "{} vs {cos}", s.cosine);
+        assert!((s.relative_l2 - (ee / xx).sqrt()).abs() < 1e-5 * (ee / xx).sqrt());
+        // An element over its bound is reported by column.
+        let mut tight = b.clone();
+        tight[7] = 0.0;
+        let mut acc = StatAcc::default();
+        assert_eq!(acc.add_row(&x[..1000], &d[..1000], &tight), Some(7));
     }
 
     #[test]

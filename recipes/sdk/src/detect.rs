@@ -44,6 +44,11 @@ fn dim(name: &str, axis: usize) -> Option<u64> {
 }
 
 /// Number of distinct `<prefix><N>.` blocks among the diffusion model's tensors.
+///
+/// ```no_run
+/// // FLUX.1-dev: 19 double and 38 single blocks.
+/// let single = quantsmith_recipe_sdk::detect::count_blocks("single_blocks.");
+/// ```
 pub fn count_blocks(prefix: &str) -> usize {
     let mut max: Option<usize> = None;
     for t in host::tensors() {
@@ -57,6 +62,16 @@ pub fn count_blocks(prefix: &str) -> usize {
 }
 
 /// Identifies the checkpoint's family and variant, or says why it cannot.
+///
+/// ```no_run
+/// use quantsmith_recipe_sdk::detect::{Family, identify};
+///
+/// match identify() {
+///     Ok(found) if found.family == Family::Sdxl && found.variant == "refiner" => { /* ... */ }
+///     Ok(found) => println!("{} {}: {}", found.family.name(), found.variant, found.reason),
+///     Err(why) => println!("not a diffusion model I know: {why}"),
+/// }
+/// ```
 pub fn identify() -> Result<Identified, String> {
     if host::has_tensor("input_blocks.0.0.weight") {
         return identify_unet();

@@ -62,6 +62,17 @@ impl Format {
 }
 
 /// Builds [`ParamSpec`]s for `describe`.
+///
+/// ```
+/// use quantsmith_recipe_sdk::params::ParamSpecBuilder;
+///
+/// let specs = vec![
+///     ParamSpecBuilder::format(),
+///     ParamSpecBuilder::integer("keep-blocks", 1, "Leading blocks left in bf16"),
+///     ParamSpecBuilder::choice("mode", "fast", &["fast", "careful"], "How hard to try"),
+/// ];
+/// assert_eq!(specs[2].allowed.len(), 2);
+/// ```
 pub struct ParamSpecBuilder;
 
 impl ParamSpecBuilder {
@@ -103,6 +114,15 @@ impl ParamSpecBuilder {
 }
 
 /// The recipe's parameters as the host validated them (defaults filled in).
+///
+/// ```no_run
+/// use quantsmith_recipe_sdk::params::{Format, Params};
+///
+/// let params = Params::load();
+/// let format = params.format().unwrap_or(Format::Fp8);
+/// let extra: Vec<String> = params.list("exclude");
+/// let strength = params.number("alpha").unwrap_or(0.5);
+/// ```
 pub struct Params(Vec<(String, ParamValue)>);
 
 impl Params {
