@@ -143,6 +143,11 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    // `run-recipe ... | head` should end quietly, as other command-line tools do.
+    // SAFETY: restoring the default disposition of a signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let default = match cli.verbose {
         0 => "warn",

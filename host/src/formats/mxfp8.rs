@@ -151,7 +151,9 @@ fn verify_t<T: Src>(w: &WeightView<'_>, tensors: &[StoredTensor]) -> Result<Erro
             }
             let scale = e8m0_to_f32(e);
             let inv = 1.0 / scale;
-            for i in 0..x.len() {
+            let n = x.len();
+            let (d, bound, q) = (&mut d[..n], &mut bound[..n], &q[..n]);
+            for i in 0..n {
                 d[i] = e4m3_to_f32(q[i]) * scale;
                 let ay = x[i].abs() * inv;
                 bound[i] = scale * (e4m3_half_step(fmin(ay, E4M3_MAX)) + fmax(ay - E4M3_MAX, 0.0)) * BOUND_SLACK + 1e-45;

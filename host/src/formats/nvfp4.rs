@@ -207,7 +207,9 @@ fn verify_t<T: Src>(w: &WeightView<'_>, tensors: &[StoredTensor]) -> Result<Erro
             // Dividing by t (the quantizer does) or multiplying by 1/t differs
             // by an ulp or two, far inside BOUND_SLACK.
             let inv_t = 1.0 / t;
-            for i in 0..x.len() {
+            let n = x.len();
+            let (d, bound) = (&d[..n], &mut bound[..n]);
+            for i in 0..n {
                 let ay = x[i].abs() * inv_t;
                 let hi = ay * (1.0 + 2.0 * f32::EPSILON);
                 let e = t * (e2m1_half_step(fmin(hi, E2M1_MAX)) + fmax(hi - E2M1_MAX, 0.0) + ay * f32::EPSILON)
