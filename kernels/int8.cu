@@ -75,47 +75,89 @@ QS_DEV void qs_int8_tensor_quant(const u8* __restrict__ x, i64 n, const u32* __r
     }
 }
 
-// Per output channel: one block a row (grid-stride over rows). Also folds each
-// row's amax into *amax_all (for the host's non-finite check).
+// Per output channel: one block a row (grid-stride over rows). A row of up to
+// QS_ROW_CHUNKS x blockDim chunks stays in registers between its amax and its
+// quantization (one read); longer rows, or rows that are not whole 16-byte
+// chunks, are read twice. Also folds each row's amax into *amax_all (for the
+// host's non-finite check).
+#define QS_ROW_CHUNKS 8
+
 template <int DT>
 QS_DEV void qs_int8_rows_quant(const u8* __restrict__ x, i64 rows, i64 cols, u8* __restrict__ q,
                                float* __restrict__ scale_out, u32* __restrict__ amax_all) {
     __shared__ u32 sh[32];
     const bool vec = (cols & 7) == 0;
+    const i64 nck = cols >> 3;
+    const bool in_regs = vec && nck <= (i64)QS_ROW_CHUNKS * blockDim.x;
     u32 all = 0;
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
         const i64 base = r * cols;
         u32 m = 0;
-        if (vec) {
-            for (i64 c = threadIdx.x; c < (cols >> 3); c += blockDim.x) {
-                float v[8];
-                qs_load8<DT>(x, base + (c << 3), v);
+        if (in_regs) {
+            QsRaw8<DT> raw[QS_ROW_CHUNKS];
 #pragma unroll
-                for (int k = 0; k < 8; ++k) {
-                    u32 a = qs_abs_bits(v[k]);
-                    m = a > m ? a : m;
+            for (int u = 0; u < QS_ROW_CHUNKS; ++u) {
+                const i64 c = threadIdx.x + (i64)u * blockDim.x;
+                if (c < nck) qs_fetch8<DT>(x, base + (c << 3), raw[u]);
+            }
+#pragma unroll
+            for (int u = 0; u < QS_ROW_CHUNKS; ++u) {
+                const i64 c = threadIdx.x + (i64)u * blockDim.x;
+                if (c < nck) {
+                    float v[8];
+                    qs_decode8<DT>(raw[u], v);
+#pragma unroll
+                    for (int k = 0; k < 8; ++k) {
+                        u32 a = qs_abs_bits(v[k]);
+                        m = a > m ? a : m;
+                    }
+                }
+            }
+            m = qs_block_max(m, sh);
+            const float scale = qs_int8_scale(m);
+            const float s_t = qs_int8_math_scale<DT>(scale);
+            if (threadIdx.x == 0) scale_out[r] = scale;
+#pragma unroll
+            for (int u = 0; u < QS_ROW_CHUNKS; ++u) {
+                const i64 c = threadIdx.x + (i64)u * blockDim.x;
+                if (c < nck) {
+                    float v[8];
+                    qs_decode8<DT>(raw[u], v);
+                    reinterpret_cast<u64*>(q + base)[c] = qs_int8_codes8<DT>(v, s_t);
                 }
             }
         } else {
-            for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {
-                u32 a = qs_abs_bits(qs_load1<DT>(x, base + c));
-                m = a > m ? a : m;
+            if (vec) {
+                for (i64 c = threadIdx.x; c < nck; c += blockDim.x) {
+                    float v[8];
+                    qs_load8<DT>(x, base + (c << 3), v);
+#pragma unroll
+                    for (int k = 0; k < 8; ++k) {
+                        u32 a = qs_abs_bits(v[k]);
+                        m = a > m ? a : m;
+                    }
+                }
+            } else {
+                for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {
+                    u32 a = qs_abs_bits(qs_load1<DT>(x, base + c));
+                    m = a > m ? a : m;
+                }
+            }
+            m = qs_block_max(m, sh);
+            const float scale = qs_int8_scale(m);
+            const float s_t = qs_int8_math_scale<DT>(scale);
+            if (threadIdx.x == 0) scale_out[r] = scale;
+            if (vec) {
+                for (i64 c = threadIdx.x; c < nck; c += blockDim.x) {
+                    float v[8];
+                    qs_load8<DT>(x, base + (c << 3), v);
+                    reinterpret_cast<u64*>(q + base)[c] = qs_int8_codes8<DT>(v, s_t);
+                }
+            } else {
+                for (i64 c = threadIdx.x; c < cols; c += blockDim.x) q[base + c] = qs_int8_code<DT>(qs_load1<DT>(x, base + c), s_t);
             }
         }
-        m = qs_block_max(m, sh);
         all = m > all ? m : all;
-        const float scale = qs_int8_scale(m);
-        const float s_t = qs_int8_math_scale<DT>(scale);
-        if (threadIdx.x == 0) scale_out[r] = scale;
-        if (vec) {
-            for (i64 c = threadIdx.x; c < (cols >> 3); c += blockDim.x) {
-                float v[8];
-                qs_load8<DT>(x, base + (c << 3), v);
-                reinterpret_cast<u64*>(q + base)[c] = qs_int8_codes8<DT>(v, s_t);
-            }
-        } else {
-            for (i64 c = threadIdx.x; c < cols; c += blockDim.x) q[base + c] = qs_int8_code<DT>(qs_load1<DT>(x, base + c), s_t);
-        }
     }
     if (threadIdx.x == 0 && all != 0) atomicMax(amax_all, all);
 }

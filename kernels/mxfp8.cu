@@ -5,7 +5,7 @@
 //   e     = clamp(ceil(log2(max(bmax / 448, 2^-127))) + 127, 0, 254)   (exact, from bits)
 //   scale = 2^(e - 127), 0 for e == 0
 //   data  = e4m3(clamp(x / scale, -448, 448)); a block with bmax == 0 gets e = 0 and zero data;
-//           a nonzero block with e == 0 divides by zero: +-448, and 0x7F (NaN) for its zeros
+//           a nonzero block with e == 0 divides by zero: +-448, and 0xFF (NaN) for its zeros
 // over the input zero-padded to [roundup(rows, 32), roundup(cols, 32)].
 //
 // Four lanes own a block (8 elements each) and exchange maxima with two
@@ -15,77 +15,69 @@
 #define QS_MX_WARPS 8
 #define QS_MX_UNROLL 4
 
+// Quantizes one chunk; the four lanes of a 32-block exchange their maxima, so
+// all 32 lanes of the warp call this together (chunk index % 4 == lane % 4).
+// Returns the block maximum's bits (for the non-finite check).
+template <int DT>
+QS_DEV u32 qs_mxfp8_chunk(const QsPadded& g, i64 c, const QsChunk<DT>& k, const float v[8], u8* __restrict__ q,
+                          u8* __restrict__ scales) {
+    u32 m = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        u32 a = qs_abs_bits(v[i]);
+        m = a > m ? a : m;
+    }
+    u32 o = __shfl_xor_sync(0xffffffffu, m, 1);
+    m = o > m ? o : m;
+    o = __shfl_xor_sync(0xffffffffu, m, 2);
+    m = o > m ? o : m;
+    const float bmax = qs_f(m);
+    const u32 e = bmax == 0.0f ? 0u : qs_mx_exponent(bmax);
+    u8 out[8];
+    if (bmax == 0.0f) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) out[i] = 0;
+    } else if (e == 0) {
+        // x / 0: +-448 for nonzero x; 0/0 is written 0xFF, as the CPU reference
+        // does (x86's default NaN has the sign bit set)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) out[i] = v[i] == 0.0f ? 0xff : (v[i] > 0.0f ? 0x7e : 0xfe);
+    } else {
+        // x / 2^k and x * 2^-k round the same exact value once; 2^-k is an f32
+        // (at least 2^-127, a subnormal) for every e in [1, 254].
+        const float inv = e == 254 ? qs_f(0x00400000u) : qs_f((254u - e) << 23);
+#pragma unroll
+        for (int i = 0; i < 8; i += 2) {
+            float a = qs_clamp(__fmul_rn(v[i], inv), -448.0f, 448.0f);
+            float b = qs_clamp(__fmul_rn(v[i + 1], inv), -448.0f, 448.0f);
+            u16 p = qs_f32x2_to_e4m3(a, b);
+            out[i] = (u8)(p & 0xff);
+            out[i + 1] = (u8)(p >> 8);
+        }
+    }
+    if (k.live) {
+        reinterpret_cast<u64*>(q)[c] = qs_pack8(out);
+        if ((threadIdx.x & 3) == 0) scales[qs_swizzle(k.r, k.c0 >> 5, g.ncb)] = (u8)e;
+    }
+    return m;
+}
+
 template <int DT>
 QS_DEV void qs_mxfp8_quant(const u8* __restrict__ x, i64 rows, i64 cols, u8* __restrict__ q, u8* __restrict__ scales,
                            u32* __restrict__ amax_all) {
-    const i64 rows_p = (rows + 31) & ~(i64)31;
-    const i64 cols_p = (cols + 31) & ~(i64)31;
-    const i64 cpr = cols_p >> 3;
-    const i64 total = rows_p * cpr;
-    const i64 ncb = (((cols_p >> 5) + 3) >> 2);
-    const bool vec = (cols & 7) == 0;
-    const bool small = total < 0xffffffffLL;
+    const QsPadded g = qs_padded(rows, cols, 32);
     const int lane = threadIdx.x & 31;
-    const i64 warp = (i64)blockIdx.x * QS_MX_WARPS + (threadIdx.x >> 5);
-    const i64 base = warp * (32 * QS_MX_UNROLL);
-
-    float v[QS_MX_UNROLL][8];
-    i64 rr[QS_MX_UNROLL], cc[QS_MX_UNROLL];
+    const i64 base = ((i64)blockIdx.x * QS_MX_WARPS + (threadIdx.x >> 5)) * (32 * QS_MX_UNROLL);
+    QsChunk<DT> k[QS_MX_UNROLL];
 #pragma unroll
-    for (int u = 0; u < QS_MX_UNROLL; ++u) {
-        const i64 c = base + u * 32 + lane;
-        if (c < total) {
-            qs_chunk_pos(c, cpr, small, rr[u], cc[u]);
-            qs_load_padded8<DT>(x, rows, cols, rr[u], cc[u], vec, v[u]);
-        } else {
-            rr[u] = -1;
-            cc[u] = 0;
-#pragma unroll
-            for (int k = 0; k < 8; ++k) v[u][k] = 0.0f;
-        }
-    }
+    for (int u = 0; u < QS_MX_UNROLL; ++u) qs_chunk_fetch<DT>(x, g, base + u * 32 + lane, k[u]);
     u32 all = 0;
 #pragma unroll
     for (int u = 0; u < QS_MX_UNROLL; ++u) {
-        u32 m = 0;
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            u32 a = qs_abs_bits(v[u][k]);
-            m = a > m ? a : m;
-        }
-        u32 o = __shfl_xor_sync(0xffffffffu, m, 1);
-        m = o > m ? o : m;
-        o = __shfl_xor_sync(0xffffffffu, m, 2);
-        m = o > m ? o : m;
+        float v[8];
+        qs_chunk_values<DT>(x, g, k[u], v);
+        const u32 m = qs_mxfp8_chunk<DT>(g, base + u * 32 + lane, k[u], v, q, scales);
         all = m > all ? m : all;
-        const float bmax = qs_f(m);
-        const u32 e = bmax == 0.0f ? 0u : qs_mx_exponent(bmax);
-        u8 out[8];
-        if (bmax == 0.0f) {
-#pragma unroll
-            for (int k = 0; k < 8; ++k) out[k] = 0;
-        } else if (e == 0) {
-            // x / 0: +-448 for nonzero x, NaN (0x7F, CUDA's positive NaN) for zeros
-#pragma unroll
-            for (int k = 0; k < 8; ++k) out[k] = v[u][k] == 0.0f ? 0x7f : (v[u][k] > 0.0f ? 0x7e : 0xfe);
-        } else {
-            // x / 2^k and x * 2^-k round the same exact value once; 2^-k is an f32
-            // (at least 2^-127, a subnormal) for every e in [1, 254].
-            const float inv = e == 254 ? qs_f(0x00400000u) : qs_f((254u - e) << 23);
-#pragma unroll
-            for (int k = 0; k < 8; k += 2) {
-                float a = qs_clamp(__fmul_rn(v[u][k], inv), -448.0f, 448.0f);
-                float b = qs_clamp(__fmul_rn(v[u][k + 1], inv), -448.0f, 448.0f);
-                u16 p = qs_f32x2_to_e4m3(a, b);
-                out[k] = (u8)(p & 0xff);
-                out[k + 1] = (u8)(p >> 8);
-            }
-        }
-        const i64 c = base + u * 32 + lane;
-        if (c < total) {
-            reinterpret_cast<u64*>(q)[c] = qs_pack8(out);
-            if ((lane & 3) == 0) scales[qs_swizzle(rr[u], cc[u] >> 5, ncb)] = (u8)e;
-        }
     }
     all = qs_warp_max(all);
     if (lane == 0 && all != 0) atomicMax(amax_all, all);
@@ -100,8 +92,9 @@ QS_DEV void qs_mxfp8_dequant_impl(const u8* __restrict__ q, const u8* __restrict
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
         const i64 r = i / cols;
         const i64 c = i - r * cols;
-        const float s = qs_e8m0_to_f32(scales[qs_swizzle(r, c >> 5, ncb)]);
-        out[i] = __fmul_rn(qs_e4m3_to_f32(q[r * cols_p + c]), s);
+        const u32 e = scales[qs_swizzle(r, c >> 5, ncb)];
+        // a block with code 0 dequantizes to 0 (its data may hold +-448 and NaN codes)
+        out[i] = e == 0 ? 0.0f : __fmul_rn(qs_e4m3_to_f32(q[r * cols_p + c]), qs_e8m0_to_f32(e));
     }
 }
 

@@ -70,56 +70,110 @@ QS_DEV void qs_chunk_pos(i64 c, i64 cpr, bool small, i64& r, i64& c0) {
     }
 }
 
+// The geometry of a padded block-format matrix, in chunks of 8 elements.
+struct QsPadded {
+    i64 rows, cols;  // logical
+    i64 cpr;         // chunks per padded row
+    i64 total;       // chunks in the padded matrix
+    i64 ncb;         // tile columns of the swizzled scale layout
+    bool vec;        // rows start 16-byte aligned: whole chunks load as vectors
+    bool small;      // chunk indices fit 32 bits
+};
+
+QS_DEV QsPadded qs_padded(i64 rows, i64 cols, int block) {
+    QsPadded g;
+    g.rows = rows;
+    g.cols = cols;
+    const i64 rows_p = (rows + block - 1) / block * block;
+    const i64 cols_p = (cols + block - 1) / block * block;
+    g.cpr = cols_p >> 3;
+    g.total = rows_p * g.cpr;
+    g.ncb = ((cols_p / block) + 3) >> 2;
+    g.vec = (cols & 7) == 0;
+    g.small = g.total < 0xffffffffLL;
+    return g;
+}
+
+// One chunk of a padded matrix: where it is, and its raw bytes when it is a
+// whole in-bounds vector (`fast`); other live chunks are read element-wise.
+template <int DT>
+struct QsChunk {
+    QsRaw8<DT> raw;
+    i64 r, c0;
+    bool live, fast;
+};
+
+// Locates chunk `c` and starts its vector load (the value is used later, so
+// several loads are in flight before the first use).
+template <int DT>
+QS_DEV void qs_chunk_locate(const QsPadded& g, i64 c, QsChunk<DT>& k) {
+    k.live = c < g.total;
+    k.r = 0;
+    k.c0 = 0;
+    k.fast = false;
+    if (k.live) {
+        qs_chunk_pos(c, g.cpr, g.small, k.r, k.c0);
+        k.fast = k.r < g.rows && g.vec && k.c0 < g.cols;
+    }
+}
+
+template <int DT>
+QS_DEV void qs_chunk_fetch(const u8* __restrict__ x, const QsPadded& g, i64 c, QsChunk<DT>& k) {
+    qs_chunk_locate<DT>(g, c, k);
+    if (k.fast) qs_fetch8<DT>(x, k.r * g.cols + k.c0, k.raw);
+}
+
+// The chunk's 8 values (zero in the padding).
+template <int DT>
+QS_DEV void qs_chunk_values(const u8* __restrict__ x, const QsPadded& g, const QsChunk<DT>& k, float v[8]) {
+    if (k.fast) {
+        qs_decode8<DT>(k.raw, v);
+    } else if (k.live) {
+        qs_load_padded8<DT>(x, g.rows, g.cols, k.r, k.c0, false, v);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = 0.0f;
+    }
+}
+
+// Quantizes one chunk; the two lanes of a 16-block exchange their maxima, so
+// all 32 lanes of the warp call this together (chunk index parity == lane parity).
+template <int DT>
+QS_DEV void qs_nvfp4_chunk(const QsPadded& g, i64 c, const QsChunk<DT>& k, const float v[8], float s2,
+                           u8* __restrict__ q, u8* __restrict__ scales) {
+    u32 m = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        u32 a = qs_abs_bits(v[i]);
+        m = a > m ? a : m;
+    }
+    u32 o = __shfl_xor_sync(0xffffffffu, m, 1);
+    m = o > m ? o : m;
+    const u8 code = qs_nvfp4_block_code(qs_f(m), s2);
+    const float tot = __fmul_rn(s2, qs_e4m3_to_f32(code));
+    const u32 packed = qs_nvfp4_pack8(v, tot);
+    if (k.live) {
+        reinterpret_cast<u32*>(q)[c] = packed;
+        if ((threadIdx.x & 1) == 0) scales[qs_swizzle(k.r, k.c0 >> 4, g.ncb)] = code;
+    }
+}
+
 template <int DT>
 QS_DEV void qs_nvfp4_quant(const u8* __restrict__ x, i64 rows, i64 cols, const u32* __restrict__ amax_bits,
                            u8* __restrict__ q, u8* __restrict__ scales, float* __restrict__ s2_out) {
     const float s2 = qs_nvfp4_global_scale<DT>(qs_f(*amax_bits));
     if (blockIdx.x == 0 && threadIdx.x == 0) *s2_out = s2;
-
-    const i64 rows_p = (rows + 15) & ~(i64)15;
-    const i64 cols_p = (cols + 15) & ~(i64)15;
-    const i64 cpr = cols_p >> 3;
-    const i64 total = rows_p * cpr;
-    const i64 ncb = (((cols_p >> 4) + 3) >> 2);  // tile columns of the scale layout
-    const bool vec = (cols & 7) == 0;
-    const bool small = total < 0xffffffffLL;
+    const QsPadded g = qs_padded(rows, cols, 16);
     const int lane = threadIdx.x & 31;
-    const i64 warp = qs_reversed_block() * QS_NV_WARPS + (threadIdx.x >> 5);
-    const i64 base = warp * (32 * QS_NV_UNROLL);
-
-    float v[QS_NV_UNROLL][8];
-    i64 rr[QS_NV_UNROLL], cc[QS_NV_UNROLL];
+    const i64 base = (qs_reversed_block() * QS_NV_WARPS + (threadIdx.x >> 5)) * (32 * QS_NV_UNROLL);
+    QsChunk<DT> k[QS_NV_UNROLL];
+#pragma unroll
+    for (int u = 0; u < QS_NV_UNROLL; ++u) qs_chunk_fetch<DT>(x, g, base + u * 32 + lane, k[u]);
 #pragma unroll
     for (int u = 0; u < QS_NV_UNROLL; ++u) {
-        const i64 c = base + u * 32 + lane;
-        if (c < total) {
-            qs_chunk_pos(c, cpr, small, rr[u], cc[u]);
-            qs_load_padded8<DT>(x, rows, cols, rr[u], cc[u], vec, v[u]);
-        } else {
-            rr[u] = -1;
-            cc[u] = 0;
-#pragma unroll
-            for (int k = 0; k < 8; ++k) v[u][k] = 0.0f;
-        }
-    }
-#pragma unroll
-    for (int u = 0; u < QS_NV_UNROLL; ++u) {
-        u32 m = 0;
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            u32 a = qs_abs_bits(v[u][k]);
-            m = a > m ? a : m;
-        }
-        u32 o = __shfl_xor_sync(0xffffffffu, m, 1);
-        m = o > m ? o : m;
-        const u8 code = qs_nvfp4_block_code(qs_f(m), s2);
-        const float tot = __fmul_rn(s2, qs_e4m3_to_f32(code));
-        const u32 packed = qs_nvfp4_pack8(v[u], tot);
-        const i64 c = base + u * 32 + lane;
-        if (c < total) {
-            reinterpret_cast<u32*>(q)[c] = packed;
-            if ((lane & 1) == 0) scales[qs_swizzle(rr[u], cc[u] >> 4, ncb)] = code;
-        }
+        float v[8];
+        qs_chunk_values<DT>(x, g, k[u], v);
+        qs_nvfp4_chunk<DT>(g, base + u * 32 + lane, k[u], v, s2, q, scales);
     }
 }
 

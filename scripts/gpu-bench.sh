@@ -49,12 +49,15 @@ if [ "$E2E" = 1 ]; then
     t sync
     rm -f $W/copy.safetensors
     sync
-    t .device/run-recipe run $W/flux.safetensors --recipe flux --device cuda -q -o $W/gpu.safetensors --report $OUT/e2e-gpu.json
-    t sync
-    ls -l $W/gpu.safetensors
-    rm -f $W/gpu.safetensors
-    sync
-    t .device/run-recipe run $W/flux.safetensors --recipe flux --device cpu -q -o $W/cpu.safetensors --report $OUT/e2e-cpu.json
-    t sync
-    rm -f $W/cpu.safetensors $W/flux.safetensors
+    for fmt in fp8 nvfp4; do
+        for dev in cuda cpu; do
+            t env RUST_LOG=warn,quantsmith::gpu=info .device/run-recipe run $W/flux.safetensors --recipe flux --set format=$fmt \
+                --device $dev -q -o $W/out.safetensors --report $OUT/e2e-$fmt-$dev.json
+            t sync
+            ls -l $W/out.safetensors
+            rm -f $W/out.safetensors
+            sync
+        done
+    done
+    rm -f $W/flux.safetensors
 fi

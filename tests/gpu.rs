@@ -13,7 +13,7 @@ use quantsmith::formats::numerics::{f32_to_bf16, f32_to_f16};
 use quantsmith::formats::{QuantFormat, QuantSpec, SourceDtype, StoredTensor, WeightView};
 use quantsmith::gpu::bench::XorShift;
 use quantsmith::gpu::kernels::{self, Target};
-use quantsmith::gpu::{self, AmaxKind, CudaBackend};
+use quantsmith::gpu::{self, AmaxKind, CudaBackend, FusedMode};
 
 // ---------------------------------------------------------------------------
 // Without a GPU
@@ -320,11 +320,23 @@ fn gpu_matches_cpu_bit_for_bit() {
                 let w = WeightView { name: "t.weight", dtype, rows: case.rows, cols: case.cols, bytes: &case.bytes };
                 for spec in specs() {
                     let label = format!("{} {:?} {} [{}, {}]", spec_name(spec), dtype, case.what, case.rows, case.cols);
-                    let g = b.quantize(spec, &w);
                     let c = CpuBackend.quantize(spec, &w);
-                    compared += 1;
-                    if let Err(e) = same_result(&g, &c) {
-                        failures.push(format!("{label}: {e}"));
+                    // Both GPU paths: the amax kernel + quantize kernel, and the fused single launch.
+                    let mut bad = false;
+                    for mode in [FusedMode::Never, FusedMode::Always] {
+                        if mode == FusedMode::Always && !b.has_fused() {
+                            continue;
+                        }
+                        b.set_fused(mode);
+                        let g = b.quantize(spec, &w);
+                        compared += 1;
+                        if let Err(e) = same_result(&g, &c) {
+                            failures.push(format!("{label} ({mode:?}): {e}"));
+                            bad = true;
+                        }
+                    }
+                    b.set_fused(FusedMode::Auto);
+                    if bad {
                         continue;
                     }
                     // Dequantization on the GPU equals the CPU's, bit for bit.

@@ -102,6 +102,11 @@ impl StreamingWriter {
         let dest = self.dest;
         let tmp = self.file.into_inner().map_err(|e| anyhow::anyhow!("cannot write {}: {}", dest.display(), e.error()))?;
         tmp.as_file().sync_all().with_context(|| format!("cannot sync {}", dest.display()))?;
+        // Temporary files are private (0600); the result is an ordinary file.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644));
+        }
         tmp.persist(&dest).map_err(|e| anyhow::anyhow!("cannot move the output into place at {}: {}", dest.display(), e.error))?;
         Ok(())
     }

@@ -13,12 +13,14 @@ use super::cuda::{OutLayout, time_ms};
 use super::driver::{DeviceBuffer, PinnedBuffer, Stream};
 use super::CudaBackend;
 use crate::backend::Backend;
-use crate::formats::{QuantSpec, SourceDtype, WeightView};
+use crate::formats::{QuantFormat, QuantSpec, SourceDtype, WeightView};
 
 /// Kernel time of one format on one shape, beside a device copy of its input.
 #[derive(Clone, Debug)]
 pub struct KernelBench {
     pub spec: QuantSpec,
+    /// The fused single-launch kernel (else amax kernel + quantize kernel).
+    pub fused: bool,
     pub dtype: SourceDtype,
     pub rows: usize,
     pub cols: usize,
@@ -89,7 +91,16 @@ pub fn random_weight(dtype: SourceDtype, n: usize, seed: u64) -> Vec<u8> {
 /// Times the kernels of `spec` on a `[rows, cols]` tensor of `dtype` already on
 /// the device, and a device-to-device copy of the same input bytes. Inputs
 /// rotate over enough copies to exceed the L2 cache.
-pub fn kernel_bandwidth(b: &CudaBackend, spec: QuantSpec, dtype: SourceDtype, rows: usize, cols: usize, iters: usize) -> Result<KernelBench> {
+/// `fused` picks the fused single launch where the format has one.
+pub fn kernel_bandwidth(b: &CudaBackend, spec: QuantSpec, dtype: SourceDtype, rows: usize, cols: usize, fused: bool, iters: usize) -> Result<KernelBench> {
+    b.set_fused(if fused { super::FusedMode::Always } else { super::FusedMode::Never });
+    let r = kernel_bandwidth_inner(b, spec, dtype, rows, cols, iters);
+    b.set_fused(super::FusedMode::Auto);
+    let fused = fused && b.has_fused() && (spec.format == QuantFormat::Fp8 || spec.format == QuantFormat::Nvfp4 || (spec.format == QuantFormat::Int8 && !spec.per_channel));
+    r.map(|k| KernelBench { fused, ..k })
+}
+
+fn kernel_bandwidth_inner(b: &CudaBackend, spec: QuantSpec, dtype: SourceDtype, rows: usize, cols: usize, iters: usize) -> Result<KernelBench> {
     let ctx = b.context().clone();
     ctx.bind_to_thread().map_err(|e| super::driver::err("cuCtxSetCurrent", e))?;
     let stats = b.mem_stats().clone();
@@ -124,6 +135,7 @@ pub fn kernel_bandwidth(b: &CudaBackend, spec: QuantSpec, dtype: SourceDtype, ro
     let gb = |bytes: f64, ms: f64| bytes / (ms * 1e-3) / 1e9;
     Ok(KernelBench {
         spec,
+        fused: false,
         dtype,
         rows,
         cols,

@@ -17,7 +17,9 @@
 //! and file write.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use cudarc::driver::safe::CudaContext;
@@ -75,6 +77,64 @@ pub struct SelfTest {
     pub first: [u32; 4],
 }
 
+/// Time spent by `quantize` calls, summed over all callers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TimingSummary {
+    pub tensors: u64,
+    pub input_bytes: u64,
+    /// Waiting for a free slot.
+    pub slot_wait: Duration,
+    /// Copying the source into pinned memory and queueing its upload.
+    pub stage: Duration,
+    /// Upload, kernels and download, until the stream is idle.
+    pub device: Duration,
+    /// Copying the results out of pinned memory.
+    pub unstage: Duration,
+}
+
+impl std::fmt::Display for TimingSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} tensors, {:.2} GB in; summed over callers: slot wait {:.2} s, staging {:.2} s, device {:.2} s, unstaging {:.2} s",
+            self.tensors,
+            self.input_bytes as f64 / 1e9,
+            self.slot_wait.as_secs_f64(),
+            self.stage.as_secs_f64(),
+            self.device.as_secs_f64(),
+            self.unstage.as_secs_f64()
+        )
+    }
+}
+
+#[derive(Default)]
+struct Timing {
+    tensors: AtomicU64,
+    bytes: AtomicU64,
+    ns: [AtomicU64; 4],
+}
+
+impl Timing {
+    fn add(&self, bytes: usize, wait: Duration, stage: Duration, device: Duration, unstage: Duration) {
+        self.tensors.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        for (a, d) in self.ns.iter().zip([wait, stage, device, unstage]) {
+            a.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
+    fn summary(&self) -> TimingSummary {
+        let d = |i: usize| Duration::from_nanos(self.ns[i].load(Ordering::Relaxed));
+        TimingSummary {
+            tensors: self.tensors.load(Ordering::Relaxed),
+            input_bytes: self.bytes.load(Ordering::Relaxed),
+            slot_wait: d(0),
+            stage: d(1),
+            device: d(2),
+            unstage: d(3),
+        }
+    }
+}
+
 /// Kernels of one input dtype.
 #[derive(Clone, Copy)]
 struct DtypeKernels {
@@ -86,6 +146,15 @@ struct DtypeKernels {
     int8_rows: Kernel,
     nvfp4: Kernel,
     mxfp8: Kernel,
+    fused_fp8: Kernel,
+    fused_int8: Kernel,
+    fused_nvfp4: Kernel,
+}
+
+impl DtypeKernels {
+    fn fused(&self) -> [Kernel; 3] {
+        [self.fused_fp8, self.fused_int8, self.fused_nvfp4]
+    }
 }
 
 struct Kernels {
@@ -120,6 +189,9 @@ impl Kernels {
                 int8_rows: k("qs_int8_rows_quant")?,
                 nvfp4: k("qs_nvfp4_quant")?,
                 mxfp8: k("qs_mxfp8_quant")?,
+                fused_fp8: k("qs_fused_fp8")?,
+                fused_int8: k("qs_fused_int8")?,
+                fused_nvfp4: k("qs_fused_nvfp4")?,
             });
         }
         Ok(Kernels {
@@ -131,6 +203,31 @@ impl Kernels {
             selftest: m.kernel("qs_selftest_conversions")?,
         })
     }
+}
+
+/// When the single-launch (cooperative, amax and quantization fused) kernels
+/// are used for FP8, INT8 per tensor and NVFP4.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FusedMode {
+    /// For inputs of at least [`FUSED_MIN_BYTES`] (the default).
+    Auto,
+    Always,
+    /// Always the amax kernel followed by the quantize kernel.
+    Never,
+}
+
+/// Inputs from this size on take the fused kernels under [`FusedMode::Auto`].
+pub const FUSED_MIN_BYTES: usize = 1 << 20;
+/// Threads per block of the fused kernels (`QS_FT`).
+const FUSED_THREADS: u32 = 512;
+
+/// Launch geometry of the fused kernels on this device.
+#[derive(Clone, Copy, Debug)]
+struct Fused {
+    /// Dynamic shared memory per block (the raw-input cache).
+    dyn_smem: u32,
+    /// Blocks: all resident at once.
+    grid: u32,
 }
 
 /// One in-flight slot: a stream and its reusable buffers.
@@ -208,6 +305,9 @@ pub struct CudaBackend {
     free: Mutex<Vec<usize>>,
     freed: Condvar,
     kernels: Kernels,
+    fused: Option<Fused>,
+    fused_mode: std::sync::atomic::AtomicU8,
+    timing: Timing,
     _module: Module,
     stats: Arc<MemStats>,
     info: DeviceInfo,
@@ -283,6 +383,7 @@ impl CudaBackend {
         let compiled = kernels::compile_for_device(cc.0, cc.1)?;
         let module = Module::load(&ctx, &compiled.image).context("loading the compiled kernels")?;
         let kernels = Kernels::load(&module)?;
+        let fused = Self::fused_config(&ctx, &kernels, sms.max(1) as u32)?;
         let mut slots = Vec::with_capacity(nslots);
         for _ in 0..nslots {
             slots.push(Mutex::new(Slot { stream: Stream::new(&ctx)?, h_in: None, h_out: None, d_in: None, d_out: None }));
@@ -301,11 +402,70 @@ impl CudaBackend {
             free: Mutex::new((0..nslots).rev().collect()),
             freed: Condvar::new(),
             kernels,
+            fused,
+            fused_mode: std::sync::atomic::AtomicU8::new(0),
+            timing: Timing::default(),
             _module: module,
             stats: Arc::new(MemStats::default()),
             info,
             ctx,
         })
+    }
+
+    /// The fused kernels' geometry, or None where the device cannot launch
+    /// them (no cooperative launch, too little shared memory).
+    fn fused_config(ctx: &Arc<CudaContext>, kernels: &Kernels, sms: u32) -> Result<Option<Fused>> {
+        use sys::CUdevice_attribute as A;
+        let coop = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH).map_err(|e| driver::err("attribute", e))?;
+        let optin = ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| driver::err("attribute", e))?
+            .max(0) as u32;
+        // Whole tiles of f32 chunks (512 x 32 bytes), leaving room for static shared memory.
+        let tile = FUSED_THREADS * 32;
+        let dyn_smem = optin.saturating_sub(2048) / tile * tile;
+        if coop == 0 || dyn_smem == 0 {
+            return Ok(None);
+        }
+        let mut occupancy = u32::MAX;
+        for k in kernels.by_dtype.iter().flat_map(|d| d.fused()) {
+            k.set_max_dynamic_shared(dyn_smem)?;
+            occupancy = occupancy.min(k.max_active_blocks(FUSED_THREADS, dyn_smem)?);
+        }
+        if occupancy == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Fused { dyn_smem, grid: sms * occupancy }))
+    }
+
+    /// Chooses between the fused kernels and the two-kernel path (tests and
+    /// benchmarks compare them; both give the same bytes).
+    pub fn set_fused(&self, mode: FusedMode) {
+        let v = match mode {
+            FusedMode::Auto => 0,
+            FusedMode::Always => 1,
+            FusedMode::Never => 2,
+        };
+        self.fused_mode.store(v, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the device runs the fused kernels at all.
+    pub fn has_fused(&self) -> bool {
+        self.fused.is_some()
+    }
+
+    /// The fused kernels' (blocks, dynamic shared bytes per block), if any.
+    pub fn fused_geometry(&self) -> Option<(u32, u32)> {
+        self.fused.map(|f| (f.grid, f.dyn_smem))
+    }
+
+    fn use_fused(&self, input_bytes: usize) -> Option<Fused> {
+        let f = self.fused?;
+        match self.fused_mode.load(std::sync::atomic::Ordering::SeqCst) {
+            0 if input_bytes >= FUSED_MIN_BYTES => Some(f),
+            1 => Some(f),
+            _ => None,
+        }
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -386,11 +546,42 @@ impl CudaBackend {
         let (rows, cols) = (rows as i64, cols as i64);
         let n = rows * cols;
         let flat_grid = ((n as usize).div_ceil(8).div_ceil(TILE_CHUNKS)) as u32;
+        let fused = match spec.format {
+            QuantFormat::Fp8 | QuantFormat::Nvfp4 => self.use_fused(n as usize * dtype.size()),
+            QuantFormat::Int8 if !spec.per_channel => self.use_fused(n as usize * dtype.size()),
+            _ => None,
+        };
+        // Tiles of raw input the fused kernels keep in shared memory.
+        let cap_tiles: i32 = fused.map_or(0, |f| (f.dyn_smem / (FUSED_THREADS * 16 * (dtype.size() as u32).div_ceil(2))) as i32);
         // SAFETY: caller's contract: every pointer below lies in live buffers
         // sized for this input and `out`; argument types match the kernels'
         // parameters (const u8*, i64, u32*, ...).
         unsafe {
             s.memset(amax, 0, SCRATCH)?;
+            if let Some(f) = fused {
+                let (g, b, d) = (f.grid, FUSED_THREADS, f.dyn_smem);
+                match spec.format {
+                    QuantFormat::Fp8 | QuantFormat::Int8 => {
+                        let kern = if spec.format == QuantFormat::Fp8 { k.fused_fp8 } else { k.fused_int8 };
+                        let (q, sc) = (at(out.range("weight")), at(out.range("weight_scale")));
+                        kern.launch_cooperative(s, g, b, d, &mut [arg(&x), arg(&n), arg(&amax), arg(&q), arg(&sc), arg(&cap_tiles)])?;
+                    }
+                    QuantFormat::Nvfp4 => {
+                        let (q, scr, s2) = (out.range("weight"), out.range("weight_scale"), out.range("weight_scale_2"));
+                        s.memset(at(scr.clone()), 0, scr.len())?;
+                        let (q, sc, s2) = (at(q), at(scr), at(s2));
+                        k.fused_nvfp4.launch_cooperative(
+                            s,
+                            g,
+                            b,
+                            d,
+                            &mut [arg(&x), arg(&rows), arg(&cols), arg(&amax), arg(&q), arg(&sc), arg(&s2), arg(&cap_tiles)],
+                        )?;
+                    }
+                    QuantFormat::Mxfp8 => unreachable!("MXFP8 needs no global amax"),
+                }
+                return Ok(());
+            }
             match spec.format {
                 QuantFormat::Fp8 => {
                     k.amax_tensor.launch(s, flat_grid, THREADS, &mut [arg(&x), arg(&n), arg(&amax)])?;
@@ -431,9 +622,12 @@ impl CudaBackend {
 
     fn quantize_impl(&self, spec: QuantSpec, w: &WeightView<'_>) -> Result<std::result::Result<Vec<StoredTensor>, QuantError>> {
         let out = OutLayout::new(spec.implementation().layout(w.rows, w.cols));
+        let t_wait = Instant::now();
         self.with_slot(|slot| {
+            let t0 = Instant::now();
             slot.ensure(&self.ctx, &self.stats, w.bytes.len(), out.total)?;
             self.upload(slot, w.bytes)?;
+            let t1 = Instant::now();
             let (x, base) = (slot.d_in.as_ref().expect("ensured").ptr(), slot.d_out.as_ref().expect("ensured").ptr());
             // SAFETY: `ensure` sized both buffers for this input and `out`; the
             // stream is synchronised before they are reused.
@@ -443,6 +637,7 @@ impl CudaBackend {
             // SAFETY: both buffers hold at least out.total bytes.
             unsafe { slot.stream.dtoh(h_out.as_ptr() as *mut u8, d_out, out.total)? };
             slot.stream.synchronize().with_context(|| format!("quantizing {} on the GPU", w.name))?;
+            let t2 = Instant::now();
             // SAFETY: the stream is idle.
             let host = unsafe { h_out.slice(0..out.total) };
             let amax = u32::from_le_bytes(host[out.scratch..out.scratch + 4].try_into().unwrap());
@@ -458,10 +653,26 @@ impl CudaBackend {
                 .specs
                 .iter()
                 .zip(&out.ranges)
-                .map(|(spec, r)| StoredTensor { spec: spec.clone(), data: host[r.clone()].to_vec() })
+                .map(|(spec, r)| {
+                    let src = &host[r.clone()];
+                    let mut data = vec![0u8; src.len()];
+                    if src.len() >= (4 << 20) {
+                        data.par_chunks_mut(1 << 20).zip(src.par_chunks(1 << 20)).for_each(|(d, s)| d.copy_from_slice(s));
+                    } else {
+                        data.copy_from_slice(src);
+                    }
+                    StoredTensor { spec: spec.clone(), data }
+                })
                 .collect();
+            let t3 = Instant::now();
+            self.timing.add(w.bytes.len(), t0 - t_wait, t1 - t0, t2 - t1, t3 - t2);
             Ok(Ok(tensors))
         })
+    }
+
+    /// Where `quantize` calls spent their time so far (summed over callers).
+    pub fn timing(&self) -> TimingSummary {
+        self.timing.summary()
     }
 
     /// Dequantizes tensors laid out as the format's `layout(rows, cols)` says
@@ -597,6 +808,15 @@ impl CudaBackend {
     /// Bytes of the output buffer (stored tensors, padding and scratch) for a layout.
     pub fn output_bytes(spec: QuantSpec, rows: usize, cols: usize) -> usize {
         OutLayout::new(spec.implementation().layout(rows, cols)).total
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        let t = self.timing.summary();
+        if t.tensors > 0 {
+            tracing::info!("{}: {t}; peak device memory {:.0} MiB", self.name(), self.stats.peak() as f64 / (1u64 << 20) as f64);
+        }
     }
 }
 

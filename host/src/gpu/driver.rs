@@ -308,6 +308,38 @@ pub fn arg<T>(v: &T) -> Arg {
 }
 
 impl Kernel {
+    /// Allows up to `bytes` of dynamic shared memory per block.
+    pub fn set_max_dynamic_shared(&self, bytes: u32) -> Result<()> {
+        // SAFETY: live function handle.
+        unsafe {
+            cu::function::set_function_attribute(
+                self.raw,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+        }
+        .map_err(|e| err("cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)", e))
+    }
+
+    /// Blocks of `block` threads with `dynamic_shared` bytes that fit on one multiprocessor at once.
+    pub fn max_active_blocks(&self, block: u32, dynamic_shared: u32) -> Result<u32> {
+        // SAFETY: live function handle.
+        let n = unsafe { cu::occupancy::max_active_block_per_multiprocessor(self.raw, block as i32, dynamic_shared as usize) }
+            .map_err(|e| err("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
+        Ok(n.max(0) as u32)
+    }
+
+    /// Cooperative launch: all `grid` blocks resident at once (the driver
+    /// refuses the launch otherwise), so the kernel may synchronise the grid.
+    ///
+    /// # Safety
+    /// As [`Kernel::launch`].
+    pub unsafe fn launch_cooperative(&self, stream: &Stream, grid: u32, block: u32, dynamic_shared: u32, args: &mut [Arg]) -> Result<()> {
+        // SAFETY: caller's contract.
+        unsafe { cu::launch_cooperative_kernel(self.raw, (grid, 1, 1), (block, 1, 1), dynamic_shared, stream.raw(), args) }
+            .map_err(|e| err("cuLaunchCooperativeKernel", e))
+    }
+
     /// Launches on `stream`; `args` point at values matching the kernel's
     /// parameters in order and type.
     ///

@@ -22,6 +22,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("int8.cu", include_str!("../../../kernels/int8.cu")),
     ("nvfp4.cu", include_str!("../../../kernels/nvfp4.cu")),
     ("mxfp8.cu", include_str!("../../../kernels/mxfp8.cu")),
+    ("fused.cu", include_str!("../../../kernels/fused.cu")),
     ("selftest.cu", include_str!("../../../kernels/selftest.cu")),
 ];
 
@@ -38,6 +39,9 @@ pub const PER_DTYPE_KERNELS: &[&str] = &[
     "qs_int8_rows_quant",
     "qs_nvfp4_quant",
     "qs_mxfp8_quant",
+    "qs_fused_fp8",
+    "qs_fused_int8",
+    "qs_fused_nvfp4",
 ];
 
 /// Kernels with one instance.

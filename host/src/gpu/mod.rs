@@ -17,7 +17,7 @@ mod cuda;
 pub mod driver;
 pub mod kernels;
 
-pub use cuda::{AmaxKind, CudaBackend, DeviceInfo, SelfTest};
+pub use cuda::{AmaxKind, CudaBackend, DeviceInfo, FUSED_MIN_BYTES, FusedMode, SelfTest, TimingSummary};
 
 use anyhow::{Context, Result, bail};
 
