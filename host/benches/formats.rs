@@ -49,6 +49,9 @@ fn bench_formats(c: &mut Criterion) {
         ("nvfp4", QuantSpec { format: QuantFormat::Nvfp4, per_channel: false }),
         ("mxfp8", QuantSpec { format: QuantFormat::Mxfp8, per_channel: false }),
     ];
+    // Baseline in the same run: copying the same bytes into a fresh buffer, the
+    // least any format must do (read the input, write an output).
+    group.bench_function("baseline_copy", |b| b.iter(|| black_box(&bytes).to_vec()));
     for (name, spec) in specs {
         let format = spec.implementation();
         group.bench_function(name, |b| b.iter(|| format.quantize(black_box(&w)).unwrap()));
