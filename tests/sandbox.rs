@@ -169,3 +169,12 @@ fn cli_exits_with_the_recipe_code() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("CPU budget"));
     assert!(!output.exists());
 }
+
+#[test]
+fn formats_the_host_does_not_know_are_refused_at_load() {
+    let runtime = RecipeRuntime::new(SandboxLimits::default()).unwrap();
+    let err = runtime.load(&RecipeSource::File(fixture("unknown-format"))).err().expect("an int4 recipe is refused");
+    let msg = err.to_string();
+    assert!(matches!(err, RecipeError::Load { .. }), "{msg}");
+    assert!(msg.contains("unknown-format.wasm") && msg.contains("contract"), "{msg}");
+}

@@ -179,8 +179,10 @@ impl RecipeRuntime {
         let pre = self
             .linker
             .instantiate_pre(&component)
-            .map_err(|e| load_err(format!("it needs imports the sandbox does not provide: {e:#}")))?;
-        let pre = RecipeV0Pre::new(pre).map_err(|e| load_err(format!("{e:#}")))?;
+            .map_err(|e| load_err(format!("its imports do not match what the sandbox provides (the quantsmith:recipe@{WIT_VERSION} contract and WASI 0.2): {e:#}")))?;
+        let pre = RecipeV0Pre::new(pre).map_err(|e| {
+            load_err(format!("its exports do not match the quantsmith:recipe@{WIT_VERSION} contract this host speaks (built against a modified or newer WIT?): {e:#}"))
+        })?;
         let mut loaded = LoadedRecipe {
             label: label.clone(),
             source: source.clone(),
@@ -297,6 +299,12 @@ impl LoadedRecipe {
 
 fn classify_failure(e: wasmtime::Error, recipe: String, call: &'static str, limits: SandboxLimits, elapsed: Duration, output: String) -> RecipeError {
     let text = format!("{e:#}");
+    if text.contains("failed to convert function to given type") || text.contains("type mismatch") {
+        return RecipeError::Load {
+            recipe,
+            reason: format!("its exports do not match the quantsmith:recipe@{WIT_VERSION} contract this host speaks (built against a modified or newer WIT?): {text}"),
+        };
+    }
     if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
         return RecipeError::Timeout { recipe, call, secs: elapsed.as_secs_f64().max(limits.timeout.as_secs_f64()) };
     }
