@@ -192,15 +192,9 @@ impl Format for Fp8 {
 mod tests {
     use super::*;
     use crate::formats::SourceDtype;
-    use crate::formats::numerics::{Bf16, F16, e4m3_from_f32, f32_to_bf16, f32_to_f16};
+    use crate::formats::numerics::{Bf16, F16, e4m3_from_f32, f32_to_f16};
 
-    pub(crate) fn bytes_of(dtype: SourceDtype, v: &[f32]) -> Vec<u8> {
-        match dtype {
-            SourceDtype::BF16 => v.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect(),
-            SourceDtype::F16 => v.iter().flat_map(|&x| f32_to_f16(x).to_le_bytes()).collect(),
-            SourceDtype::F32 => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
-        }
-    }
+    use crate::formats::numerics::encode_source as bytes_of;
 
     fn quantize(dtype: SourceDtype, rows: usize, cols: usize, v: &[f32]) -> (Vec<u8>, f32) {
         let bytes = bytes_of(dtype, v);

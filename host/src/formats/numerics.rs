@@ -1084,3 +1084,14 @@ mod tests {
         assert!(matches!(finite_amax::<F16>(&wrong), Err(QuantError::Invalid { .. })));
     }
 }
+
+/// Little-endian bytes of `values` rounded to `dtype` (nearest even), as a
+/// checkpoint would store them: for tests and benchmarks.
+pub fn encode_source(dtype: crate::formats::SourceDtype, values: &[f32]) -> Vec<u8> {
+    use crate::formats::SourceDtype;
+    match dtype {
+        SourceDtype::BF16 => values.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect(),
+        SourceDtype::F16 => values.iter().flat_map(|&x| f32_to_f16(x).to_le_bytes()).collect(),
+        SourceDtype::F32 => values.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+    }
+}
