@@ -167,6 +167,18 @@ QS_DEV u16 qs_f32x2_to_e4m3(float lo, float hi) {
 #endif
 }
 
+// As qs_f32x2_to_e4m3 for values known not to be NaN (every quantize path:
+// finite inputs, finite non-zero scales, clamped products), without the check.
+QS_DEV u16 qs_f32x2_to_e4m3_finite(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    u16 r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    return (u16)qs_f32_to_e4m3_sw(lo) | ((u16)qs_f32_to_e4m3_sw(hi) << 8);
+#endif
+}
+
 QS_DEV float qs_e4m3_to_f32(u8 b) {
     u32 sign = ((u32)b & 0x80u) << 24;
     u32 e = ((u32)b >> 3) & 0xfu;
@@ -201,6 +213,21 @@ QS_DEV u8 qs_f32_to_e2m1(float f) {
         r = (u8)(x >> 22);
     }
     return (u8)((r | (u8)((sign >> 28) & 0x8u)) & 0xfu);
+}
+
+// The same code without branches, for values that are not NaN: rounds |v|
+// (clamped to 6) to nearest even on E2M1's grid with one magic addition (step
+// 0.5 below 2, 1 below 4, 2 above), then reads the code off the result's bits.
+// Equal to qs_f32_to_e2m1 for every non-NaN f32 (self-test).
+QS_DEV u8 qs_f32_to_e2m1_fast(float f) {
+    const u32 sign = (qs_u(f) >> 28) & 0x8u;
+    float a = qs_f(qs_u(f) & 0x7fffffffu);
+    a = a > 6.0f ? 6.0f : a;
+    const float m = a < 2.0f ? 4194304.0f : (a < 4.0f ? 8388608.0f : 16777216.0f);
+    const float r = __fsub_rn(__fadd_rn(a, m), m);
+    const u32 b = qs_u(r);
+    const u32 mag = r >= 1.0f ? ((((b >> 23) - 126u) << 1) | ((b >> 22) & 1u)) : (r == 0.5f ? 1u : 0u);
+    return (u8)(sign | mag);
 }
 
 // The E2M1 values by code (sign in bit 3).

@@ -41,7 +41,7 @@ template <int DT>
 QS_DEV void qs_fp8_codes8(const float v[8], float mul, int mode, u8 out[8]) {
 #pragma unroll
     for (int k = 0; k < 8; k += 2) {
-        u16 p = qs_f32x2_to_e4m3(qs_fp8_scaled<DT>(v[k], mul, mode), qs_fp8_scaled<DT>(v[k + 1], mul, mode));
+        u16 p = qs_f32x2_to_e4m3_finite(qs_fp8_scaled<DT>(v[k], mul, mode), qs_fp8_scaled<DT>(v[k + 1], mul, mode));
         out[k] = mode == 0 ? 0 : (u8)(p & 0xff);
         out[k + 1] = mode == 0 ? 0 : (u8)(p >> 8);
     }

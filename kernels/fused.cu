@@ -8,12 +8,17 @@
 //  2. a grid-wide barrier (scratch[1], zeroed by the host before the launch);
 //  3. each block quantizes its range in reverse: first the tiles it read last
 //     (most likely still in L2), then the tiles in shared memory.
-// Compared with an amax kernel followed by a quantize kernel, the second pass
-// mostly avoids device memory. The numerics are the same functions as the
-// two-kernel path, so both give the same bytes.
+// Meant to spare the second pass most device-memory reads; on H200 it measured
+// slower than the amax kernel followed by the quantize kernel (BENCHMARKS.md,
+// GPU), so the backend uses it only when asked (FusedMode::Always). The
+// numerics are the same functions as the two-kernel path: both give the same bytes.
 
+#ifndef QS_FT
 #define QS_FT 512  // threads per block = chunks per tile
+#endif
+#ifndef QS_FU
 #define QS_FU 4    // tiles in flight per thread
+#endif
 
 // One-shot grid barrier: all blocks are resident (cooperative launch).
 QS_DEV void qs_grid_barrier(u32* counter) {
@@ -230,7 +235,7 @@ QS_DEV void qs_fused_nvfp4(const u8* __restrict__ x, i64 rows, i64 cols, u32* sc
             if (tt < t0) continue;  // uniform across the block
             float v[8];
             qs_chunk_values<DT>(x, g, k[u], v);
-            qs_nvfp4_chunk<DT>(g, tt * QS_FT + tid, k[u], v, s2, q, scales);
+            qs_nvfp4_chunk(g, tt * QS_FT + tid, k[u].live, k[u].r, k[u].c0, v, s2, q, scales);
         }
     }
 }

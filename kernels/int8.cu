@@ -162,6 +162,60 @@ QS_DEV void qs_int8_rows_quant(const u8* __restrict__ x, i64 rows, i64 cols, u8*
     if (threadIdx.x == 0 && all != 0) atomicMax(amax_all, all);
 }
 
+// Per output channel, one warp a row held in registers (rows of whole 16-byte
+// chunks, at most 32 x qs_warp_row_chunks<DT>() chunks): no block barrier,
+// and every lane has its whole share of the row in flight at once.
+template <int DT>
+QS_DEV constexpr int qs_warp_row_chunks() { return DT == QS_F32 ? 6 : 12; }
+
+template <int DT>
+QS_DEV void qs_int8_warp_rows_quant(const u8* __restrict__ x, i64 rows, i64 cols, u8* __restrict__ q,
+                                    float* __restrict__ scale_out, u32* __restrict__ amax_all) {
+    constexpr int NC = qs_warp_row_chunks<DT>();
+    const int lane = threadIdx.x & 31;
+    const i64 nwarps = (i64)gridDim.x * (blockDim.x >> 5);
+    const i64 nck = cols >> 3;
+    u32 all = 0;
+    for (i64 r = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < rows; r += nwarps) {
+        const i64 base = r * cols;
+        QsRaw8<DT> raw[NC];
+#pragma unroll
+        for (int u = 0; u < NC; ++u) {
+            const i64 c = lane + 32 * u;
+            if (c < nck) qs_fetch8<DT>(x, base + (c << 3), raw[u]);
+        }
+        u32 m = 0;
+#pragma unroll
+        for (int u = 0; u < NC; ++u) {
+            const i64 c = lane + 32 * u;
+            if (c < nck) {
+                float v[8];
+                qs_decode8<DT>(raw[u], v);
+#pragma unroll
+                for (int k = 0; k < 8; ++k) {
+                    u32 a = qs_abs_bits(v[k]);
+                    m = a > m ? a : m;
+                }
+            }
+        }
+        m = qs_warp_max(m);
+        all = m > all ? m : all;
+        const float scale = qs_int8_scale(m);
+        const float s_t = qs_int8_math_scale<DT>(scale);
+        if (lane == 0) scale_out[r] = scale;
+#pragma unroll
+        for (int u = 0; u < NC; ++u) {
+            const i64 c = lane + 32 * u;
+            if (c < nck) {
+                float v[8];
+                qs_decode8<DT>(raw[u], v);
+                reinterpret_cast<u64*>(q + base)[c] = qs_int8_codes8<DT>(v, s_t);
+            }
+        }
+    }
+    if (lane == 0 && all != 0) atomicMax(amax_all, all);
+}
+
 // Dequantization: out[r, c] = f32(q) * scale[r or 0].
 QS_DEV void qs_int8_dequant_impl(const u8* __restrict__ q, i64 rows, i64 cols, const float* __restrict__ scale,
                                  int per_row, float* __restrict__ out) {
@@ -180,6 +234,10 @@ QS_DEV void qs_int8_dequant_impl(const u8* __restrict__ q, i64 rows, i64 cols, c
     extern "C" __global__ void __launch_bounds__(256) qs_int8_rows_quant_##SUF(                             \
         const u8* x, i64 rows, i64 cols, u8* q, float* scale_out, u32* amax_all) {                          \
         qs_int8_rows_quant<DT>(x, rows, cols, q, scale_out, amax_all);                                      \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) qs_int8_warp_rows_quant_##SUF(                        \
+        const u8* x, i64 rows, i64 cols, u8* q, float* scale_out, u32* amax_all) {                          \
+        qs_int8_warp_rows_quant<DT>(x, rows, cols, q, scale_out, amax_all);                                 \
     }
 
 QS_INT8_INST(f32, QS_F32)

@@ -12,14 +12,11 @@
 // shuffles. No global amax is needed; the block maxima are folded into
 // *amax_all for the host's non-finite check. `scales` must be zeroed first.
 
-#define QS_MX_WARPS 8
-#define QS_MX_UNROLL 4
 
 // Quantizes one chunk; the four lanes of a 32-block exchange their maxima, so
 // all 32 lanes of the warp call this together (chunk index % 4 == lane % 4).
 // Returns the block maximum's bits (for the non-finite check).
-template <int DT>
-QS_DEV u32 qs_mxfp8_chunk(const QsPadded& g, i64 c, const QsChunk<DT>& k, const float v[8], u8* __restrict__ q,
+QS_DEV u32 qs_mxfp8_chunk(const QsPadded& g, i64 c, bool live, i64 r, i64 c0, const float v[8], u8* __restrict__ q,
                           u8* __restrict__ scales) {
     u32 m = 0;
 #pragma unroll
@@ -50,14 +47,14 @@ QS_DEV u32 qs_mxfp8_chunk(const QsPadded& g, i64 c, const QsChunk<DT>& k, const 
         for (int i = 0; i < 8; i += 2) {
             float a = qs_clamp(__fmul_rn(v[i], inv), -448.0f, 448.0f);
             float b = qs_clamp(__fmul_rn(v[i + 1], inv), -448.0f, 448.0f);
-            u16 p = qs_f32x2_to_e4m3(a, b);
+            u16 p = qs_f32x2_to_e4m3_finite(a, b);
             out[i] = (u8)(p & 0xff);
             out[i + 1] = (u8)(p >> 8);
         }
     }
-    if (k.live) {
+    if (live) {
         reinterpret_cast<u64*>(q)[c] = qs_pack8(out);
-        if ((threadIdx.x & 3) == 0) scales[qs_swizzle(k.r, k.c0 >> 5, g.ncb)] = (u8)e;
+        if ((threadIdx.x & 3) == 0) scales[qs_swizzle(r, c0 >> 5, g.ncb)] = (u8)e;
     }
     return m;
 }
@@ -66,21 +63,13 @@ template <int DT>
 QS_DEV void qs_mxfp8_quant(const u8* __restrict__ x, i64 rows, i64 cols, u8* __restrict__ q, u8* __restrict__ scales,
                            u32* __restrict__ amax_all) {
     const QsPadded g = qs_padded(rows, cols, 32);
-    const int lane = threadIdx.x & 31;
-    const i64 base = ((i64)blockIdx.x * QS_MX_WARPS + (threadIdx.x >> 5)) * (32 * QS_MX_UNROLL);
-    QsChunk<DT> k[QS_MX_UNROLL];
-#pragma unroll
-    for (int u = 0; u < QS_MX_UNROLL; ++u) qs_chunk_fetch<DT>(x, g, base + u * 32 + lane, k[u]);
     u32 all = 0;
-#pragma unroll
-    for (int u = 0; u < QS_MX_UNROLL; ++u) {
-        float v[8];
-        qs_chunk_values<DT>(x, g, k[u], v);
-        const u32 m = qs_mxfp8_chunk<DT>(g, base + u * 32 + lane, k[u], v, q, scales);
+    qs_walk_2d<DT>(x, g, [&](i64 c, bool live, i64 r, i64 c0, const float v[8]) {
+        const u32 m = qs_mxfp8_chunk(g, c, live, r, c0, v, q, scales);
         all = m > all ? m : all;
-    }
+    });
     all = qs_warp_max(all);
-    if (lane == 0 && all != 0) atomicMax(amax_all, all);
+    if ((threadIdx.x & 31) == 0 && all != 0) atomicMax(amax_all, all);
 }
 
 // Dequantization to f32 [rows, cols] (the unpadded part): out = f32(code) * 2^(e-127).
@@ -99,7 +88,7 @@ QS_DEV void qs_mxfp8_dequant_impl(const u8* __restrict__ q, const u8* __restrict
 }
 
 #define QS_MXFP8_INST(SUF, DT)                                                                             \
-    extern "C" __global__ void __launch_bounds__(QS_MX_WARPS * 32)                                          \
+    extern "C" __global__ void __launch_bounds__(QS_BT)                                                     \
         qs_mxfp8_quant_##SUF(const u8* x, i64 rows, i64 cols, u8* q, u8* scales, u32* amax_all) {          \
         qs_mxfp8_quant<DT>(x, rows, cols, q, scales, amax_all);                                             \
     }

@@ -12,8 +12,15 @@
 // exchange their maxima with one shuffle. Launch after qs_amax_tensor_<T>;
 // `scales` must be zeroed first (the padding of the tile layout stays 0).
 
-#define QS_NV_WARPS 8
-#define QS_NV_UNROLL 4
+// The block-format kernels run on a 2-D grid: x over chunk columns
+// (QS_BT threads, one chunk column each), y over groups of QS_BR rows, so no
+// index division is needed and each thread has QS_BR loads in flight.
+#ifndef QS_BT
+#define QS_BT 128
+#endif
+#ifndef QS_BR
+#define QS_BR 4
+#endif
 
 // Global scale from the tensor's amax (shared by every block), with the CPU
 // reference's fallbacks: where T rounds amax / 2688 to 0 (all-zero tensors, f16
@@ -30,7 +37,7 @@ QS_DEV float qs_nvfp4_global_scale(float amax) {
 QS_DEV u8 qs_nvfp4_block_code(float bmax, float s2) {
     float bs = __fdiv_rn(__fdiv_rn(bmax, 6.0f), s2);
     bs = bs > 448.0f ? 448.0f : bs;
-    return (u8)(qs_f32x2_to_e4m3(bs, 0.0f) & 0xff);
+    return (u8)(qs_f32x2_to_e4m3_finite(bs, 0.0f) & 0xff);
 }
 
 // Four packed bytes (8 codes) for 8 elements of a block with scale `total`.
@@ -41,7 +48,7 @@ QS_DEV u32 qs_nvfp4_pack8(const float v[8], float total) {
     for (int k = 0; k < 4; ++k) {
         float a = qs_clamp(__fdiv_rn(v[2 * k], total), -6.0f, 6.0f);
         float b = qs_clamp(__fdiv_rn(v[2 * k + 1], total), -6.0f, 6.0f);
-        u32 byte = ((u32)qs_f32_to_e2m1(a) << 4) | (u32)qs_f32_to_e2m1(b);
+        u32 byte = ((u32)qs_f32_to_e2m1_fast(a) << 4) | (u32)qs_f32_to_e2m1_fast(b);
         r |= byte << (8 * k);
     }
     return r;
@@ -136,10 +143,10 @@ QS_DEV void qs_chunk_values(const u8* __restrict__ x, const QsPadded& g, const Q
     }
 }
 
-// Quantizes one chunk; the two lanes of a 16-block exchange their maxima, so
-// all 32 lanes of the warp call this together (chunk index parity == lane parity).
-template <int DT>
-QS_DEV void qs_nvfp4_chunk(const QsPadded& g, i64 c, const QsChunk<DT>& k, const float v[8], float s2,
+// Quantizes one chunk (8 values `v` at padded position (r, c0), output chunk
+// index `c`); the two lanes of a 16-block exchange their maxima, so all 32
+// lanes of the warp call this together (chunk index parity == lane parity).
+QS_DEV void qs_nvfp4_chunk(const QsPadded& g, i64 c, bool live, i64 r, i64 c0, const float v[8], float s2,
                            u8* __restrict__ q, u8* __restrict__ scales) {
     u32 m = 0;
 #pragma unroll
@@ -152,9 +159,48 @@ QS_DEV void qs_nvfp4_chunk(const QsPadded& g, i64 c, const QsChunk<DT>& k, const
     const u8 code = qs_nvfp4_block_code(qs_f(m), s2);
     const float tot = __fmul_rn(s2, qs_e4m3_to_f32(code));
     const u32 packed = qs_nvfp4_pack8(v, tot);
-    if (k.live) {
+    if (live) {
         reinterpret_cast<u32*>(q)[c] = packed;
-        if ((threadIdx.x & 1) == 0) scales[qs_swizzle(k.r, k.c0 >> 4, g.ncb)] = code;
+        if ((threadIdx.x & 1) == 0) scales[qs_swizzle(r, c0 >> 4, g.ncb)] = code;
+    }
+}
+
+// The 2-D walk shared by NVFP4 and MXFP8: calls f(c, live, r, c0, v) for the
+// QS_BR chunks of each row group this thread owns, all loads of a group first.
+// Blocks run in reverse order (after an amax pass, the last-read data first).
+template <int DT, typename F>
+QS_DEV void qs_walk_2d(const u8* __restrict__ x, const QsPadded& g, F f) {
+    const i64 nblk = (i64)gridDim.x * gridDim.y;
+    const i64 lin = nblk - 1 - ((i64)blockIdx.y * gridDim.x + blockIdx.x);
+    const i64 bx = lin % gridDim.x;
+    const i64 by = lin / gridDim.x;
+    const i64 cc = bx * QS_BT + threadIdx.x;  // chunk column
+    const bool col_live = cc < g.cpr;
+    const i64 c0 = cc << 3;
+    const i64 rows_p = g.total / g.cpr;
+    const bool col_fast = col_live && g.vec && c0 < g.cols;
+    for (i64 r0 = by * QS_BR; r0 < rows_p; r0 += (i64)gridDim.y * QS_BR) {
+        QsRaw8<DT> raw[QS_BR];
+#pragma unroll
+        for (int j = 0; j < QS_BR; ++j) {
+            const i64 r = r0 + j;
+            if (col_fast && r < g.rows) qs_fetch8<DT>(x, r * g.cols + c0, raw[j]);
+        }
+#pragma unroll
+        for (int j = 0; j < QS_BR; ++j) {
+            const i64 r = r0 + j;
+            const bool live = col_live && r < rows_p;
+            float v[8];
+            if (col_fast && r < g.rows) {
+                qs_decode8<DT>(raw[j], v);
+            } else if (live) {
+                qs_load_padded8<DT>(x, g.rows, g.cols, r, c0, false, v);
+            } else {
+#pragma unroll
+                for (int i = 0; i < 8; ++i) v[i] = 0.0f;
+            }
+            f(r * g.cpr + cc, live, r, c0, v);
+        }
     }
 }
 
@@ -162,19 +208,11 @@ template <int DT>
 QS_DEV void qs_nvfp4_quant(const u8* __restrict__ x, i64 rows, i64 cols, const u32* __restrict__ amax_bits,
                            u8* __restrict__ q, u8* __restrict__ scales, float* __restrict__ s2_out) {
     const float s2 = qs_nvfp4_global_scale<DT>(qs_f(*amax_bits));
-    if (blockIdx.x == 0 && threadIdx.x == 0) *s2_out = s2;
+    if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *s2_out = s2;
     const QsPadded g = qs_padded(rows, cols, 16);
-    const int lane = threadIdx.x & 31;
-    const i64 base = (qs_reversed_block() * QS_NV_WARPS + (threadIdx.x >> 5)) * (32 * QS_NV_UNROLL);
-    QsChunk<DT> k[QS_NV_UNROLL];
-#pragma unroll
-    for (int u = 0; u < QS_NV_UNROLL; ++u) qs_chunk_fetch<DT>(x, g, base + u * 32 + lane, k[u]);
-#pragma unroll
-    for (int u = 0; u < QS_NV_UNROLL; ++u) {
-        float v[8];
-        qs_chunk_values<DT>(x, g, k[u], v);
-        qs_nvfp4_chunk<DT>(g, base + u * 32 + lane, k[u], v, s2, q, scales);
-    }
+    qs_walk_2d<DT>(x, g, [&](i64 c, bool live, i64 r, i64 c0, const float v[8]) {
+        qs_nvfp4_chunk(g, c, live, r, c0, v, s2, q, scales);
+    });
 }
 
 // Dequantization to f32 [rows, cols] (the unpadded part):
@@ -196,7 +234,7 @@ QS_DEV void qs_nvfp4_dequant_impl(const u8* __restrict__ q, const u8* __restrict
 }
 
 #define QS_NVFP4_INST(SUF, DT)                                                                            \
-    extern "C" __global__ void __launch_bounds__(QS_NV_WARPS * 32) qs_nvfp4_quant_##SUF(                   \
+    extern "C" __global__ void __launch_bounds__(QS_BT) qs_nvfp4_quant_##SUF(                   \
         const u8* x, i64 rows, i64 cols, const u32* amax_bits, u8* q, u8* scales, float* s2_out) {         \
         qs_nvfp4_quant<DT>(x, rows, cols, amax_bits, q, scales, s2_out);                                   \
     }

@@ -1,7 +1,8 @@
 // Self-test: the hardware conversions used on the hot paths against the
 // software reference versions, over every f32 bit pattern (and every f16).
-// counts[0..4]: mismatches of bf16, f16, e4m3 (clamped input), f16 decode;
-// first[0..4]: the smallest mismatching input bits of each (init 0xffffffff).
+// counts[0..5]: mismatches of bf16, f16, e4m3 (clamped input), f16 decode,
+// branch-free e2m1 against torchao's (every non-NaN f32);
+// first[0..5]: the smallest mismatching input bits of each (init 0xffffffff).
 
 extern "C" __global__ void __launch_bounds__(256) qs_selftest_conversions(u32* counts, u32* first) {
     const u64 stride = (u64)gridDim.x * blockDim.x;
@@ -27,6 +28,10 @@ extern "C" __global__ void __launch_bounds__(256) qs_selftest_conversions(u32* c
         if ((hw & 0xff) != lo || (hw >> 8) != hi) {
             atomicAdd(&counts[2], 1u);
             atomicMin(&first[2], b);
+        }
+        if (f == f && qs_f32_to_e2m1_fast(f) != qs_f32_to_e2m1(qs_clamp(f, -6.0f, 6.0f))) {
+            atomicAdd(&counts[4], 1u);
+            atomicMin(&first[4], b);
         }
         if (b < 65536u) {
             const u16 h = (u16)b;

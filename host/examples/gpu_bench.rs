@@ -60,11 +60,8 @@ fn main() -> Result<()> {
 
     // Kernel bandwidth.
     let iters = if quick { 10 } else { 30 };
-    let shapes: &[(usize, usize, &str)] = &[
-        (3072, 12288, "FLUX mlp.2"),
-        (9216, 3072, "FLUX attn.qkv"),
-        (3072, 3072, "FLUX attn.proj"),
-    ];
+    let shapes: &[(usize, usize, &str)] =
+        &[(3072, 12288, "FLUX mlp.2"), (9216, 3072, "FLUX attn.qkv"), (3072, 3072, "FLUX attn.proj")];
     let mut rows_out = Vec::new();
     for &(r, c, what) in shapes {
         let mut jobs: Vec<(QuantSpec, SourceDtype, bool)> = vec![
@@ -78,9 +75,9 @@ fn main() -> Result<()> {
             (spec(QuantFormat::Mxfp8, false), SourceDtype::BF16, false),
         ];
         if r == 3072 && c == 12288 {
-            jobs.push((spec(QuantFormat::Fp8, false), SourceDtype::F16, true));
-            jobs.push((spec(QuantFormat::Fp8, false), SourceDtype::F32, true));
-            jobs.push((spec(QuantFormat::Nvfp4, false), SourceDtype::F32, true));
+            jobs.push((spec(QuantFormat::Fp8, false), SourceDtype::F16, false));
+            jobs.push((spec(QuantFormat::Fp8, false), SourceDtype::F32, false));
+            jobs.push((spec(QuantFormat::Nvfp4, false), SourceDtype::F32, false));
             jobs.push((spec(QuantFormat::Mxfp8, false), SourceDtype::F32, false));
         }
         for (s, d, fused) in jobs {
@@ -89,13 +86,21 @@ fn main() -> Result<()> {
         }
     }
     println!();
-    println!("| format | kernels | dtype | shape | in+out MB | kernel ms | kernel GB/s | copy ms | copy GB/s | kernel/copy |");
+    println!(
+        "| format | kernels | dtype | shape | in+out MB | kernel ms | kernel GB/s | copy ms | copy GB/s | kernel/copy |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for (what, kb) in &rows_out {
         println!(
             "| {} | {} | {:?} | {}x{} ({what}) | {:.1} | {:.4} | {:.0} | {:.4} | {:.0} | {:.0}% |",
             label(kb.spec),
-            if kb.fused { "fused" } else if matches!(kb.spec.format, QuantFormat::Mxfp8) || kb.spec.per_channel { "single" } else { "amax+quant" },
+            if kb.fused {
+                "fused"
+            } else if matches!(kb.spec.format, QuantFormat::Mxfp8) || kb.spec.per_channel {
+                "single"
+            } else {
+                "amax+quant"
+            },
             kb.dtype,
             kb.rows,
             kb.cols,
@@ -106,6 +111,45 @@ fn main() -> Result<()> {
             kb.copy_gbps,
             100.0 * kb.fraction_of_copy()
         );
+    }
+
+    let (ams, agb) = bench::amax_bandwidth(&b, SourceDtype::BF16, 3072, 12288, iters)?;
+    println!("\namax kernel alone, bf16 3072x12288: {ams:.4} ms, {agb:.0} GB/s read");
+
+    // Variants of the tuning knobs (defaults: QS_FT=512 QS_FU=4 QS_BT=128
+    // QS_BR=4), bf16 3072x12288; each compiles its own module.
+    println!("\n| variant | format | kernels | kernel ms | kernel GB/s | kernel/copy |");
+    println!("|---|---|---|---|---|---|");
+    type Variant<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [(QuantFormat, bool)]);
+    let variants: &[Variant] = &[
+        ("QS_FT=1024", &[("QS_FT", "1024")], &[(QuantFormat::Fp8, true), (QuantFormat::Int8, true)]),
+        ("QS_FU=8", &[("QS_FU", "8")], &[(QuantFormat::Fp8, true)]),
+        ("QS_BR=2", &[("QS_BR", "2")], &[(QuantFormat::Nvfp4, false), (QuantFormat::Mxfp8, false)]),
+        ("QS_BR=8", &[("QS_BR", "8")], &[(QuantFormat::Nvfp4, false), (QuantFormat::Mxfp8, false)]),
+        ("QS_BT=256", &[("QS_BT", "256")], &[(QuantFormat::Nvfp4, false), (QuantFormat::Mxfp8, false)]),
+    ];
+    for (name, defines, jobs) in variants {
+        if jobs.is_empty() {
+            continue;
+        }
+        let vb = match CudaBackend::with_defines(0, 1, defines) {
+            Ok(v) => v,
+            Err(e) => {
+                println!("| {name} | compile/load failed: {e:#} | | | | |");
+                continue;
+            }
+        };
+        for &(f, fused) in *jobs {
+            let kb = bench::kernel_bandwidth(&vb, spec(f, false), SourceDtype::BF16, 3072, 12288, fused, iters)?;
+            println!(
+                "| {name} | {} | {} | {:.4} | {:.0} | {:.0}% |",
+                label(kb.spec),
+                if kb.fused { "fused" } else { "2-D / amax+quant" },
+                kb.kernel_ms,
+                kb.kernel_gbps,
+                100.0 * kb.fraction_of_copy()
+            );
+        }
     }
 
     let up = bench::upload_bandwidth(&b, 1 << 30)?;

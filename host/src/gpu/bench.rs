@@ -9,9 +9,9 @@ use std::time::Instant;
 use anyhow::Result;
 use cudarc::driver::sys;
 
+use super::CudaBackend;
 use super::cuda::{OutLayout, time_ms};
 use super::driver::{DeviceBuffer, PinnedBuffer, Stream};
-use super::CudaBackend;
 use crate::backend::Backend;
 use crate::formats::{QuantFormat, QuantSpec, SourceDtype, WeightView};
 
@@ -92,15 +92,34 @@ pub fn random_weight(dtype: SourceDtype, n: usize, seed: u64) -> Vec<u8> {
 /// the device, and a device-to-device copy of the same input bytes. Inputs
 /// rotate over enough copies to exceed the L2 cache.
 /// `fused` picks the fused single launch where the format has one.
-pub fn kernel_bandwidth(b: &CudaBackend, spec: QuantSpec, dtype: SourceDtype, rows: usize, cols: usize, fused: bool, iters: usize) -> Result<KernelBench> {
+pub fn kernel_bandwidth(
+    b: &CudaBackend,
+    spec: QuantSpec,
+    dtype: SourceDtype,
+    rows: usize,
+    cols: usize,
+    fused: bool,
+    iters: usize,
+) -> Result<KernelBench> {
     b.set_fused(if fused { super::FusedMode::Always } else { super::FusedMode::Never });
     let r = kernel_bandwidth_inner(b, spec, dtype, rows, cols, iters);
     b.set_fused(super::FusedMode::Auto);
-    let fused = fused && b.has_fused() && (spec.format == QuantFormat::Fp8 || spec.format == QuantFormat::Nvfp4 || (spec.format == QuantFormat::Int8 && !spec.per_channel));
+    let fused = fused
+        && b.has_fused()
+        && (spec.format == QuantFormat::Fp8
+            || spec.format == QuantFormat::Nvfp4
+            || (spec.format == QuantFormat::Int8 && !spec.per_channel));
     r.map(|k| KernelBench { fused, ..k })
 }
 
-fn kernel_bandwidth_inner(b: &CudaBackend, spec: QuantSpec, dtype: SourceDtype, rows: usize, cols: usize, iters: usize) -> Result<KernelBench> {
+fn kernel_bandwidth_inner(
+    b: &CudaBackend,
+    spec: QuantSpec,
+    dtype: SourceDtype,
+    rows: usize,
+    cols: usize,
+    iters: usize,
+) -> Result<KernelBench> {
     let ctx = b.context().clone();
     ctx.bind_to_thread().map_err(|e| super::driver::err("cuCtxSetCurrent", e))?;
     let stats = b.mem_stats().clone();
@@ -148,6 +167,40 @@ fn kernel_bandwidth_inner(b: &CudaBackend, spec: QuantSpec, dtype: SourceDtype, 
     })
 }
 
+/// The per-tensor amax kernel alone on a `[rows, cols]` input: (ms, read GB/s).
+pub fn amax_bandwidth(
+    b: &CudaBackend,
+    dtype: SourceDtype,
+    rows: usize,
+    cols: usize,
+    iters: usize,
+) -> Result<(f64, f64)> {
+    let ctx = b.context().clone();
+    ctx.bind_to_thread().map_err(|e| super::driver::err("cuCtxSetCurrent", e))?;
+    let stats = b.mem_stats().clone();
+    let in_bytes = rows * cols * dtype.size();
+    let copies = (256usize << 20).div_ceil(in_bytes).clamp(2, 8);
+    let host = random_weight(dtype, rows * cols, 43);
+    let stream = Stream::new(&ctx)?;
+    let out = DeviceBuffer::new(&ctx, &stats, 256)?;
+    let mut inputs = Vec::new();
+    for _ in 0..copies {
+        let d = DeviceBuffer::new(&ctx, &stats, in_bytes)?;
+        // SAFETY: host holds in_bytes; synchronised right after.
+        unsafe { stream.htod(d.ptr(), host.as_ptr(), in_bytes)? };
+        stream.synchronize()?;
+        inputs.push(d);
+    }
+    let ms = time_ms(&ctx, &stream, 3, iters, |i| {
+        // SAFETY: buffers sized above.
+        unsafe {
+            stream.memset(out.ptr(), 0, 4)?;
+            b.launch_amax(&stream, dtype, rows * cols, inputs[i % copies].ptr(), out.ptr())
+        }
+    })?;
+    Ok((ms, in_bytes as f64 / (ms * 1e-3) / 1e9))
+}
+
 /// Host-to-device bandwidth from pinned memory (GB/s), for reference.
 pub fn upload_bandwidth(b: &CudaBackend, bytes: usize) -> Result<f64> {
     let ctx = b.context().clone();
@@ -173,7 +226,13 @@ pub struct StreamBench {
     pub gbps: f64,
 }
 
-pub fn streaming(backend: &dyn Backend, spec: QuantSpec, dtype: SourceDtype, tensors: &[(usize, usize, Vec<u8>)], threads: usize) -> Result<StreamBench> {
+pub fn streaming(
+    backend: &dyn Backend,
+    spec: QuantSpec,
+    dtype: SourceDtype,
+    tensors: &[(usize, usize, Vec<u8>)],
+    threads: usize,
+) -> Result<StreamBench> {
     let next = AtomicUsize::new(0);
     let start = Instant::now();
     let errors: Vec<String> = std::thread::scope(|s| {
@@ -198,5 +257,11 @@ pub fn streaming(backend: &dyn Backend, spec: QuantSpec, dtype: SourceDtype, ten
     }
     let seconds = start.elapsed().as_secs_f64();
     let input_bytes: u64 = tensors.iter().map(|t| t.2.len() as u64).sum();
-    Ok(StreamBench { backend: backend.name(), tensors: tensors.len(), input_bytes, seconds, gbps: input_bytes as f64 / seconds / 1e9 })
+    Ok(StreamBench {
+        backend: backend.name(),
+        tensors: tensors.len(),
+        input_bytes,
+        seconds,
+        gbps: input_bytes as f64 / seconds / 1e9,
+    })
 }

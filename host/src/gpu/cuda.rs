@@ -1,11 +1,12 @@
 //! [`CudaBackend`]: quantization on one CUDA device, several tensors in flight.
 //!
-//! Each in-flight slot owns a stream, a pinned upload buffer, a pinned download
-//! buffer and two device buffers (input, output), all grown on demand and
-//! reused across tensors. One `quantize` call:
+//! Each in-flight slot owns a stream, a pinned upload ring (2 x 8 MiB), a pinned
+//! download buffer and two device buffers (input, output); the last three grow
+//! on demand and are reused across tensors. One `quantize` call:
 //!
-//! 1. copies the memory-mapped source into the pinned buffer in 16 MiB pieces,
-//!    starting the asynchronous upload of each piece as soon as it is there;
+//! 1. copies the memory-mapped source into two pinned 8 MiB staging pieces in
+//!    turn, starting the asynchronous upload of each piece as soon as it is
+//!    there (the CPU fills one piece while the DMA engine moves the other);
 //! 2. runs the amax kernel and the format's quantize kernel on the slot's
 //!    stream (the amax never leaves the device);
 //! 3. downloads every stored tensor plus the amax word in one copy, waits for
@@ -33,7 +34,7 @@ use crate::formats::numerics::{self, with_src};
 use crate::formats::{QuantError, QuantFormat, QuantSpec, SourceDtype, StoredSpec, StoredTensor, WeightView};
 
 /// Upload piece size: the CPU fills piece k+1 while the DMA engine moves piece k.
-const PIECE: usize = 16 << 20;
+const PIECE: usize = 8 << 20;
 /// Alignment of each tensor inside the device output buffer.
 const ALIGN: usize = 256;
 /// Bytes at the end of the output buffer for the amax word.
@@ -71,10 +72,10 @@ pub enum AmaxKind {
 /// Mismatches found by the conversion self-test (all zero when healthy).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SelfTest {
-    /// bf16 rounding, f16 rounding, E4M3 encoding, f16 decoding.
-    pub mismatches: [u32; 4],
+    /// bf16 rounding, f16 rounding, E4M3 encoding, f16 decoding, branch-free E2M1.
+    pub mismatches: [u32; 5],
     /// The smallest f32 (or f16) bit pattern that mismatched, per check.
-    pub first: [u32; 4],
+    pub first: [u32; 5],
 }
 
 /// Time spent by `quantize` calls, summed over all callers.
@@ -144,6 +145,7 @@ struct DtypeKernels {
     fp8: Kernel,
     int8_tensor: Kernel,
     int8_rows: Kernel,
+    int8_warp_rows: Kernel,
     nvfp4: Kernel,
     mxfp8: Kernel,
     fused_fp8: Kernel,
@@ -187,6 +189,7 @@ impl Kernels {
                 fp8: k("qs_fp8_quant")?,
                 int8_tensor: k("qs_int8_tensor_quant")?,
                 int8_rows: k("qs_int8_rows_quant")?,
+                int8_warp_rows: k("qs_int8_warp_rows_quant")?,
                 nvfp4: k("qs_nvfp4_quant")?,
                 mxfp8: k("qs_mxfp8_quant")?,
                 fused_fp8: k("qs_fused_fp8")?,
@@ -209,17 +212,36 @@ impl Kernels {
 /// are used for FP8, INT8 per tensor and NVFP4.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FusedMode {
-    /// For inputs of at least [`FUSED_MIN_BYTES`] (the default).
+    /// The backend's choice (the default): today the amax kernel followed by
+    /// the quantize kernel, which measured faster on H200 (BENCHMARKS.md).
     Auto,
     Always,
     /// Always the amax kernel followed by the quantize kernel.
     Never,
 }
+/// The kernels' compile-time tuning (NVRTC `-D` definitions), which the
+/// launches must agree with.
+#[derive(Clone, Copy, Debug)]
+struct Tune {
+    /// Threads per block of the fused kernels (`QS_FT`).
+    ft: u32,
+    /// Threads per block of the 2-D block-format kernels (`QS_BT`).
+    bt: u32,
+    /// Rows per thread and step of the 2-D kernels (`QS_BR`).
+    br: u32,
+}
 
-/// Inputs from this size on take the fused kernels under [`FusedMode::Auto`].
-pub const FUSED_MIN_BYTES: usize = 1 << 20;
-/// Threads per block of the fused kernels (`QS_FT`).
-const FUSED_THREADS: u32 = 512;
+impl Tune {
+    fn from_defines(defines: &[(&str, &str)]) -> Result<Tune> {
+        let get = |name: &str, default: u32| -> Result<u32> {
+            match defines.iter().find(|(k, _)| *k == name) {
+                Some((_, v)) => v.parse().with_context(|| format!("{name}={v} is not a number")),
+                None => Ok(default),
+            }
+        };
+        Ok(Tune { ft: get("QS_FT", 512)?, bt: get("QS_BT", 128)?, br: get("QS_BR", 4)? })
+    }
+}
 
 /// Launch geometry of the fused kernels on this device.
 #[derive(Clone, Copy, Debug)]
@@ -233,7 +255,10 @@ struct Fused {
 /// One in-flight slot: a stream and its reusable buffers.
 struct Slot {
     stream: Stream,
-    h_in: Option<PinnedBuffer>,
+    /// Upload staging: two pinned pieces of [`PIECE`] bytes used in turn, each
+    /// reused once the event recorded after its upload has passed.
+    ring: PinnedBuffer,
+    ring_done: [Event; 2],
     h_out: Option<PinnedBuffer>,
     d_in: Option<DeviceBuffer>,
     d_out: Option<DeviceBuffer>,
@@ -256,10 +281,6 @@ impl Slot {
         if self.d_out.as_ref().map_or(0, |b| b.len()) < out_len {
             let old = self.d_out.take().map_or(0, |b| b.len());
             self.d_out = Some(DeviceBuffer::new(ctx, stats, grown(out_len, old))?);
-        }
-        if self.h_in.as_ref().map_or(0, |b| b.len()) < in_len {
-            let old = self.h_in.take().map_or(0, |b| b.len());
-            self.h_in = Some(PinnedBuffer::new(ctx, grown(in_len, old), true)?);
         }
         if self.h_out.as_ref().map_or(0, |b| b.len()) < out_len {
             let old = self.h_out.take().map_or(0, |b| b.len());
@@ -292,7 +313,8 @@ impl OutLayout {
     }
 
     fn range(&self, suffix: &str) -> Range<usize> {
-        let i = self.specs.iter().position(|s| s.suffix == suffix).unwrap_or_else(|| panic!("layout has no `{suffix}`"));
+        let i =
+            self.specs.iter().position(|s| s.suffix == suffix).unwrap_or_else(|| panic!("layout has no `{suffix}`"));
         self.ranges[i].clone()
     }
 }
@@ -305,6 +327,7 @@ pub struct CudaBackend {
     free: Mutex<Vec<usize>>,
     freed: Condvar,
     kernels: Kernels,
+    tune: Tune,
     fused: Option<Fused>,
     fused_mode: std::sync::atomic::AtomicU8,
     timing: Timing,
@@ -348,6 +371,13 @@ impl CudaBackend {
     /// compiles the kernels for the device's compute capability with NVRTC and
     /// loads them.
     pub fn new(ordinal: usize, slots: usize) -> Result<CudaBackend> {
+        Self::with_defines(ordinal, slots, &[])
+    }
+
+    /// As [`CudaBackend::new`], compiling the kernels with preprocessor
+    /// definitions for their tuning knobs (`QS_FT`, `QS_FU`, `QS_BT`, `QS_BR`;
+    /// benchmarks compare variants with it).
+    pub fn with_defines(ordinal: usize, slots: usize, defines: &[(&str, &str)]) -> Result<CudaBackend> {
         ensure!(slots >= 1, "at least one slot is needed");
         if !super::driver_available() {
             bail!("no CUDA driver found (libcuda.so is not loadable)");
@@ -365,10 +395,11 @@ impl CudaBackend {
                  or `pip install nvidia-cuda-nvrtc==13.0.88` and add its nvidia/cu13/lib to LD_LIBRARY_PATH"
             );
         }
-        no_panic("CUDA initialisation", || Self::init(ordinal, slots))
+        let tune = Tune::from_defines(defines)?;
+        no_panic("CUDA initialisation", || Self::init(ordinal, slots, defines, tune))
     }
 
-    fn init(ordinal: usize, nslots: usize) -> Result<CudaBackend> {
+    fn init(ordinal: usize, nslots: usize, defines: &[(&str, &str)], tune: Tune) -> Result<CudaBackend> {
         let ctx = CudaContext::new(ordinal).map_err(|e| driver::err("context creation", e))?;
         let cc = ctx.compute_capability().map_err(|e| driver::err("compute capability", e))?;
         let name = ctx.name().map_err(|e| driver::err("device name", e))?;
@@ -380,13 +411,20 @@ impl CudaBackend {
         // SAFETY: out-pointer to a live integer.
         unsafe { sys::cuDriverGetVersion(&mut drv) }.result().map_err(|e| driver::err("cuDriverGetVersion", e))?;
         let nvrtc_version = kernels::nvrtc_version()?;
-        let compiled = kernels::compile_for_device(cc.0, cc.1)?;
+        let compiled = kernels::compile_for_device(cc.0, cc.1, defines)?;
         let module = Module::load(&ctx, &compiled.image).context("loading the compiled kernels")?;
         let kernels = Kernels::load(&module)?;
-        let fused = Self::fused_config(&ctx, &kernels, sms.max(1) as u32)?;
+        let fused = Self::fused_config(&ctx, &kernels, sms.max(1) as u32, tune.ft)?;
         let mut slots = Vec::with_capacity(nslots);
         for _ in 0..nslots {
-            slots.push(Mutex::new(Slot { stream: Stream::new(&ctx)?, h_in: None, h_out: None, d_in: None, d_out: None }));
+            slots.push(Mutex::new(Slot {
+                stream: Stream::new(&ctx)?,
+                ring: PinnedBuffer::new(&ctx, 2 * PIECE, true)?,
+                ring_done: [Event::new_blocking(&ctx)?, Event::new_blocking(&ctx)?],
+                h_out: None,
+                d_in: None,
+                d_out: None,
+            }));
         }
         let info = DeviceInfo {
             ordinal,
@@ -402,6 +440,7 @@ impl CudaBackend {
             free: Mutex::new((0..nslots).rev().collect()),
             freed: Condvar::new(),
             kernels,
+            tune,
             fused,
             fused_mode: std::sync::atomic::AtomicU8::new(0),
             timing: Timing::default(),
@@ -414,7 +453,7 @@ impl CudaBackend {
 
     /// The fused kernels' geometry, or None where the device cannot launch
     /// them (no cooperative launch, too little shared memory).
-    fn fused_config(ctx: &Arc<CudaContext>, kernels: &Kernels, sms: u32) -> Result<Option<Fused>> {
+    fn fused_config(ctx: &Arc<CudaContext>, kernels: &Kernels, sms: u32, threads: u32) -> Result<Option<Fused>> {
         use sys::CUdevice_attribute as A;
         let coop = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH).map_err(|e| driver::err("attribute", e))?;
         let optin = ctx
@@ -422,7 +461,7 @@ impl CudaBackend {
             .map_err(|e| driver::err("attribute", e))?
             .max(0) as u32;
         // Whole tiles of f32 chunks (512 x 32 bytes), leaving room for static shared memory.
-        let tile = FUSED_THREADS * 32;
+        let tile = threads * 32;
         let dyn_smem = optin.saturating_sub(2048) / tile * tile;
         if coop == 0 || dyn_smem == 0 {
             return Ok(None);
@@ -430,7 +469,7 @@ impl CudaBackend {
         let mut occupancy = u32::MAX;
         for k in kernels.by_dtype.iter().flat_map(|d| d.fused()) {
             k.set_max_dynamic_shared(dyn_smem)?;
-            occupancy = occupancy.min(k.max_active_blocks(FUSED_THREADS, dyn_smem)?);
+            occupancy = occupancy.min(k.max_active_blocks(threads, dyn_smem)?);
         }
         if occupancy == 0 {
             return Ok(None);
@@ -459,17 +498,43 @@ impl CudaBackend {
         self.fused.map(|f| (f.grid, f.dyn_smem))
     }
 
-    fn use_fused(&self, input_bytes: usize) -> Option<Fused> {
+    fn use_fused(&self, _input_bytes: usize) -> Option<Fused> {
         let f = self.fused?;
         match self.fused_mode.load(std::sync::atomic::Ordering::SeqCst) {
-            0 if input_bytes >= FUSED_MIN_BYTES => Some(f),
             1 => Some(f),
+            // Auto: measured slower than the two launches on H200 (BENCHMARKS.md, GPU).
             _ => None,
         }
     }
 
     pub fn info(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    /// Launches the per-tensor amax kernel alone (benchmarks).
+    ///
+    /// # Safety
+    /// `x` must hold `n` elements of `dtype`, `out` one zeroed u32.
+    pub(crate) unsafe fn launch_amax(
+        &self,
+        s: &Stream,
+        dtype: SourceDtype,
+        n: usize,
+        x: sys::CUdeviceptr,
+        out: sys::CUdeviceptr,
+    ) -> Result<()> {
+        let k = &self.kernels.by_dtype[dtype_index(dtype)];
+        let n = n as i64;
+        let grid = ((n as usize).div_ceil(8).div_ceil(TILE_CHUNKS)) as u32;
+        // SAFETY: caller's contract; (const u8*, i64, u32*).
+        unsafe { k.amax_tensor.launch(s, grid, THREADS, &mut [arg(&x), arg(&n), arg(&out)]) }
+    }
+
+    /// Grid of the 2-D block-format kernels for a `[rows, cols]` input padded to `block`.
+    fn grid_2d(&self, rows: usize, cols: usize, block: usize) -> (u32, u32) {
+        let cpr = numerics::roundup(cols, block) / 8;
+        let row_groups = numerics::roundup(rows, block).div_ceil(self.tune.br as usize);
+        (cpr.div_ceil(self.tune.bt as usize) as u32, row_groups.min(65535) as u32)
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -498,26 +563,33 @@ impl CudaBackend {
         f(&mut slot)
     }
 
-    /// Copies `src` into the slot's pinned buffer and uploads it to the device
-    /// input buffer, piece by piece (the upload of a piece starts as soon as it is staged).
+    /// Uploads `src` to the slot's device input buffer through the two pinned
+    /// staging pieces: the CPU fills one piece while the DMA engine moves the
+    /// other, so pinned memory stays at 2 x [`PIECE`] a slot whatever the tensor size.
     fn upload(&self, slot: &mut Slot, src: &[u8]) -> Result<()> {
         let d_in = slot.d_in.as_ref().expect("ensured").ptr();
-        let h_in = slot.h_in.as_mut().expect("ensured");
-        let mut off = 0;
-        while off < src.len() {
+        let mut in_use = [false; 2];
+        for (k, off) in (0..src.len()).step_by(PIECE).enumerate() {
             let end = (off + PIECE).min(src.len());
-            // SAFETY: the previous user of this slot synchronised the stream, and
-            // the pieces uploaded so far do not overlap this range.
-            let dst = unsafe { h_in.slice_mut(off..end) };
+            let half = k % 2;
+            if in_use[half] {
+                slot.ring_done[half].synchronize()?;
+            }
+            let at = half * PIECE;
+            // SAFETY: the upload that last read this piece has completed (event
+            // above, or the previous call's stream synchronisation).
+            let dst = unsafe { slot.ring.slice_mut(at..at + (end - off)) };
             let part = &src[off..end];
             if part.len() >= (4 << 20) {
                 dst.par_chunks_mut(1 << 20).zip(part.par_chunks(1 << 20)).for_each(|(d, s)| d.copy_from_slice(s));
             } else {
                 dst.copy_from_slice(part);
             }
-            // SAFETY: ranges lie inside the live buffers; h_in stays untouched until the sync.
-            unsafe { slot.stream.htod(d_in + off as u64, h_in.as_ptr().add(off), end - off)? };
-            off = end;
+            // SAFETY: the device range lies in d_in (sized by `ensure`), the host
+            // range in the ring, which stays untouched until the event passes.
+            unsafe { slot.stream.htod(d_in + off as u64, slot.ring.as_ptr().add(at), end - off)? };
+            slot.ring_done[half].record(&slot.stream)?;
+            in_use[half] = true;
         }
         Ok(())
     }
@@ -552,22 +624,30 @@ impl CudaBackend {
             _ => None,
         };
         // Tiles of raw input the fused kernels keep in shared memory.
-        let cap_tiles: i32 = fused.map_or(0, |f| (f.dyn_smem / (FUSED_THREADS * 16 * (dtype.size() as u32).div_ceil(2))) as i32);
+        let ft = self.tune.ft;
+        let cap_tiles: i32 = fused.map_or(0, |f| (f.dyn_smem / (ft * 16 * (dtype.size() as u32).div_ceil(2))) as i32);
         // SAFETY: caller's contract: every pointer below lies in live buffers
         // sized for this input and `out`; argument types match the kernels'
         // parameters (const u8*, i64, u32*, ...).
         unsafe {
             s.memset(amax, 0, SCRATCH)?;
             if let Some(f) = fused {
-                let (g, b, d) = (f.grid, FUSED_THREADS, f.dyn_smem);
+                let (g, b, d) = (f.grid, ft, f.dyn_smem);
                 match spec.format {
                     QuantFormat::Fp8 | QuantFormat::Int8 => {
                         let kern = if spec.format == QuantFormat::Fp8 { k.fused_fp8 } else { k.fused_int8 };
                         let (q, sc) = (at(out.range("weight")), at(out.range("weight_scale")));
-                        kern.launch_cooperative(s, g, b, d, &mut [arg(&x), arg(&n), arg(&amax), arg(&q), arg(&sc), arg(&cap_tiles)])?;
+                        kern.launch_cooperative(
+                            s,
+                            g,
+                            b,
+                            d,
+                            &mut [arg(&x), arg(&n), arg(&amax), arg(&q), arg(&sc), arg(&cap_tiles)],
+                        )?;
                     }
                     QuantFormat::Nvfp4 => {
-                        let (q, scr, s2) = (out.range("weight"), out.range("weight_scale"), out.range("weight_scale_2"));
+                        let (q, scr, s2) =
+                            (out.range("weight"), out.range("weight_scale"), out.range("weight_scale_2"));
                         s.memset(at(scr.clone()), 0, scr.len())?;
                         let (q, sc, s2) = (at(q), at(scr), at(s2));
                         k.fused_nvfp4.launch_cooperative(
@@ -575,7 +655,16 @@ impl CudaBackend {
                             g,
                             b,
                             d,
-                            &mut [arg(&x), arg(&rows), arg(&cols), arg(&amax), arg(&q), arg(&sc), arg(&s2), arg(&cap_tiles)],
+                            &mut [
+                                arg(&x),
+                                arg(&rows),
+                                arg(&cols),
+                                arg(&amax),
+                                arg(&q),
+                                arg(&sc),
+                                arg(&s2),
+                                arg(&cap_tiles),
+                            ],
                         )?;
                     }
                     QuantFormat::Mxfp8 => unreachable!("MXFP8 needs no global amax"),
@@ -590,37 +679,71 @@ impl CudaBackend {
                 }
                 QuantFormat::Int8 if spec.per_channel => {
                     let (q, sc) = (at(out.range("weight")), at(out.range("weight_scale")));
-                    let grid = w_rows.min(self.info.multiprocessors as usize * 16) as u32;
-                    k.int8_rows.launch(s, grid, THREADS, &mut [arg(&x), arg(&rows), arg(&cols), arg(&q), arg(&sc), arg(&amax)])?;
+                    let per_lane = if dtype == SourceDtype::F32 { 6 } else { 12 };
+                    if cols % 8 == 0 && (cols / 8) as usize <= 32 * per_lane {
+                        // a warp a row, the row in registers
+                        let grid = w_rows.div_ceil(THREADS as usize / 32).min(1 << 20) as u32;
+                        k.int8_warp_rows.launch(
+                            s,
+                            grid,
+                            THREADS,
+                            &mut [arg(&x), arg(&rows), arg(&cols), arg(&q), arg(&sc), arg(&amax)],
+                        )?;
+                    } else {
+                        let grid = w_rows.min(self.info.multiprocessors as usize * 16) as u32;
+                        k.int8_rows.launch(
+                            s,
+                            grid,
+                            THREADS,
+                            &mut [arg(&x), arg(&rows), arg(&cols), arg(&q), arg(&sc), arg(&amax)],
+                        )?;
+                    }
                 }
                 QuantFormat::Int8 => {
                     k.amax_tensor.launch(s, flat_grid, THREADS, &mut [arg(&x), arg(&n), arg(&amax)])?;
                     let (q, sc) = (at(out.range("weight")), at(out.range("weight_scale")));
-                    k.int8_tensor.launch(s, flat_grid, THREADS, &mut [arg(&x), arg(&n), arg(&amax), arg(&q), arg(&sc)])?;
+                    k.int8_tensor.launch(
+                        s,
+                        flat_grid,
+                        THREADS,
+                        &mut [arg(&x), arg(&n), arg(&amax), arg(&q), arg(&sc)],
+                    )?;
                 }
                 QuantFormat::Nvfp4 => {
                     k.amax_tensor.launch(s, flat_grid, THREADS, &mut [arg(&x), arg(&n), arg(&amax)])?;
                     let (q, scr, s2) = (out.range("weight"), out.range("weight_scale"), out.range("weight_scale_2"));
                     s.memset(at(scr.clone()), 0, scr.len())?;
                     let (q, sc, s2) = (at(q), at(scr), at(s2));
-                    let chunks = numerics::roundup(rows as usize, 16) * numerics::roundup(cols as usize, 16) / 8;
-                    let grid = chunks.div_ceil(TILE_CHUNKS) as u32;
-                    k.nvfp4.launch(s, grid, THREADS, &mut [arg(&x), arg(&rows), arg(&cols), arg(&amax), arg(&q), arg(&sc), arg(&s2)])?;
+                    let grid = self.grid_2d(rows as usize, cols as usize, 16);
+                    k.nvfp4.launch_2d(
+                        s,
+                        grid,
+                        self.tune.bt,
+                        &mut [arg(&x), arg(&rows), arg(&cols), arg(&amax), arg(&q), arg(&sc), arg(&s2)],
+                    )?;
                 }
                 QuantFormat::Mxfp8 => {
                     let (q, scr) = (out.range("weight"), out.range("weight_scale"));
                     s.memset(at(scr.clone()), 0, scr.len())?;
                     let (q, sc) = (at(q), at(scr));
-                    let chunks = numerics::roundup(rows as usize, 32) * numerics::roundup(cols as usize, 32) / 8;
-                    let grid = chunks.div_ceil(TILE_CHUNKS) as u32;
-                    k.mxfp8.launch(s, grid, THREADS, &mut [arg(&x), arg(&rows), arg(&cols), arg(&q), arg(&sc), arg(&amax)])?;
+                    let grid = self.grid_2d(rows as usize, cols as usize, 32);
+                    k.mxfp8.launch_2d(
+                        s,
+                        grid,
+                        self.tune.bt,
+                        &mut [arg(&x), arg(&rows), arg(&cols), arg(&q), arg(&sc), arg(&amax)],
+                    )?;
                 }
             }
         }
         Ok(())
     }
 
-    fn quantize_impl(&self, spec: QuantSpec, w: &WeightView<'_>) -> Result<std::result::Result<Vec<StoredTensor>, QuantError>> {
+    fn quantize_impl(
+        &self,
+        spec: QuantSpec,
+        w: &WeightView<'_>,
+    ) -> Result<std::result::Result<Vec<StoredTensor>, QuantError>> {
         let out = OutLayout::new(spec.implementation().layout(w.rows, w.cols));
         let t_wait = Instant::now();
         self.with_slot(|slot| {
@@ -657,7 +780,9 @@ impl CudaBackend {
                     let src = &host[r.clone()];
                     let mut data = vec![0u8; src.len()];
                     if src.len() >= (4 << 20) {
-                        data.par_chunks_mut(1 << 20).zip(src.par_chunks(1 << 20)).for_each(|(d, s)| d.copy_from_slice(s));
+                        data.par_chunks_mut(1 << 20)
+                            .zip(src.par_chunks(1 << 20))
+                            .for_each(|(d, s)| d.copy_from_slice(s));
                     } else {
                         data.copy_from_slice(src);
                     }
@@ -681,7 +806,11 @@ impl CudaBackend {
         let layout = spec.implementation().layout(rows, cols);
         ensure!(stored.len() == layout.len(), "expected {} stored tensors, got {}", layout.len(), stored.len());
         for (t, l) in stored.iter().zip(&layout) {
-            ensure!(t.spec == *l && t.data.len() == l.byte_len(), "stored tensor `{}` does not match the layout", l.suffix);
+            ensure!(
+                t.spec == *l && t.data.len() == l.byte_len(),
+                "stored tensor `{}` does not match the layout",
+                l.suffix
+            );
         }
         let packed = OutLayout::new(layout);
         let mut input = vec![0u8; packed.total];
@@ -710,15 +839,30 @@ impl CudaBackend {
                     QuantFormat::Int8 => {
                         let (q, sc) = (at("weight"), at("weight_scale"));
                         let per_row: i32 = spec.per_channel as i32;
-                        k.int8_dequant.launch(s, grid, THREADS, &mut [arg(&q), arg(&r), arg(&c), arg(&sc), arg(&per_row), arg(&o)])?;
+                        k.int8_dequant.launch(
+                            s,
+                            grid,
+                            THREADS,
+                            &mut [arg(&q), arg(&r), arg(&c), arg(&sc), arg(&per_row), arg(&o)],
+                        )?;
                     }
                     QuantFormat::Nvfp4 => {
                         let (q, sc, s2) = (at("weight"), at("weight_scale"), at("weight_scale_2"));
-                        k.nvfp4_dequant.launch(s, grid, THREADS, &mut [arg(&q), arg(&sc), arg(&s2), arg(&r), arg(&c), arg(&o)])?;
+                        k.nvfp4_dequant.launch(
+                            s,
+                            grid,
+                            THREADS,
+                            &mut [arg(&q), arg(&sc), arg(&s2), arg(&r), arg(&c), arg(&o)],
+                        )?;
                     }
                     QuantFormat::Mxfp8 => {
                         let (q, sc) = (at("weight"), at("weight_scale"));
-                        k.mxfp8_dequant.launch(s, grid, THREADS, &mut [arg(&q), arg(&sc), arg(&r), arg(&c), arg(&o)])?;
+                        k.mxfp8_dequant.launch(
+                            s,
+                            grid,
+                            THREADS,
+                            &mut [arg(&q), arg(&sc), arg(&r), arg(&c), arg(&o)],
+                        )?;
                     }
                 }
                 let h = slot.h_out.as_mut().expect("ensured");
@@ -767,7 +911,12 @@ impl CudaBackend {
                     AmaxKind::Blocks(b) => {
                         let b = b as i64;
                         let grid = count.div_ceil(THREADS as usize).min(1 << 20) as u32;
-                        k.amax_blocks.launch(s, grid, THREADS, &mut [arg(&x), arg(&rows), arg(&cols), arg(&b), arg(&o)])?;
+                        k.amax_blocks.launch(
+                            s,
+                            grid,
+                            THREADS,
+                            &mut [arg(&x), arg(&rows), arg(&cols), arg(&b), arg(&o)],
+                        )?;
                     }
                 }
                 let h = slot.h_out.as_mut().expect("ensured");
@@ -787,21 +936,21 @@ impl CudaBackend {
             slot.ensure(&self.ctx, &self.stats, 64, 64)?;
             let s = &slot.stream;
             let o = slot.d_out.as_ref().expect("ensured").ptr();
-            let (counts, first) = (o, o + 16);
+            let (counts, first) = (o, o + 32);
             let grid = self.info.multiprocessors * 16;
-            // SAFETY: 32 bytes inside d_out; the kernel takes (u32*, u32*).
+            // SAFETY: 64 bytes inside d_out; the kernel takes (u32*, u32*) of 5 words each.
             unsafe {
-                s.memset(counts, 0, 16)?;
-                s.memset(first, 0xFF, 16)?;
+                s.memset(counts, 0, 32)?;
+                s.memset(first, 0xFF, 32)?;
                 self.kernels.selftest.launch(s, grid, THREADS, &mut [arg(&counts), arg(&first)])?;
                 let h = slot.h_out.as_mut().expect("ensured");
-                s.dtoh(h.as_ptr() as *mut u8, o, 32)?;
+                s.dtoh(h.as_ptr() as *mut u8, o, 64)?;
             }
             s.synchronize()?;
             // SAFETY: the stream is idle.
-            let b = unsafe { slot.h_out.as_ref().unwrap().slice(0..32) };
+            let b = unsafe { slot.h_out.as_ref().unwrap().slice(0..64) };
             let word = |i: usize| u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap());
-            Ok(SelfTest { mismatches: [word(0), word(1), word(2), word(3)], first: [word(4), word(5), word(6), word(7)] })
+            Ok(SelfTest { mismatches: std::array::from_fn(word), first: std::array::from_fn(|i| word(8 + i)) })
         })
     }
 
@@ -815,7 +964,11 @@ impl Drop for CudaBackend {
     fn drop(&mut self) {
         let t = self.timing.summary();
         if t.tensors > 0 {
-            tracing::info!("{}: {t}; peak device memory {:.0} MiB", self.name(), self.stats.peak() as f64 / (1u64 << 20) as f64);
+            tracing::info!(
+                "{}: {t}; peak device memory {:.0} MiB",
+                self.name(),
+                self.stats.peak() as f64 / (1u64 << 20) as f64
+            );
         }
     }
 }
@@ -830,7 +983,9 @@ impl Backend for CudaBackend {
         numerics::check_view(w)?;
         match self.quantize_impl(spec, w) {
             Ok(r) => r,
-            Err(e) => Err(QuantError::Invalid { name: w.name.to_string(), reason: format!("GPU quantization failed: {e:#}") }),
+            Err(e) => {
+                Err(QuantError::Invalid { name: w.name.to_string(), reason: format!("GPU quantization failed: {e:#}") })
+            }
         }
     }
 
@@ -845,7 +1000,13 @@ impl Backend for CudaBackend {
 
 /// A timing helper for benchmarks: median milliseconds of `iters` runs of `f`
 /// on `stream`, after `warmup` runs, each bracketed by events.
-pub(crate) fn time_ms(ctx: &Arc<CudaContext>, stream: &Stream, warmup: usize, iters: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+pub(crate) fn time_ms(
+    ctx: &Arc<CudaContext>,
+    stream: &Stream,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut(usize) -> Result<()>,
+) -> Result<f64> {
     for i in 0..warmup {
         f(i)?;
     }

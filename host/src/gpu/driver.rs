@@ -229,6 +229,18 @@ impl Event {
         let raw = cu::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(|e| err("cuEventCreate", e))?;
         Ok(Event { raw, ctx: ctx.clone() })
     }
+    /// An event for ordering only (no timing), whose waiters sleep instead of spinning.
+    pub fn new_blocking(ctx: &Arc<CudaContext>) -> Result<Self> {
+        ctx.bind_to_thread().map_err(|e| err("cuCtxSetCurrent", e))?;
+        let flags =
+            sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32 | sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32;
+        let mut raw = std::mem::MaybeUninit::uninit();
+        // SAFETY: out-pointer to a live handle slot.
+        unsafe { sys::cuEventCreate(raw.as_mut_ptr(), flags) }.result().map_err(|e| err("cuEventCreate", e))?;
+        // SAFETY: initialised by the successful call above.
+        Ok(Event { raw: unsafe { raw.assume_init() }, ctx: ctx.clone() })
+    }
+
     pub fn record(&self, stream: &Stream) -> Result<()> {
         // SAFETY: live event and stream.
         unsafe { cu::event::record(self.raw, stream.raw()) }.map_err(|e| err("cuEventRecord", e))
@@ -324,8 +336,10 @@ impl Kernel {
     /// Blocks of `block` threads with `dynamic_shared` bytes that fit on one multiprocessor at once.
     pub fn max_active_blocks(&self, block: u32, dynamic_shared: u32) -> Result<u32> {
         // SAFETY: live function handle.
-        let n = unsafe { cu::occupancy::max_active_block_per_multiprocessor(self.raw, block as i32, dynamic_shared as usize) }
-            .map_err(|e| err("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
+        let n = unsafe {
+            cu::occupancy::max_active_block_per_multiprocessor(self.raw, block as i32, dynamic_shared as usize)
+        }
+        .map_err(|e| err("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
         Ok(n.max(0) as u32)
     }
 
@@ -334,10 +348,32 @@ impl Kernel {
     ///
     /// # Safety
     /// As [`Kernel::launch`].
-    pub unsafe fn launch_cooperative(&self, stream: &Stream, grid: u32, block: u32, dynamic_shared: u32, args: &mut [Arg]) -> Result<()> {
+    pub unsafe fn launch_cooperative(
+        &self,
+        stream: &Stream,
+        grid: u32,
+        block: u32,
+        dynamic_shared: u32,
+        args: &mut [Arg],
+    ) -> Result<()> {
         // SAFETY: caller's contract.
-        unsafe { cu::launch_cooperative_kernel(self.raw, (grid, 1, 1), (block, 1, 1), dynamic_shared, stream.raw(), args) }
-            .map_err(|e| err("cuLaunchCooperativeKernel", e))
+        unsafe {
+            cu::launch_cooperative_kernel(self.raw, (grid, 1, 1), (block, 1, 1), dynamic_shared, stream.raw(), args)
+        }
+        .map_err(|e| err("cuLaunchCooperativeKernel", e))
+    }
+
+    /// Launches a 2-D grid on `stream`.
+    ///
+    /// # Safety
+    /// As [`Kernel::launch`].
+    pub unsafe fn launch_2d(&self, stream: &Stream, grid: (u32, u32), block: u32, args: &mut [Arg]) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 {
+            return Ok(());
+        }
+        // SAFETY: caller's contract.
+        unsafe { cu::launch_kernel(self.raw, (grid.0, grid.1, 1), (block, 1, 1), 0, stream.raw(), args) }
+            .map_err(|e| err("cuLaunchKernel", e))
     }
 
     /// Launches on `stream`; `args` point at values matching the kernel's

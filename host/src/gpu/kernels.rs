@@ -37,6 +37,7 @@ pub const PER_DTYPE_KERNELS: &[&str] = &[
     "qs_fp8_quant",
     "qs_int8_tensor_quant",
     "qs_int8_rows_quant",
+    "qs_int8_warp_rows_quant",
     "qs_nvfp4_quant",
     "qs_mxfp8_quant",
     "qs_fused_fp8",
@@ -50,10 +51,8 @@ pub const SINGLE_KERNELS: &[&str] =
 
 /// Every kernel entry point the host looks up.
 pub fn kernel_names() -> Vec<String> {
-    let mut v: Vec<String> = PER_DTYPE_KERNELS
-        .iter()
-        .flat_map(|k| DTYPE_SUFFIXES.iter().map(move |s| format!("{k}_{s}")))
-        .collect();
+    let mut v: Vec<String> =
+        PER_DTYPE_KERNELS.iter().flat_map(|k| DTYPE_SUFFIXES.iter().map(move |s| format!("{k}_{s}"))).collect();
     v.extend(SINGLE_KERNELS.iter().map(|s| s.to_string()));
     v
 }
@@ -79,7 +78,9 @@ pub fn nvrtc_available() -> bool {
 /// NVRTC's version, `(major, minor)`.
 pub fn nvrtc_version() -> Result<(i32, i32)> {
     if !nvrtc_available() {
-        bail!("libnvrtc not found (install CUDA 13's NVRTC or the nvidia-cuda-nvrtc wheel and add its lib/ to LD_LIBRARY_PATH)");
+        bail!(
+            "libnvrtc not found (install CUDA 13's NVRTC or the nvidia-cuda-nvrtc wheel and add its lib/ to LD_LIBRARY_PATH)"
+        );
     }
     let (mut major, mut minor) = (0, 0);
     // SAFETY: two out-pointers to live integers.
@@ -124,8 +125,16 @@ pub const COMPILE_OPTIONS: &[&str] = &["--fmad=false", "--std=c++17"];
 
 /// Compiles every kernel for `target`. Errors carry NVRTC's log.
 pub fn compile(target: Target) -> Result<Compiled> {
+    compile_with(target, &[])
+}
+
+/// As [`compile`], with preprocessor definitions (`-D NAME=VALUE`) for the
+/// tuning knobs (`QS_FT`, `QS_FU`, `QS_BT`, `QS_BR`).
+pub fn compile_with(target: Target, defines: &[(&str, &str)]) -> Result<Compiled> {
     if !nvrtc_available() {
-        bail!("libnvrtc not found (install CUDA 13's NVRTC or the nvidia-cuda-nvrtc wheel and add its lib/ to LD_LIBRARY_PATH)");
+        bail!(
+            "libnvrtc not found (install CUDA 13's NVRTC or the nvidia-cuda-nvrtc wheel and add its lib/ to LD_LIBRARY_PATH)"
+        );
     }
     let src = CString::new(program_source()).expect("kernel sources hold no NUL");
     let name = CString::new("quantsmith_kernels.cu").unwrap();
@@ -140,6 +149,7 @@ pub fn compile(target: Target) -> Result<Compiled> {
     let guard = Guard(prog);
     let mut options: Vec<String> = COMPILE_OPTIONS.iter().map(|s| s.to_string()).collect();
     options.push(target.arch_option());
+    options.extend(defines.iter().map(|(k, v)| format!("-D{k}={v}")));
     // SAFETY: `prog` is live; options are valid strings.
     let compiled = unsafe { nvrtc::compile_program(guard.0, &options) };
     // SAFETY: as above.
@@ -173,6 +183,7 @@ pub fn compile(target: Target) -> Result<Compiled> {
 }
 
 /// Compiles for the device's compute capability, as cubin.
-pub fn compile_for_device(major: i32, minor: i32) -> Result<Compiled> {
-    compile(Target::Cubin { major, minor }).with_context(|| format!("compiling the CUDA kernels for sm_{major}{minor}"))
+pub fn compile_for_device(major: i32, minor: i32, defines: &[(&str, &str)]) -> Result<Compiled> {
+    compile_with(Target::Cubin { major, minor }, defines)
+        .with_context(|| format!("compiling the CUDA kernels for sm_{major}{minor}"))
 }

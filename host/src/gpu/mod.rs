@@ -17,7 +17,7 @@ mod cuda;
 pub mod driver;
 pub mod kernels;
 
-pub use cuda::{AmaxKind, CudaBackend, DeviceInfo, FUSED_MIN_BYTES, FusedMode, SelfTest, TimingSummary};
+pub use cuda::{AmaxKind, CudaBackend, DeviceInfo, FusedMode, SelfTest, TimingSummary};
 
 use anyhow::{Context, Result, bail};
 
@@ -55,7 +55,11 @@ pub fn device_count() -> Result<usize> {
 
 /// Slots from `QUANTSMITH_GPU_SLOTS` (1..=64), else [`DEFAULT_SLOTS`].
 pub fn configured_slots() -> usize {
-    std::env::var("QUANTSMITH_GPU_SLOTS").ok().and_then(|s| s.parse().ok()).filter(|&n| (1..=64).contains(&n)).unwrap_or(DEFAULT_SLOTS)
+    std::env::var("QUANTSMITH_GPU_SLOTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|&n| (1..=64).contains(&n))
+        .unwrap_or(DEFAULT_SLOTS)
 }
 
 /// The backend for `--device auto|cpu|cuda[:N]`.
@@ -67,13 +71,16 @@ pub fn open(choice: DeviceChoice) -> Result<Box<dyn Backend>> {
     match choice {
         DeviceChoice::Cpu => Ok(Box::new(CpuBackend)),
         DeviceChoice::Cuda(n) => {
-            let b = CudaBackend::new(n, configured_slots()).with_context(|| format!("--device cuda:{n} cannot be used"))?;
+            let b =
+                CudaBackend::new(n, configured_slots()).with_context(|| format!("--device cuda:{n} cannot be used"))?;
             tracing::info!("quantizing on {}", b.name());
             Ok(Box::new(b))
         }
         DeviceChoice::Auto => {
             if !driver_available() {
-                tracing::warn!("--device auto: no CUDA driver found (libcuda.so); quantizing on the CPU (pass --device cpu to skip this check)");
+                tracing::warn!(
+                    "--device auto: no CUDA driver found (libcuda.so); quantizing on the CPU (pass --device cpu to skip this check)"
+                );
                 return Ok(Box::new(CpuBackend));
             }
             match CudaBackend::new(0, configured_slots()) {
@@ -82,7 +89,9 @@ pub fn open(choice: DeviceChoice) -> Result<Box<dyn Backend>> {
                     Ok(Box::new(b))
                 }
                 Err(e) => {
-                    tracing::warn!("--device auto: no usable CUDA GPU ({e:#}); quantizing on the CPU (pass --device cpu to skip this check)");
+                    tracing::warn!(
+                        "--device auto: no usable CUDA GPU ({e:#}); quantizing on the CPU (pass --device cpu to skip this check)"
+                    );
                     Ok(Box::new(CpuBackend))
                 }
             }
