@@ -16,7 +16,7 @@ wasmtime::component::bindgen!({
     additional_derives: [PartialEq],
 });
 
-pub use quantsmith::recipe::types as wit;
+pub use self::quantsmith::recipe::types as wit;
 
 /// The contract version this host implements (the `wit/` package version).
 pub const WIT_VERSION: &str = "0.1.0";
