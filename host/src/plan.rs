@@ -5,7 +5,6 @@
 //! and they act only on the modules the recipe unwrapped as quantizable.
 
 use globset::{GlobBuilder, GlobMatcher};
-use safetensors::Dtype;
 use serde::Serialize;
 
 use crate::checkpoint::Checkpoint;
@@ -224,7 +223,6 @@ pub fn resolve(plan: &wit::QuantPlan, modules: &ModuleTable, ckpt: &Checkpoint) 
             rule: decision.1,
         });
     }
-    let _ = Dtype::BF16;
     Ok(ResolvedPlan { layers, warnings, notes: plan.notes.clone() })
 }
 
