@@ -38,6 +38,13 @@ impl Backend for CpuBackend {
 }
 
 /// `--device auto|cpu|cuda[:N]`.
+///
+/// ```
+/// use quantsmith::backend::DeviceChoice;
+/// assert_eq!("cuda:1".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(1)));
+/// assert_eq!("cuda".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(0)));
+/// assert!("gpu".parse::<DeviceChoice>().is_err());
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DeviceChoice {
     /// The GPU when one is usable, else the CPU.

@@ -63,6 +63,14 @@ impl QuantFormat {
         matches!(self, QuantFormat::Nvfp4 | QuantFormat::Mxfp8)
     }
 
+    /// Accepts the short name or ComfyUI's name.
+    ///
+    /// ```
+    /// use quantsmith::formats::QuantFormat;
+    /// assert_eq!(QuantFormat::parse("fp8"), Some(QuantFormat::Fp8));
+    /// assert_eq!(QuantFormat::parse("int8_tensorwise"), Some(QuantFormat::Int8));
+    /// assert_eq!(QuantFormat::parse("int4"), None);
+    /// ```
     pub fn parse(s: &str) -> Option<QuantFormat> {
         QuantFormat::ALL.into_iter().find(|f| f.name() == s || f.comfy_name() == s)
     }
