@@ -78,22 +78,7 @@ fn quantize_t<T: Src>(w: &WeightView<'_>) -> Result<Vec<StoredTensor>, QuantErro
     let (sr, sc) = blocked_shape(pr, nb);
     let mut data = vec![0u8; pr * pc];
     let mut scales = vec![0u8; sr * sc];
-    let row_bytes = cols * T::SIZE;
-    // 128 rows own one contiguous row of 128×4 scale tiles; see nvfp4.
-    data.par_chunks_mut(128 * pc).zip(scales.par_chunks_mut(128 * sc)).enumerate().for_each(|(g, (data, scales))| {
-        let (mut x, mut bmax, mut codes) = (vec![0f32; pc], vec![0f32; nb], vec![0u8; nb]);
-        for (lr, drow) in data.chunks_exact_mut(pc).enumerate() {
-            let r = g * 128 + lr;
-            if r >= rows {
-                break;
-            }
-            numerics::decode_into::<T>(&w.bytes[r * row_bytes..(r + 1) * row_bytes], &mut x[..cols]);
-            encode_row(&x, &mut bmax, &mut codes, drow);
-            for (b, &code) in codes.iter().enumerate() {
-                scales[blocked_index(lr, b, nb)] = code;
-            }
-        }
-    });
+    numerics::quantize_block_rows::<T>(w, pc, pc, nb, sc, &mut data, &mut scales, encode_row);
     let [wspec, sspec]: [StoredSpec; 2] = Mxfp8.layout(rows, cols).try_into().unwrap();
     Ok(vec![StoredTensor { spec: wspec, data }, StoredTensor { spec: sspec, data: scales }])
 }
@@ -108,13 +93,7 @@ fn verify_t<T: Src>(w: &WeightView<'_>, tensors: &[StoredTensor]) -> Result<Erro
     let blocked = &numerics::stored(tensors, &layout, "weight_scale")?.data;
     let name = w.name;
 
-    for r in 0..sr {
-        for c in if r < rows { nb } else { 0 }..sc {
-            if blocked[blocked_index(r, c, nb)] != 0 {
-                return Err(format!("{name}: padding block scale [{r}, {c}] is not zero"));
-            }
-        }
-    }
+    numerics::check_scale_padding(name, blocked, rows, nb, sr, sc)?;
     if data[rows * pc..].iter().any(|&b| b != 0) {
         return Err(format!("{name}: a padding row holds nonzero codes"));
     }

@@ -525,6 +525,54 @@ pub(crate) fn decode_into<T: Src>(bytes: &[u8], out: &mut [f32]) {
 }
 
 /// The whole source as f32 (exact).
+/// The row driver of the block-scaled formats (NVFP4, MXFP8). A group of 128
+/// rows owns one contiguous row of 128×4 scale tiles, so groups run in parallel
+/// with disjoint outputs. Each real row is decoded to f32 (zero beyond `cols`, up
+/// to `padded_cols`) and given to `encode_row(x, scratch, codes, data_row)`, which
+/// writes the row's `row_len` data bytes and one scale code per block (`scratch`
+/// holds one f32 per block); the codes land at their swizzled places. Padding
+/// rows stay zero: their blocks get scale 0 and codes 0.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn quantize_block_rows<T: Src>(
+    w: &WeightView<'_>,
+    padded_cols: usize,
+    row_len: usize,
+    blocks: usize,
+    scale_cols: usize,
+    data: &mut [u8],
+    scales: &mut [u8],
+    encode_row: impl Fn(&[f32], &mut [f32], &mut [u8], &mut [u8]) + Sync,
+) {
+    let row_bytes = w.cols * T::SIZE;
+    data.par_chunks_mut(128 * row_len).zip(scales.par_chunks_mut(128 * scale_cols)).enumerate().for_each(|(g, (data, scales))| {
+        let (mut x, mut scratch, mut codes) = (vec![0f32; padded_cols], vec![0f32; blocks], vec![0u8; blocks]);
+        for (lr, drow) in data.chunks_exact_mut(row_len).enumerate() {
+            let r = g * 128 + lr;
+            if r >= w.rows {
+                break;
+            }
+            decode_into::<T>(&w.bytes[r * row_bytes..(r + 1) * row_bytes], &mut x[..w.cols]);
+            encode_row(&x, &mut scratch, &mut codes, drow);
+            for (b, &code) in codes.iter().enumerate() {
+                scales[blocked_index(lr, b, blocks)] = code;
+            }
+        }
+    });
+}
+
+/// Checks that swizzled block scales are zero wherever no real block is: beyond
+/// `blocks` in real rows, everywhere in padding rows.
+pub(crate) fn check_scale_padding(name: &str, blocked: &[u8], rows: usize, blocks: usize, scale_rows: usize, scale_cols: usize) -> Result<(), String> {
+    for r in 0..scale_rows {
+        for c in if r < rows { blocks } else { 0 }..scale_cols {
+            if blocked[blocked_index(r, c, blocks)] != 0 {
+                return Err(format!("{name}: padding block scale [{r}, {c}] is not zero"));
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn decode<T: Src>(bytes: &[u8]) -> Vec<f32> {
     let mut out = vec![0f32; bytes.len() / T::SIZE];
     out.par_chunks_mut(CHUNK_BYTES).zip(bytes.par_chunks(CHUNK_BYTES * T::SIZE)).for_each(|(o, b)| decode_into::<T>(b, o));

@@ -90,26 +90,9 @@ fn quantize_t<T: Src>(w: &WeightView<'_>) -> Result<Vec<StoredTensor>, QuantErro
     let (sr, sc) = blocked_shape(pr, nb);
     let mut data = vec![0u8; pr * pc / 2];
     let mut scales = vec![0u8; sr * sc];
-    let row_bytes = cols * T::SIZE;
-    // A group of 128 rows owns one contiguous row of 128×4 scale tiles, so
-    // groups run in parallel with disjoint outputs. Padding rows stay zero:
-    // their blocks would get scale 0 and codes 0.
-    data.par_chunks_mut(128 * pc / 2).zip(scales.par_chunks_mut(128 * sc)).enumerate().for_each(
-        |(g, (data, scales))| {
-            let (mut x, mut totals, mut codes) = (vec![0f32; pc], vec![0f32; nb], vec![0u8; nb]);
-            for (lr, drow) in data.chunks_exact_mut(pc / 2).enumerate() {
-                let r = g * 128 + lr;
-                if r >= rows {
-                    break;
-                }
-                numerics::decode_into::<T>(&w.bytes[r * row_bytes..(r + 1) * row_bytes], &mut x[..cols]);
-                encode_row(&x, s2, &mut totals, &mut codes, drow);
-                for (b, &code) in codes.iter().enumerate() {
-                    scales[blocked_index(lr, b, nb)] = code;
-                }
-            }
-        },
-    );
+    numerics::quantize_block_rows::<T>(w, pc, pc / 2, nb, sc, &mut data, &mut scales, |x, totals, codes, drow| {
+        encode_row(x, s2, totals, codes, drow)
+    });
     let [wspec, sspec, s2spec]: [StoredSpec; 3] = Nvfp4.layout(rows, cols).try_into().unwrap();
     Ok(vec![
         StoredTensor { spec: wspec, data },
@@ -148,13 +131,7 @@ fn verify_t<T: Src>(w: &WeightView<'_>, tensors: &[StoredTensor]) -> Result<Erro
     }
 
     // Padding: zero codes beyond the weight, zero scales beyond the blocks.
-    for r in 0..sr {
-        for c in if r < rows { nb } else { 0 }..sc {
-            if blocked[blocked_index(r, c, nb)] != 0 {
-                return Err(format!("{name}: padding block scale [{r}, {c}] is not zero"));
-            }
-        }
-    }
+    numerics::check_scale_padding(name, blocked, rows, nb, sr, sc)?;
     if data[rows * pc / 2..].iter().any(|&b| b != 0) {
         return Err(format!("{name}: a padding row holds nonzero codes"));
     }
