@@ -74,18 +74,7 @@ fn backend() -> Option<&'static CudaBackend> {
     static B: OnceLock<Option<CudaBackend>> = OnceLock::new();
     B.get_or_init(|| match CudaBackend::new(0, 4) {
         Ok(b) => {
-            let i = b.info();
-            println!(
-                "GPU: {} (sm_{}{}, {} SMs, {:.1} GiB), driver {}, NVRTC {}.{}",
-                i.name,
-                i.compute_capability.0,
-                i.compute_capability.1,
-                i.multiprocessors,
-                i.total_memory as f64 / (1u64 << 30) as f64,
-                i.driver_version,
-                i.nvrtc_version.0,
-                i.nvrtc_version.1
-            );
+            println!("GPU: {}", b.info());
             Some(b)
         }
         Err(e) => {

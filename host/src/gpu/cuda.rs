@@ -58,6 +58,24 @@ pub struct DeviceInfo {
     pub nvrtc_version: (i32, i32),
 }
 
+/// `NVIDIA H200 (sm_90, 132 SMs, 139.8 GiB), driver 13000, NVRTC 13.0`, for logs and benchmark headers.
+impl std::fmt::Display for DeviceInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (sm_{}{}, {} SMs, {:.1} GiB), driver {}, NVRTC {}.{}",
+            self.name,
+            self.compute_capability.0,
+            self.compute_capability.1,
+            self.multiprocessors,
+            self.total_memory as f64 / (1u64 << 30) as f64,
+            self.driver_version,
+            self.nvrtc_version.0,
+            self.nvrtc_version.1
+        )
+    }
+}
+
 /// Which maxima [`CudaBackend::amax`] computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AmaxKind {
