@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::checkpoint::Checkpoint;
 use crate::formats::{ErrorStats, QuantFormat, QuantSpec, SourceDtype, StoredTensor, WeightView};
 use crate::modules::{ModuleKind, ModuleTable};
-use crate::plan::{PROBE_LAYERS, QuantizerPattern};
+use crate::plan::probe_patterns;
 
 /// Dtypes ComfyUI's loader accepts on disk.
 pub const COMFY_DTYPES: &[Dtype] = &[
@@ -42,7 +42,7 @@ pub fn check_output(source: &Checkpoint, output: &Path) -> Result<OutputCheck> {
     let prefix = source.prefix();
     check.legacy = out.tensor(&format!("{prefix}scaled_fp8")).is_ok();
     let modules = ModuleTable::build(source);
-    let probes: Vec<QuantizerPattern> = PROBE_LAYERS.iter().map(|p| QuantizerPattern::new(p).unwrap()).collect();
+    let probes = probe_patterns();
 
     // Quantized layers: from per-layer markers (comfy) or scale_weight (legacy).
     let mut quantized: BTreeMap<String, QuantSpec> = BTreeMap::new();

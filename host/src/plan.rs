@@ -18,6 +18,11 @@ pub const PROBE_LAYERS: &[&str] = &[
     "img_in", "txt_in", "vector_in.*", "context_embedder", "y_embedder.*", "x_embedder.*", "label_emb.0.0", "input_blocks.0.0", "*.attn2.to_k", "*proj_in",
 ];
 
+/// [`PROBE_LAYERS`] as matchers over module paths.
+pub fn probe_patterns() -> Vec<QuantizerPattern> {
+    PROBE_LAYERS.iter().map(|p| QuantizerPattern::new(p).expect("probe patterns are well formed")).collect()
+}
+
 /// A shell wildcard (`*` crosses dots, `?`, `[qkv]`, `[!x]`) over quantizer names.
 #[derive(Clone, Debug)]
 pub struct QuantizerPattern {
@@ -177,7 +182,7 @@ pub fn resolve(plan: &wit::QuantPlan, modules: &ModuleTable, ckpt: &Checkpoint) 
         rules.push((pat, r.enable, spec));
     }
 
-    let probes: Vec<QuantizerPattern> = PROBE_LAYERS.iter().map(|p| QuantizerPattern::new(p).unwrap()).collect();
+    let probes = probe_patterns();
 
     // 3. Decide each quantizable layer: the last matching rule wins.
     let mut layers = Vec::new();
