@@ -10,9 +10,12 @@
 // - E4M3 (fn): c10's fp8e4m3fn_from_fp32_value (RNE, subnormals, >= 480 -> NaN 0x7F);
 // - E2M1: torchao's _f32_to_floatx_unpacked(ebits=2, mbits=1) (RNE, saturating,
 //   sign bit kept, so -0 -> 0x8);
-// - every division is IEEE (__fdiv_rn), nothing is contracted into an FMA
-//   (the program is compiled with --fmad=false and uses the _rn intrinsics), and
-//   denormals are kept (no --ftz, no fast math);
+// - every division is IEEE (__fdiv_rn), or is replaced by a multiplication
+//   whose result is checked to give the same code, with the division where it
+//   might not (int8.cu, nvfp4.cu, qs_mx_exponent_bits; all in the self-test);
+//   nothing is contracted into an FMA (the program is compiled with
+//   --fmad=false and uses the _rn intrinsics), and denormals are kept (no
+//   --ftz, no fast math);
 // - the degenerate cases where comfy-kitchen would make NaN (zero or underflowing
 //   scales) follow the CPU reference's explicit fallbacks, so no kernel depends
 //   on how a platform signs or fills a NaN.
@@ -126,6 +129,28 @@ QS_DEV float qs_round_t(float v) {
     } else {
         return v;
     }
+}
+
+// As qs_round_t for values known to be finite (every quantize path: finite
+// inputs, finite non-zero scales): the hardware conversion alone, which the
+// self-test checks against the software rounding for every non-NaN f32.
+template <int DT>
+QS_DEV float qs_round_t_finite(float v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (DT == QS_BF16) {
+        u16 r;
+        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(v));
+        return qs_bf16_to_f32(r);
+    } else if constexpr (DT == QS_F16) {
+        u16 r;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(v));
+        return qs_f16_to_f32(r);
+    } else {
+        return v;
+    }
+#else
+    return qs_round_t<DT>(v);
+#endif
 }
 
 // ---------------------------------------------------------------------------
@@ -268,7 +293,78 @@ QS_DEV u32 qs_mx_exponent(float bmax) {
     return (u32)e;
 }
 
+// The same exponent read off the bits of bmax (positive, finite), with no
+// division: ceil(log2(RN(bmax / 448))) <= k exactly when bmax <= 448 * 2^k, as
+// 448 * 2^k is an f32 and the next f32 above it already makes the quotient
+// round past 2^k. For bmax = m * 2^(E-127), m in [1, 2), that is
+// k = E - 135 + (m > 1.75). The exception is k = -127, where the quotient is
+// subnormal and its grid twice as coarse relative to 2^k: there the one f32
+// between 448 * 2^-127 and 448 * (2^-127 + 2^-150), 0x04600001, still rounds
+// to 2^-127 (e = 0). Equal to qs_mx_exponent for every positive finite f32
+// (self-test).
+QS_DEV u32 qs_mx_exponent_bits(u32 bmax_bits) {
+    if (bmax_bits == 0x04600001u) return 0;
+    const int e = (int)(bmax_bits >> 23) - 8 + ((bmax_bits & 0x7fffffu) > 0x600000u ? 1 : 0);
+    return (u32)(e < 0 ? 0 : (e > 254 ? 254 : e));
+}
+
 QS_DEV float qs_e8m0_to_f32(u32 e) { return e == 0 ? 0.0f : qs_f(e << 23); }
+
+// ---------------------------------------------------------------------------
+// Maxima of |x| (amax passes, block maxima, the non-finite check)
+// ---------------------------------------------------------------------------
+
+// |v| as ordered bits (non-negative floats order like their bit patterns;
+// NaN and infinity sort above every finite value).
+QS_DEV u32 qs_abs_bits(float v) { return qs_u(v) & 0x7fffffffu; }
+
+// max(m, |v[0]|, ..., |v[N-1]|) as ordered bits.
+template <int N>
+QS_DEV u32 qs_max_abs(const float* v, u32 m) {
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+        const u32 a = qs_abs_bits(v[k]);
+        m = a > m ? a : m;
+    }
+    return m;
+}
+
+QS_DEV u32 qs_warp_max(u32 v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        u32 w = __shfl_xor_sync(0xffffffffu, v, o);
+        v = w > v ? w : v;
+    }
+    return v;
+}
+
+// Block-wide max; every thread gets the result. `sh` holds >= 32 words.
+QS_DEV u32 qs_block_max(u32 v, u32* sh) {
+    v = qs_warp_max(v);
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    const int nw = (blockDim.x + 31) >> 5;
+    u32 r = lane < nw ? sh[lane] : 0u;
+    r = qs_warp_max(r);
+    return r;
+}
+
+// Folds every thread's maximum into *out (atomicMax; *out starts at 0): one
+// atomic per block. All threads of the block must call it.
+QS_DEV void qs_block_fold_max(u32 m, u32* __restrict__ out) {
+    __shared__ u32 sh[32];
+    m = qs_block_max(m, sh);
+    if (threadIdx.x == 0 && m != 0) atomicMax(out, m);
+}
+
+// As qs_block_fold_max, one atomic per warp, no barrier (all 32 lanes call it).
+QS_DEV void qs_warp_fold_max(u32 m, u32* __restrict__ out) {
+    m = qs_warp_max(m);
+    if ((threadIdx.x & 31) == 0 && m != 0) atomicMax(out, m);
+}
 
 // ---------------------------------------------------------------------------
 // Layout helpers
@@ -290,33 +386,6 @@ QS_DEV float qs_load1(const u8* __restrict__ p, i64 i) {
         return qs_bf16_to_f32(reinterpret_cast<const u16*>(p)[i]);
     } else {
         return qs_f16_to_f32(reinterpret_cast<const u16*>(p)[i]);
-    }
-}
-
-// Eight elements starting at element i; i*sizeof(T) must be 16-byte aligned.
-template <int DT>
-QS_DEV void qs_load8(const u8* __restrict__ p, i64 i, float v[8]) {
-    if constexpr (DT == QS_F32) {
-        const uint4* q = reinterpret_cast<const uint4*>(p + i * 4);
-        uint4 a = q[0];
-        uint4 b = q[1];
-        v[0] = qs_f(a.x); v[1] = qs_f(a.y); v[2] = qs_f(a.z); v[3] = qs_f(a.w);
-        v[4] = qs_f(b.x); v[5] = qs_f(b.y); v[6] = qs_f(b.z); v[7] = qs_f(b.w);
-    } else {
-        uint4 a = *reinterpret_cast<const uint4*>(p + i * 2);
-        u32 w[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            u16 lo = (u16)(w[k] & 0xffffu);
-            u16 hi = (u16)(w[k] >> 16);
-            if constexpr (DT == QS_BF16) {
-                v[2 * k] = qs_bf16_to_f32(lo);
-                v[2 * k + 1] = qs_bf16_to_f32(hi);
-            } else {
-                v[2 * k] = qs_f16_to_f32(lo);
-                v[2 * k + 1] = qs_f16_to_f32(hi);
-            }
-        }
     }
 }
 
@@ -345,11 +414,11 @@ QS_DEV void qs_decode8(const QsRaw8<DT>& r, float v[8]) {
         v[0] = qs_f(r.a.x); v[1] = qs_f(r.a.y); v[2] = qs_f(r.a.z); v[3] = qs_f(r.a.w);
         v[4] = qs_f(r.b.x); v[5] = qs_f(r.b.y); v[6] = qs_f(r.b.z); v[7] = qs_f(r.b.w);
     } else {
-        u32 w[4] = {r.a.x, r.a.y, r.a.z, r.a.w};
+        const u32 w[4] = {r.a.x, r.a.y, r.a.z, r.a.w};
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-            u16 lo = (u16)(w[k] & 0xffffu);
-            u16 hi = (u16)(w[k] >> 16);
+            const u16 lo = (u16)(w[k] & 0xffffu);
+            const u16 hi = (u16)(w[k] >> 16);
             if constexpr (DT == QS_BF16) {
                 v[2 * k] = qs_bf16_to_f32(lo);
                 v[2 * k + 1] = qs_bf16_to_f32(hi);
@@ -361,29 +430,148 @@ QS_DEV void qs_decode8(const QsRaw8<DT>& r, float v[8]) {
     }
 }
 
-// |v| as ordered bits (non-negative floats order like their bit patterns;
-// NaN and infinity sort above every finite value).
-QS_DEV u32 qs_abs_bits(float v) { return qs_u(v) & 0x7fffffffu; }
-
-QS_DEV u32 qs_warp_max(u32 v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        u32 w = __shfl_xor_sync(0xffffffffu, v, o);
-        v = w > v ? w : v;
-    }
-    return v;
+// Eight elements starting at element i; i*sizeof(T) must be 16-byte aligned.
+template <int DT>
+QS_DEV void qs_load8(const u8* __restrict__ p, i64 i, float v[8]) {
+    QsRaw8<DT> r;
+    qs_fetch8<DT>(p, i, r);
+    qs_decode8<DT>(r, v);
 }
 
-// Block-wide max; every thread gets the result. `sh` holds >= 32 words.
-QS_DEV u32 qs_block_max(u32 v, u32* sh) {
-    v = qs_warp_max(v);
+QS_DEV u64 qs_pack8(const u8 b[8]) {
+    u64 r = 0;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) r |= (u64)b[k] << (8 * k);
+    return r;
+}
+
+// ---------------------------------------------------------------------------
+// Flat streaming (per-tensor amax, FP8, INT8 per tensor)
+// ---------------------------------------------------------------------------
+
+// Threads per block of every 1-D launch and of the block-format kernels.
+#define QS_THREADS 256
+// Chunks of 8 elements each thread has in flight per step of a flat walk.
+#ifndef QS_FLAT_U
+#define QS_FLAT_U 4
+#endif
+
+// Walks n elements in chunks of 8 over a grid sized to what the device keeps
+// resident (host: CudaBackend::flat_grid): a step of a block covers a tile of
+// QS_FLAT_U x QS_THREADS chunks (thread t: chunks t, t + QS_THREADS, ...), all
+// loads of a step issued before the first use; tiles are dealt to blocks in
+// turn. `reverse` walks the tiles from the end: after an amax pass (or the
+// upload) the last tiles read are the ones still in L2.
+// full(c, v) gets each whole chunk c (elements 8c..8c+7); tail(i) each element
+// of the partial chunk at the end.
+template <int DT, typename Full, typename Tail>
+QS_DEV void qs_flat_walk(const u8* __restrict__ x, i64 n, bool reverse, Full full, Tail tail) {
+    const i64 nfull = n >> 3;
+    const i64 tile = (i64)QS_FLAT_U * QS_THREADS;
+    const i64 ntiles = (((n + 7) >> 3) + tile - 1) / tile;
+    for (i64 k = blockIdx.x; k < ntiles; k += gridDim.x) {
+        const i64 t = reverse ? ntiles - 1 - k : k;
+        const i64 c0 = t * tile + threadIdx.x;
+        if ((t + 1) * tile <= nfull) {
+            QsRaw8<DT> raw[QS_FLAT_U];
+#pragma unroll
+            for (int u = 0; u < QS_FLAT_U; ++u) qs_fetch8<DT>(x, (c0 + u * QS_THREADS) << 3, raw[u]);
+#pragma unroll
+            for (int u = 0; u < QS_FLAT_U; ++u) {
+                float v[8];
+                qs_decode8<DT>(raw[u], v);
+                full(c0 + u * QS_THREADS, v);
+            }
+        } else {
+            for (int u = 0; u < QS_FLAT_U; ++u) {
+                const i64 c = c0 + u * QS_THREADS;
+                if (c < nfull) {
+                    float v[8];
+                    qs_load8<DT>(x, c << 3, v);
+                    full(c, v);
+                } else if (c == nfull) {
+                    for (i64 i = c << 3; i < n; ++i) tail(i);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Block formats (NVFP4: 16 elements a scale, MXFP8: 32)
+// ---------------------------------------------------------------------------
+
+// The geometry of a block-format tensor: data zero-padded to
+// [rows_p, nb * BLK] (rows_p = roundup(rows, BLK)), scales in the swizzled
+// layout of [rows_s, nbs] (rows_s = roundup(rows_p, 128), nbs = roundup(nb, 4)).
+struct QsBlocks {
+    i64 rows, cols;
+    i64 rows_p, rows_s;
+    i64 nb, nbs;
+    bool vec;  // rows start 16-byte aligned: whole blocks load as vectors
+};
+
+template <int BLK>
+QS_DEV QsBlocks qs_blocks(i64 rows, i64 cols) {
+    QsBlocks g;
+    g.rows = rows;
+    g.cols = cols;
+    g.rows_p = (rows + BLK - 1) / BLK * BLK;
+    g.rows_s = (g.rows_p + 127) & ~(i64)127;
+    g.nb = (cols + BLK - 1) / BLK;
+    g.nbs = (g.nb + 3) & ~(i64)3;
+    g.vec = (cols & 7) == 0;
+    return g;
+}
+
+// Rows of one block-format step per warp (the grid's y covers rows_s / (8 U)
+// row groups, x covers nbs / 32 block columns).
+// Thread (lane, warp) of block (bx, by) owns scale entry (r, cb) with
+// cb = 32 bx + lane and r = RG g + warp + 8 u (u < U, RG = 8 U rows a row
+// group g), i.e. the whole swizzled scale matrix, padding included, so no
+// memset is needed; entries inside the data ([rows_p, nb]) also own the
+// BLK elements x[r, cb BLK ..] (zero where padded).
+// f(r, cb, data, v) gets each entry; v holds the BLK values where `data`.
+// All loads of a step are issued before the first use. Row groups run from
+// the end (after the upload's amax passes, the last rows are in L2).
+template <int DT, int BLK, int U, typename F>
+QS_DEV void qs_block_walk(const u8* __restrict__ x, const QsBlocks& g, F f) {
+    constexpr int CH = BLK / 8;  // chunks of 8 per block
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    const int nw = (blockDim.x + 31) >> 5;
-    u32 r = lane < nw ? sh[lane] : 0u;
-    r = qs_warp_max(r);
-    return r;
+    const i64 cb = (i64)blockIdx.x * 32 + lane;
+    const i64 ngroups = g.rows_s / (8 * U);
+    const bool col_live = cb < g.nbs;
+    const bool col_data = cb < g.nb;
+    const i64 c0 = cb * BLK;
+    const bool col_fast = col_data && g.vec && c0 + BLK <= g.cols;
+    for (i64 k = blockIdx.y; k < ngroups; k += gridDim.y) {
+        const i64 r0 = (ngroups - 1 - k) * (8 * U) + warp;
+        QsRaw8<DT> raw[U][CH];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const i64 r = r0 + 8 * u;
+            if (col_fast && r < g.rows) {
+#pragma unroll
+                for (int j = 0; j < CH; ++j) qs_fetch8<DT>(x, r * g.cols + c0 + 8 * j, raw[u][j]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const i64 r = r0 + 8 * u;
+            if (!col_live) continue;
+            const bool data = col_data && r < g.rows_p;
+            float v[BLK];
+            if (col_fast && r < g.rows) {
+#pragma unroll
+                for (int j = 0; j < CH; ++j) qs_decode8<DT>(raw[u][j], v + 8 * j);
+            } else {
+#pragma unroll
+                for (int i = 0; i < BLK; ++i) {
+                    v[i] = (data && r < g.rows && c0 + i < g.cols) ? qs_load1<DT>(x, r * g.cols + c0 + i) : 0.0f;
+                }
+            }
+            f(r, cb, data, v);
+        }
+    }
 }

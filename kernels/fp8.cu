@@ -8,11 +8,8 @@
 // in f32 (scale = amax / 448, mul = 1 / scale, no rounding to T), and where even
 // that reciprocal overflows, zero codes with scale 1.0.
 //
-// Launch after qs_amax_tensor_<T> on the same stream, same grid.
-
-// Logical block of this CTA: reversed, so the first tiles quantized are the last
-// ones the amax pass read (still in L2).
-QS_DEV i64 qs_reversed_block() { return (i64)gridDim.x - 1 - (i64)blockIdx.x; }
+// Launch after qs_amax_tensor_<T> (over the whole tensor, or over each upload
+// piece) has left the tensor's amax in *amax_bits, on the same stream.
 
 QS_DEV bool qs_isfinite(float v) { return (qs_u(v) & 0x7fffffffu) < 0x7f800000u; }
 
@@ -33,7 +30,7 @@ QS_DEV int qs_fp8_plan(float amax, float& scale, float& mul) {
 template <int DT>
 QS_DEV float qs_fp8_scaled(float x, float mul, int mode) {
     float p = __fmul_rn(x, mul);
-    if (mode == 1) p = qs_round_t<DT>(p);
+    if (mode == 1) p = qs_round_t_finite<DT>(p);
     return qs_clamp(p, -448.0f, 448.0f);
 }
 
@@ -47,51 +44,31 @@ QS_DEV void qs_fp8_codes8(const float v[8], float mul, int mode, u8 out[8]) {
     }
 }
 
-QS_DEV u64 qs_pack8(const u8 b[8]) {
-    u64 r = 0;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) r |= (u64)b[k] << (8 * k);
-    return r;
-}
-
 template <int DT>
 QS_DEV void qs_fp8_quant(const u8* __restrict__ x, i64 n, const u32* __restrict__ amax_bits,
                          u8* __restrict__ q, float* __restrict__ scale_out) {
-    float scale, mul;
-    const int mode = qs_fp8_plan<DT>(qs_f(*amax_bits), scale, mul);
-    if (blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
-
-    const i64 full = n >> 3;
-    const i64 c0 = qs_reversed_block() * QS_TILE_CHUNKS + threadIdx.x;
-    if (c0 + (QS_UNROLL - 1) * QS_THREADS < full) {
-        QsRaw8<DT> raw[QS_UNROLL];
-#pragma unroll
-        for (int u = 0; u < QS_UNROLL; ++u) qs_fetch8<DT>(x, (c0 + u * QS_THREADS) << 3, raw[u]);
-#pragma unroll
-        for (int u = 0; u < QS_UNROLL; ++u) {
-            float v[8];
+    // The plan is worked out at the first chunk, once its loads are in flight
+    // (not before them, behind the read of the amax word); every thread has one.
+    float scale = 0.0f, mul = 0.0f;
+    int mode = -1;
+    const auto plan = [&] {
+        if (mode >= 0) return;
+        mode = qs_fp8_plan<DT>(qs_f(*amax_bits), scale, mul);
+        if (blockIdx.x == 0 && threadIdx.x == 0) *scale_out = scale;
+    };
+    qs_flat_walk<DT>(
+        x, n, true,
+        [&](i64 c, const float v[8]) {
+            plan();
             u8 o[8];
-            qs_decode8<DT>(raw[u], v);
             qs_fp8_codes8<DT>(v, mul, mode, o);
-            reinterpret_cast<u64*>(q)[c0 + u * QS_THREADS] = qs_pack8(o);
-        }
-    } else {
-        for (int u = 0; u < QS_UNROLL; ++u) {
-            const i64 c = c0 + u * QS_THREADS;
-            if (c < full) {
-                float v[8];
-                u8 o[8];
-                qs_load8<DT>(x, c << 3, v);
-                qs_fp8_codes8<DT>(v, mul, mode, o);
-                reinterpret_cast<u64*>(q)[c] = qs_pack8(o);
-            } else if (c == full) {
-                for (i64 i = c << 3; i < n; ++i) {
-                    float a = qs_fp8_scaled<DT>(qs_load1<DT>(x, i), mul, mode);
-                    q[i] = mode == 0 ? 0 : (u8)(qs_f32x2_to_e4m3(a, 0.0f) & 0xff);
-                }
-            }
-        }
-    }
+            reinterpret_cast<u64*>(q)[c] = qs_pack8(o);
+        },
+        [&](i64 i) {
+            plan();
+            const float a = qs_fp8_scaled<DT>(qs_load1<DT>(x, i), mul, mode);
+            q[i] = mode == 0 ? 0 : (u8)(qs_f32x2_to_e4m3(a, 0.0f) & 0xff);
+        });
 }
 
 // Dequantization: out = f32(q) * scale (f32 [n]).

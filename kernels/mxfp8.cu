@@ -8,68 +8,71 @@
 //           a nonzero block with e == 0 divides by zero: +-448, and 0xFF (NaN) for its zeros
 // over the input zero-padded to [roundup(rows, 32), roundup(cols, 32)].
 //
-// Four lanes own a block (8 elements each) and exchange maxima with two
-// shuffles. No global amax is needed; the block maxima are folded into
-// *amax_all for the host's non-finite check. `scales` must be zeroed first.
+// One thread a 32-block (qs_block_walk), one read of the input. No global
+// amax is needed; the block maxima are folded into *amax_all for the host's
+// non-finite check.
 
+#ifndef QS_MX_U
+#define QS_MX_U 2  // 32-blocks a thread has in flight per step
+#endif
 
-// Quantizes one chunk; the four lanes of a 32-block exchange their maxima, so
-// all 32 lanes of the warp call this together (chunk index % 4 == lane % 4).
-// Returns the block maximum's bits (for the non-finite check).
-QS_DEV u32 qs_mxfp8_chunk(const QsPadded& g, i64 c, bool live, i64 r, i64 c0, const float v[8], u8* __restrict__ q,
-                          u8* __restrict__ scales) {
-    u32 m = 0;
+// The 32 codes of a block with maximum bits `m` and exponent `e`, 4 to a word.
+QS_DEV void qs_mxfp8_codes(const float v[32], u32 m, u32 e, u32 out[8]) {
+    if (m == 0) {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        u32 a = qs_abs_bits(v[i]);
-        m = a > m ? a : m;
-    }
-    u32 o = __shfl_xor_sync(0xffffffffu, m, 1);
-    m = o > m ? o : m;
-    o = __shfl_xor_sync(0xffffffffu, m, 2);
-    m = o > m ? o : m;
-    const float bmax = qs_f(m);
-    const u32 e = bmax == 0.0f ? 0u : qs_mx_exponent(bmax);
-    u8 out[8];
-    if (bmax == 0.0f) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) out[i] = 0;
+        for (int w = 0; w < 8; ++w) out[w] = 0;
     } else if (e == 0) {
         // x / 0: +-448 for nonzero x; 0/0 is written 0xFF, as the CPU reference
         // does (x86's default NaN has the sign bit set)
 #pragma unroll
-        for (int i = 0; i < 8; ++i) out[i] = v[i] == 0.0f ? 0xff : (v[i] > 0.0f ? 0x7e : 0xfe);
+        for (int w = 0; w < 8; ++w) {
+            u32 word = 0;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float x = v[4 * w + k];
+                const u32 c = x == 0.0f ? 0xffu : (x > 0.0f ? 0x7eu : 0xfeu);
+                word |= c << (8 * k);
+            }
+            out[w] = word;
+        }
     } else {
         // x / 2^k and x * 2^-k round the same exact value once; 2^-k is an f32
         // (at least 2^-127, a subnormal) for every e in [1, 254].
         const float inv = e == 254 ? qs_f(0x00400000u) : qs_f((254u - e) << 23);
 #pragma unroll
-        for (int i = 0; i < 8; i += 2) {
-            float a = qs_clamp(__fmul_rn(v[i], inv), -448.0f, 448.0f);
-            float b = qs_clamp(__fmul_rn(v[i + 1], inv), -448.0f, 448.0f);
-            u16 p = qs_f32x2_to_e4m3_finite(a, b);
-            out[i] = (u8)(p & 0xff);
-            out[i + 1] = (u8)(p >> 8);
+        for (int w = 0; w < 8; ++w) {
+            u32 word = 0;
+#pragma unroll
+            for (int k = 0; k < 4; k += 2) {
+                const float a = qs_clamp(__fmul_rn(v[4 * w + k], inv), -448.0f, 448.0f);
+                const float b = qs_clamp(__fmul_rn(v[4 * w + k + 1], inv), -448.0f, 448.0f);
+                word |= (u32)qs_f32x2_to_e4m3_finite(a, b) << (8 * k);
+            }
+            out[w] = word;
         }
     }
-    if (live) {
-        reinterpret_cast<u64*>(q)[c] = qs_pack8(out);
-        if ((threadIdx.x & 3) == 0) scales[qs_swizzle(r, c0 >> 5, g.ncb)] = (u8)e;
-    }
-    return m;
 }
 
 template <int DT>
 QS_DEV void qs_mxfp8_quant(const u8* __restrict__ x, i64 rows, i64 cols, u8* __restrict__ q, u8* __restrict__ scales,
                            u32* __restrict__ amax_all) {
-    const QsPadded g = qs_padded(rows, cols, 32);
+    const QsBlocks g = qs_blocks<32>(rows, cols);
     u32 all = 0;
-    qs_walk_2d<DT>(x, g, [&](i64 c, bool live, i64 r, i64 c0, const float v[8]) {
-        const u32 m = qs_mxfp8_chunk(g, c, live, r, c0, v, q, scales);
-        all = m > all ? m : all;
+    qs_block_walk<DT, 32, QS_MX_U>(x, g, [&](i64 r, i64 cb, bool data, const float v[32]) {
+        u32 e = 0;
+        if (data) {
+            const u32 m = qs_max_abs<32>(v, 0);
+            all = m > all ? m : all;
+            e = m == 0 ? 0u : qs_mx_exponent_bits(m);
+            u32 w[8];
+            qs_mxfp8_codes(v, m, e, w);
+            uint4* dst = reinterpret_cast<uint4*>(q + r * g.nb * 32 + cb * 32);
+            dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
+            dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+        }
+        scales[qs_swizzle(r, cb, g.nbs >> 2)] = (u8)e;
     });
-    all = qs_warp_max(all);
-    if ((threadIdx.x & 31) == 0 && all != 0) atomicMax(amax_all, all);
+    qs_warp_fold_max(all, amax_all);
 }
 
 // Dequantization to f32 [rows, cols] (the unpadded part): out = f32(code) * 2^(e-127).
@@ -87,8 +90,20 @@ QS_DEV void qs_mxfp8_dequant_impl(const u8* __restrict__ q, const u8* __restrict
     }
 }
 
+// Self-test: qs_mx_exponent_bits equals the division-based qs_mx_exponent for
+// every positive finite f32. *count: mismatches; *first: the smallest such bits.
+extern "C" __global__ void __launch_bounds__(256) qs_selftest_mx_exponent(u32* count, u32* first) {
+    const u32 stride = gridDim.x * blockDim.x;
+    for (u32 b = 1 + blockIdx.x * blockDim.x + threadIdx.x; b < 0x7f800000u; b += stride) {
+        if (qs_mx_exponent(qs_f(b)) != qs_mx_exponent_bits(b)) {
+            atomicAdd(count, 1u);
+            atomicMin(first, b);
+        }
+    }
+}
+
 #define QS_MXFP8_INST(SUF, DT)                                                                             \
-    extern "C" __global__ void __launch_bounds__(QS_BT)                                                     \
+    extern "C" __global__ void __launch_bounds__(QS_THREADS)                                                \
         qs_mxfp8_quant_##SUF(const u8* x, i64 rows, i64 cols, u8* q, u8* scales, u32* amax_all) {          \
         qs_mxfp8_quant<DT>(x, rows, cols, q, scales, amax_all);                                             \
     }

@@ -8,19 +8,22 @@
 //   code  = total == 0 ? 0 : e2m1(clamp(x / total, -6, 6)), element 2i in the high nibble
 // over the input zero-padded to [roundup(rows, 16), roundup(cols, 16)].
 //
-// Threads own 8-element chunks of the padded matrix; the two lanes of a block
-// exchange their maxima with one shuffle. Launch after qs_amax_tensor_<T>;
-// `scales` must be zeroed first (the padding of the tile layout stays 0).
+// One thread a 16-block (qs_block_walk). Launch after qs_amax_tensor_<T>
+// (over the tensor, or over each upload piece) has left its amax in *amax_bits.
+//
+// The per-element division x / total is replaced by x * y with y = RN(1 / total)
+// (one rounded reciprocal a block): |x y - x / total| <= 2^-23 |x / total|, so
+// x y lies within 5 f32 steps of the correctly rounded quotient. E2M1 rounds
+// that quotient at 0.25, 0.75, 1.25, 1.75, 2.5, 3.5 and 5 (ties to even), which
+// qs_e2m1_code_recip reads off the bits of a single value (see there); where
+// x y lies within 8 steps of one of them, the block's codes are computed
+// again with the IEEE division. Elsewhere both quotients give the same code.
+// The self-test compares the two for every finite f32 x over a set of divisors.
 
-// The block-format kernels run on a 2-D grid: x over chunk columns
-// (QS_BT threads, one chunk column each), y over groups of QS_BR rows, so no
-// index division is needed and each thread has QS_BR loads in flight.
-#ifndef QS_BT
-#define QS_BT 128
+#ifndef QS_NV_U
+#define QS_NV_U 2  // 16-blocks a thread has in flight per step
 #endif
-#ifndef QS_BR
-#define QS_BR 4
-#endif
+
 
 // Global scale from the tensor's amax (shared by every block), with the CPU
 // reference's fallbacks: where T rounds amax / 2688 to 0 (all-zero tensors, f16
@@ -40,178 +43,94 @@ QS_DEV u8 qs_nvfp4_block_code(float bmax, float s2) {
     return (u8)(qs_f32x2_to_e4m3_finite(bs, 0.0f) & 0xff);
 }
 
-// Four packed bytes (8 codes) for 8 elements of a block with scale `total`.
-QS_DEV u32 qs_nvfp4_pack8(const float v[8], float total) {
-    if (total == 0.0f) return 0u;
-    u32 r = 0;
+// E2M1 code of x / total (sign in bit 3) from y = RN(1 / total); sets `near`
+// where it may differ from e2m1(clamp(RN(x / total), -6, 6)).
+// With a = min(|x| y, 6): for a >= 1, rounding a to one mantissa bit is
+// E2M1's rounding, so the code is the rounded exponent and mantissa bit read
+// as an integer; its midpoints are the bit patterns b whose low 22 bits are
+// 0x200000. For a < 1 E2M1 has the grid 0, 0.5, 1, which is that of a + 1 in
+// [1, 2] (midpoints 1.25, 1.75, the same tie directions), so a + 1 takes the
+// same path (its own rounding moves it by at most 2^-24).
+// t = b + 0x200008 (minus the code's exponent offset) rounds half up, and
+// a bit early: its result differs from rounding to even only for low 22 bits
+// in [0x1ffff8, 0x200000], inside the window [0x1ffff8, 0x200008) that `near`
+// flags (t's low 22 bits below 16), 8 steps below and 7 above each midpoint.
+QS_DEV u32 qs_e2m1_code_recip(float x, float y, bool& near) {
+    float a = __fmul_rn(fabsf(x), y);
+    a = a < 6.0f ? a : 6.0f;
+    const bool small = a < 1.0f;
+    const u32 t = qs_u(small ? __fadd_rn(a, 1.0f) : a) + (small ? 0x200008u - (254u << 22) : 0x200008u - (252u << 22));
+    near |= (t & 0x3ffff0u) == 0;
+    return (t >> 22) | ((qs_u(x) >> 28) & 8u);
+}
+
+// f32 value of an E4M3 code other than NaN (0x7f, 0xff): the hardware
+// conversion to f16 is exact for all of them (self-test), as is f16 -> f32.
+QS_DEV float qs_e4m3_to_f32_finite(u8 b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    u32 h2;
+    const u16 in = b;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(in));
+    return qs_f16_to_f32((u16)(h2 & 0xffffu));
+#else
+    return qs_e4m3_to_f32(b);
+#endif
+}
+
+QS_DEV u32 qs_e2m1_code_div(float x, float total) {
+    return qs_f32_to_e2m1_fast(qs_clamp(__fdiv_rn(x, total), -6.0f, 6.0f));
+}
+
+// N/2 packed bytes (N codes, element 2i in the high nibble of byte i) for N
+// elements of a block with scale `total`.
+template <int N>
+QS_DEV u64 qs_nvfp4_pack(const float* v, float total) {
+    if (total == 0.0f) return 0;
+    u64 r = 0;
+    // y is a normal f32 for every total the formula makes (>= 2^-126 unless amax is tiny)
+    if (total >= 1.1754943508222875e-38f && total <= 8.507059173023462e37f) {
+        const float y = __frcp_rn(total);
+        bool near = false;
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        float a = qs_clamp(__fdiv_rn(v[2 * k], total), -6.0f, 6.0f);
-        float b = qs_clamp(__fdiv_rn(v[2 * k + 1], total), -6.0f, 6.0f);
-        u32 byte = ((u32)qs_f32_to_e2m1_fast(a) << 4) | (u32)qs_f32_to_e2m1_fast(b);
-        r |= byte << (8 * k);
+        for (int k = 0; k < N / 2; ++k) {
+            const u32 byte = (qs_e2m1_code_recip(v[2 * k], y, near) << 4) | qs_e2m1_code_recip(v[2 * k + 1], y, near);
+            r |= (u64)byte << (8 * k);
+        }
+        if (!near) return r;
+        r = 0;
+    }
+#pragma unroll
+    for (int k = 0; k < N / 2; ++k) {
+        const u32 byte = (qs_e2m1_code_div(v[2 * k], total) << 4) | qs_e2m1_code_div(v[2 * k + 1], total);
+        r |= (u64)byte << (8 * k);
     }
     return r;
-}
-
-// Loads the 8 elements at padded position (r, c0); zero outside [rows, cols].
-template <int DT>
-QS_DEV void qs_load_padded8(const u8* __restrict__ x, i64 rows, i64 cols, i64 r, i64 c0, bool vec, float v[8]) {
-    if (r < rows && vec && c0 < cols) {
-        qs_load8<DT>(x, r * cols + c0, v);
-    } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) v[k] = (r < rows && c0 + k < cols) ? qs_load1<DT>(x, r * cols + c0 + k) : 0.0f;
-    }
-}
-
-// (row, first column) of chunk `c` of a matrix with `cpr` chunks per row.
-QS_DEV void qs_chunk_pos(i64 c, i64 cpr, bool small, i64& r, i64& c0) {
-    if (small) {
-        u32 rr = (u32)c / (u32)cpr;
-        r = rr;
-        c0 = ((i64)((u32)c - rr * (u32)cpr)) << 3;
-    } else {
-        r = c / cpr;
-        c0 = (c - r * cpr) << 3;
-    }
-}
-
-// The geometry of a padded block-format matrix, in chunks of 8 elements.
-struct QsPadded {
-    i64 rows, cols;  // logical
-    i64 cpr;         // chunks per padded row
-    i64 total;       // chunks in the padded matrix
-    i64 ncb;         // tile columns of the swizzled scale layout
-    bool vec;        // rows start 16-byte aligned: whole chunks load as vectors
-    bool small;      // chunk indices fit 32 bits
-};
-
-QS_DEV QsPadded qs_padded(i64 rows, i64 cols, int block) {
-    QsPadded g;
-    g.rows = rows;
-    g.cols = cols;
-    const i64 rows_p = (rows + block - 1) / block * block;
-    const i64 cols_p = (cols + block - 1) / block * block;
-    g.cpr = cols_p >> 3;
-    g.total = rows_p * g.cpr;
-    g.ncb = ((cols_p / block) + 3) >> 2;
-    g.vec = (cols & 7) == 0;
-    g.small = g.total < 0xffffffffLL;
-    return g;
-}
-
-// One chunk of a padded matrix: where it is, and its raw bytes when it is a
-// whole in-bounds vector (`fast`); other live chunks are read element-wise.
-template <int DT>
-struct QsChunk {
-    QsRaw8<DT> raw;
-    i64 r, c0;
-    bool live, fast;
-};
-
-// Locates chunk `c` and starts its vector load (the value is used later, so
-// several loads are in flight before the first use).
-template <int DT>
-QS_DEV void qs_chunk_locate(const QsPadded& g, i64 c, QsChunk<DT>& k) {
-    k.live = c < g.total;
-    k.r = 0;
-    k.c0 = 0;
-    k.fast = false;
-    if (k.live) {
-        qs_chunk_pos(c, g.cpr, g.small, k.r, k.c0);
-        k.fast = k.r < g.rows && g.vec && k.c0 < g.cols;
-    }
-}
-
-template <int DT>
-QS_DEV void qs_chunk_fetch(const u8* __restrict__ x, const QsPadded& g, i64 c, QsChunk<DT>& k) {
-    qs_chunk_locate<DT>(g, c, k);
-    if (k.fast) qs_fetch8<DT>(x, k.r * g.cols + k.c0, k.raw);
-}
-
-// The chunk's 8 values (zero in the padding).
-template <int DT>
-QS_DEV void qs_chunk_values(const u8* __restrict__ x, const QsPadded& g, const QsChunk<DT>& k, float v[8]) {
-    if (k.fast) {
-        qs_decode8<DT>(k.raw, v);
-    } else if (k.live) {
-        qs_load_padded8<DT>(x, g.rows, g.cols, k.r, k.c0, false, v);
-    } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = 0.0f;
-    }
-}
-
-// Quantizes one chunk (8 values `v` at padded position (r, c0), output chunk
-// index `c`); the two lanes of a 16-block exchange their maxima, so all 32
-// lanes of the warp call this together (chunk index parity == lane parity).
-QS_DEV void qs_nvfp4_chunk(const QsPadded& g, i64 c, bool live, i64 r, i64 c0, const float v[8], float s2,
-                           u8* __restrict__ q, u8* __restrict__ scales) {
-    u32 m = 0;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        u32 a = qs_abs_bits(v[i]);
-        m = a > m ? a : m;
-    }
-    u32 o = __shfl_xor_sync(0xffffffffu, m, 1);
-    m = o > m ? o : m;
-    const u8 code = qs_nvfp4_block_code(qs_f(m), s2);
-    const float tot = __fmul_rn(s2, qs_e4m3_to_f32(code));
-    const u32 packed = qs_nvfp4_pack8(v, tot);
-    if (live) {
-        reinterpret_cast<u32*>(q)[c] = packed;
-        if ((threadIdx.x & 1) == 0) scales[qs_swizzle(r, c0 >> 4, g.ncb)] = code;
-    }
-}
-
-// The 2-D walk shared by NVFP4 and MXFP8: calls f(c, live, r, c0, v) for the
-// QS_BR chunks of each row group this thread owns, all loads of a group first.
-// Blocks run in reverse order (after an amax pass, the last-read data first).
-template <int DT, typename F>
-QS_DEV void qs_walk_2d(const u8* __restrict__ x, const QsPadded& g, F f) {
-    const i64 nblk = (i64)gridDim.x * gridDim.y;
-    const i64 lin = nblk - 1 - ((i64)blockIdx.y * gridDim.x + blockIdx.x);
-    const i64 bx = lin % gridDim.x;
-    const i64 by = lin / gridDim.x;
-    const i64 cc = bx * QS_BT + threadIdx.x;  // chunk column
-    const bool col_live = cc < g.cpr;
-    const i64 c0 = cc << 3;
-    const i64 rows_p = g.total / g.cpr;
-    const bool col_fast = col_live && g.vec && c0 < g.cols;
-    for (i64 r0 = by * QS_BR; r0 < rows_p; r0 += (i64)gridDim.y * QS_BR) {
-        QsRaw8<DT> raw[QS_BR];
-#pragma unroll
-        for (int j = 0; j < QS_BR; ++j) {
-            const i64 r = r0 + j;
-            if (col_fast && r < g.rows) qs_fetch8<DT>(x, r * g.cols + c0, raw[j]);
-        }
-#pragma unroll
-        for (int j = 0; j < QS_BR; ++j) {
-            const i64 r = r0 + j;
-            const bool live = col_live && r < rows_p;
-            float v[8];
-            if (col_fast && r < g.rows) {
-                qs_decode8<DT>(raw[j], v);
-            } else if (live) {
-                qs_load_padded8<DT>(x, g.rows, g.cols, r, c0, false, v);
-            } else {
-#pragma unroll
-                for (int i = 0; i < 8; ++i) v[i] = 0.0f;
-            }
-            f(r * g.cpr + cc, live, r, c0, v);
-        }
-    }
 }
 
 template <int DT>
 QS_DEV void qs_nvfp4_quant(const u8* __restrict__ x, i64 rows, i64 cols, const u32* __restrict__ amax_bits,
                            u8* __restrict__ q, u8* __restrict__ scales, float* __restrict__ s2_out) {
-    const float s2 = qs_nvfp4_global_scale<DT>(qs_f(*amax_bits));
-    if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *s2_out = s2;
-    const QsPadded g = qs_padded(rows, cols, 16);
-    qs_walk_2d<DT>(x, g, [&](i64 c, bool live, i64 r, i64 c0, const float v[8]) {
-        qs_nvfp4_chunk(g, c, live, r, c0, v, s2, q, scales);
+    const QsBlocks g = qs_blocks<16>(rows, cols);
+    // s2 is worked out at the first block, once its loads are in flight (not
+    // before them, behind the read of the amax word); every thread has one.
+    float s2 = 0.0f;
+    qs_block_walk<DT, 16, QS_NV_U>(x, g, [&](i64 r, i64 cb, bool data, const float v[16]) {
+        if (s2 == 0.0f) {
+            s2 = qs_nvfp4_global_scale<DT>(qs_f(*amax_bits));
+            if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *s2_out = s2;
+        }
+        u8 code = 0;
+        if (data) {
+            // finite inputs: the float max of |x| is the max of their bits
+            // (a non-finite input only makes bytes the host discards)
+            float bmax = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 16; ++i) bmax = fmaxf(bmax, fabsf(v[i]));
+            code = qs_nvfp4_block_code(bmax, s2);
+            const float total = __fmul_rn(s2, qs_e4m3_to_f32_finite(code));
+            reinterpret_cast<u64*>(q + r * g.nb * 8)[cb] = qs_nvfp4_pack<16>(v, total);
+        }
+        scales[qs_swizzle(r, cb, g.nbs >> 2)] = code;
     });
 }
 
@@ -233,8 +152,41 @@ QS_DEV void qs_nvfp4_dequant_impl(const u8* __restrict__ q, const u8* __restrict
     }
 }
 
+// Self-test: for every finite f32 x and each divisor below, the reciprocal
+// path's code equals the division's wherever it does not ask for the division
+// itself; and qs_e4m3_to_f32_finite equals qs_e4m3_to_f32 for every non-NaN
+// code (x = the code). *count: mismatching x; *first: the smallest such x bits.
+__constant__ float qs_nvfp4_test_divisors[32] = {
+    1.0f,           0.5f,          0.001953125f,   448.0f,         0.75f,          1.25f,          3.0f,
+    6.0f,           1.9999999f,    1.0000001f,     1.3333334f,     0.1f,           7.4505806e-09f, 1.1754943508222875e-38f,
+    1.7632415e-38f, 8.5e37f,       1.6212463e-06f, 2.1e-05f,       123.456f,       3.7252903e-04f, 5.9604645e-08f,
+    4.1656494e-03f, 33000.0f,      1e10f,          1e-10f,         17.0f,          8.7890625e-03f, 2.9802322e-08f,
+    2.7939677e-09f, 0.33333334f,   0.6666667f,     0.99999994f,
+};
+
+extern "C" __global__ void __launch_bounds__(256) qs_selftest_nvfp4_recip(u32* count, u32* first) {
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < (1ull << 32); i += stride) {
+        const float x = qs_f((u32)i);
+        if (!qs_isfinite(x)) continue;
+        bool bad = false;
+#pragma unroll 1
+        for (int k = 0; k < 32; ++k) {
+            const float t = qs_nvfp4_test_divisors[k];
+            bool near = false;
+            const u32 fast = qs_e2m1_code_recip(x, __frcp_rn(t), near);
+            bad |= !near && fast != qs_e2m1_code_div(x, t);
+        }
+        if (i < 256 && (i & 0x7f) != 0x7f) bad |= qs_u(qs_e4m3_to_f32_finite((u8)i)) != qs_u(qs_e4m3_to_f32((u8)i));
+        if (bad) {
+            atomicAdd(count, 1u);
+            atomicMin(first, (u32)i);
+        }
+    }
+}
+
 #define QS_NVFP4_INST(SUF, DT)                                                                            \
-    extern "C" __global__ void __launch_bounds__(QS_BT) qs_nvfp4_quant_##SUF(                   \
+    extern "C" __global__ void __launch_bounds__(QS_THREADS) qs_nvfp4_quant_##SUF(                       \
         const u8* x, i64 rows, i64 cols, const u32* amax_bits, u8* q, u8* scales, float* s2_out) {         \
         qs_nvfp4_quant<DT>(x, rows, cols, amax_bits, q, scales, s2_out);                                   \
     }

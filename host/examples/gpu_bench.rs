@@ -6,7 +6,9 @@
 //! Prints, for the first CUDA device:
 //! - the conversion self-test;
 //! - kernel bandwidth per format and dtype on FLUX.1 weight shapes, beside a
-//!   device-to-device copy of the same input bytes (target: >= 70%);
+//!   device-to-device copy of the same input bytes (target: >= 70%): the
+//!   quantize kernel alone (what follows the upload) and all the device work
+//!   for an input already on the device (amax kernel included);
 //! - pinned host-to-device bandwidth;
 //! - streaming throughput of the GPU backend's `quantize` (pinned staging,
 //!   uploads, kernels, downloads, several tensors in flight) against the CPU
@@ -39,8 +41,14 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let b = CudaBackend::new(0, gpu::configured_slots()).context("opening cuda:0")?;
     println!("device: {}; backend ready in {:.2} s (NVRTC compile + load)", b.info(), started.elapsed().as_secs_f64());
+    let t = Instant::now();
     let st = b.selftest_conversions()?;
-    println!("conversion self-test (all 2^32 f32 inputs): mismatches {:?}", st.mismatches);
+    println!(
+        "conversion self-test (all 2^32 f32 inputs, {:.2} s): mismatches {:?}; division-free paths (INT8, NVFP4, MXFP8 exponent): {:?}",
+        t.elapsed().as_secs_f64(),
+        st.mismatches,
+        st.replacements
+    );
 
     if let Some((grid, smem)) = b.fused_geometry() {
         println!("fused kernels: {grid} resident blocks of 512 threads, {} KiB of shared memory each", smem / 1024);
@@ -53,20 +61,20 @@ fn main() -> Result<()> {
     let mut rows_out = Vec::new();
     for &(r, c, what) in shapes {
         let mut jobs: Vec<(QuantSpec, SourceDtype, bool)> = vec![
-            (spec(QuantFormat::Fp8, false), SourceDtype::BF16, true),
             (spec(QuantFormat::Fp8, false), SourceDtype::BF16, false),
-            (spec(QuantFormat::Int8, false), SourceDtype::BF16, true),
             (spec(QuantFormat::Int8, false), SourceDtype::BF16, false),
             (spec(QuantFormat::Int8, true), SourceDtype::BF16, false),
-            (spec(QuantFormat::Nvfp4, false), SourceDtype::BF16, true),
             (spec(QuantFormat::Nvfp4, false), SourceDtype::BF16, false),
             (spec(QuantFormat::Mxfp8, false), SourceDtype::BF16, false),
         ];
         if r == 3072 && c == 12288 {
-            jobs.push((spec(QuantFormat::Fp8, false), SourceDtype::F16, false));
-            jobs.push((spec(QuantFormat::Fp8, false), SourceDtype::F32, false));
-            jobs.push((spec(QuantFormat::Nvfp4, false), SourceDtype::F32, false));
-            jobs.push((spec(QuantFormat::Mxfp8, false), SourceDtype::F32, false));
+            for d in [SourceDtype::F16, SourceDtype::F32] {
+                for f in [QuantFormat::Fp8, QuantFormat::Int8, QuantFormat::Nvfp4, QuantFormat::Mxfp8] {
+                    jobs.push((spec(f, false), d, false));
+                }
+            }
+            jobs.push((spec(QuantFormat::Fp8, false), SourceDtype::BF16, true));
+            jobs.push((spec(QuantFormat::Nvfp4, false), SourceDtype::BF16, true));
         }
         for (s, d, fused) in jobs {
             let kb = bench::kernel_bandwidth(&b, s, d, r, c, fused, iters)?;
@@ -74,29 +82,40 @@ fn main() -> Result<()> {
         }
     }
     println!();
+    println!("kernel bandwidth: (input + stored bytes) / time, against cuMemcpyDtoD of the input (2 x input / time);");
     println!(
-        "| format | kernels | dtype | shape | in+out MB | kernel ms | kernel GB/s | copy ms | copy GB/s | kernel/copy |"
+        "quantize = the quantize kernel alone (the backend runs the amax kernel on each upload piece as it lands);"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "all = everything the device does for an input already on it (scratch memset + amax kernel + quantize kernel)"
+    );
+    println!();
+    println!(
+        "| format | path | dtype | shape | in+out MB | copy ms | copy GB/s | quantize ms | quantize GB/s | quantize/copy | all ms | all GB/s | all/copy |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (what, kb) in &rows_out {
+        let path = if kb.fused {
+            "fused"
+        } else if matches!(kb.spec.format, QuantFormat::Mxfp8) || kb.spec.per_channel {
+            "one pass"
+        } else {
+            "amax + quantize"
+        };
         println!(
-            "| {} | {} | {:?} | {}x{} ({what}) | {:.1} | {:.4} | {:.0} | {:.4} | {:.0} | {:.0}% |",
+            "| {} | {path} | {:?} | {}x{} ({what}) | {:.1} | {:.4} | {:.0} | {:.4} | {:.0} | {:.0}% | {:.4} | {:.0} | {:.0}% |",
             label(kb.spec),
-            if kb.fused {
-                "fused"
-            } else if matches!(kb.spec.format, QuantFormat::Mxfp8) || kb.spec.per_channel {
-                "single"
-            } else {
-                "amax+quant"
-            },
             kb.dtype,
             kb.rows,
             kb.cols,
             (kb.input_bytes + kb.output_bytes) as f64 / 1e6,
-            kb.kernel_ms,
-            kb.kernel_gbps,
             kb.copy_ms,
             kb.copy_gbps,
+            kb.quant_ms,
+            kb.quant_gbps,
+            100.0 * kb.quant_fraction_of_copy(),
+            kb.kernel_ms,
+            kb.kernel_gbps,
             100.0 * kb.fraction_of_copy()
         );
     }
@@ -104,22 +123,18 @@ fn main() -> Result<()> {
     let (ams, agb) = bench::amax_bandwidth(&b, SourceDtype::BF16, 3072, 12288, iters)?;
     println!("\namax kernel alone, bf16 3072x12288: {ams:.4} ms, {agb:.0} GB/s read");
 
-    // Variants of the tuning knobs (defaults: QS_FT=512 QS_FU=4 QS_BT=128
-    // QS_BR=4), bf16 3072x12288; each compiles its own module.
-    println!("\n| variant | format | kernels | kernel ms | kernel GB/s | kernel/copy |");
+    // Variants of the tuning knobs (defaults: QS_FLAT_U=4 QS_NV_U=2 QS_MX_U=2),
+    // bf16; each compiles its own module.
+    println!("\n| variant | format | quantize ms | quantize/copy | all ms | all/copy |");
     println!("|---|---|---|---|---|---|");
-    type Variant<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [(QuantFormat, bool)]);
+    type Variant<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [QuantFormat]);
     let variants: &[Variant] = &[
-        ("QS_FT=1024", &[("QS_FT", "1024")], &[(QuantFormat::Fp8, true), (QuantFormat::Int8, true)]),
-        ("QS_FU=8", &[("QS_FU", "8")], &[(QuantFormat::Fp8, true)]),
-        ("QS_BR=2", &[("QS_BR", "2")], &[(QuantFormat::Nvfp4, false), (QuantFormat::Mxfp8, false)]),
-        ("QS_BR=8", &[("QS_BR", "8")], &[(QuantFormat::Nvfp4, false), (QuantFormat::Mxfp8, false)]),
-        ("QS_BT=256", &[("QS_BT", "256")], &[(QuantFormat::Nvfp4, false), (QuantFormat::Mxfp8, false)]),
+        ("QS_FLAT_U=2", &[("QS_FLAT_U", "2")], &[QuantFormat::Fp8, QuantFormat::Int8]),
+        ("QS_NV_U=1", &[("QS_NV_U", "1")], &[QuantFormat::Nvfp4]),
+        ("QS_MX_U=1", &[("QS_MX_U", "1")], &[QuantFormat::Mxfp8]),
+        ("QS_MX_U=4", &[("QS_MX_U", "4")], &[QuantFormat::Mxfp8]),
     ];
-    for (name, defines, jobs) in variants {
-        if jobs.is_empty() {
-            continue;
-        }
+    for (name, defines, formats) in variants {
         let vb = match CudaBackend::with_defines(0, 1, defines) {
             Ok(v) => v,
             Err(e) => {
@@ -127,16 +142,18 @@ fn main() -> Result<()> {
                 continue;
             }
         };
-        for &(f, fused) in *jobs {
-            let kb = bench::kernel_bandwidth(&vb, spec(f, false), SourceDtype::BF16, 3072, 12288, fused, iters)?;
-            println!(
-                "| {name} | {} | {} | {:.4} | {:.0} | {:.0}% |",
-                label(kb.spec),
-                if kb.fused { "fused" } else { "2-D / amax+quant" },
-                kb.kernel_ms,
-                kb.kernel_gbps,
-                100.0 * kb.fraction_of_copy()
-            );
+        for &f in *formats {
+            for (r, c) in [(3072, 12288), (3072, 3072)] {
+                let kb = bench::kernel_bandwidth(&vb, spec(f, false), SourceDtype::BF16, r, c, false, iters)?;
+                println!(
+                    "| {name} | {} {r}x{c} | {:.4} | {:.0}% | {:.4} | {:.0}% |",
+                    label(kb.spec),
+                    kb.quant_ms,
+                    100.0 * kb.quant_fraction_of_copy(),
+                    kb.kernel_ms,
+                    100.0 * kb.fraction_of_copy()
+                );
+            }
         }
     }
 

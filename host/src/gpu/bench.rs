@@ -13,13 +13,18 @@ use super::CudaBackend;
 use super::cuda::{OutLayout, time_ms};
 use super::driver::{DeviceBuffer, PinnedBuffer, Stream};
 use crate::backend::Backend;
-use crate::formats::{QuantFormat, QuantSpec, SourceDtype, WeightView};
+use crate::formats::{QuantSpec, SourceDtype, WeightView};
 
 /// Kernel time of one format on one shape, beside a device copy of its input.
+///
+/// Bandwidth counts the bytes a quantization must move: the input read once
+/// plus the stored tensors written once, over the time taken; the copy's counts
+/// its input read plus the same bytes written. So `fraction_of_copy` is
+/// (in + out) / (2 in) x copy time / kernel time.
 #[derive(Clone, Debug)]
 pub struct KernelBench {
     pub spec: QuantSpec,
-    /// The fused single-launch kernel (else amax kernel + quantize kernel).
+    /// The fused single-launch kernel (else the amax kernel + the quantize kernel).
     pub fused: bool,
     pub dtype: SourceDtype,
     pub rows: usize,
@@ -27,10 +32,18 @@ pub struct KernelBench {
     /// Source bytes read (once) and stored bytes written.
     pub input_bytes: u64,
     pub output_bytes: u64,
-    /// Median time of the format's kernels (amax pass included).
+    /// Median time of everything the device does for an input already on it:
+    /// zeroing the scratch word, the amax kernel over the whole tensor (formats
+    /// with a per-tensor scale) and the quantize kernel, or the fused kernel.
     pub kernel_ms: f64,
-    /// (input + output bytes) / kernel time.
+    /// (input + output bytes) / kernel_ms.
     pub kernel_gbps: f64,
+    /// Median time of the quantize kernel alone, the amax being in place: what
+    /// the backend runs once the upload, whose pieces the amax kernel follows
+    /// on the way in, has completed. Equal to `kernel_ms` for the fused kernels.
+    pub quant_ms: f64,
+    /// (input + output bytes) / quant_ms.
+    pub quant_gbps: f64,
     /// Median time of `cuMemcpyDtoD` of the input bytes.
     pub copy_ms: f64,
     /// 2 x input bytes / copy time (read + write).
@@ -38,9 +51,14 @@ pub struct KernelBench {
 }
 
 impl KernelBench {
-    /// Kernel bandwidth as a fraction of the copy's.
+    /// Bandwidth of all the device work (`kernel_ms`) as a fraction of the copy's.
     pub fn fraction_of_copy(&self) -> f64 {
         self.kernel_gbps / self.copy_gbps
+    }
+
+    /// Bandwidth of the quantize kernel alone (`quant_ms`) as a fraction of the copy's.
+    pub fn quant_fraction_of_copy(&self) -> f64 {
+        self.quant_gbps / self.copy_gbps
     }
 }
 
@@ -89,8 +107,9 @@ pub fn random_weight(dtype: SourceDtype, n: usize, seed: u64) -> Vec<u8> {
 }
 
 /// Times the kernels of `spec` on a `[rows, cols]` tensor of `dtype` already on
-/// the device, and a device-to-device copy of the same input bytes. Inputs
-/// rotate over enough copies to exceed the L2 cache.
+/// the device (all of them, and the quantize kernel alone), and a
+/// device-to-device copy of the same input bytes. Inputs rotate over enough
+/// copies to exceed the L2 cache, so every timed launch reads from memory.
 /// `fused` picks the fused single launch where the format has one.
 pub fn kernel_bandwidth(
     b: &CudaBackend,
@@ -104,12 +123,7 @@ pub fn kernel_bandwidth(
     b.set_fused(if fused { super::FusedMode::Always } else { super::FusedMode::Never });
     let r = kernel_bandwidth_inner(b, spec, dtype, rows, cols, iters);
     b.set_fused(super::FusedMode::Auto);
-    let fused = fused
-        && b.has_fused()
-        && (spec.format == QuantFormat::Fp8
-            || spec.format == QuantFormat::Nvfp4
-            || (spec.format == QuantFormat::Int8 && !spec.per_channel));
-    r.map(|k| KernelBench { fused, ..k })
+    r.map(|k| KernelBench { fused: fused && b.has_fused() && super::cuda::needs_tensor_amax(spec), ..k })
 }
 
 fn kernel_bandwidth_inner(
@@ -146,6 +160,17 @@ fn kernel_bandwidth_inner(
         // SAFETY: the buffers are sized for this input and layout and outlive the sync in time_ms.
         unsafe { b.launch_quantize(&stream, spec, dtype, (rows, cols), inputs[k].ptr(), outputs[k].ptr(), &layout) }
     })?;
+    let quant_ms = if b.uses_fused(spec) {
+        kernel_ms
+    } else {
+        // Each output's scratch word now holds its input's amax (the one-pass
+        // kernels only fold their maxima into it): time the quantize kernel alone.
+        time_ms(&ctx, &stream, 3, iters, |i| {
+            let k = i % copies;
+            // SAFETY: as above.
+            unsafe { b.launch_quant(&stream, spec, dtype, (rows, cols), inputs[k].ptr(), outputs[k].ptr(), &layout) }
+        })?
+    };
     let copy_ms = time_ms(&ctx, &stream, 3, iters, |i| {
         let k = i % copies;
         // SAFETY: both buffers hold in_bytes.
@@ -162,6 +187,8 @@ fn kernel_bandwidth_inner(
         output_bytes: stored as u64,
         kernel_ms,
         kernel_gbps: gb((in_bytes + stored) as f64, kernel_ms),
+        quant_ms,
+        quant_gbps: gb((in_bytes + stored) as f64, quant_ms),
         copy_ms,
         copy_gbps: gb(2.0 * in_bytes as f64, copy_ms),
     })

@@ -7,8 +7,12 @@
 //! 1. copies the memory-mapped source into two pinned 8 MiB staging pieces in
 //!    turn, starting the asynchronous upload of each piece as soon as it is
 //!    there (the CPU fills one piece while the DMA engine moves the other);
-//! 2. runs the amax kernel and the format's quantize kernel on the slot's
-//!    stream (the amax never leaves the device);
+//!    For the formats with a per-tensor scale (FP8, INT8 per tensor, NVFP4)
+//!    the amax kernel runs on each piece as soon as it has landed, while the
+//!    next piece is still on its way, so the tensor's amax is known when the
+//!    last byte arrives (the amax never leaves the device);
+//! 2. runs the format's quantize kernel on the slot's stream: one read of the
+//!    input on the device after the upload;
 //! 3. downloads every stored tensor plus the amax word in one copy, waits for
 //!    the stream, and checks the amax for NaN/infinity (then the CPU names
 //!    the first bad element, exactly as the CPU reference does).
@@ -39,11 +43,8 @@ const PIECE: usize = 8 << 20;
 const ALIGN: usize = 256;
 /// Bytes at the end of the output buffer for the amax word.
 const SCRATCH: usize = 256;
-/// Threads per block of every kernel.
+/// Threads per block of every kernel (`QS_THREADS`) but the fused ones.
 const THREADS: u32 = 256;
-/// Chunks (8 elements) per block of the flat kernels (`QS_TILE_CHUNKS`) and of
-/// the block-format kernels (8 warps x 32 lanes x 4).
-const TILE_CHUNKS: usize = 1024;
 
 /// What the device is.
 #[derive(Clone, Debug)]
@@ -90,10 +91,19 @@ pub enum AmaxKind {
 /// Mismatches found by the conversion self-test (all zero when healthy).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SelfTest {
-    /// bf16 rounding, f16 rounding, E4M3 encoding, f16 decoding, branch-free E2M1.
+    /// bf16 rounding, f16 rounding, E4M3 encoding, f16 decoding, and the
+    /// replacements of the reference formulas: the branch-free E2M1 encoder
+    /// plus everything in `replacements` (so a check of `mismatches` covers them).
     pub mismatches: [u32; 5],
     /// The smallest f32 (or f16) bit pattern that mismatched, per check.
     pub first: [u32; 5],
+    /// Division-free paths against the IEEE division they replace, over every
+    /// finite f32 input: INT8 codes from a reciprocal (f32, f16 and bf16
+    /// rounding, 16 divisors), NVFP4's E2M1 codes from a reciprocal (32
+    /// divisors), MXFP8 exponents from the block maximum's bits.
+    pub replacements: [u32; 3],
+    /// The smallest input bits that mismatched, per replacement.
+    pub replacements_first: [u32; 3],
 }
 
 /// Time spent by `quantize` calls, summed over all callers.
@@ -175,6 +185,11 @@ impl DtypeKernels {
     fn fused(&self) -> [Kernel; 3] {
         [self.fused_fp8, self.fused_int8, self.fused_nvfp4]
     }
+
+    /// The kernels that walk a tensor flat over a resident grid.
+    fn flat(&self) -> [Kernel; 3] {
+        [self.amax_tensor, self.fp8, self.int8_tensor]
+    }
 }
 
 struct Kernels {
@@ -185,6 +200,18 @@ struct Kernels {
     nvfp4_dequant: Kernel,
     mxfp8_dequant: Kernel,
     selftest: Kernel,
+    /// INT8 codes, NVFP4 codes, MXFP8 exponents (see [`SelfTest::replacements`]).
+    selftest_replacements: [Kernel; 3],
+}
+
+/// Whether `spec` scales by the whole tensor's amax (FP8, INT8 per tensor,
+/// NVFP4's global scale), which the quantize kernel needs before its first code.
+pub(crate) fn needs_tensor_amax(spec: QuantSpec) -> bool {
+    match spec.format {
+        QuantFormat::Fp8 | QuantFormat::Nvfp4 => true,
+        QuantFormat::Int8 => !spec.per_channel,
+        QuantFormat::Mxfp8 => false,
+    }
 }
 
 fn dtype_index(d: SourceDtype) -> usize {
@@ -222,6 +249,11 @@ impl Kernels {
             nvfp4_dequant: m.kernel("qs_nvfp4_dequant")?,
             mxfp8_dequant: m.kernel("qs_mxfp8_dequant")?,
             selftest: m.kernel("qs_selftest_conversions")?,
+            selftest_replacements: [
+                m.kernel("qs_selftest_int8_recip")?,
+                m.kernel("qs_selftest_nvfp4_recip")?,
+                m.kernel("qs_selftest_mx_exponent")?,
+            ],
         })
     }
 }
@@ -230,11 +262,11 @@ impl Kernels {
 /// are used for FP8, INT8 per tensor and NVFP4.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FusedMode {
-    /// The backend's choice (the default): today the amax kernel followed by
-    /// the quantize kernel, which measured faster on H200 (BENCHMARKS.md).
+    /// The backend's choice (the default): today the amax kernel on each
+    /// upload piece, then the quantize kernel, which measured faster (BENCHMARKS.md).
     Auto,
     Always,
-    /// Always the amax kernel followed by the quantize kernel.
+    /// Never the fused kernels.
     Never,
 }
 /// The kernels' compile-time tuning (NVRTC `-D` definitions), which the
@@ -243,10 +275,12 @@ pub enum FusedMode {
 struct Tune {
     /// Threads per block of the fused kernels (`QS_FT`).
     ft: u32,
-    /// Threads per block of the 2-D block-format kernels (`QS_BT`).
-    bt: u32,
-    /// Rows per thread and step of the 2-D kernels (`QS_BR`).
-    br: u32,
+    /// Chunks of 8 elements a thread loads per step of a flat walk (`QS_FLAT_U`).
+    flat_u: u32,
+    /// 16-blocks a thread of the NVFP4 kernel has in flight (`QS_NV_U`).
+    nv_u: u32,
+    /// 32-blocks a thread of the MXFP8 kernel has in flight (`QS_MX_U`).
+    mx_u: u32,
 }
 
 impl Tune {
@@ -257,7 +291,18 @@ impl Tune {
                 None => Ok(default),
             }
         };
-        Ok(Tune { ft: get("QS_FT", 512)?, bt: get("QS_BT", 128)?, br: get("QS_BR", 4)? })
+        let t = Tune {
+            ft: get("QS_FT", 512)?,
+            flat_u: get("QS_FLAT_U", 4)?,
+            nv_u: get("QS_NV_U", 2)?,
+            mx_u: get("QS_MX_U", 2)?,
+        };
+        for (name, u) in [("QS_NV_U", t.nv_u), ("QS_MX_U", t.mx_u)] {
+            // a row group (8 warps x U rows) must divide the 128 rows of a scale tile
+            ensure!(matches!(u, 1 | 2 | 4 | 8 | 16), "{name}={u}: must be 1, 2, 4, 8 or 16");
+        }
+        ensure!(t.flat_u >= 1, "QS_FLAT_U must be at least 1");
+        Ok(t)
     }
 }
 
@@ -346,6 +391,8 @@ pub struct CudaBackend {
     freed: Condvar,
     kernels: Kernels,
     tune: Tune,
+    /// Blocks of the flat kernels resident on one multiprocessor at once.
+    flat_occupancy: u32,
     fused: Option<Fused>,
     fused_mode: std::sync::atomic::AtomicU8,
     timing: Timing,
@@ -433,6 +480,10 @@ impl CudaBackend {
         let module = Module::load(&ctx, &compiled.image).context("loading the compiled kernels")?;
         let kernels = Kernels::load(&module)?;
         let fused = Self::fused_config(&ctx, &kernels, sms.max(1) as u32, tune.ft)?;
+        let mut flat_occupancy = u32::MAX;
+        for k in kernels.by_dtype.iter().flat_map(|d| d.flat()) {
+            flat_occupancy = flat_occupancy.min(k.max_active_blocks(THREADS, 0)?);
+        }
         let mut slots = Vec::with_capacity(nslots);
         for _ in 0..nslots {
             slots.push(Mutex::new(Slot {
@@ -459,6 +510,7 @@ impl CudaBackend {
             freed: Condvar::new(),
             kernels,
             tune,
+            flat_occupancy: flat_occupancy.max(1),
             fused,
             fused_mode: std::sync::atomic::AtomicU8::new(0),
             timing: Timing::default(),
@@ -506,6 +558,11 @@ impl CudaBackend {
         self.fused_mode.store(v, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Whether a quantization of `spec` takes the fused kernel now.
+    pub(crate) fn uses_fused(&self, spec: QuantSpec) -> bool {
+        self.use_fused(spec).is_some()
+    }
+
     /// Whether the device runs the fused kernels at all.
     pub fn has_fused(&self) -> bool {
         self.fused.is_some()
@@ -516,11 +573,17 @@ impl CudaBackend {
         self.fused.map(|f| (f.grid, f.dyn_smem))
     }
 
-    fn use_fused(&self, _input_bytes: usize) -> Option<Fused> {
+    /// The fused kernel to use for `spec`, if any (only when asked for:
+    /// Auto takes the amax during the upload and one quantize pass, which
+    /// reads the tensor once on the device; the fused kernels read it once
+    /// too but measured slower, BENCHMARKS.md, GPU).
+    fn use_fused(&self, spec: QuantSpec) -> Option<Fused> {
         let f = self.fused?;
+        if !needs_tensor_amax(spec) {
+            return None;
+        }
         match self.fused_mode.load(std::sync::atomic::Ordering::SeqCst) {
             1 => Some(f),
-            // Auto: measured slower than the two launches on H200 (BENCHMARKS.md, GPU).
             _ => None,
         }
     }
@@ -529,10 +592,28 @@ impl CudaBackend {
         &self.info
     }
 
-    /// Launches the per-tensor amax kernel alone (benchmarks).
+    /// Blocks of a flat walk over `n` elements: every tile of
+    /// `QS_FLAT_U x THREADS` chunks gets a block, up to what is resident at once.
+    fn flat_grid(&self, n: usize) -> u32 {
+        let tiles = n.div_ceil(8).div_ceil(self.tune.flat_u as usize * THREADS as usize);
+        tiles.min((self.info.multiprocessors * self.flat_occupancy) as usize) as u32
+    }
+
+    /// Grid of the block-format kernels (qs_block_walk) for a `[rows, cols]`
+    /// input with scale blocks of `block` elements and `u` rows a warp per step:
+    /// x over the padded scale columns (32 a block of threads), y over row
+    /// groups of 8 warps x `u` rows.
+    fn block_grid(rows: usize, cols: usize, block: usize, u: u32) -> (u32, u32) {
+        let rows_s = numerics::roundup(numerics::roundup(rows, block), 128);
+        let nbs = numerics::roundup(cols.div_ceil(block), 4);
+        (nbs.div_ceil(32) as u32, (rows_s / (8 * u as usize)).min(65535) as u32)
+    }
+
+    /// Launches the per-tensor amax kernel over `n` elements of `dtype` at
+    /// `x`, folding into the u32 at `out` (zeroed before the first such launch).
     ///
     /// # Safety
-    /// `x` must hold `n` elements of `dtype`, `out` one zeroed u32.
+    /// `x` must hold `n` elements of `dtype`, `out` one u32.
     pub(crate) unsafe fn launch_amax(
         &self,
         s: &Stream,
@@ -542,17 +623,10 @@ impl CudaBackend {
         out: sys::CUdeviceptr,
     ) -> Result<()> {
         let k = &self.kernels.by_dtype[dtype_index(dtype)];
+        let grid = self.flat_grid(n);
         let n = n as i64;
-        let grid = ((n as usize).div_ceil(8).div_ceil(TILE_CHUNKS)) as u32;
         // SAFETY: caller's contract; (const u8*, i64, u32*).
         unsafe { k.amax_tensor.launch(s, grid, THREADS, &mut [arg(&x), arg(&n), arg(&out)]) }
-    }
-
-    /// Grid of the 2-D block-format kernels for a `[rows, cols]` input padded to `block`.
-    fn grid_2d(&self, rows: usize, cols: usize, block: usize) -> (u32, u32) {
-        let cpr = numerics::roundup(cols, block) / 8;
-        let row_groups = numerics::roundup(rows, block).div_ceil(self.tune.br as usize);
-        (cpr.div_ceil(self.tune.bt as usize) as u32, row_groups.min(65535) as u32)
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -584,7 +658,10 @@ impl CudaBackend {
     /// Uploads `src` to the slot's device input buffer through the two pinned
     /// staging pieces: the CPU fills one piece while the DMA engine moves the
     /// other, so pinned memory stays at 2 x [`PIECE`] a slot whatever the tensor size.
-    fn upload(&self, slot: &mut Slot, src: &[u8]) -> Result<()> {
+    /// With `amax = Some((dtype, word))` the amax kernel follows each piece's
+    /// upload on the stream (pieces hold whole elements: [`PIECE`] is a
+    /// multiple of 16), folding the piece's max |x| into the zeroed `word`.
+    fn upload(&self, slot: &mut Slot, src: &[u8], amax: Option<(SourceDtype, sys::CUdeviceptr)>) -> Result<()> {
         let d_in = slot.d_in.as_ref().expect("ensured").ptr();
         let mut in_use = [false; 2];
         for (k, off) in (0..src.len()).step_by(PIECE).enumerate() {
@@ -608,16 +685,100 @@ impl CudaBackend {
             unsafe { slot.stream.htod(d_in + off as u64, slot.ring.as_ptr().add(at), end - off)? };
             slot.ring_done[half].record(&slot.stream)?;
             in_use[half] = true;
+            if let Some((dtype, word)) = amax {
+                // SAFETY: the piece [off, end) of d_in holds (end - off) / size
+                // whole elements (src is whole elements, PIECE a multiple of 4).
+                unsafe { self.launch_amax(&slot.stream, dtype, (end - off) / dtype.size(), d_in + off as u64, word)? };
+            }
         }
         Ok(())
     }
 
-    /// The launches of one quantization on `s`: the `[rows, cols]` input of
-    /// `dtype` at device address `x`, the output laid out as `out` from `base`.
+    /// The quantize kernel of one quantization on `s` alone: the `[rows, cols]`
+    /// input of `dtype` at device address `x`, the output laid out as `out`
+    /// from `base`. For the formats with a per-tensor scale the amax must
+    /// already be in `out`'s scratch word (amax kernels over the tensor, e.g.
+    /// during the upload); for the others that word must be zero (their
+    /// kernels fold their block or row maxima into it for the non-finite check).
     ///
     /// # Safety
     /// `x` must hold the input and `base` at least `out.total` bytes, both live
-    /// until the stream has run the launches.
+    /// until the stream has run the launch.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn launch_quant(
+        &self,
+        s: &Stream,
+        spec: QuantSpec,
+        dtype: SourceDtype,
+        (rows, cols): (usize, usize),
+        x: sys::CUdeviceptr,
+        base: sys::CUdeviceptr,
+        out: &OutLayout,
+    ) -> Result<()> {
+        let k = &self.kernels.by_dtype[dtype_index(dtype)];
+        let at = |r: Range<usize>| base + r.start as u64;
+        let amax = base + out.scratch as u64;
+        let (r64, c64) = (rows as i64, cols as i64);
+        let n = r64 * c64;
+        let flat_grid = self.flat_grid(rows * cols);
+        // SAFETY: caller's contract: every pointer below lies in live buffers
+        // sized for this input and `out`; argument types match the kernels'
+        // parameters (const u8*, i64, u32*, ...).
+        unsafe {
+            match spec.format {
+                QuantFormat::Fp8 => {
+                    let (q, sc) = (at(out.range("weight")), at(out.range("weight_scale")));
+                    k.fp8.launch(s, flat_grid, THREADS, &mut [arg(&x), arg(&n), arg(&amax), arg(&q), arg(&sc)])
+                }
+                QuantFormat::Int8 if spec.per_channel => {
+                    let (q, sc) = (at(out.range("weight")), at(out.range("weight_scale")));
+                    let args = &mut [arg(&x), arg(&r64), arg(&c64), arg(&q), arg(&sc), arg(&amax)];
+                    let per_lane = if dtype == SourceDtype::F32 { 6 } else { 12 };
+                    if cols % 8 == 0 && cols / 8 <= 32 * per_lane {
+                        // a warp a row, the row in registers
+                        let grid = rows.div_ceil(THREADS as usize / 32).min(1 << 20) as u32;
+                        k.int8_warp_rows.launch(s, grid, THREADS, args)
+                    } else {
+                        // a block a row
+                        k.int8_rows.launch(s, rows.min(i32::MAX as usize) as u32, THREADS, args)
+                    }
+                }
+                QuantFormat::Int8 => {
+                    let (q, sc) = (at(out.range("weight")), at(out.range("weight_scale")));
+                    k.int8_tensor.launch(s, flat_grid, THREADS, &mut [arg(&x), arg(&n), arg(&amax), arg(&q), arg(&sc)])
+                }
+                QuantFormat::Nvfp4 => {
+                    let (q, sc, s2) =
+                        (at(out.range("weight")), at(out.range("weight_scale")), at(out.range("weight_scale_2")));
+                    let grid = Self::block_grid(rows, cols, 16, self.tune.nv_u);
+                    k.nvfp4.launch_2d(
+                        s,
+                        grid,
+                        THREADS,
+                        &mut [arg(&x), arg(&r64), arg(&c64), arg(&amax), arg(&q), arg(&sc), arg(&s2)],
+                    )
+                }
+                QuantFormat::Mxfp8 => {
+                    let (q, sc) = (at(out.range("weight")), at(out.range("weight_scale")));
+                    let grid = Self::block_grid(rows, cols, 32, self.tune.mx_u);
+                    k.mxfp8.launch_2d(
+                        s,
+                        grid,
+                        THREADS,
+                        &mut [arg(&x), arg(&r64), arg(&c64), arg(&q), arg(&sc), arg(&amax)],
+                    )
+                }
+            }
+        }
+    }
+
+    /// Everything the device does for one quantization of an input already on
+    /// it: zeroing the scratch words, the amax kernel over the whole tensor
+    /// (formats with a per-tensor scale), the quantize kernel; or the fused
+    /// kernel where [`FusedMode::Always`] asks for it.
+    ///
+    /// # Safety
+    /// As [`CudaBackend::launch_quant`].
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn launch_quantize(
         &self,
@@ -629,132 +790,76 @@ impl CudaBackend {
         base: sys::CUdeviceptr,
         out: &OutLayout,
     ) -> Result<()> {
-        let w_rows = rows;
+        let amax = base + out.scratch as u64;
+        // SAFETY: caller's contract.
+        unsafe {
+            s.memset(amax, 0, SCRATCH)?;
+            if let Some(f) = self.use_fused(spec) {
+                return self.launch_fused(s, f, spec, dtype, (rows, cols), x, base, out);
+            }
+            if needs_tensor_amax(spec) {
+                self.launch_amax(s, dtype, rows * cols, x, amax)?;
+            }
+            self.launch_quant(s, spec, dtype, (rows, cols), x, base, out)
+        }
+    }
+
+    /// The fused single launch (amax, grid barrier, quantization) for FP8,
+    /// INT8 per tensor and NVFP4; the scratch words must be zero.
+    ///
+    /// # Safety
+    /// As [`CudaBackend::launch_quant`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn launch_fused(
+        &self,
+        s: &Stream,
+        f: Fused,
+        spec: QuantSpec,
+        dtype: SourceDtype,
+        (rows, cols): (usize, usize),
+        x: sys::CUdeviceptr,
+        base: sys::CUdeviceptr,
+        out: &OutLayout,
+    ) -> Result<()> {
         let k = &self.kernels.by_dtype[dtype_index(dtype)];
         let at = |r: Range<usize>| base + r.start as u64;
         let amax = base + out.scratch as u64;
-        let (rows, cols) = (rows as i64, cols as i64);
-        let n = rows * cols;
-        let flat_grid = ((n as usize).div_ceil(8).div_ceil(TILE_CHUNKS)) as u32;
-        let fused = match spec.format {
-            QuantFormat::Fp8 | QuantFormat::Nvfp4 => self.use_fused(n as usize * dtype.size()),
-            QuantFormat::Int8 if !spec.per_channel => self.use_fused(n as usize * dtype.size()),
-            _ => None,
-        };
+        let (r64, c64) = (rows as i64, cols as i64);
+        let n = r64 * c64;
         // Tiles of raw input the fused kernels keep in shared memory.
         let ft = self.tune.ft;
-        let cap_tiles: i32 = fused.map_or(0, |f| (f.dyn_smem / (ft * 16 * (dtype.size() as u32).div_ceil(2))) as i32);
-        // SAFETY: caller's contract: every pointer below lies in live buffers
-        // sized for this input and `out`; argument types match the kernels'
-        // parameters (const u8*, i64, u32*, ...).
+        let cap_tiles: i32 = (f.dyn_smem / (ft * 16 * (dtype.size() as u32).div_ceil(2))) as i32;
+        let (g, b, d) = (f.grid, ft, f.dyn_smem);
+        // SAFETY: caller's contract; argument types match the kernels' parameters.
         unsafe {
-            s.memset(amax, 0, SCRATCH)?;
-            if let Some(f) = fused {
-                let (g, b, d) = (f.grid, ft, f.dyn_smem);
-                match spec.format {
-                    QuantFormat::Fp8 | QuantFormat::Int8 => {
-                        let kern = if spec.format == QuantFormat::Fp8 { k.fused_fp8 } else { k.fused_int8 };
-                        let (q, sc) = (at(out.range("weight")), at(out.range("weight_scale")));
-                        kern.launch_cooperative(
-                            s,
-                            g,
-                            b,
-                            d,
-                            &mut [arg(&x), arg(&n), arg(&amax), arg(&q), arg(&sc), arg(&cap_tiles)],
-                        )?;
-                    }
-                    QuantFormat::Nvfp4 => {
-                        let (q, scr, s2) =
-                            (out.range("weight"), out.range("weight_scale"), out.range("weight_scale_2"));
-                        s.memset(at(scr.clone()), 0, scr.len())?;
-                        let (q, sc, s2) = (at(q), at(scr), at(s2));
-                        k.fused_nvfp4.launch_cooperative(
-                            s,
-                            g,
-                            b,
-                            d,
-                            &mut [
-                                arg(&x),
-                                arg(&rows),
-                                arg(&cols),
-                                arg(&amax),
-                                arg(&q),
-                                arg(&sc),
-                                arg(&s2),
-                                arg(&cap_tiles),
-                            ],
-                        )?;
-                    }
-                    QuantFormat::Mxfp8 => unreachable!("MXFP8 needs no global amax"),
-                }
-                return Ok(());
-            }
             match spec.format {
-                QuantFormat::Fp8 => {
-                    k.amax_tensor.launch(s, flat_grid, THREADS, &mut [arg(&x), arg(&n), arg(&amax)])?;
+                QuantFormat::Fp8 | QuantFormat::Int8 => {
+                    let kern = if spec.format == QuantFormat::Fp8 { k.fused_fp8 } else { k.fused_int8 };
                     let (q, sc) = (at(out.range("weight")), at(out.range("weight_scale")));
-                    k.fp8.launch(s, flat_grid, THREADS, &mut [arg(&x), arg(&n), arg(&amax), arg(&q), arg(&sc)])?;
-                }
-                QuantFormat::Int8 if spec.per_channel => {
-                    let (q, sc) = (at(out.range("weight")), at(out.range("weight_scale")));
-                    let per_lane = if dtype == SourceDtype::F32 { 6 } else { 12 };
-                    if cols % 8 == 0 && (cols / 8) as usize <= 32 * per_lane {
-                        // a warp a row, the row in registers
-                        let grid = w_rows.div_ceil(THREADS as usize / 32).min(1 << 20) as u32;
-                        k.int8_warp_rows.launch(
-                            s,
-                            grid,
-                            THREADS,
-                            &mut [arg(&x), arg(&rows), arg(&cols), arg(&q), arg(&sc), arg(&amax)],
-                        )?;
-                    } else {
-                        let grid = w_rows.min(self.info.multiprocessors as usize * 16) as u32;
-                        k.int8_rows.launch(
-                            s,
-                            grid,
-                            THREADS,
-                            &mut [arg(&x), arg(&rows), arg(&cols), arg(&q), arg(&sc), arg(&amax)],
-                        )?;
-                    }
-                }
-                QuantFormat::Int8 => {
-                    k.amax_tensor.launch(s, flat_grid, THREADS, &mut [arg(&x), arg(&n), arg(&amax)])?;
-                    let (q, sc) = (at(out.range("weight")), at(out.range("weight_scale")));
-                    k.int8_tensor.launch(
+                    kern.launch_cooperative(
                         s,
-                        flat_grid,
-                        THREADS,
-                        &mut [arg(&x), arg(&n), arg(&amax), arg(&q), arg(&sc)],
-                    )?;
+                        g,
+                        b,
+                        d,
+                        &mut [arg(&x), arg(&n), arg(&amax), arg(&q), arg(&sc), arg(&cap_tiles)],
+                    )
                 }
                 QuantFormat::Nvfp4 => {
-                    k.amax_tensor.launch(s, flat_grid, THREADS, &mut [arg(&x), arg(&n), arg(&amax)])?;
                     let (q, scr, s2) = (out.range("weight"), out.range("weight_scale"), out.range("weight_scale_2"));
+                    // the fused kernel writes the scales of the data blocks only
                     s.memset(at(scr.clone()), 0, scr.len())?;
                     let (q, sc, s2) = (at(q), at(scr), at(s2));
-                    let grid = self.grid_2d(rows as usize, cols as usize, 16);
-                    k.nvfp4.launch_2d(
+                    k.fused_nvfp4.launch_cooperative(
                         s,
-                        grid,
-                        self.tune.bt,
-                        &mut [arg(&x), arg(&rows), arg(&cols), arg(&amax), arg(&q), arg(&sc), arg(&s2)],
-                    )?;
+                        g,
+                        b,
+                        d,
+                        &mut [arg(&x), arg(&r64), arg(&c64), arg(&amax), arg(&q), arg(&sc), arg(&s2), arg(&cap_tiles)],
+                    )
                 }
-                QuantFormat::Mxfp8 => {
-                    let (q, scr) = (out.range("weight"), out.range("weight_scale"));
-                    s.memset(at(scr.clone()), 0, scr.len())?;
-                    let (q, sc) = (at(q), at(scr));
-                    let grid = self.grid_2d(rows as usize, cols as usize, 32);
-                    k.mxfp8.launch_2d(
-                        s,
-                        grid,
-                        self.tune.bt,
-                        &mut [arg(&x), arg(&rows), arg(&cols), arg(&q), arg(&sc), arg(&amax)],
-                    )?;
-                }
+                QuantFormat::Mxfp8 => unreachable!("MXFP8 needs no global amax"),
             }
         }
-        Ok(())
     }
 
     fn quantize_impl(
@@ -767,12 +872,22 @@ impl CudaBackend {
         self.with_slot(|slot| {
             let t0 = Instant::now();
             slot.ensure(&self.ctx, &self.stats, w.bytes.len(), out.total)?;
-            self.upload(slot, w.bytes)?;
-            let t1 = Instant::now();
             let (x, base) = (slot.d_in.as_ref().expect("ensured").ptr(), slot.d_out.as_ref().expect("ensured").ptr());
+            let amax = base + out.scratch as u64;
+            let fused = self.use_fused(spec);
+            // SAFETY: `ensure` sized d_out for `out`; the scratch area lies in it.
+            unsafe { slot.stream.memset(amax, 0, SCRATCH)? };
+            let piece_amax = (fused.is_none() && needs_tensor_amax(spec)).then_some((w.dtype, amax));
+            self.upload(slot, w.bytes, piece_amax)?;
+            let t1 = Instant::now();
             // SAFETY: `ensure` sized both buffers for this input and `out`; the
             // stream is synchronised before they are reused.
-            unsafe { self.launch_quantize(&slot.stream, spec, w.dtype, (w.rows, w.cols), x, base, &out)? };
+            unsafe {
+                match fused {
+                    Some(f) => self.launch_fused(&slot.stream, f, spec, w.dtype, (w.rows, w.cols), x, base, &out)?,
+                    None => self.launch_quant(&slot.stream, spec, w.dtype, (w.rows, w.cols), x, base, &out)?,
+                }
+            }
             let h_out = slot.h_out.as_mut().expect("ensured");
             let d_out = slot.d_out.as_ref().expect("ensured").ptr();
             // SAFETY: both buffers hold at least out.total bytes.
@@ -838,7 +953,7 @@ impl CudaBackend {
         let out_len = rows * cols * 4;
         self.with_slot(|slot| {
             slot.ensure(&self.ctx, &self.stats, input.len(), out_len + SCRATCH)?;
-            self.upload(slot, &input)?;
+            self.upload(slot, &input, None)?;
             let s = &slot.stream;
             let base = slot.d_in.as_ref().expect("ensured").ptr();
             let at = |suffix: &str| base + packed.range(suffix).start as u64;
@@ -908,7 +1023,7 @@ impl CudaBackend {
         };
         self.with_slot(|slot| {
             slot.ensure(&self.ctx, &self.stats, w.bytes.len(), count * 4 + SCRATCH)?;
-            self.upload(slot, w.bytes)?;
+            self.upload(slot, w.bytes, None)?;
             let s = &slot.stream;
             let k = &self.kernels.by_dtype[dtype_index(w.dtype)];
             let x = slot.d_in.as_ref().expect("ensured").ptr();
@@ -917,11 +1032,7 @@ impl CudaBackend {
             unsafe {
                 s.memset(o, 0, count * 4)?;
                 match kind {
-                    AmaxKind::Tensor => {
-                        let n = rows * cols;
-                        let grid = ((n as usize).div_ceil(8).div_ceil(TILE_CHUNKS)) as u32;
-                        k.amax_tensor.launch(s, grid, THREADS, &mut [arg(&x), arg(&n), arg(&o)])?;
-                    }
+                    AmaxKind::Tensor => self.launch_amax(s, w.dtype, w.rows * w.cols, x, o)?,
                     AmaxKind::Rows => {
                         let grid = w.rows.min(self.info.multiprocessors as usize * 16) as u32;
                         k.amax_rows.launch(s, grid, THREADS, &mut [arg(&x), arg(&rows), arg(&cols), arg(&o)])?;
@@ -948,27 +1059,44 @@ impl CudaBackend {
     }
 
     /// Checks the hardware conversions the kernels use against their software
-    /// definitions over every f32 bit pattern.
+    /// definitions over every f32 bit pattern, and the division-free paths
+    /// against the divisions they replace (see [`SelfTest`]).
     pub fn selftest_conversions(&self) -> Result<SelfTest> {
         self.with_slot(|slot| {
-            slot.ensure(&self.ctx, &self.stats, 64, 64)?;
+            // 16 mismatch counters, then 16 first-mismatch words
+            slot.ensure(&self.ctx, &self.stats, 128, 128)?;
             let s = &slot.stream;
             let o = slot.d_out.as_ref().expect("ensured").ptr();
-            let (counts, first) = (o, o + 32);
+            let (counts, first) = (o, o + 64);
             let grid = self.info.multiprocessors * 16;
-            // SAFETY: 64 bytes inside d_out; the kernel takes (u32*, u32*) of 5 words each.
+            // SAFETY: 128 bytes inside d_out; each kernel takes (u32*, u32*) and
+            // writes 5 words (the conversions) or one (a replacement) at each.
             unsafe {
-                s.memset(counts, 0, 32)?;
-                s.memset(first, 0xFF, 32)?;
+                s.memset(counts, 0, 64)?;
+                s.memset(first, 0xFF, 64)?;
                 self.kernels.selftest.launch(s, grid, THREADS, &mut [arg(&counts), arg(&first)])?;
+                for (i, k) in self.kernels.selftest_replacements.iter().enumerate() {
+                    let (c, f) = (counts + 4 * (5 + i as u64), first + 4 * (5 + i as u64));
+                    k.launch(s, grid, THREADS, &mut [arg(&c), arg(&f)])?;
+                }
                 let h = slot.h_out.as_mut().expect("ensured");
-                s.dtoh(h.as_ptr() as *mut u8, o, 64)?;
+                s.dtoh(h.as_ptr() as *mut u8, o, 128)?;
             }
             s.synchronize()?;
             // SAFETY: the stream is idle.
-            let b = unsafe { slot.h_out.as_ref().unwrap().slice(0..64) };
+            let b = unsafe { slot.h_out.as_ref().unwrap().slice(0..128) };
             let word = |i: usize| u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap());
-            Ok(SelfTest { mismatches: std::array::from_fn(word), first: std::array::from_fn(|i| word(8 + i)) })
+            let mut t = SelfTest {
+                mismatches: std::array::from_fn(word),
+                first: std::array::from_fn(|i| word(16 + i)),
+                replacements: std::array::from_fn(|i| word(5 + i)),
+                replacements_first: std::array::from_fn(|i| word(21 + i)),
+            };
+            for (n, f) in t.replacements.iter().zip(t.replacements_first) {
+                t.mismatches[4] = t.mismatches[4].saturating_add(*n);
+                t.first[4] = t.first[4].min(f);
+            }
+            Ok(t)
         })
     }
 
