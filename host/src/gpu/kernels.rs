@@ -46,8 +46,16 @@ pub const PER_DTYPE_KERNELS: &[&str] = &[
 ];
 
 /// Kernels with one instance.
-pub const SINGLE_KERNELS: &[&str] =
-    &["qs_fp8_dequant", "qs_int8_dequant", "qs_nvfp4_dequant", "qs_mxfp8_dequant", "qs_selftest_conversions"];
+pub const SINGLE_KERNELS: &[&str] = &[
+    "qs_fp8_dequant",
+    "qs_int8_dequant",
+    "qs_nvfp4_dequant",
+    "qs_mxfp8_dequant",
+    "qs_selftest_conversions",
+    "qs_selftest_int8_recip",
+    "qs_selftest_nvfp4_recip",
+    "qs_selftest_mx_exponent",
+];
 
 /// Every kernel entry point the host looks up.
 pub fn kernel_names() -> Vec<String> {
@@ -129,15 +137,25 @@ pub fn compile(target: Target) -> Result<Compiled> {
 }
 
 /// As [`compile`], with preprocessor definitions (`-D NAME=VALUE`) for the
-/// tuning knobs (`QS_FT`, `QS_FU`, `QS_BT`, `QS_BR`).
+/// tuning knobs (`QS_FLAT_U`, `QS_NV_U`, `QS_MX_U`; `QS_FT`, `QS_FU` of the fused kernels).
 pub fn compile_with(target: Target, defines: &[(&str, &str)]) -> Result<Compiled> {
+    let mut options: Vec<String> = COMPILE_OPTIONS.iter().map(|s| s.to_string()).collect();
+    options.extend(defines.iter().map(|(k, v)| format!("-D{k}={v}")));
+    compile_source("quantsmith_kernels.cu", &program_source(), target, &options)
+}
+
+/// Compiles one NVRTC program (`source`, named `program` in messages) for
+/// `target` with `options` besides the architecture. Errors carry NVRTC's log.
+/// Other kernel programs (the forward-pass kernels of `nn::cuda`) use it with
+/// their own sources and options.
+pub fn compile_source(program: &str, source: &str, target: Target, options: &[String]) -> Result<Compiled> {
     if !nvrtc_available() {
         bail!(
             "libnvrtc not found (install CUDA 13's NVRTC or the nvidia-cuda-nvrtc wheel and add its lib/ to LD_LIBRARY_PATH)"
         );
     }
-    let src = CString::new(program_source()).expect("kernel sources hold no NUL");
-    let name = CString::new("quantsmith_kernels.cu").unwrap();
+    let src = CString::new(source).context("kernel sources hold a NUL")?;
+    let name = CString::new(program).context("program name holds a NUL")?;
     let prog = nvrtc::create_program(&src, Some(&name)).map_err(|e| anyhow!("nvrtcCreateProgram: {e:?}"))?;
     struct Guard(nvrtc_sys::nvrtcProgram);
     impl Drop for Guard {
@@ -147,9 +165,8 @@ pub fn compile_with(target: Target, defines: &[(&str, &str)]) -> Result<Compiled
         }
     }
     let guard = Guard(prog);
-    let mut options: Vec<String> = COMPILE_OPTIONS.iter().map(|s| s.to_string()).collect();
+    let mut options = options.to_vec();
     options.push(target.arch_option());
-    options.extend(defines.iter().map(|(k, v)| format!("-D{k}={v}")));
     // SAFETY: `prog` is live; options are valid strings.
     let compiled = unsafe { nvrtc::compile_program(guard.0, &options) };
     // SAFETY: as above.
@@ -157,7 +174,7 @@ pub fn compile_with(target: Target, defines: &[(&str, &str)]) -> Result<Compiled
         .map(|raw| unsafe { CStr::from_ptr(raw.as_ptr()) }.to_string_lossy().into_owned())
         .unwrap_or_default();
     if let Err(e) = compiled {
-        bail!("NVRTC failed to compile the kernels for {:?} ({e:?}):\n{log}", target);
+        bail!("NVRTC failed to compile {program} for {:?} ({e:?}):\n{log}", target);
     }
     let image = match target {
         Target::Ptx { .. } => {

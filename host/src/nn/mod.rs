@@ -1,0 +1,171 @@
+//! The operations a diffusion backbone needs, behind one trait, so each model
+//! (`crate::models`) is written once and runs on every backend:
+//!
+//! - [`cpu::CpuOps`]: candle-core, f32. The reference, and what tests use on tiny configurations.
+//! - `cuda::CudaOps` (in [`cuda`]): cudarc (cuBLAS GEMMs, cuDNN or own convolutions,
+//!   kernels in `kernels/nn/`), bf16 activations with f32 accumulation.
+//!
+//! Layouts: images are NCHW, token sequences `[batch, tokens, channels]`,
+//! Linear weights `[out, in]`, conv weights `[out, in, kh, kw]` (the checkpoint's own).
+//!
+//! Observers live in the backend ([`ObserverTable`] semantics): `observe` folds a
+//! module input into its slot on the device, with no host round trip; the host
+//! reads all slots once, after calibration.
+
+pub mod cpu;
+pub mod cuda;
+
+use anyhow::Result;
+
+use crate::formats::WeightView;
+
+/// Elementwise activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    Silu,
+    /// Exact GELU (erf), as diffusers' `GELU` and OpenCLIP use.
+    Gelu,
+    /// `x * sigmoid(1.702 x)`, CLIP-L's activation.
+    QuickGelu,
+}
+
+/// How a module input is quantized-dequantized in the fake-quantized forward,
+/// with the numerics of the matching weight format (see `formats/`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ActQuant {
+    /// Static per-tensor FP8 E4M3 with `scale` (= calibrated amax / 448).
+    Fp8Static { scale: f32 },
+    /// FP8 E4M3 with the scale computed from this very tensor (amax / 448).
+    Fp8Dynamic,
+    /// INT8 per row (token) at run time, scale = row amax / 127.
+    Int8DynamicRows,
+    /// NVFP4 with a static global scale (= calibrated amax / 2688) and dynamic 16-wide block scales.
+    Nvfp4 { global_scale: f32 },
+    /// MXFP8 with dynamic 32-wide E8M0 block scales.
+    Mxfp8,
+}
+
+/// Which axis of an observed input holds its channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelAxis {
+    /// `[.., C]`: Linear inputs (tokens, or `[batch, C]` embeddings).
+    Last,
+    /// `[N, C, H, W]`: convolution inputs.
+    Dim1,
+}
+
+/// One observer slot: a quantizable module's input.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObserverSpec {
+    pub channels: usize,
+    pub axis: ChannelAxis,
+}
+
+/// What one observer saw, read back after calibration.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ObserverStats {
+    /// max |x| per input channel, over every call.
+    pub channel_amax: Vec<f32>,
+    /// max |x| over the whole input, per calibration step bucket (index = step set by `set_step`).
+    pub step_amax: Vec<f32>,
+    /// Number of `observe` calls that reached this slot.
+    pub calls: u64,
+}
+
+impl ObserverStats {
+    /// max |x| over everything observed.
+    pub fn amax(&self) -> f32 {
+        self.step_amax.iter().copied().fold(0.0, f32::max)
+    }
+}
+
+/// The operations a UNet / text encoder forward pass needs.
+///
+/// `Tensor` is a cheap handle (clone = reference count). Every op allocates its
+/// output; backends reuse freed memory internally.
+pub trait Ops {
+    type Tensor: Clone + Send + 'static;
+
+    /// Human-readable description for logs and reports.
+    fn name(&self) -> String;
+
+    /// A tensor from host f32 values (row-major).
+    fn from_f32(&self, shape: &[usize], data: &[f32]) -> Result<Self::Tensor>;
+    /// A checkpoint tensor of any shape, converted from its stored dtype to the
+    /// compute dtype. `view.rows * view.cols` elements; `shape` gives the real shape.
+    fn weight(&self, shape: &[usize], view: &WeightView<'_>) -> Result<Self::Tensor>;
+    /// Back to host f32 (synchronises).
+    fn to_f32(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    fn shape(&self, t: &Self::Tensor) -> Vec<usize>;
+    /// Same elements, new shape (no copy when possible).
+    fn reshape(&self, t: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
+
+    /// `x [.., in] @ w[out, in]^T + b[out]`.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>) -> Result<Self::Tensor>;
+    /// 2-D convolution, NCHW, square kernel from `w [out, in, k, k]`, groups = 1.
+    fn conv2d(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self::Tensor>;
+    /// GroupNorm over `[N, C, ...]` with affine `w[C]`, `b[C]`.
+    fn group_norm(
+        &self,
+        x: &Self::Tensor,
+        groups: usize,
+        w: &Self::Tensor,
+        b: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+    /// LayerNorm over the last dimension with affine `w`, `b`.
+    fn layer_norm(&self, x: &Self::Tensor, w: &Self::Tensor, b: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
+    /// Multi-head scaled-dot-product attention: `q [B, Nq, H*D]`, `k`, `v [B, Nk, H*D]`
+    /// -> `[B, Nq, H*D]`, softmax scale `1/sqrt(D)`; `causal` masks keys after the query.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        heads: usize,
+        causal: bool,
+    ) -> Result<Self::Tensor>;
+    fn act(&self, x: &Self::Tensor, act: Act) -> Result<Self::Tensor>;
+    /// `[.., 2F]` -> `[.., F]`: `a * gelu(g)` with `a, g` the two halves (diffusers' GEGLU).
+    fn geglu(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `a + b`, same shapes.
+    fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `a * s`.
+    fn scale(&self, a: &Self::Tensor, s: f32) -> Result<Self::Tensor>;
+    /// `x [N, C, H, W] + b [N, C]` broadcast over H, W (ResBlock time embedding).
+    fn add_channel_bias(&self, x: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Nearest-neighbour 2x upsampling of `[N, C, H, W]`.
+    fn upsample_nearest2x(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Concatenation along `dim`.
+    fn concat(&self, xs: &[&Self::Tensor], dim: usize) -> Result<Self::Tensor>;
+    /// `[N, C, H, W]` -> `[N, H*W, C]`.
+    fn to_tokens(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `[N, H*W, C]` -> `[N, C, H, W]`.
+    fn from_tokens(&self, x: &Self::Tensor, h: usize, w: usize) -> Result<Self::Tensor>;
+    /// Rows of `table [V, C]` for `ids` -> `[ids.len(), C]` (token embeddings).
+    fn embedding(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor>;
+    /// `x [B, N, C]`, one token index per batch row -> `[B, C]` (pooled text output).
+    fn select_tokens(&self, x: &Self::Tensor, index: &[usize]) -> Result<Self::Tensor>;
+
+    /// Sets up `specs.len()` observer slots with `steps` step buckets each, zeroed.
+    fn observers_reset(&self, specs: &[ObserverSpec], steps: usize) -> Result<()>;
+    /// Step bucket for the following `observe` calls (`< steps`).
+    fn observers_set_step(&self, step: usize) -> Result<()>;
+    /// Folds |x| into slot `slot`: channel amax and the current step's amax.
+    fn observe(&self, x: &Self::Tensor, slot: usize) -> Result<()>;
+    /// Reads every slot back (synchronises once).
+    fn observers_read(&self) -> Result<Vec<ObserverStats>>;
+    /// Quantize-dequantize `x` as `q` says (fake quantization of a module input).
+    fn fake_quant(&self, x: &Self::Tensor, q: ActQuant) -> Result<Self::Tensor>;
+    /// Peak device bytes, for backends with a device.
+    fn peak_device_bytes(&self) -> Option<u64> {
+        None
+    }
+}
