@@ -77,9 +77,12 @@ pub struct ConvertOptions {
     /// Dequantize every layer and compare it with the original.
     pub verify: bool,
     pub progress: Option<indicatif::ProgressBar>,
+    /// Static activation scales by layer path (from calibration), stored as
+    /// `<layer>.input_scale` (`.scale_input` in the legacy layout).
+    pub input_scales: HashMap<String, f32>,
 }
 
-fn build_items<'a>(ckpt: &'a Checkpoint, plan: &'a ResolvedPlan, layout: Layout) -> Result<Vec<Item<'a>>> {
+fn build_items<'a>(ckpt: &'a Checkpoint, plan: &'a ResolvedPlan, layout: Layout, input_scales: &HashMap<String, f32>) -> Result<Vec<Item<'a>>> {
     let mut items = Vec::with_capacity(ckpt.tensors().len() + plan.layers.len());
     if layout == Layout::ComfyLegacy {
         if let Some(l) = plan.quantized().find(|l| l.spec.unwrap().format != QuantFormat::Fp8) {
@@ -95,6 +98,14 @@ fn build_items<'a>(ckpt: &'a Checkpoint, plan: &'a ResolvedPlan, layout: Layout)
         let spec = layer.spec.expect("decision_for_key returns quantized layers");
         let stored = spec.implementation().layout(layer.shape[0], layer.shape[1]);
         items.push(Item::Quantize { entry, layer, spec, stored });
+        if let Some(&scale) = input_scales.get(&layer.path) {
+            // A static activation scale (calibration): F32 scalar beside the weight.
+            let name = match layout {
+                Layout::Comfy => format!("{}.input_scale", layer.key),
+                Layout::ComfyLegacy => format!("{}.scale_input", layer.key),
+            };
+            items.push(Item::Bytes { name, dtype: Dtype::F32, shape: vec![], data: scale.to_le_bytes().to_vec() });
+        }
         if layout == Layout::Comfy {
             let data = comfy_quant_json(spec.format);
             items.push(Item::Bytes { name: format!("{}.comfy_quant", layer.key), dtype: Dtype::U8, shape: vec![data.len()], data });
@@ -129,7 +140,7 @@ fn planned(items: &[Item<'_>], layout: Layout) -> Vec<PlannedTensor> {
 
 /// The per-layer table of a plan, without converting anything (`--dry-run`).
 pub fn dry_run(ckpt: &Checkpoint, plan: &ResolvedPlan, layout: Layout) -> Result<(Vec<LayerReport>, u64)> {
-    let items = build_items(ckpt, plan, layout)?;
+    let items = build_items(ckpt, plan, layout, &HashMap::new())?;
     let total: u64 = planned(&items, layout).iter().map(|t| t.byte_len() as u64).sum();
     let mut layers = Vec::new();
     for l in &plan.layers {
@@ -168,7 +179,7 @@ struct Job<'a> {
 /// Converts `ckpt` according to `plan`, streaming into `opts.output`.
 pub fn convert(ckpt: &Checkpoint, plan: &ResolvedPlan, backend: &dyn Backend, opts: &ConvertOptions) -> Result<ConvertSummary> {
     let started = Instant::now();
-    let items = build_items(ckpt, plan, opts.layout)?;
+    let items = build_items(ckpt, plan, opts.layout, &opts.input_scales)?;
     let planned_tensors = planned(&items, opts.layout);
     let mut metadata: HashMap<String, String> = ckpt.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     metadata.extend(opts.metadata.clone());

@@ -25,6 +25,8 @@ pub struct OutputCheck {
     pub layers: BTreeMap<String, (String, ErrorStats)>,
     pub passthrough_tensors: usize,
     pub legacy: bool,
+    /// Static activation scales (`input_scale`, legacy `scale_input`) by layer.
+    pub input_scales: BTreeMap<String, f32>,
 }
 
 /// Checks `output` against `source`: every rule of SPEC section 3, byte-identical
@@ -90,6 +92,18 @@ pub fn check_output(source: &Checkpoint, output: &Path) -> Result<OutputCheck> {
             let v = out.tensor(&key).with_context(|| format!("missing {key}"))?;
             ensure!(v.dtype() == s.dtype && v.shape() == s.shape.as_slice(), "{key}: expected {:?} {:?}, found {:?} {:?}", s.dtype, s.shape, v.dtype(), v.shape());
             stored.push(StoredTensor { spec: s, data: v.data().to_vec() });
+        }
+        let scale_key = if check.legacy { format!("{layer}.scale_input") } else { format!("{layer}.input_scale") };
+        if let Ok(v) = out.tensor(&scale_key) {
+            ensure!(
+                matches!(spec.format, QuantFormat::Fp8 | QuantFormat::Nvfp4),
+                "{scale_key}: {} layers carry no static activation scale in ComfyUI's layout",
+                spec.format.name()
+            );
+            ensure!(v.dtype() == Dtype::F32 && v.shape().is_empty(), "{scale_key}: expected an F32 scalar, found {:?} {:?}", v.dtype(), v.shape());
+            let value = f32::from_le_bytes(v.data().try_into().expect("4 bytes"));
+            ensure!(value.is_finite() && value > 0.0, "{scale_key} = {value}; a static activation scale must be finite and positive");
+            check.input_scales.insert(layer.clone(), value);
         }
         let view = WeightView { name: &src.key, dtype, rows, cols, bytes: source.bytes(src) };
         let err = imp.verify(&view, &stored).map_err(|e| anyhow!("layer {layer}: {e}"))?;

@@ -10,12 +10,15 @@
 //! checkpoints with real layouts.
 
 pub mod backend;
+pub mod calibrate;
 pub mod checkpoint;
 pub mod convert;
 pub mod evaluate;
 pub mod formats;
 pub mod gpu;
+pub mod models;
 pub mod modules;
+pub mod nn;
 pub mod pipeline;
 pub mod plan;
 pub mod recipe;

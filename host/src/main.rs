@@ -7,6 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use quantsmith::backend::DeviceChoice;
+use quantsmith::calibrate::session::SessionLimits;
+use quantsmith::calibrate::{CalibrateMode, CalibrationOptions};
 use quantsmith::checkpoint::CheckpointError;
 use quantsmith::convert::Layout;
 use quantsmith::pipeline::{self, Refused, RunOptions, RunReport};
@@ -79,6 +81,25 @@ enum Command {
     },
     /// Check a converted file against its source: ComfyUI's layout rules, pass-through bytes, error bounds.
     Check { source: PathBuf, output: PathBuf },
+    /// One UNet forward pass on given inputs (for comparisons with other implementations).
+    Forward {
+        model: PathBuf,
+        /// safetensors with `x` [B, C, H, W], `timesteps` [B], `context` [B, T, D] and, for SDXL, `y` [B, adm].
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Where to write `out` (f32).
+        #[arg(long)]
+        out: PathBuf,
+        /// cpu, cuda or cuda:N (auto = cuda when usable).
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Timed repetitions after the first pass (prints median seconds).
+        #[arg(long, default_value_t = 0)]
+        repeat: usize,
+        /// Observe every Linear input, as calibration does (measures the observers' cost).
+        #[arg(long)]
+        observe: bool,
+    },
     /// Scaffold a new recipe crate.
     New {
         dir: PathBuf,
@@ -103,6 +124,46 @@ impl SandboxArgs {
         anyhow::ensure!(self.recipe_timeout > 0.0 && self.recipe_timeout.is_finite(), "--recipe-timeout must be positive");
         anyhow::ensure!(self.recipe_memory >= 1, "--recipe-memory must be at least 1 MiB");
         Ok(SandboxLimits { memory_bytes: self.recipe_memory << 20, timeout: Duration::from_secs_f64(self.recipe_timeout) })
+    }
+}
+
+#[derive(Args, Clone)]
+struct CalibrationArgs {
+    /// Static activation scales from forward passes (FP8 input_scale, NVFP4
+    /// activation global scale): auto = when the plan, family and recipe allow
+    /// it (and, on the CPU, only for small models); on = fail if it cannot run.
+    #[arg(long, value_enum, default_value_t = CalibrateMode::Auto)]
+    calibrate: CalibrateMode,
+    /// Folder with CLIP's vocab.json and merges.txt (e.g. ComfyUI's comfy/sd1_tokenizer),
+    /// so calibration can encode real prompts with the checkpoint's text encoders.
+    #[arg(long)]
+    clip_vocab: Option<PathBuf>,
+    /// safetensors of conditioning rows for calibration: `context` [N, tokens, width]
+    /// (and `pooled` [N, 1280] for SDXL).
+    #[arg(long)]
+    calib_data: Option<PathBuf>,
+    /// Held-out inputs for the fake-quantized evaluation in the report (0 = skip it).
+    #[arg(long, default_value_t = 3)]
+    eval_inputs: usize,
+    /// Resolution of the evaluation in pixels (default: the family's native one).
+    #[arg(long, default_value_t = 0)]
+    eval_resolution: u32,
+    /// Most forward passes a recipe may ask for.
+    #[arg(long, default_value_t = 8192)]
+    calib_max_forwards: usize,
+}
+
+impl CalibrationArgs {
+    fn options(&self, device: DeviceChoice) -> CalibrationOptions {
+        CalibrationOptions {
+            mode: self.calibrate,
+            device,
+            clip_vocab: self.clip_vocab.clone(),
+            calib_data: self.calib_data.clone(),
+            eval_inputs: self.eval_inputs,
+            eval_resolution: self.eval_resolution,
+            limits: SessionLimits { max_forwards: self.calib_max_forwards, ..SessionLimits::default() },
+        }
     }
 }
 
@@ -138,6 +199,8 @@ struct RunArgs {
     /// No progress bar.
     #[arg(short, long)]
     quiet: bool,
+    #[command(flatten)]
+    calibration: CalibrationArgs,
     #[command(flatten)]
     sandbox: SandboxArgs,
 }
@@ -204,6 +267,12 @@ fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Demo { family, format, dir } => demo(&family, &format, &dir),
+        Command::Forward { model, inputs, out, device, repeat, observe } => {
+            let device: DeviceChoice = device.parse().map_err(bad)?;
+            let r = quantsmith::calibrate::forward_file(&model, &inputs, &out, device, repeat, observe)?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
         Command::Check { source, output } => {
             let src = quantsmith::checkpoint::Checkpoint::open(&source)?;
             let check = quantsmith::evaluate::check_output(&src, &output).map_err(|e| bad(format!("{} fails the check: {e:#}", output.display())))?;
@@ -326,6 +395,7 @@ fn run(args: RunArgs) -> Result<()> {
         verify: args.verify,
         limits: args.sandbox.limits()?,
         progress: !args.quiet,
+        calibration: args.calibration.options(device),
     };
     let report = pipeline::run(&opts)?;
     if let Some(path) = &args.report {
@@ -371,6 +441,33 @@ fn print_report(r: &RunReport) {
     if let Some((l, e)) = worst {
         println!("error    worst layer {}: relative L2 {:.4}, cosine {:.6}", l.layer, e.relative_l2, e.cosine);
     }
+    for n in &r.notes {
+        println!("note     {n}");
+    }
+    if let Some(c) = &r.calibration {
+        let scales = c.layers.iter().filter(|l| l.input_scale.is_some()).count();
+        println!(
+            "calib    {:?}: {} forward passes ({} samples, {} step buckets) on {} in {:.1} s; {} static activation scales written",
+            c.algorithm,
+            c.session.forwards,
+            c.session.samples,
+            c.session.steps.len(),
+            c.device,
+            c.seconds,
+            scales
+        );
+        if let Some(e) = &c.eval {
+            for m in &e.modes {
+                println!(
+                    "eval     {:<13} output vs unquantized over {} held-out inputs: relative L2 {:.4} (worst {:.4}), cosine {:.6}",
+                    m.mode, e.inputs, m.output.relative_l2, m.worst_relative_l2, m.output.cosine
+                );
+            }
+            if let Some(ok) = e.static_no_worse_than_dynamic {
+                println!("eval     static calibrated FP8 {} dynamic per-tensor FP8", if ok { "is no worse than" } else { "is WORSE than" });
+            }
+        }
+    }
 }
 
 fn print_check(check: &quantsmith::evaluate::OutputCheck) {
@@ -389,6 +486,14 @@ fn demo(family: &str, format: &str, dir: &Path) -> Result<()> {
     println!("1. synthesized {} ({} tensors, {})", input.display(), s.tensors, human_bytes(s.bytes));
     let mut params = RawParams::default();
     params.set(&format!("format={format}")).map_err(bad)?;
+    // UNet families in formats with static activation scales also show
+    // calibration, sized so that it takes seconds on a CPU.
+    let calibrate = quantsmith::calibrate::family_supported(family) && matches!(format, "fp8" | "nvfp4");
+    if calibrate {
+        for p in ["calib-steps=4", "calib-samples=2", "resolution=256"] {
+            params.set(p).map_err(bad)?;
+        }
+    }
     let opts = RunOptions {
         input: input.clone(),
         output: Some(output.clone()),
@@ -400,6 +505,12 @@ fn demo(family: &str, format: &str, dir: &Path) -> Result<()> {
         verify: true,
         limits: SandboxLimits::default(),
         progress: false,
+        calibration: CalibrationOptions {
+            mode: if calibrate { CalibrateMode::On } else { CalibrateMode::Off },
+            eval_inputs: 2,
+            eval_resolution: 256,
+            ..Default::default()
+        },
     };
     let report = pipeline::run(&opts)?;
     std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;

@@ -36,6 +36,7 @@ pub struct RunOptions {
     pub verify: bool,
     pub limits: SandboxLimits,
     pub progress: bool,
+    pub calibration: crate::calibrate::CalibrationOptions,
 }
 
 /// The recipe that ran, for reports and metadata.
@@ -79,6 +80,8 @@ pub struct RunReport {
     pub totals: Totals,
     pub peak_rss_bytes: Option<u64>,
     pub peak_device_bytes: Option<u64>,
+    /// Activation calibration and its evaluation, when it ran.
+    pub calibration: Option<crate::calibrate::CalibrationReport>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -206,9 +209,15 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         totals: Totals { layers: resolved.layers.len(), quantized_layers: resolved.quantized().count(), input_bytes: ctx.checkpoint.file_len() as u64, ..Default::default() },
         peak_rss_bytes: None,
         peak_device_bytes: None,
+        calibration: None,
     };
 
     if opts.dry_run {
+        if let Some(reason) = crate::calibrate::skip_reason(&opts.calibration, &resolved, &detection.family, &recipe) {
+            report.notes.push(format!("no activation calibration: {reason}"));
+        } else {
+            report.notes.push("a real run calibrates activation scales (FP8 input_scale / NVFP4 activation global scale)".into());
+        }
         let (layers, total) = convert::dry_run(&ctx.checkpoint, &resolved, opts.layout)?;
         report.totals.output_bytes = total;
         fill_layer_totals(&mut report, layers);
@@ -220,6 +229,13 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
     if same_file(&output, &opts.input) {
         bail!(Refused(format!("the output {} is the input file; choose another path with -o", output.display())));
     }
+    let calibration = match crate::calibrate::run(&ctx, &recipe, &params, &detection.family, &detection.variant, &resolved, &opts.calibration)? {
+        crate::calibrate::Outcome::Calibrated(c) => Some(c),
+        crate::calibrate::Outcome::Skipped(reason) => {
+            report.notes.push(format!("no activation calibration: {reason}"));
+            None
+        }
+    };
     let backend = crate::gpu::open(opts.device)?;
     report.backend = Some(backend.name());
     tracing::info!("quantizing on {}", backend.name());
@@ -234,6 +250,16 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
     metadata.insert("quantsmith.detected".into(), format!("{} {}", detection.family, detection.variant));
     if let Some(name) = opts.input.file_name() {
         metadata.insert("quantsmith.source_file".into(), name.to_string_lossy().into());
+    }
+    if let Some(c) = &calibration {
+        let summary = serde_json::json!({
+            "algorithm": c.report.algorithm,
+            "forward_passes": c.report.session.forwards,
+            "samples": c.report.session.samples,
+            "steps": c.report.session.steps.len(),
+            "input_scales": c.input_scales.len(),
+        });
+        metadata.insert("quantsmith.calibration".into(), summary.to_string());
     }
 
     let progress = if opts.progress {
@@ -250,7 +276,14 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         &ctx.checkpoint,
         &resolved,
         backend.as_ref(),
-        &ConvertOptions { output: output.clone(), layout: opts.layout, metadata, verify: opts.verify, progress: progress.clone() },
+        &ConvertOptions {
+            output: output.clone(),
+            layout: opts.layout,
+            metadata,
+            verify: opts.verify,
+            progress: progress.clone(),
+            input_scales: calibration.as_ref().map(|c| c.input_scales.clone()).unwrap_or_default(),
+        },
     )
     .with_context(|| format!("converting {}", opts.input.display()))?;
     if let Some(pb) = progress {
@@ -263,6 +296,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
     fill_layer_totals(&mut report, summary.layers);
     report.peak_rss_bytes = peak_rss_bytes();
     report.peak_device_bytes = backend.peak_device_bytes();
+    report.calibration = calibration.map(|c| c.report);
     Ok(report)
 }
 

@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 
 const SDK_FILES: &[(&str, &str)] = &[
     ("src/lib.rs", include_str!("../../recipes/sdk/src/lib.rs")),
+    ("src/calibration.rs", include_str!("../../recipes/sdk/src/calibration.rs")),
     ("src/detect.rs", include_str!("../../recipes/sdk/src/detect.rs")),
     ("src/exclusions.rs", include_str!("../../recipes/sdk/src/exclusions.rs")),
     ("src/params.rs", include_str!("../../recipes/sdk/src/params.rs")),
@@ -170,7 +171,7 @@ The recipe is the single file `target/wasm32-wasip2/release/{wasm}.wasm`.
     run-recipe check {family}-tiny.safetensors out.safetensors
 
 `quantsmith-recipe-sdk/` is a vendored copy of the SDK and `quantsmith-recipe-sdk/wit/`
-the contract it speaks (`quantsmith:recipe@0.1.0`); see the SDK's rustdoc
+the contract it speaks (`quantsmith:recipe@0.1.1`); see the SDK's rustdoc
 (`cargo doc -p quantsmith-recipe-sdk --open`).
 "#,
         wasm = name.replace('-', "_")

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use quantsmith::backend::DeviceChoice;
+use quantsmith::calibrate::{CalibrateMode, CalibrationOptions};
 use quantsmith::convert::Layout;
 use quantsmith::pipeline::{RunOptions, RunReport};
 use quantsmith::recipe::SandboxLimits;
@@ -44,6 +45,8 @@ pub fn options(input: &Path, output: &Path, recipe: Option<&str>, sets: &[&str])
         verify: false,
         limits: SandboxLimits { memory_bytes: 64 << 20, timeout: Duration::from_secs(2) },
         progress: false,
+        // Calibration has its own tests (tests/calibration.rs); elsewhere it would only cost time.
+        calibration: CalibrationOptions { mode: CalibrateMode::Off, ..Default::default() },
     }
 }
 

@@ -4,6 +4,7 @@
 //! the contract version, and calls a recipe's exports in a fresh, limited store
 //! per call (an instance that trapped cannot be re-entered).
 
+mod calibration_impl;
 mod host_impl;
 pub mod params;
 mod runtime;
@@ -18,8 +19,27 @@ wasmtime::component::bindgen!({
 
 pub use self::quantsmith::recipe::types as wit;
 
+/// Bindings of `calibrating-recipe-v0` (contract 0.1.1). The `types` and `host`
+/// interfaces are the ones generated above, so one host implementation serves
+/// both worlds; the resources map to the calibration session's handles.
+pub mod calibrating {
+    wasmtime::component::bindgen!({
+        world: "calibrating-recipe-v0",
+        path: "../wit",
+        additional_derives: [PartialEq],
+        with: {
+            "quantsmith:recipe/types": super::quantsmith::recipe::types,
+            "quantsmith:recipe/host": super::quantsmith::recipe::host,
+            "quantsmith:recipe/calibration.tensor": crate::calibrate::session::TensorHandle,
+            "quantsmith:recipe/calibration.conditioning": crate::calibrate::session::CondHandle,
+        },
+    });
+    pub use self::exports::quantsmith::recipe::calibrate::{Algorithm, CalibrationSettings};
+    pub use self::quantsmith::recipe::calibration as api;
+}
+
 /// The contract version this host implements (the `wit/` package version).
-pub const WIT_VERSION: &str = "0.1.0";
+pub const WIT_VERSION: &str = "0.1.1";
 
 /// A built-in preset compiled into the binary.
 pub struct Preset {

@@ -11,7 +11,9 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::wit::{Detection, QuantPlan, RecipeInfo};
-use super::{PRESETS, RecipeSource, RecipeV0, RecipeV0Pre, WIT_VERSION};
+use super::calibrating::{CalibratingRecipeV0Pre, CalibrationSettings};
+use super::{PRESETS, RecipeSource, RecipeV0Pre, WIT_VERSION};
+use crate::calibrate::session::CalibSession;
 use crate::checkpoint::Checkpoint;
 use crate::modules::ModuleTable;
 
@@ -20,7 +22,8 @@ use crate::modules::ModuleTable;
 pub struct SandboxLimits {
     /// Linear memory a recipe may grow to.
     pub memory_bytes: usize,
-    /// Wall-clock budget of one call (describe, detect or plan).
+    /// Wall-clock budget of one call (describe, detect, plan or calibrate), not
+    /// counting time spent inside host calls (forward passes).
     pub timeout: Duration,
 }
 
@@ -95,7 +98,11 @@ impl ResourceLimiter for TotalMemoryLimiter {
 /// Per-call store data.
 pub(super) struct State {
     wasi: WasiCtx,
-    table: ResourceTable,
+    pub(super) table: ResourceTable,
+    /// The calibration session, during a `calibrate` call only.
+    pub(super) calib: Option<Box<dyn CalibSession>>,
+    /// Time spent inside host calls, which the recipe's CPU budget does not count.
+    pub(super) host_time: Duration,
     limits: TotalMemoryLimiter,
     pub(super) ctx: Option<Arc<HostContext>>,
     pub(super) params: Vec<(String, super::wit::ParamValue)>,
@@ -157,7 +164,8 @@ impl RecipeRuntime {
         };
         let mut linker = Linker::<State>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-        RecipeV0::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
+        super::RecipeV0::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
+        super::calibrating::quantsmith::recipe::calibration::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
         Ok(RecipeRuntime { engine, linker: Arc::new(linker), limits })
     }
 
@@ -180,19 +188,24 @@ impl RecipeRuntime {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| load_err(format!("its imports do not match what the sandbox provides (the quantsmith:recipe@{WIT_VERSION} contract and WASI 0.2): {e:#}")))?;
-        let pre = RecipeV0Pre::new(pre).map_err(|e| {
+        let exports_calibrate = component.component_type().exports(&self.engine).any(|(n, _)| n.starts_with("quantsmith:recipe/calibrate@"));
+        let mismatch = |e: wasmtime::Error| {
             load_err(format!("its exports do not match the quantsmith:recipe@{WIT_VERSION} contract this host speaks (built against a modified or newer WIT?): {e:#}"))
-        })?;
+        };
+        let calibrating = if exports_calibrate { Some(CalibratingRecipeV0Pre::new(pre.clone()).map_err(mismatch)?) } else { None };
+        let pre = RecipeV0Pre::new(pre).map_err(mismatch)?;
         let mut loaded = LoadedRecipe {
             label: label.clone(),
             source: source.clone(),
             sha256,
             pre,
+            calibrating,
             engine: self.engine.clone(),
             limits: self.limits,
             info: RecipeInfo { name: label.clone(), version: String::new(), description: String::new(), families: vec![], formats: vec![], params: vec![] },
         };
-        let info = loaded.call("describe", None, vec![], |r, s| r.quantsmith_recipe_recipe().call_describe(s))?;
+        let pre = loaded.pre.clone();
+        let info = loaded.call("describe", None, vec![], |s| pre.instantiate(&mut *s)?.quantsmith_recipe_recipe().call_describe(s))?;
         super::params::check_schema(&info.params).map_err(|m| RecipeError::Invalid { recipe: label.clone(), message: format!("describe returned an invalid parameter schema: {m}") })?;
         if info.name.trim().is_empty() {
             return Err(RecipeError::Invalid { recipe: label, message: "describe returned an empty name".into() });
@@ -242,6 +255,8 @@ pub struct LoadedRecipe {
     pub sha256: String,
     pub info: RecipeInfo,
     pre: RecipeV0Pre<State>,
+    /// Present when the recipe exports `calibrate` (contract 0.1.1 and later).
+    calibrating: Option<CalibratingRecipeV0Pre<State>>,
     engine: Engine,
     limits: SandboxLimits,
 }
@@ -254,12 +269,37 @@ impl LoadedRecipe {
 
     /// The recipe's verdict on a checkpoint: `Ok(Err(reason))` when it declines.
     pub fn detect(&self, ctx: &Arc<HostContext>, params: Vec<(String, super::wit::ParamValue)>) -> Result<Result<Detection, String>, RecipeError> {
-        self.call("detect", Some(ctx.clone()), params, |r, s| r.quantsmith_recipe_recipe().call_detect(s))
+        self.call("detect", Some(ctx.clone()), params, |s| self.pre.instantiate(&mut *s)?.quantsmith_recipe_recipe().call_detect(s))
     }
 
     /// The recipe's plan: `Ok(Err(reason))` when it refuses.
     pub fn plan(&self, ctx: &Arc<HostContext>, params: Vec<(String, super::wit::ParamValue)>) -> Result<Result<QuantPlan, String>, RecipeError> {
-        self.call("plan", Some(ctx.clone()), params, |r, s| r.quantsmith_recipe_recipe().call_plan(s))
+        self.call("plan", Some(ctx.clone()), params, |s| self.pre.instantiate(&mut *s)?.quantsmith_recipe_recipe().call_plan(s))
+    }
+
+    /// Whether the recipe exports `calibrate` (contract 0.1.1 and later).
+    pub fn can_calibrate(&self) -> bool {
+        self.calibrating.is_some()
+    }
+
+    /// Runs the recipe's calibration with `session` serving its host calls, and
+    /// hands the session back (its observers hold what the forward passes saw).
+    /// `Ok((Ok(None), _))`: the recipe chose not to calibrate.
+    #[allow(clippy::type_complexity)]
+    pub fn calibrate(
+        &self,
+        ctx: &Arc<HostContext>,
+        params: Vec<(String, super::wit::ParamValue)>,
+        session: Box<dyn CalibSession>,
+    ) -> Result<(Result<Option<CalibrationSettings>, String>, Box<dyn CalibSession>), RecipeError> {
+        let Some(pre) = &self.calibrating else {
+            return Ok((Ok(None), session));
+        };
+        let (result, state) = self.call_in_store("calibrate", Some(ctx.clone()), params, Some(session), |s| {
+            pre.instantiate(&mut *s)?.quantsmith_recipe_calibrate().call_run(s)
+        });
+        let session = state.and_then(|s| s.calib).expect("the session stays in the store");
+        result.map(|r| (r, session))
     }
 
     /// Runs one export in a fresh store: an instance that trapped is never re-entered.
@@ -268,8 +308,21 @@ impl LoadedRecipe {
         call: &'static str,
         ctx: Option<Arc<HostContext>>,
         params: Vec<(String, super::wit::ParamValue)>,
-        f: impl FnOnce(&RecipeV0, &mut Store<State>) -> wasmtime::Result<R>,
+        f: impl FnOnce(&mut Store<State>) -> wasmtime::Result<R>,
     ) -> Result<R, RecipeError> {
+        self.call_in_store(call, ctx, params, None, f).0
+    }
+
+    /// One call in a fresh store; also returns the store's data when the call
+    /// did not fail to set up.
+    fn call_in_store<R>(
+        &self,
+        call: &'static str,
+        ctx: Option<Arc<HostContext>>,
+        params: Vec<(String, super::wit::ParamValue)>,
+        calib: Option<Box<dyn CalibSession>>,
+        f: impl FnOnce(&mut Store<State>) -> wasmtime::Result<R>,
+    ) -> (Result<R, RecipeError>, Option<State>) {
         let recipe = if self.info.name.is_empty() || self.info.name == self.label { self.label.clone() } else { format!("{} ({})", self.info.name, self.label) };
         let stderr = MemoryOutputPipe::new(64 << 10);
         let wasi = WasiCtx::builder()
@@ -281,19 +334,28 @@ impl LoadedRecipe {
             .socket_addr_check(|_, _| Box::pin(async { false }))
             .build();
         let limits = TotalMemoryLimiter { limit: self.limits.memory_bytes, used: 0 };
-        let state = State { wasi, table: ResourceTable::new(), limits, ctx, params, recipe: recipe.clone() };
+        let state = State { wasi, table: ResourceTable::new(), calib, host_time: Duration::ZERO, limits, ctx, params, recipe: recipe.clone() };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        let ticks = (self.limits.timeout.as_millis() / TICK.as_millis()).max(1) as u64;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
+        // The budget is the recipe's own time: time inside host calls (forward
+        // passes during calibration) does not count against it.
         let started = Instant::now();
-        let result = self.pre.instantiate(&mut store).and_then(|instance| f(&instance, &mut store));
-        let elapsed = started.elapsed();
-        result.map_err(|e| {
+        let budget = self.limits.timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |ctx| {
+            if started.elapsed().saturating_sub(ctx.data().host_time) < budget {
+                Ok(wasmtime::UpdateDeadline::Continue(1))
+            } else {
+                Err(wasmtime::Error::new(Trap::Interrupt))
+            }
+        });
+        let result = f(&mut store);
+        let elapsed = started.elapsed().saturating_sub(store.data().host_time);
+        let result = result.map_err(|e| {
             let output = String::from_utf8_lossy(&stderr.contents()).trim().to_string();
             classify_failure(e, recipe, call, self.limits, elapsed, output)
-        })
+        });
+        (result, Some(store.into_data()))
     }
 }
 

@@ -34,7 +34,7 @@
 pub mod bindings {
     //! Raw bindings generated from `wit/recipe.wit` by `wit-bindgen`.
     wit_bindgen::generate!({
-        world: "recipe-v0",
+        world: "calibrating-recipe-v0",
         path: "../../wit",
         pub_export_macro: true,
         export_macro_name: "export_recipe",
@@ -42,6 +42,7 @@ pub mod bindings {
     });
 }
 
+pub mod calibration;
 pub mod detect;
 pub mod exclusions;
 pub mod params;
@@ -54,13 +55,16 @@ pub use bindings::quantsmith::recipe::types;
 pub use bindings::quantsmith::recipe::host;
 /// The trait a hand-written recipe implements (see [`export_recipe!`]).
 pub use bindings::exports::quantsmith::recipe::recipe::Guest;
+/// The calibration export a hand-written recipe also implements; return
+/// `Ok(None)` to skip calibration, or delegate to [`calibration::CalibrationPlan`].
+pub use bindings::exports::quantsmith::recipe::calibrate::Guest as CalibrateGuest;
 
 /// Exports a type implementing [`Guest`] as the component's `recipe` interface:
 /// `quantsmith_recipe_sdk::export_recipe!(MyRecipe with_types_in quantsmith_recipe_sdk::bindings);`
 pub use bindings::export_recipe;
 
 /// The WIT contract version this SDK was built against.
-pub const WIT_VERSION: &str = "0.1.0";
+pub const WIT_VERSION: &str = "0.1.1";
 
 /// Logs through the host (shown with `RUST_LOG=info` or `-v`).
 pub fn log(level: host::LogLevel, message: impl AsRef<str>) {
@@ -78,5 +82,6 @@ pub mod prelude {
         Detection, ModuleInfo, ModuleKind, ParamKind, ParamSpec, ParamValue, QuantPlan, QuantFormat,
         QuantizerRule, RecipeInfo, TensorInfo,
     };
-    pub use crate::{Guest, host, log};
+    pub use crate::calibration::CalibrationPlan;
+    pub use crate::{CalibrateGuest, Guest, host, log};
 }

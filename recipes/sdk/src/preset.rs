@@ -1,5 +1,6 @@
 //! Declarative presets: a few constants become a complete recipe.
 
+use crate::calibration::{CalibrationPlan, CalibrationSettings};
 use crate::detect::{Family, identify};
 use crate::exclusions::{MODELOPT_EXCLUSIONS, PROBE_LAYERS};
 use crate::params::{Format, ParamSpecBuilder, Params};
@@ -13,9 +14,24 @@ pub trait Preset {
     const DESCRIPTION: &'static str;
     const FAMILY: Family;
 
-    /// Parameters; by default `format` and `exclude`.
+    /// Parameters; by default `format` and `exclude`, plus the calibration
+    /// parameters for families the host can run (SD1.x, SD2.x, SDXL).
     fn params() -> Vec<ParamSpec> {
-        vec![ParamSpecBuilder::format(), ParamSpecBuilder::exclude()]
+        let mut p = vec![ParamSpecBuilder::format(), ParamSpecBuilder::exclude()];
+        if CalibrationPlan::supports(Self::FAMILY) {
+            p.extend(CalibrationPlan::params(Self::FAMILY));
+        }
+        p
+    }
+
+    /// Calibration: ModelOpt's practice (prompts, a denoising walk with
+    /// classifier-free guidance) sized by the `calib-*` parameters; none for
+    /// families the host has no forward pass for.
+    fn calibrate() -> Result<Option<CalibrationSettings>, String> {
+        if !CalibrationPlan::supports(Self::FAMILY) {
+            return Ok(None);
+        }
+        CalibrationPlan::from_params(&Params::load(), Self::FAMILY)?.run()
     }
 
     /// Accepts checkpoints of [`Preset::FAMILY`]; refuses others with the reason.
@@ -68,7 +84,7 @@ pub fn standard_plan(params: &Params) -> Result<QuantPlan, String> {
     Ok(rules.exclude_existing(MODELOPT_EXCLUSIONS).note(format!("format {}", format.name())).build())
 }
 
-/// Exports a [`Preset`] as the component's `recipe` interface.
+/// Exports a [`Preset`] as the component's `recipe` and `calibrate` interfaces.
 #[macro_export]
 macro_rules! export_preset {
     ($preset:ty) => {
@@ -82,6 +98,11 @@ macro_rules! export_preset {
             }
             fn plan() -> ::core::result::Result<$crate::types::QuantPlan, ::std::string::String> {
                 <$preset as $crate::preset::Preset>::plan()
+            }
+        }
+        impl $crate::CalibrateGuest for QuantsmithPresetExport {
+            fn run() -> ::core::result::Result<::core::option::Option<$crate::calibration::CalibrationSettings>, ::std::string::String> {
+                <$preset as $crate::preset::Preset>::calibrate()
             }
         }
         $crate::export_recipe!(QuantsmithPresetExport with_types_in $crate::bindings);

@@ -1,0 +1,390 @@
+//! Calibration: the stage between the plan and the write, for formats whose
+//! ComfyUI layout carries static activation scales (FP8 `input_scale`, NVFP4's
+//! activation global scale; SPEC §3, §6).
+//!
+//! The host loads the UNet on the chosen backend with an observer on the input
+//! of every quantized module, hands the recipe a [`session::CalibSession`]
+//! through the `calibration` WIT interface, and the recipe walks denoising
+//! trajectories with it. Observed amax values become scales ([`scales`]); a
+//! fake-quantized forward on held-out inputs measures what they are worth ([`eval`]).
+//!
+//! - [`schedule`]: the families' noise schedules.
+//! - [`session`]: the host calls, tensor handles and limits.
+
+pub mod eval;
+pub mod scales;
+pub mod schedule;
+pub mod session;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::backend::DeviceChoice;
+use crate::formats::QuantFormat;
+use crate::modules::ModuleKind;
+use crate::nn::{ChannelAxis, ObserverSpec, Ops};
+use crate::plan::{LayerDecision, ResolvedPlan};
+use crate::recipe::calibrating::{Algorithm as WitAlgorithm, CalibrationSettings};
+use crate::recipe::wit::ParamValue;
+use crate::recipe::{HostContext, LoadedRecipe, RecipeError};
+use scales::Algorithm;
+use session::{CalibSession, Prediction, Session, SessionInputs, SessionLimits, SessionStats};
+
+/// `--calibrate`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CalibrateMode {
+    /// When the plan has FP8 or NVFP4 layers, the family has a forward pass
+    /// (SD1.x, SD2.x, SDXL) and the recipe exports `calibrate`.
+    #[default]
+    Auto,
+    /// As `auto`, but a run that cannot calibrate fails instead of writing weight-only scales.
+    On,
+    Off,
+}
+
+/// What calibration needs from the command line.
+#[derive(Clone, Debug, Default)]
+pub struct CalibrationOptions {
+    pub mode: CalibrateMode,
+    pub device: DeviceChoice,
+    /// Folder with CLIP's `vocab.json` and `merges.txt`.
+    pub clip_vocab: Option<PathBuf>,
+    /// safetensors with `context` (and `pooled`) rows.
+    pub calib_data: Option<PathBuf>,
+    /// Held-out inputs for the fake-quantized evaluation (0 = none).
+    pub eval_inputs: usize,
+    /// Resolution of the evaluation (pixels); 0 = the family's native one.
+    pub eval_resolution: u32,
+    pub limits: SessionLimits,
+}
+
+/// One quantized layer's calibration result.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerCalibration {
+    pub path: String,
+    pub format: String,
+    /// Calibrated amax of the input (after the algorithm).
+    pub amax: f32,
+    /// max |x| over everything seen.
+    pub observed_max: f32,
+    /// The stored static activation scale, when the format has one.
+    pub input_scale: Option<f32>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CalibrationReport {
+    pub algorithm: Algorithm,
+    pub device: String,
+    pub seconds: f64,
+    #[serde(flatten)]
+    pub session: SessionStats,
+    pub notes: Vec<String>,
+    pub layers: Vec<LayerCalibration>,
+    pub eval: Option<eval::EvalReport>,
+}
+
+/// Static activation scales by layer path, and the report.
+pub struct Calibration {
+    pub input_scales: HashMap<String, f32>,
+    pub report: CalibrationReport,
+}
+
+/// What calibration did.
+pub enum Outcome {
+    Calibrated(Box<Calibration>),
+    /// Why it did not run (recorded in the report's notes).
+    Skipped(String),
+}
+
+/// Families with a host forward pass.
+pub fn family_supported(family: &str) -> bool {
+    matches!(family, "sd15" | "sd2" | "sdxl")
+}
+
+fn wants_activation_scales(plan: &ResolvedPlan) -> bool {
+    plan.quantized().any(|l| l.spec.is_some_and(|s| matches!(s.format, QuantFormat::Fp8 | QuantFormat::Nvfp4)))
+}
+
+/// Why calibration will not run, or `None` when it will.
+pub fn skip_reason(opts: &CalibrationOptions, plan: &ResolvedPlan, family: &str, recipe: &LoadedRecipe) -> Option<String> {
+    if opts.mode == CalibrateMode::Off {
+        return Some("--calibrate off".into());
+    }
+    if !wants_activation_scales(plan) {
+        return Some("no FP8 or NVFP4 layer in the plan (INT8 and MXFP8 quantize activations at run time)".into());
+    }
+    if !family_supported(family) {
+        return Some(format!("no host forward pass for {family} yet (SD1.x, SD2.x and SDXL have one)"));
+    }
+    if !recipe.can_calibrate() {
+        return Some(format!("recipe {} does not export `calibrate` (built against contract 0.1.0)", recipe.name()));
+    }
+    None
+}
+
+/// Runs calibration (and the evaluation) or says why not; an error only for real failures.
+pub fn run(
+    ctx: &Arc<HostContext>,
+    recipe: &LoadedRecipe,
+    params: &[(String, ParamValue)],
+    family: &str,
+    variant: &str,
+    plan: &ResolvedPlan,
+    opts: &CalibrationOptions,
+) -> Result<Outcome> {
+    if let Some(reason) = skip_reason(opts, plan, family, recipe) {
+        if opts.mode == CalibrateMode::On {
+            bail!(crate::pipeline::Refused(format!("--calibrate on: cannot calibrate: {reason}")));
+        }
+        tracing::info!("no activation calibration: {reason}");
+        return Ok(Outcome::Skipped(reason));
+    }
+    let prediction = if variant == "v-prediction" { Prediction::V } else { Prediction::Epsilon };
+    let layers: Vec<&LayerDecision> = plan.quantized().collect();
+    let observed: Vec<(String, ObserverSpec)> = layers
+        .iter()
+        .map(|l| {
+            let axis = match ctx.modules.get(&l.path).map(|m| m.kind) {
+                Some(ModuleKind::Conv) => ChannelAxis::Dim1,
+                _ => ChannelAxis::Last,
+            };
+            (l.path.clone(), ObserverSpec { channels: l.shape[1], axis })
+        })
+        .collect();
+    let inputs = SessionInputs {
+        checkpoint: ctx.checkpoint.clone(),
+        family: family.to_string(),
+        prediction,
+        tokenizer_dir: opts.clip_vocab.clone(),
+        calib_data: opts.calib_data.clone(),
+        observed,
+        limits: opts.limits,
+    };
+    if let Some(p) = &opts.calib_data {
+        session::calib_data_rows(p).map_err(|e| crate::pipeline::Refused(format!("{e:#}")))?;
+    }
+    let cpu_skip = |why: String| -> Result<Outcome> {
+        // `auto` never starts an hours-long CPU calibration of a real model.
+        let reason = format!("{why}; calibrating on the CPU is slow, pass --calibrate on to do it anyway");
+        tracing::info!("no activation calibration: {reason}");
+        Ok(Outcome::Skipped(reason))
+    };
+    match opts.device {
+        DeviceChoice::Cpu if opts.mode == CalibrateMode::Auto => cpu_skip("--device cpu".into()),
+        DeviceChoice::Cpu => with_backend(crate::nn::cpu::CpuOps::new(), ctx, recipe, params, &layers, inputs, opts),
+        DeviceChoice::Cuda(n) => {
+            let ops = crate::nn::cuda::CudaOps::new(n).with_context(|| format!("--device cuda:{n} cannot be used for calibration"))?;
+            with_backend(ops, ctx, recipe, params, &layers, inputs, opts)
+        }
+        DeviceChoice::Auto => match crate::nn::cuda::CudaOps::new(0) {
+            Ok(ops) => with_backend(ops, ctx, recipe, params, &layers, inputs, opts),
+            Err(e) if opts.mode == CalibrateMode::Auto => cpu_skip(format!("no usable CUDA GPU ({e:#})")),
+            Err(e) => {
+                tracing::warn!("calibrating on the CPU (no usable CUDA GPU: {e:#}); full-size models take a long time there");
+                with_backend(crate::nn::cpu::CpuOps::new(), ctx, recipe, params, &layers, inputs, opts)
+            }
+        },
+    }
+}
+
+fn with_backend<O: Ops + Send + 'static>(
+    ops: O,
+    ctx: &Arc<HostContext>,
+    recipe: &LoadedRecipe,
+    params: &[(String, ParamValue)],
+    layers: &[&LayerDecision],
+    inputs: SessionInputs,
+    opts: &CalibrationOptions,
+) -> Result<Outcome>
+where
+    O::Tensor: Send,
+{
+    let started = Instant::now();
+    let device = ops.name();
+    tracing::info!("calibrating on {device}: {} observed module inputs", inputs.observed.len());
+    let session = Session::new(ops, inputs)?;
+    let (result, session) = recipe.calibrate(ctx, params.to_vec(), Box::new(session))?;
+    let settings: CalibrationSettings = match result {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            if opts.mode == CalibrateMode::On {
+                bail!(crate::pipeline::Refused(format!("--calibrate on: recipe {} chose not to calibrate", recipe.name())));
+            }
+            tracing::info!("recipe {} chose not to calibrate", recipe.name());
+            return Ok(Outcome::Skipped(format!("recipe {} chose not to calibrate", recipe.name())));
+        }
+        Err(reason) => {
+            return Err(RecipeError::Invalid { recipe: recipe.name().to_string(), message: format!("calibration failed: {reason}") }.into());
+        }
+    };
+    let algorithm = match settings.algorithm {
+        WitAlgorithm::Max => Algorithm::Max,
+        WitAlgorithm::Percentile(p) => Algorithm::Percentile(p),
+    }
+    .validate()
+    .map_err(|m| RecipeError::Invalid { recipe: recipe.name().to_string(), message: m })?;
+    let stats = session.stats();
+    if stats.forwards == 0 {
+        return Err(RecipeError::Invalid { recipe: recipe.name().to_string(), message: "calibrate returned settings but ran no forward pass (denoise)".into() }.into());
+    }
+    let observers = session.observers()?;
+    let mut input_scales = HashMap::new();
+    let mut report_layers = Vec::new();
+    for (l, o) in layers.iter().zip(&observers) {
+        let Some(spec) = l.spec else { continue };
+        if o.calls == 0 {
+            bail!("internal: quantized layer {} was never reached by the forward pass", l.path);
+        }
+        let amax = scales::calibrated_amax(o, &stats.steps, algorithm);
+        let input_scale = scales::activation_scale(spec.format, amax);
+        if let Some(s) = input_scale {
+            input_scales.insert(l.path.clone(), s);
+        }
+        report_layers.push(LayerCalibration { path: l.path.clone(), format: spec.format.name().into(), amax, observed_max: o.amax(), input_scale });
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        "calibration: {} forward passes over {} steps in {:.1} s ({:.3} s per pass)",
+        stats.forwards,
+        stats.steps.len(),
+        seconds,
+        stats.forward_seconds / stats.forwards as f64
+    );
+    // The evaluation runs on the same backend, after the recipe is done.
+    let eval = if opts.eval_inputs > 0 {
+        let any = session.into_any();
+        let session = any.downcast::<Session<O>>().map_err(|_| anyhow::anyhow!("internal: session type"))?;
+        let resolution = if opts.eval_resolution > 0 { opts.eval_resolution } else { session.info().native_resolution };
+        let r = eval::evaluate(session.ops(), session.unet(), &ctx.checkpoint, layers, &input_scales, opts.eval_inputs, resolution, 0x5eed_e7a1)
+            .context("evaluating the fake-quantized model")?;
+        Some(r)
+    } else {
+        None
+    };
+    Ok(Outcome::Calibrated(Box::new(Calibration {
+        input_scales,
+        report: CalibrationReport { algorithm, device, seconds, session: stats, notes: settings.notes, layers: report_layers, eval },
+    })))
+}
+
+/// What `run-recipe forward` measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct ForwardReport {
+    pub device: String,
+    pub output_shape: Vec<usize>,
+    /// Load of the UNet weights onto the device.
+    pub load_seconds: f64,
+    /// First pass (includes one-time setup such as kernel compilation).
+    pub first_seconds: f64,
+    /// Median of the repetitions, if any.
+    pub median_seconds: Option<f64>,
+    pub observed_modules: usize,
+    pub peak_device_bytes: Option<u64>,
+}
+
+/// One UNet forward pass on the tensors of `inputs` (`x`, `timesteps`, `context`,
+/// optional `y`), written as `out` (f32) to `out_path`.
+pub fn forward_file(
+    model: &std::path::Path,
+    inputs: &std::path::Path,
+    out_path: &std::path::Path,
+    device: DeviceChoice,
+    repeat: usize,
+    observe: bool,
+) -> Result<ForwardReport> {
+    let ckpt = crate::checkpoint::Checkpoint::open(model)?;
+    match device {
+        DeviceChoice::Cpu => forward_with(crate::nn::cpu::CpuOps::new(), &ckpt, inputs, out_path, repeat, observe),
+        DeviceChoice::Cuda(n) => forward_with(crate::nn::cuda::CudaOps::new(n)?, &ckpt, inputs, out_path, repeat, observe),
+        DeviceChoice::Auto => match crate::nn::cuda::CudaOps::new(0) {
+            Ok(ops) => forward_with(ops, &ckpt, inputs, out_path, repeat, observe),
+            Err(e) => {
+                tracing::warn!("running on the CPU: {e:#}");
+                forward_with(crate::nn::cpu::CpuOps::new(), &ckpt, inputs, out_path, repeat, observe)
+            }
+        },
+    }
+}
+
+fn forward_with<O: Ops>(
+    ops: O,
+    ckpt: &crate::checkpoint::Checkpoint,
+    inputs: &std::path::Path,
+    out_path: &std::path::Path,
+    repeat: usize,
+    observe: bool,
+) -> Result<ForwardReport> {
+    use crate::models::unet::{Unet, UnetConfig};
+    use crate::models::{InputHook, InputHooks, WeightSource};
+    let bytes = std::fs::read(inputs).with_context(|| format!("cannot read {}", inputs.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", inputs.display()))?;
+    let get = |name: &str| -> Result<Option<(Vec<usize>, Vec<f32>)>> {
+        let Ok(t) = st.tensor(name) else { return Ok(None) };
+        let dtype = crate::formats::SourceDtype::from_safetensors(t.dtype()).with_context(|| format!("`{name}` must be F32, F16 or BF16"))?;
+        Ok(Some((t.shape().to_vec(), crate::formats::numerics::decode_dtype(dtype, t.data()))))
+    };
+    let need = |name: &str| get(name)?.with_context(|| format!("{} has no `{name}` tensor", inputs.display()));
+    let (xs, xv) = need("x")?;
+    let (_, tv) = need("timesteps")?;
+    let (cs, cv) = need("context")?;
+    let y = get("y")?;
+
+    let src: &dyn WeightSource = ckpt;
+    let cfg = UnetConfig::from_source(src, ckpt.prefix())?;
+    let started = Instant::now();
+    let unet = Unet::load(&ops, src, ckpt.prefix(), cfg)?;
+    let x = ops.from_f32(&xs, &xv)?;
+    let context = ops.from_f32(&cs, &cv)?;
+    let y = match &y {
+        Some((s, v)) => Some(ops.from_f32(s, v)?),
+        None => None,
+    };
+    let _ = ops.to_f32(&ops.from_f32(&[1], &[0.0])?)?;
+    let load_seconds = started.elapsed().as_secs_f64();
+
+    let mut hooks = InputHooks::none();
+    if observe {
+        let modules = crate::modules::ModuleTable::build(ckpt);
+        let observed: Vec<(String, ObserverSpec)> = modules
+            .iter()
+            .filter(|m| m.kind == ModuleKind::Linear)
+            .map(|m| (m.path.clone(), ObserverSpec { channels: *m.weight_shape.last().unwrap_or(&1), axis: ChannelAxis::Last }))
+            .collect();
+        ops.observers_reset(&observed.iter().map(|(_, s)| s.clone()).collect::<Vec<_>>(), 64)?;
+        for (slot, (p, _)) in observed.iter().enumerate() {
+            hooks.by_module.insert(p.clone(), InputHook { observer: Some(slot), quant: None });
+        }
+    }
+    let started = Instant::now();
+    let out = unet.forward(&ops, &x, &tv, &context, y.as_ref(), &hooks)?;
+    let values = ops.to_f32(&out)?;
+    let first_seconds = started.elapsed().as_secs_f64();
+    let mut times = Vec::new();
+    for _ in 0..repeat {
+        let t0 = Instant::now();
+        let o = unet.forward(&ops, &x, &tv, &context, y.as_ref(), &hooks)?;
+        // Reading the (small) output synchronises with the device.
+        ops.to_f32(&o)?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let shape = ops.shape(&out);
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), &bytes)?;
+    safetensors::serialize_to_file([("out", view)], None, out_path).with_context(|| format!("cannot write {}", out_path.display()))?;
+    Ok(ForwardReport {
+        device: ops.name(),
+        output_shape: shape,
+        load_seconds,
+        first_seconds,
+        median_seconds: times.get(times.len() / 2).copied(),
+        observed_modules: hooks.by_module.len(),
+        peak_device_bytes: ops.peak_device_bytes(),
+    })
+}

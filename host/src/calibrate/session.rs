@@ -1,0 +1,612 @@
+//! The host side of the `calibration` WIT interface: tensors and conditioning
+//! held by the host (recipes see numbered handles), the observed forward pass,
+//! and the limits that keep a hostile recipe from exhausting the machine.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+
+use super::schedule::{NoiseSchedule, Spacing};
+use crate::checkpoint::Checkpoint;
+use crate::models::clip::{SizeConditioning, TextEncoders, TextFamily};
+use crate::models::tokenizer::ClipTokenizer;
+use crate::models::unet::Unet;
+use crate::models::{InputHooks, WeightSource};
+use crate::nn::{ObserverSpec, ObserverStats, Ops};
+
+/// The resource behind a WIT `tensor`: an id into the session's tensor table.
+pub struct TensorHandle {
+    pub id: u32,
+}
+
+/// The resource behind a WIT `conditioning`.
+pub struct CondHandle {
+    pub id: u32,
+}
+
+/// Where a recipe's conditioning comes from (the WIT `conditioning-source`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum CondSource {
+    Random { count: usize, seed: u64, spread: f32 },
+    File { start: usize, count: usize },
+    Prompts(Vec<String>),
+}
+
+/// What the model predicts, which `denoise` turns into epsilon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prediction {
+    Epsilon,
+    V,
+}
+
+/// What the session tells a recipe about the run (the WIT `calibration-info`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SessionInfo {
+    pub family: String,
+    pub latent_channels: u32,
+    pub native_resolution: u32,
+    pub has_text_encoders: bool,
+    pub has_tokenizer: bool,
+    pub calib_data_rows: u32,
+    pub device: String,
+}
+
+/// Bounds on what a recipe may make the host do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Elements of one tensor.
+    pub max_tensor_elements: usize,
+    /// Elements of all live tensors together.
+    pub max_live_elements: usize,
+    /// `denoise` calls in the whole run.
+    pub max_forwards: usize,
+    /// Batch of one `denoise` call.
+    pub max_batch: usize,
+    /// Step buckets (`step` < this).
+    pub max_steps: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            max_tensor_elements: 1 << 28,
+            max_live_elements: 1 << 31,
+            max_forwards: 8192,
+            max_batch: 16,
+            max_steps: 1000,
+        }
+    }
+}
+
+/// The calibration host calls, object-safe so the wasmtime store can hold any backend.
+pub trait CalibSession: Send {
+    fn info(&self) -> SessionInfo;
+    fn randn(&mut self, shape: &[usize], seed: u64) -> Result<u32>;
+    fn schedule(&self, steps: usize, spacing: Spacing) -> Result<(Vec<f32>, Vec<f32>)>;
+    fn conditioning(&mut self, source: CondSource, width: u32, height: u32) -> Result<u32>;
+    fn concat_conditioning(&mut self, parts: &[u32]) -> Result<u32>;
+    fn cond_batch(&self, id: u32) -> u32;
+    fn add(&mut self, a: u32, b: u32) -> Result<u32>;
+    fn scale(&mut self, a: u32, s: f32) -> Result<u32>;
+    fn lerp(&mut self, a: u32, b: u32, t: f32) -> Result<u32>;
+    fn concat(&mut self, parts: &[u32], dim: usize) -> Result<u32>;
+    fn slice_batch(&mut self, a: u32, start: usize, len: usize) -> Result<u32>;
+    fn denoise(&mut self, x: u32, sigma: f32, cond: u32, step: usize) -> Result<u32>;
+    fn shape(&self, id: u32) -> Vec<usize>;
+    fn read(&self, id: u32) -> Result<Vec<f32>>;
+    fn drop_tensor(&mut self, id: u32);
+    fn drop_cond(&mut self, id: u32);
+    /// What the observers saw, slot order as given at creation.
+    fn observers(&self) -> Result<Vec<ObserverStats>>;
+    /// One module's observer and the step buckets used so far.
+    fn activation_stats(&self, module: &str) -> Result<(ObserverStats, Vec<usize>)> {
+        let slot = self.observed_slot(module).ok_or_else(|| anyhow!("module `{module}` is not quantized by the plan, so it is not observed"))?;
+        let all = self.observers()?;
+        Ok((all[slot].clone(), self.stats().steps))
+    }
+    fn observed_slot(&self, module: &str) -> Option<usize>;
+    /// Forward passes run, steps seen and time spent in them.
+    fn stats(&self) -> SessionStats;
+    /// For getting the concrete session back after the recipe is done.
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any>;
+}
+
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct SessionStats {
+    pub forwards: usize,
+    pub samples: usize,
+    /// Step buckets that received at least one forward pass.
+    pub steps: Vec<usize>,
+    pub forward_seconds: f64,
+    pub peak_device_bytes: Option<u64>,
+}
+
+/// Conditioning on the device: context and, for SDXL, the `y` vector.
+pub struct Cond<T> {
+    pub context: T,
+    pub y: Option<T>,
+    pub batch: usize,
+}
+
+/// What a session needs besides the backend.
+pub struct SessionInputs {
+    pub checkpoint: Arc<Checkpoint>,
+    pub family: String,
+    pub prediction: Prediction,
+    pub tokenizer_dir: Option<PathBuf>,
+    pub calib_data: Option<PathBuf>,
+    /// One observer per quantizable module input: (module path, spec).
+    pub observed: Vec<(String, ObserverSpec)>,
+    pub limits: SessionLimits,
+}
+
+/// A calibration session on backend `O`.
+pub struct Session<O: Ops> {
+    ops: O,
+    unet: Unet<O>,
+    inputs: SessionInputs,
+    schedule: NoiseSchedule,
+    hooks: InputHooks,
+    tokenizer: Option<ClipTokenizer>,
+    calib_rows: usize,
+    tensors: HashMap<u32, O::Tensor>,
+    conds: HashMap<u32, Cond<O::Tensor>>,
+    next_id: u32,
+    live_elements: usize,
+    forwards: usize,
+    samples: usize,
+    steps: BTreeSet<usize>,
+    forward_time: Duration,
+}
+
+// SAFETY-free note: sessions move into the wasmtime store's thread and stay
+// there; backends are `Send` (their handles are reference-counted device or
+// host buffers owned by the session).
+impl<O: Ops + Send> Session<O>
+where
+    O::Tensor: Send,
+{
+    /// Loads the UNet on `ops` and sets up the observers.
+    pub fn new(ops: O, inputs: SessionInputs) -> Result<Session<O>> {
+        let src: &dyn WeightSource = inputs.checkpoint.as_ref();
+        let prefix = inputs.checkpoint.prefix().to_string();
+        let cfg = crate::models::unet::UnetConfig::from_source(src, &prefix)?;
+        let unet = Unet::load(&ops, src, &prefix, cfg).context("loading the UNet for calibration")?;
+        let specs: Vec<ObserverSpec> = inputs.observed.iter().map(|(_, s)| s.clone()).collect();
+        ops.observers_reset(&specs, inputs.limits.max_steps)?;
+        let mut hooks = InputHooks::none();
+        for (slot, (path, _)) in inputs.observed.iter().enumerate() {
+            hooks.by_module.insert(path.clone(), crate::models::InputHook { observer: Some(slot), quant: None });
+        }
+        let tokenizer = match &inputs.tokenizer_dir {
+            Some(dir) => Some(ClipTokenizer::from_dir(dir)?),
+            None => None,
+        };
+        let calib_rows = match &inputs.calib_data {
+            Some(p) => calib_data_rows(p)?,
+            None => 0,
+        };
+        Ok(Session {
+            ops,
+            unet,
+            inputs,
+            schedule: NoiseSchedule::scaled_linear_sd(),
+            hooks,
+            tokenizer,
+            calib_rows,
+            tensors: HashMap::new(),
+            conds: HashMap::new(),
+            next_id: 1,
+            live_elements: 0,
+            forwards: 0,
+            samples: 0,
+            steps: BTreeSet::new(),
+            forward_time: Duration::ZERO,
+        })
+    }
+
+    pub fn ops(&self) -> &O {
+        &self.ops
+    }
+
+    pub fn unet(&self) -> &Unet<O> {
+        &self.unet
+    }
+
+    fn tensor(&self, id: u32) -> Result<&O::Tensor> {
+        self.tensors.get(&id).ok_or_else(|| anyhow!("tensor handle {id} is not live"))
+    }
+
+    fn cond(&self, id: u32) -> Result<&Cond<O::Tensor>> {
+        self.conds.get(&id).ok_or_else(|| anyhow!("conditioning handle {id} is not live"))
+    }
+
+    fn elements(&self, t: &O::Tensor) -> usize {
+        self.ops.shape(t).iter().product()
+    }
+
+    fn check_alloc(&self, elements: usize) -> Result<()> {
+        let l = &self.inputs.limits;
+        ensure!(elements <= l.max_tensor_elements, "a tensor of {elements} elements exceeds the limit of {} per tensor", l.max_tensor_elements);
+        ensure!(
+            self.live_elements + elements <= l.max_live_elements,
+            "live tensors would hold {} elements, over the limit of {} (drop tensors you no longer need)",
+            self.live_elements + elements,
+            l.max_live_elements
+        );
+        Ok(())
+    }
+
+    fn keep(&mut self, t: O::Tensor) -> Result<u32> {
+        let n = self.elements(&t);
+        self.check_alloc(n)?;
+        self.live_elements += n;
+        let id = self.next_id;
+        self.next_id = self.next_id.checked_add(1).context("too many tensor handles")?;
+        self.tensors.insert(id, t);
+        Ok(id)
+    }
+
+    fn keep_cond(&mut self, c: Cond<O::Tensor>) -> u32 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.conds.insert(id, c);
+        id
+    }
+
+    /// The text-encoder family of this UNet: SD2's OpenCLIP-H is not supported.
+    fn text_family(&self) -> Result<TextFamily> {
+        match (self.inputs.family.as_str(), self.unet.config().adm_in_channels) {
+            ("sd15", _) => Ok(TextFamily::Sd15),
+            ("sdxl", Some(2560)) => Ok(TextFamily::SdxlRefiner),
+            ("sdxl", _) => Ok(TextFamily::Sdxl),
+            (f, _) => bail!("prompt encoding is not available for {f} (its text encoder is not implemented); use --calib-data or calib-source=random"),
+        }
+    }
+
+    /// `y` for SDXL-type models from pooled text vectors `[B, P]`.
+    fn adm(&self, pooled: &O::Tensor, width: u32, height: u32) -> Result<Option<O::Tensor>> {
+        let size = SizeConditioning::new(width, height);
+        match self.unet.config().adm_in_channels {
+            None => Ok(None),
+            Some(2560) => Ok(Some(crate::models::clip::sdxl_refiner_adm(&self.ops, pooled, &size, crate::models::clip::AESTHETIC_POSITIVE)?)),
+            Some(_) => Ok(Some(crate::models::clip::sdxl_adm(&self.ops, pooled, &size)?)),
+        }
+    }
+
+    /// Width of the pooled text vector this UNet's `y` starts with.
+    fn pooled_width(&self) -> usize {
+        match self.unet.config().adm_in_channels {
+            Some(2560) => 2560 - 5 * 256,
+            Some(adm) => adm - 6 * 256,
+            None => 0,
+        }
+    }
+
+    fn random_cond(&mut self, count: usize, seed: u64, spread: f32, width: u32, height: u32) -> Result<Cond<O::Tensor>> {
+        ensure!(count >= 1 && count <= self.inputs.limits.max_batch * 64, "random conditioning count {count} is out of range");
+        ensure!(spread.is_finite() && spread > 0.0, "spread must be a positive number, got {spread}");
+        let ctx_dim = self.unet.config().context_dim.context("this UNet has no cross-attention context")?;
+        let tokens = 77;
+        let n = count * tokens * ctx_dim;
+        self.check_alloc(n)?;
+        let context = self.ops.from_f32(&[count, tokens, ctx_dim], &gaussian(n, seed, spread))?;
+        let y = match self.unet.config().adm_in_channels {
+            None => None,
+            Some(_) => {
+                let p = self.pooled_width();
+                let pooled = self.ops.from_f32(&[count, p], &gaussian(count * p, seed ^ 0x9e37_79b9_7f4a_7c15, spread))?;
+                self.adm(&pooled, width, height)?
+            }
+        };
+        Ok(Cond { context, y, batch: count })
+    }
+
+    fn file_cond(&mut self, start: usize, count: usize, width: u32, height: u32) -> Result<Cond<O::Tensor>> {
+        let path = self.inputs.calib_data.clone().ok_or_else(|| anyhow!("no --calib-data file was given"))?;
+        ensure!(count >= 1, "file conditioning needs count >= 1");
+        ensure!(start + count <= self.calib_rows, "rows {start}..{} are beyond the {} rows of {}", start + count, self.calib_rows, path.display());
+        let data = CalibData::open(&path)?;
+        let ctx_dim = self.unet.config().context_dim.context("this UNet has no cross-attention context")?;
+        let (ctx_shape, ctx_rows) = data.rows("context", start, count)?;
+        ensure!(
+            ctx_shape.len() == 3 && ctx_shape[2] == ctx_dim,
+            "{}: `context` has shape {ctx_shape:?}; this model needs [N, tokens, {ctx_dim}]",
+            path.display()
+        );
+        let context = self.ops.from_f32(&[count, ctx_shape[1], ctx_dim], &ctx_rows)?;
+        let y = match self.unet.config().adm_in_channels {
+            None => None,
+            Some(_) => {
+                let p = self.pooled_width();
+                let (p_shape, p_rows) = data.rows("pooled", start, count).with_context(|| {
+                    format!("{}: SDXL models also need `pooled` [N, {p}] text vectors", path.display())
+                })?;
+                ensure!(p_shape.len() == 2 && p_shape[1] == p, "{}: `pooled` has shape {p_shape:?}; expected [N, {p}]", path.display());
+                let pooled = self.ops.from_f32(&[count, p], &p_rows)?;
+                self.adm(&pooled, width, height)?
+            }
+        };
+        Ok(Cond { context, y, batch: count })
+    }
+
+    fn prompt_cond(&mut self, prompts: Vec<String>, width: u32, height: u32) -> Result<Cond<O::Tensor>> {
+        ensure!(!prompts.is_empty(), "no prompts given");
+        ensure!(prompts.len() <= self.inputs.limits.max_batch * 64, "too many prompts in one call ({})", prompts.len());
+        let tokenizer = self.tokenizer.take().ok_or_else(|| {
+            anyhow!("prompts need the CLIP vocabulary: pass --clip-vocab DIR (a folder with vocab.json and merges.txt, e.g. ComfyUI's comfy/sd1_tokenizer)")
+        })?;
+        let result = (|| {
+            let family = self.text_family()?;
+            let src: &dyn WeightSource = self.inputs.checkpoint.as_ref();
+            let enc = TextEncoders::load(src, family)?;
+            enc.encode(&self.ops, &tokenizer, &prompts, &InputHooks::none())
+        })();
+        self.tokenizer = Some(tokenizer);
+        let c = result?;
+        let y = match &c.pooled {
+            Some(p) => self.adm(p, width, height)?,
+            None => None,
+        };
+        Ok(Cond { context: c.context, y, batch: prompts.len() })
+    }
+}
+
+impl<O: Ops + Send + 'static> CalibSession for Session<O>
+where
+    O::Tensor: Send,
+{
+    fn info(&self) -> SessionInfo {
+        let text_prefixes = ["cond_stage_model.", "conditioner.embedders."];
+        SessionInfo {
+            family: self.inputs.family.clone(),
+            latent_channels: 4,
+            native_resolution: match self.inputs.family.as_str() {
+                "sdxl" => 1024,
+                "sd2" => 768,
+                _ => 512,
+            },
+            has_text_encoders: self.inputs.checkpoint.tensors().iter().any(|t| text_prefixes.iter().any(|p| t.key.starts_with(p))),
+            has_tokenizer: self.tokenizer.is_some(),
+            calib_data_rows: self.calib_rows as u32,
+            device: self.ops.name(),
+        }
+    }
+
+    fn randn(&mut self, shape: &[usize], seed: u64) -> Result<u32> {
+        ensure!(!shape.is_empty() && shape.len() <= 4, "randn takes 1 to 4 dimensions, got {shape:?}");
+        let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).context("shape overflows")?;
+        ensure!(n > 0, "randn shape {shape:?} is empty");
+        self.check_alloc(n)?;
+        let t = self.ops.from_f32(shape, &gaussian(n, seed, 1.0))?;
+        self.keep(t)
+    }
+
+    fn schedule(&self, steps: usize, spacing: Spacing) -> Result<(Vec<f32>, Vec<f32>)> {
+        ensure!((1..=self.inputs.limits.max_steps).contains(&steps), "steps must be 1..={}, got {steps}", self.inputs.limits.max_steps);
+        Ok(self.schedule.sample(steps, spacing))
+    }
+
+    fn conditioning(&mut self, source: CondSource, width: u32, height: u32) -> Result<u32> {
+        ensure!((64..=4096).contains(&width) && (64..=4096).contains(&height), "width and height must be 64..=4096 pixels");
+        let c = match source {
+            CondSource::Random { count, seed, spread } => self.random_cond(count, seed, spread, width, height)?,
+            CondSource::File { start, count } => self.file_cond(start, count, width, height)?,
+            CondSource::Prompts(p) => self.prompt_cond(p, width, height)?,
+        };
+        Ok(self.keep_cond(c))
+    }
+
+    fn concat_conditioning(&mut self, parts: &[u32]) -> Result<u32> {
+        ensure!(!parts.is_empty(), "nothing to concatenate");
+        let conds: Vec<&Cond<O::Tensor>> = parts.iter().map(|&id| self.cond(id)).collect::<Result<_>>()?;
+        let ctx: Vec<&O::Tensor> = conds.iter().map(|c| &c.context).collect();
+        let tokens: BTreeSet<usize> = ctx.iter().map(|t| self.ops.shape(t)[1]).collect();
+        ensure!(tokens.len() == 1, "conditioning parts have different token counts {tokens:?}");
+        let context = self.ops.concat(&ctx, 0)?;
+        let y = if conds.iter().all(|c| c.y.is_some()) {
+            let ys: Vec<&O::Tensor> = conds.iter().map(|c| c.y.as_ref().expect("checked")).collect();
+            Some(self.ops.concat(&ys, 0)?)
+        } else {
+            None
+        };
+        let batch = conds.iter().map(|c| c.batch).sum();
+        Ok(self.keep_cond(Cond { context, y, batch }))
+    }
+
+    fn cond_batch(&self, id: u32) -> u32 {
+        self.conds.get(&id).map(|c| c.batch as u32).unwrap_or(0)
+    }
+
+    fn add(&mut self, a: u32, b: u32) -> Result<u32> {
+        let (ta, tb) = (self.tensor(a)?, self.tensor(b)?);
+        ensure!(self.ops.shape(ta) == self.ops.shape(tb), "add: shapes {:?} and {:?} differ", self.ops.shape(ta), self.ops.shape(tb));
+        let t = self.ops.add(ta, tb)?;
+        self.keep(t)
+    }
+
+    fn scale(&mut self, a: u32, s: f32) -> Result<u32> {
+        ensure!(s.is_finite(), "scale: factor {s} is not finite");
+        let t = self.ops.scale(self.tensor(a)?, s)?;
+        self.keep(t)
+    }
+
+    fn lerp(&mut self, a: u32, b: u32, t: f32) -> Result<u32> {
+        ensure!(t.is_finite(), "lerp: t = {t} is not finite");
+        let (ta, tb) = (self.tensor(a)?, self.tensor(b)?);
+        ensure!(self.ops.shape(ta) == self.ops.shape(tb), "lerp: shapes {:?} and {:?} differ", self.ops.shape(ta), self.ops.shape(tb));
+        // a + t (b - a) = (1 - t) a + t b
+        let out = self.ops.add(&self.ops.scale(ta, 1.0 - t)?, &self.ops.scale(tb, t)?)?;
+        self.keep(out)
+    }
+
+    fn concat(&mut self, parts: &[u32], dim: usize) -> Result<u32> {
+        ensure!(!parts.is_empty(), "concat: nothing to concatenate");
+        let ts: Vec<&O::Tensor> = parts.iter().map(|&id| self.tensor(id)).collect::<Result<_>>()?;
+        let first = self.ops.shape(ts[0]);
+        ensure!(dim < first.len(), "concat: dim {dim} is out of range for shape {first:?}");
+        for t in &ts[1..] {
+            let s = self.ops.shape(t);
+            ensure!(
+                s.len() == first.len() && s.iter().zip(&first).enumerate().all(|(i, (a, b))| i == dim || a == b),
+                "concat: shape {s:?} does not fit {first:?} along dim {dim}"
+            );
+        }
+        let t = self.ops.concat(&ts, dim)?;
+        self.keep(t)
+    }
+
+    fn slice_batch(&mut self, a: u32, start: usize, len: usize) -> Result<u32> {
+        let t = self.tensor(a)?;
+        let shape = self.ops.shape(t);
+        ensure!(len >= 1 && start + len <= shape[0], "slice-batch: rows {start}..{} of {}", start + len, shape[0]);
+        // A batch row is contiguous: slice on the host side of the trait via reshape + concat-free copy.
+        let row: usize = shape[1..].iter().product();
+        let all = self.ops.to_f32(t)?;
+        let mut s = shape.clone();
+        s[0] = len;
+        let out = self.ops.from_f32(&s, &all[start * row..(start + len) * row])?;
+        self.keep(out)
+    }
+
+    fn denoise(&mut self, x: u32, sigma: f32, cond: u32, step: usize) -> Result<u32> {
+        let l = self.inputs.limits;
+        ensure!(self.forwards < l.max_forwards, "the run's budget of {} forward passes is used up", l.max_forwards);
+        ensure!(step < l.max_steps, "step {step} is beyond the {} step buckets", l.max_steps);
+        ensure!(sigma.is_finite() && sigma > 0.0, "sigma must be positive, got {sigma}");
+        let started = Instant::now();
+        let tx = self.tensor(x)?.clone();
+        let shape = self.ops.shape(&tx);
+        let cfg = self.unet.config().clone();
+        ensure!(shape.len() == 4 && shape[1] == 4, "denoise: latents must be [batch, 4, h, w], got {shape:?}");
+        ensure!(shape[0] <= l.max_batch, "denoise: batch {} is over the limit of {}", shape[0], l.max_batch);
+        ensure!(shape[2] % 8 == 0 && shape[3] % 8 == 0 && shape[2] >= 8 && shape[3] >= 8, "denoise: latent height and width must be multiples of 8, got {shape:?}");
+        let c = self.cond(cond)?;
+        ensure!(c.batch == shape[0], "denoise: latents have batch {} but the conditioning has {}", shape[0], c.batch);
+        let (context, y) = (c.context.clone(), c.y.clone());
+        let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
+        let mut x_in = self.ops.scale(&tx, c_in)?;
+        if cfg.in_channels > 4 {
+            // Inpainting models: no mask, no masked image (zeros), as for plain generation.
+            let extra = vec![0.0f32; shape[0] * (cfg.in_channels - 4) * shape[2] * shape[3]];
+            let z = self.ops.from_f32(&[shape[0], cfg.in_channels - 4, shape[2], shape[3]], &extra)?;
+            x_in = self.ops.concat(&[&x_in, &z], 1)?;
+        }
+        let t = self.schedule.sigma_to_t(sigma);
+        self.ops.observers_set_step(step)?;
+        let out = self.unet.forward(&self.ops, &x_in, &vec![t; shape[0]], &context, y.as_ref(), &self.hooks)?;
+        let eps = match self.inputs.prediction {
+            Prediction::Epsilon => out,
+            // eps = (x - denoised) / sigma with denoised = c_skip x + c_out v.
+            Prediction::V => {
+                let s2 = sigma * sigma + 1.0;
+                self.ops.add(&self.ops.scale(&tx, sigma / s2)?, &self.ops.scale(&out, 1.0 / s2.sqrt())?)?
+            }
+        };
+        self.forwards += 1;
+        self.samples += shape[0];
+        self.steps.insert(step);
+        self.forward_time += started.elapsed();
+        self.keep(eps)
+    }
+
+    fn shape(&self, id: u32) -> Vec<usize> {
+        self.tensors.get(&id).map(|t| self.ops.shape(t)).unwrap_or_default()
+    }
+
+    fn read(&self, id: u32) -> Result<Vec<f32>> {
+        let t = self.tensor(id)?;
+        let n = self.elements(t);
+        ensure!(n <= 65536, "read: the tensor has {n} elements; at most 65536 can be read");
+        self.ops.to_f32(t)
+    }
+
+    fn drop_tensor(&mut self, id: u32) {
+        if let Some(t) = self.tensors.remove(&id) {
+            self.live_elements -= self.elements(&t);
+        }
+    }
+
+    fn drop_cond(&mut self, id: u32) {
+        self.conds.remove(&id);
+    }
+
+    fn observers(&self) -> Result<Vec<ObserverStats>> {
+        self.ops.observers_read()
+    }
+
+    fn observed_slot(&self, module: &str) -> Option<usize> {
+        self.inputs.observed.iter().position(|(p, _)| p == module)
+    }
+
+    fn stats(&self) -> SessionStats {
+        SessionStats {
+            forwards: self.forwards,
+            samples: self.samples,
+            steps: self.steps.iter().copied().collect(),
+            forward_seconds: self.forward_time.as_secs_f64(),
+            peak_device_bytes: self.ops.peak_device_bytes(),
+        }
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+}
+
+/// `n` values N(0, spread^2) from `seed` (the host's one source of randomness).
+pub fn gaussian(n: usize, seed: u64, spread: f32) -> Vec<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n).map(|_| StandardNormal.sample(&mut rng)).map(|v: f32| v * spread).collect()
+}
+
+/// The user's `--calib-data` file: `context` `[N, tokens, width]`, optional `pooled` `[N, 1280]`.
+struct CalibData {
+    mmap: memmap2::Mmap,
+    path: PathBuf,
+}
+
+impl CalibData {
+    fn open(path: &std::path::Path) -> Result<CalibData> {
+        let f = std::fs::File::open(path).with_context(|| format!("cannot open --calib-data {}", path.display()))?;
+        // SAFETY: read-only mapping of a file we only read.
+        let mmap = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))?;
+        Ok(CalibData { mmap, path: path.to_path_buf() })
+    }
+
+    /// Rows `start..start+count` of tensor `name` as f32, with the tensor's full shape.
+    fn rows(&self, name: &str, start: usize, count: usize) -> Result<(Vec<usize>, Vec<f32>)> {
+        let st = safetensors::SafeTensors::deserialize(&self.mmap)
+            .map_err(|e| anyhow!("--calib-data {} is not a valid safetensors file: {e}", self.path.display()))?;
+        let t = st.tensor(name).map_err(|_| anyhow!("--calib-data {} has no tensor `{name}`", self.path.display()))?;
+        let shape = t.shape().to_vec();
+        ensure!(!shape.is_empty() && start + count <= shape[0], "{}: `{name}` has {} rows", self.path.display(), shape.first().unwrap_or(&0));
+        let dtype = crate::formats::SourceDtype::from_safetensors(t.dtype())
+            .ok_or_else(|| anyhow!("{}: `{name}` has dtype {:?}; use F32, F16 or BF16", self.path.display(), t.dtype()))?;
+        let row: usize = shape[1..].iter().product();
+        let size = dtype.size();
+        let bytes = &t.data()[start * row * size..(start + count) * row * size];
+        let values = crate::formats::numerics::decode_dtype(dtype, bytes);
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            bail!("{}: `{name}` has a non-finite value at element {}", self.path.display(), start * row + i);
+        }
+        Ok((shape, values))
+    }
+}
+
+/// Rows of a `--calib-data` file (checked up front, so a bad file fails before any work).
+pub fn calib_data_rows(path: &std::path::Path) -> Result<usize> {
+    let data = CalibData::open(path)?;
+    let st = safetensors::SafeTensors::deserialize(&data.mmap)
+        .map_err(|e| anyhow!("--calib-data {} is not a valid safetensors file: {e}", path.display()))?;
+    let t = st.tensor("context").map_err(|_| {
+        anyhow!("--calib-data {} has no `context` tensor (expected `context` [N, tokens, width], and `pooled` [N, 1280] for SDXL)", path.display())
+    })?;
+    ensure!(t.shape().len() == 3, "--calib-data {}: `context` must be [N, tokens, width], got {:?}", path.display(), t.shape());
+    Ok(t.shape()[0])
+}

@@ -1,0 +1,191 @@
+//! The `quantsmith:recipe/calibration` host functions (contract 0.1.1): WIT
+//! resources map to the session's numbered handles; every error reaches the
+//! recipe as `err(message)` and is logged, and time spent here is excluded
+//! from the recipe's CPU budget.
+
+use std::time::Instant;
+
+use wasmtime::component::Resource;
+
+use super::calibrating::api::{
+    ObservedStats, CalibrationInfo, ConditioningSource, Host, HostConditioning, HostTensor, NoiseSchedule as WitSchedule, Spacing as WitSpacing,
+};
+use super::runtime::State;
+use crate::calibrate::schedule::Spacing;
+use crate::calibrate::session::{CalibSession, CondHandle, CondSource, TensorHandle};
+
+impl State {
+    /// Runs `f` on the session, timing it as host time.
+    fn session<R>(&mut self, what: &str, f: impl FnOnce(&mut dyn CalibSession) -> anyhow::Result<R>) -> Result<R, String> {
+        let started = Instant::now();
+        let result = match self.calib.as_deref_mut() {
+            Some(s) => f(s).map_err(|e| format!("{what}: {e:#}")),
+            None => Err(format!("{what}: calibration host calls are only available inside `calibrate`")),
+        };
+        self.host_time += started.elapsed();
+        if let Err(e) = &result {
+            tracing::debug!("{}: {e}", self.recipe);
+        }
+        result
+    }
+
+    fn tensor_id(&self, r: &Resource<TensorHandle>) -> Result<u32, String> {
+        self.table.get(r).map(|h| h.id).map_err(|e| format!("invalid tensor handle: {e}"))
+    }
+
+    fn cond_id(&self, r: &Resource<CondHandle>) -> Result<u32, String> {
+        self.table.get(r).map(|h| h.id).map_err(|e| format!("invalid conditioning handle: {e}"))
+    }
+
+    fn new_tensor(&mut self, id: u32) -> Result<Resource<TensorHandle>, String> {
+        self.table.push(TensorHandle { id }).map_err(|e| format!("too many live tensors: {e}"))
+    }
+
+    fn new_cond(&mut self, id: u32) -> Result<Resource<CondHandle>, String> {
+        self.table.push(CondHandle { id }).map_err(|e| format!("too many live conditionings: {e}"))
+    }
+
+    fn tensor_op(&mut self, what: &str, f: impl FnOnce(&mut dyn CalibSession) -> anyhow::Result<u32>) -> Result<Resource<TensorHandle>, String> {
+        let id = self.session(what, f)?;
+        self.new_tensor(id)
+    }
+}
+
+impl HostTensor for State {
+    fn shape(&mut self, r: Resource<TensorHandle>) -> Vec<u64> {
+        let Ok(id) = self.tensor_id(&r) else { return vec![] };
+        self.calib.as_deref().map(|s| s.shape(id).into_iter().map(|d| d as u64).collect()).unwrap_or_default()
+    }
+
+    fn read(&mut self, r: Resource<TensorHandle>) -> Result<Vec<f32>, String> {
+        let id = self.tensor_id(&r)?;
+        self.session("read", |s| s.read(id))
+    }
+
+    fn drop(&mut self, r: Resource<TensorHandle>) -> wasmtime::Result<()> {
+        let h = self.table.delete(r)?;
+        if let Some(s) = self.calib.as_deref_mut() {
+            s.drop_tensor(h.id);
+        }
+        Ok(())
+    }
+}
+
+impl HostConditioning for State {
+    fn batch(&mut self, r: Resource<CondHandle>) -> u32 {
+        let Ok(id) = self.cond_id(&r) else { return 0 };
+        self.calib.as_deref().map(|s| s.cond_batch(id)).unwrap_or(0)
+    }
+
+    fn drop(&mut self, r: Resource<CondHandle>) -> wasmtime::Result<()> {
+        let h = self.table.delete(r)?;
+        if let Some(s) = self.calib.as_deref_mut() {
+            s.drop_cond(h.id);
+        }
+        Ok(())
+    }
+}
+
+fn dims(shape: &[u64]) -> Result<Vec<usize>, String> {
+    shape.iter().map(|&d| usize::try_from(d).map_err(|_| format!("dimension {d} is too large"))).collect()
+}
+
+impl Host for State {
+    fn info(&mut self) -> CalibrationInfo {
+        match self.calib.as_deref() {
+            Some(s) => {
+                let i = s.info();
+                CalibrationInfo {
+                    family: i.family,
+                    latent_channels: i.latent_channels,
+                    latent_downscale: 8,
+                    native_resolution: i.native_resolution,
+                    has_text_encoders: i.has_text_encoders,
+                    has_tokenizer: i.has_tokenizer,
+                    calib_data_rows: i.calib_data_rows,
+                    device: i.device,
+                }
+            }
+            None => CalibrationInfo {
+                family: String::new(),
+                latent_channels: 0,
+                latent_downscale: 8,
+                native_resolution: 0,
+                has_text_encoders: false,
+                has_tokenizer: false,
+                calib_data_rows: 0,
+                device: String::new(),
+            },
+        }
+    }
+
+    fn randn(&mut self, shape: Vec<u64>, seed: u64) -> Result<Resource<TensorHandle>, String> {
+        let shape = dims(&shape)?;
+        self.tensor_op("randn", |s| s.randn(&shape, seed))
+    }
+
+    fn schedule(&mut self, steps: u32, spacing: WitSpacing) -> Result<WitSchedule, String> {
+        let spacing = match spacing {
+            WitSpacing::Uniform => Spacing::Uniform,
+            WitSpacing::Karras => Spacing::Karras,
+        };
+        let (sigmas, timesteps) = self.session("schedule", |s| s.schedule(steps as usize, spacing))?;
+        Ok(WitSchedule { sigmas, timesteps })
+    }
+
+    fn new_conditioning(&mut self, source: ConditioningSource, width: u32, height: u32) -> Result<Resource<CondHandle>, String> {
+        let source = match source {
+            ConditioningSource::Random(r) => CondSource::Random { count: r.count as usize, seed: r.seed, spread: r.spread },
+            ConditioningSource::File(f) => CondSource::File { start: f.start as usize, count: f.count as usize },
+            ConditioningSource::Prompts(p) => CondSource::Prompts(p),
+        };
+        let id = self.session("conditioning", |s| s.conditioning(source, width, height))?;
+        self.new_cond(id)
+    }
+
+    fn concat_conditioning(&mut self, parts: Vec<Resource<CondHandle>>) -> Result<Resource<CondHandle>, String> {
+        let ids: Vec<u32> = parts.iter().map(|p| self.cond_id(p)).collect::<Result<_, _>>()?;
+        let id = self.session("concat-conditioning", |s| s.concat_conditioning(&ids))?;
+        self.new_cond(id)
+    }
+
+    fn add(&mut self, a: Resource<TensorHandle>, b: Resource<TensorHandle>) -> Result<Resource<TensorHandle>, String> {
+        let (a, b) = (self.tensor_id(&a)?, self.tensor_id(&b)?);
+        self.tensor_op("add", |s| s.add(a, b))
+    }
+
+    fn scale(&mut self, a: Resource<TensorHandle>, f: f32) -> Result<Resource<TensorHandle>, String> {
+        let a = self.tensor_id(&a)?;
+        self.tensor_op("scale", |s| s.scale(a, f))
+    }
+
+    fn lerp(&mut self, a: Resource<TensorHandle>, b: Resource<TensorHandle>, t: f32) -> Result<Resource<TensorHandle>, String> {
+        let (a, b) = (self.tensor_id(&a)?, self.tensor_id(&b)?);
+        self.tensor_op("lerp", |s| s.lerp(a, b, t))
+    }
+
+    fn concat(&mut self, parts: Vec<Resource<TensorHandle>>, dim: u32) -> Result<Resource<TensorHandle>, String> {
+        let ids: Vec<u32> = parts.iter().map(|p| self.tensor_id(p)).collect::<Result<_, _>>()?;
+        self.tensor_op("concat", |s| s.concat(&ids, dim as usize))
+    }
+
+    fn slice_batch(&mut self, a: Resource<TensorHandle>, start: u32, len: u32) -> Result<Resource<TensorHandle>, String> {
+        let a = self.tensor_id(&a)?;
+        self.tensor_op("slice-batch", |s| s.slice_batch(a, start as usize, len as usize))
+    }
+
+    fn activation_stats(&mut self, module: String) -> Result<ObservedStats, String> {
+        let (o, steps) = self.session("activation-stats", |s| s.activation_stats(&module))?;
+        Ok(ObservedStats {
+            amax: o.amax(),
+            step_amax: steps.iter().filter_map(|&s| o.step_amax.get(s).map(|&v| (s as u32, v))).collect(),
+            channel_amax: o.channel_amax,
+            calls: o.calls,
+        })
+    }
+
+    fn denoise(&mut self, x: Resource<TensorHandle>, sigma: f32, cond: Resource<CondHandle>, step: u32) -> Result<Resource<TensorHandle>, String> {
+        let (x, cond) = (self.tensor_id(&x)?, self.cond_id(&cond)?);
+        self.tensor_op("denoise", |s| s.denoise(x, sigma, cond, step as usize))
+    }
+}

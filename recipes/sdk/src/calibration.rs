@@ -1,0 +1,229 @@
+//! Calibration plans, in the manner of ModelOpt's diffusion example: a set of
+//! prompts, a denoising walk of 20-30 steps, classifier-free guidance batches
+//! (unconditional and conditional together), every step observed by the host.
+//!
+//! Tensors stay in the host: this module only holds handles and asks the host
+//! (`quantsmith:recipe/calibration`) to make latents, conditioning and forward
+//! passes. A recipe uses [`CalibrationPlan`] as is (the presets do), or writes
+//! its own walk with the same host calls.
+//!
+//! ```no_run
+//! use quantsmith_recipe_sdk::prelude::*;
+//! use quantsmith_recipe_sdk::calibration::CalibrationSettings;
+//!
+//! fn calibrate() -> Result<Option<CalibrationSettings>, String> {
+//!     // 8 samples of 25 steps at 1024², whatever the user's parameters say.
+//!     let mut plan = CalibrationPlan::from_params(&Params::load(), Family::Sdxl)?;
+//!     plan.samples = 8;
+//!     plan.steps = 25;
+//!     plan.run()
+//! }
+//! ```
+
+pub use crate::bindings::exports::quantsmith::recipe::calibrate::{Algorithm, CalibrationSettings};
+pub use crate::bindings::quantsmith::recipe::calibration as host;
+
+use crate::detect::Family;
+use crate::params::{ParamSpecBuilder, Params};
+use crate::types::ParamSpec;
+use host::{Conditioning, ConditioningSource, FileRows, RandomConditioning, Spacing, Tensor};
+
+/// Prompts of the default plan: varied subjects, styles and compositions, so
+/// the backbone sees the range of activations real use produces.
+pub const DEFAULT_PROMPTS: &[&str] = &[
+    "a photograph of an astronaut riding a horse on the moon, highly detailed",
+    "a watercolor painting of a quiet harbour at dawn with fishing boats",
+    "portrait of an elderly woman with freckles, soft window light, 85mm",
+    "a futuristic city skyline at night, neon reflections on wet streets",
+    "a bowl of ramen on a wooden table, steam rising, food photography",
+    "an oil painting of a stormy sea with a lighthouse, dramatic clouds",
+    "a cute corgi wearing sunglasses on a beach, bright summer day",
+    "isometric pixel art of a small cottage in a forest clearing",
+    "macro photo of a dew-covered spider web in the morning sun",
+    "a medieval knight in ornate armour standing in a misty forest",
+    "minimalist poster of a mountain range with bold geometric shapes",
+    "a cozy library interior with tall shelves and a reading chair, warm light",
+    "an anime illustration of a girl with blue hair under cherry blossoms",
+    "aerial view of a winding river through autumn forests",
+    "a vintage sports car parked on a cobblestone street in Rome",
+    "a detailed pencil sketch of an old tree with twisted roots",
+];
+
+/// Where conditioning comes from (`calib-source`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Prompts when the checkpoint has text encoders and the user gave a CLIP
+    /// vocabulary, else the user's `--calib-data`, else random embeddings.
+    Auto,
+    Prompts,
+    File,
+    Random,
+}
+
+/// A calibration walk.
+#[derive(Clone, Debug)]
+pub struct CalibrationPlan {
+    /// Denoising steps per sample (each one forward pass of a CFG batch of 2).
+    pub steps: u32,
+    /// Trajectories (prompts).
+    pub samples: u32,
+    /// Square image side in pixels.
+    pub resolution: u32,
+    pub seed: u64,
+    /// Classifier-free guidance scale of the walk.
+    pub guidance: f32,
+    pub source: Source,
+    pub prompts: Vec<String>,
+    pub algorithm: Algorithm,
+}
+
+impl CalibrationPlan {
+    /// Families the host can run forward passes for.
+    pub fn supports(family: Family) -> bool {
+        matches!(family, Family::Sd15 | Family::Sd2 | Family::Sdxl)
+    }
+
+    /// The family's native resolution.
+    pub fn native_resolution(family: Family) -> u32 {
+        match family {
+            Family::Sdxl => 1024,
+            Family::Sd2 => 768,
+            _ => 512,
+        }
+    }
+
+    /// The `calib-*` parameters, `resolution` and `seed`.
+    pub fn params(family: Family) -> Vec<ParamSpec> {
+        vec![
+            ParamSpecBuilder::integer("calib-steps", 20, "Calibration: denoising steps per sample (ModelOpt uses 20-30)"),
+            ParamSpecBuilder::integer("calib-samples", 8, "Calibration: trajectories, one prompt each (ModelOpt's full run uses 128)"),
+            ParamSpecBuilder::integer("resolution", Self::native_resolution(family) as i64, "Calibration: image side in pixels (multiple of 64)"),
+            ParamSpecBuilder::integer("seed", 0, "Calibration: seed of the latents and random conditioning"),
+            ParamSpecBuilder::number("guidance", 7.5, "Calibration: classifier-free guidance scale of the walk"),
+            ParamSpecBuilder::choice("calib-source", "auto", &["auto", "prompts", "file", "random"], "Calibration conditioning: prompts (text encoders + --clip-vocab), file (--calib-data), random embeddings, or auto (the first available)"),
+            ParamSpecBuilder::choice("calib-algorithm", "max", &["max", "percentile"], "How observed activations become static scales: running max, or a percentile of per-step maxima"),
+            ParamSpecBuilder::number("calib-percentile", 99.0, "Percentile (0-100] for calib-algorithm=percentile"),
+        ]
+    }
+
+    /// The plan the user's parameters describe (defaults where a recipe does not declare them).
+    pub fn from_params(p: &Params, family: Family) -> Result<CalibrationPlan, String> {
+        let int = |name: &str, default: i64, lo: i64, hi: i64| -> Result<i64, String> {
+            let v = p.integer(name).unwrap_or(default);
+            if v < lo || v > hi {
+                return Err(format!("{name} must be {lo}..={hi}, got {v}"));
+            }
+            Ok(v)
+        };
+        let steps = int("calib-steps", 20, 1, 1000)? as u32;
+        let samples = int("calib-samples", 8, 1, 4096)? as u32;
+        let resolution = int("resolution", Self::native_resolution(family) as i64, 64, 4096)? as u32;
+        if resolution % 64 != 0 {
+            return Err(format!("resolution must be a multiple of 64, got {resolution}"));
+        }
+        let seed = p.integer("seed").unwrap_or(0) as u64;
+        let guidance = p.number("guidance").unwrap_or(7.5) as f32;
+        if !guidance.is_finite() || !(0.0..=50.0).contains(&guidance) {
+            return Err(format!("guidance must be 0..=50, got {guidance}"));
+        }
+        let source = match p.text("calib-source").unwrap_or("auto") {
+            "prompts" => Source::Prompts,
+            "file" => Source::File,
+            "random" => Source::Random,
+            _ => Source::Auto,
+        };
+        let algorithm = match p.text("calib-algorithm").unwrap_or("max") {
+            "percentile" => {
+                let q = p.number("calib-percentile").unwrap_or(99.0) as f32;
+                if !(q > 0.0 && q <= 100.0) {
+                    return Err(format!("calib-percentile must be in (0, 100], got {q}"));
+                }
+                Algorithm::Percentile(q)
+            }
+            _ => Algorithm::Max,
+        };
+        Ok(CalibrationPlan {
+            steps,
+            samples,
+            resolution,
+            seed,
+            guidance,
+            source,
+            prompts: DEFAULT_PROMPTS.iter().map(|s| s.to_string()).collect(),
+            algorithm,
+        })
+    }
+
+    /// The source `Auto` resolves to on this run.
+    pub fn resolved_source(&self, info: &host::CalibrationInfo) -> Result<Source, String> {
+        let prompts_ok = info.has_text_encoders && info.has_tokenizer;
+        match self.source {
+            Source::Auto if prompts_ok => Ok(Source::Prompts),
+            Source::Auto if info.calib_data_rows > 0 => Ok(Source::File),
+            Source::Auto => Ok(Source::Random),
+            Source::Prompts if !info.has_text_encoders => {
+                Err("calib-source=prompts: the checkpoint holds no text encoders (use a full single-file checkpoint, --calib-data or calib-source=random)".into())
+            }
+            Source::Prompts if !info.has_tokenizer => Err("calib-source=prompts needs --clip-vocab DIR (vocab.json and merges.txt, e.g. ComfyUI's comfy/sd1_tokenizer)".into()),
+            Source::File if info.calib_data_rows == 0 => Err("calib-source=file needs --calib-data FILE".into()),
+            s => Ok(s),
+        }
+    }
+
+    /// Negative and positive conditioning of sample `i`.
+    fn conditioning(&self, source: Source, info: &host::CalibrationInfo, i: u32) -> Result<(Conditioning, Conditioning), String> {
+        let (w, h) = (self.resolution, self.resolution);
+        let random = |seed: u64| ConditioningSource::Random(RandomConditioning { count: 1, seed, spread: 1.0 });
+        let neg_seed = self.seed.wrapping_mul(0x9E37_79B9).wrapping_add(2 * i as u64 + 1);
+        let pos_seed = self.seed.wrapping_mul(0x9E37_79B9).wrapping_add(2 * i as u64);
+        let (neg, pos) = match source {
+            Source::Prompts => {
+                let prompt = self.prompts[i as usize % self.prompts.len()].clone();
+                (ConditioningSource::Prompts(vec![String::new()]), ConditioningSource::Prompts(vec![prompt]))
+            }
+            Source::File => {
+                let rows = info.calib_data_rows;
+                (random(neg_seed), ConditioningSource::File(FileRows { start: i % rows, count: 1 }))
+            }
+            _ => (random(neg_seed), random(pos_seed)),
+        };
+        Ok((host::new_conditioning(&neg, w, h)?, host::new_conditioning(&pos, w, h)?))
+    }
+
+    /// Walks `samples` Euler trajectories of `steps` steps with CFG and returns
+    /// the settings the host turns observations into scales with.
+    pub fn run(&self) -> Result<Option<CalibrationSettings>, String> {
+        let info = host::info();
+        let source = self.resolved_source(&info)?;
+        let side = (self.resolution / info.latent_downscale.max(1)) as u64;
+        let sched = host::schedule(self.steps, Spacing::Uniform)?;
+        let sigmas = &sched.sigmas;
+        for i in 0..self.samples {
+            let (neg, pos) = self.conditioning(source, &info, i)?;
+            let pair = host::concat_conditioning(&[&neg, &pos])?;
+            let noise = host::randn(&[1, 4, side, side], self.seed.wrapping_add(i as u64))?;
+            let mut x: Tensor = host::scale(&noise, sigmas[0])?;
+            for step in 0..self.steps as usize {
+                let batch = host::concat(&[&x, &x], 0)?;
+                let eps = host::denoise(&batch, sigmas[step], &pair, step as u32)?;
+                let uncond = host::slice_batch(&eps, 0, 1)?;
+                let cond = host::slice_batch(&eps, 1, 1)?;
+                let guided = host::lerp(&uncond, &cond, self.guidance)?;
+                let delta = host::scale(&guided, sigmas[step + 1] - sigmas[step])?;
+                x = host::add(&x, &delta)?;
+            }
+        }
+        let source_name = match source {
+            Source::Prompts => "prompts",
+            Source::File => "--calib-data rows",
+            _ => "random embeddings",
+        };
+        Ok(Some(CalibrationSettings {
+            algorithm: self.algorithm.clone(),
+            notes: vec![format!(
+                "calibration: {} samples x {} steps at {}x{}, CFG {} with {source_name}",
+                self.samples, self.steps, self.resolution, self.resolution, self.guidance
+            )],
+        }))
+    }
+}
