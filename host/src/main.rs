@@ -65,6 +65,10 @@ enum Command {
         /// A full single-file checkpoint (model.diffusion_model. prefix, VAE and text encoder tensors).
         #[arg(long)]
         full_checkpoint: bool,
+        /// default (wide activation ranges, outlier columns) or conditioned (sd15/sdxl UNets
+        /// that behave like trained ones: bf16 moves their output little; for comparisons).
+        #[arg(long, default_value = "default")]
+        init: String,
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -121,9 +125,18 @@ struct SandboxArgs {
 
 impl SandboxArgs {
     fn limits(&self) -> Result<SandboxLimits> {
-        anyhow::ensure!(self.recipe_timeout > 0.0 && self.recipe_timeout.is_finite(), "--recipe-timeout must be positive");
-        anyhow::ensure!(self.recipe_memory >= 1, "--recipe-memory must be at least 1 MiB");
-        Ok(SandboxLimits { memory_bytes: self.recipe_memory << 20, timeout: Duration::from_secs_f64(self.recipe_timeout) })
+        anyhow::ensure!(
+            self.recipe_timeout > 0.0 && self.recipe_timeout.is_finite(),
+            "--recipe-timeout must be positive"
+        );
+        anyhow::ensure!(
+            self.recipe_memory >= 1,
+            "--recipe-memory must be at least 1 MiB"
+        );
+        Ok(SandboxLimits {
+            memory_bytes: self.recipe_memory << 20,
+            timeout: Duration::from_secs_f64(self.recipe_timeout),
+        })
     }
 }
 
@@ -162,7 +175,10 @@ impl CalibrationArgs {
             calib_data: self.calib_data.clone(),
             eval_inputs: self.eval_inputs,
             eval_resolution: self.eval_resolution,
-            limits: SessionLimits { max_forwards: self.calib_max_forwards, ..SessionLimits::default() },
+            limits: SessionLimits {
+                max_forwards: self.calib_max_forwards,
+                ..SessionLimits::default()
+            },
         }
     }
 }
@@ -217,8 +233,13 @@ fn main() -> ExitCode {
         1 => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 
     match dispatch(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -234,7 +255,11 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         if cause.is::<RecipeError>() {
             return EXIT_RECIPE;
         }
-        if cause.is::<CheckpointError>() || cause.is::<ParamError>() || cause.is::<Refused>() || cause.is::<BadInput>() {
+        if cause.is::<CheckpointError>()
+            || cause.is::<ParamError>()
+            || cause.is::<Refused>()
+            || cause.is::<BadInput>()
+        {
             return EXIT_BAD_INPUT;
         }
     }
@@ -255,42 +280,88 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Inspect { model, sandbox } => inspect(&model, sandbox.limits()?),
         Command::Recipes { recipe, sandbox } => recipes(recipe.as_deref(), sandbox.limits()?),
         Command::Run(args) => run(args),
-        Command::Synth { family, scale, seed, variant, full_checkpoint, output } => {
-            let opts = synth_options(&family, &scale, seed, variant, full_checkpoint)?;
+        Command::Synth {
+            family,
+            scale,
+            seed,
+            variant,
+            full_checkpoint,
+            init,
+            output,
+        } => {
+            let mut opts = synth_options(&family, &scale, seed, variant, full_checkpoint)?;
+            opts.init =
+                quantsmith::synth::SynthInit::parse(&init).map_err(|e| bad(format!("{e:#}")))?;
             let pb = progress_bar(!matches!(opts.scale, Scale::Tiny));
             let summary = synth::write(&opts, &output, |done, total| {
                 pb.set_length(total);
                 pb.set_position(done);
             })?;
             pb.finish_and_clear();
-            println!("wrote {} ({} tensors, {} parameters, {})", output.display(), summary.tensors, summary.params, human_bytes(summary.bytes));
+            println!(
+                "wrote {} ({} tensors, {} parameters, {})",
+                output.display(),
+                summary.tensors,
+                summary.params,
+                human_bytes(summary.bytes)
+            );
             Ok(())
         }
-        Command::Demo { family, format, dir } => demo(&family, &format, &dir),
-        Command::Forward { model, inputs, out, device, repeat, observe } => {
+        Command::Demo {
+            family,
+            format,
+            dir,
+        } => demo(&family, &format, &dir),
+        Command::Forward {
+            model,
+            inputs,
+            out,
+            device,
+            repeat,
+            observe,
+        } => {
             let device: DeviceChoice = device.parse().map_err(bad)?;
-            let r = quantsmith::calibrate::forward_file(&model, &inputs, &out, device, repeat, observe)?;
+            let r = quantsmith::calibrate::forward_file(
+                &model, &inputs, &out, device, repeat, observe,
+            )?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
         Command::Check { source, output } => {
             let src = quantsmith::checkpoint::Checkpoint::open(&source)?;
-            let check = quantsmith::evaluate::check_output(&src, &output).map_err(|e| bad(format!("{} fails the check: {e:#}", output.display())))?;
+            let check = quantsmith::evaluate::check_output(&src, &output)
+                .map_err(|e| bad(format!("{} fails the check: {e:#}", output.display())))?;
             print_check(&check);
             Ok(())
         }
         Command::New { dir, family } => {
             quantsmith::scaffold::create(&dir, &family).map_err(|e| bad(format!("{e:#}")))?;
-            println!("created recipe crate in {}; build it with:\n  cargo build --release --target wasm32-wasip2 --manifest-path {}/Cargo.toml", dir.display(), dir.display());
+            println!(
+                "created recipe crate in {}; build it with:\n  cargo build --release --target wasm32-wasip2 --manifest-path {}/Cargo.toml",
+                dir.display(),
+                dir.display()
+            );
             Ok(())
         }
     }
 }
 
-fn synth_options(family: &str, scale: &str, seed: u64, variant: Option<String>, full_checkpoint: bool) -> Result<SynthOptions> {
+fn synth_options(
+    family: &str,
+    scale: &str,
+    seed: u64,
+    variant: Option<String>,
+    full_checkpoint: bool,
+) -> Result<SynthOptions> {
     let family = Family::parse(family).map_err(|e| bad(format!("{e:#}")))?;
     let scale = Scale::parse(scale).map_err(|e| bad(format!("{e:#}")))?;
-    Ok(SynthOptions { scale, seed, variant, full_checkpoint, ..SynthOptions::new(family) })
+    Ok(SynthOptions {
+        scale,
+        seed,
+        variant,
+        full_checkpoint,
+        ..SynthOptions::new(family)
+    })
 }
 
 fn progress_bar(visible: bool) -> indicatif::ProgressBar {
@@ -310,14 +381,29 @@ fn human_bytes(b: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{b} B") } else { format!("{v:.2} {}", units[u]) }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.2} {}", units[u])
+    }
 }
 
 fn inspect(model: &Path, limits: SandboxLimits) -> Result<()> {
     let ctx = pipeline::open_context(model)?;
     let c = &ctx.checkpoint;
-    println!("file        {} ({})", model.display(), human_bytes(c.file_len() as u64));
-    println!("layout      {}", if c.is_full_checkpoint() { format!("full checkpoint, diffusion model under {:?}", c.prefix()) } else { "diffusion model only".into() });
+    println!(
+        "file        {} ({})",
+        model.display(),
+        human_bytes(c.file_len() as u64)
+    );
+    println!(
+        "layout      {}",
+        if c.is_full_checkpoint() {
+            format!("full checkpoint, diffusion model under {:?}", c.prefix())
+        } else {
+            "diffusion model only".into()
+        }
+    );
     let comps: Vec<String> = c
         .components()
         .iter()
@@ -330,15 +416,27 @@ fn inspect(model: &Path, limits: SandboxLimits) -> Result<()> {
     println!("modules     {} in the diffusion model:", ctx.modules.len());
     for (kind, n, params) in ctx.modules.summary() {
         if n > 0 {
-            println!("  {:<10} {n:>5} modules {:>15} parameters", kind.name(), params);
+            println!(
+                "  {:<10} {n:>5} modules {:>15} parameters",
+                kind.name(),
+                params
+            );
         }
     }
     let runtime = RecipeRuntime::new(limits)?;
     let verdicts = pipeline::detect_all(&runtime, &ctx)?;
     if let Some((recipe, Ok(d))) = verdicts.first() {
-        println!("family      {} {} (confidence {:.2})", d.family, d.variant, d.confidence);
+        println!(
+            "family      {} {} (confidence {:.2})",
+            d.family, d.variant, d.confidence
+        );
         println!("evidence    {}", d.reason);
-        println!("preset      {} {} (run-recipe run {} picks it automatically)", recipe.name(), recipe.info.version, model.display());
+        println!(
+            "preset      {} {} (run-recipe run {} picks it automatically)",
+            recipe.name(),
+            recipe.info.version,
+            model.display()
+        );
     } else {
         println!("family      not recognised by any built-in preset");
     }
@@ -355,19 +453,37 @@ fn recipes(which: Option<&str>, limits: SandboxLimits) -> Result<()> {
     let runtime = RecipeRuntime::new(limits)?;
     let sources: Vec<RecipeSource> = match which {
         Some(w) => vec![RecipeSource::parse(w).map_err(bad)?],
-        None => PRESETS.iter().map(|p| RecipeSource::Builtin(p.name)).collect(),
+        None => PRESETS
+            .iter()
+            .map(|p| RecipeSource::Builtin(p.name))
+            .collect(),
     };
     for source in sources {
         let r = runtime.load(&source)?;
         let i = &r.info;
         println!("{} {}  [{}]", i.name, i.version, source.label());
         println!("  {}", i.description);
-        println!("  families: {}   formats: {}", i.families.join(", "), i.formats.join(", "));
+        println!(
+            "  families: {}   formats: {}",
+            i.families.join(", "),
+            i.formats.join(", ")
+        );
         println!("  sha256:   {}", r.sha256);
         println!("  parameters:");
         for p in &i.params {
-            let allowed = if p.allowed.is_empty() { String::new() } else { format!(" [{}]", p.allowed.join("|")) };
-            println!("    {:<16} {}{} (default {})  {}", p.name, kind_name(p.kind), allowed, value_to_json(&p.default), p.help);
+            let allowed = if p.allowed.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", p.allowed.join("|"))
+            };
+            println!(
+                "    {:<16} {}{} (default {})  {}",
+                p.name,
+                kind_name(p.kind),
+                allowed,
+                value_to_json(&p.default),
+                p.help
+            );
         }
         println!();
     }
@@ -380,8 +496,11 @@ fn run(args: RunArgs) -> Result<()> {
         params.set(pair).map_err(bad)?;
     }
     if let Some(path) = &args.config {
-        let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
-        params.load_toml(&text, &path.display().to_string()).map_err(bad)?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+        params
+            .load_toml(&text, &path.display().to_string())
+            .map_err(bad)?;
     }
     let device: DeviceChoice = args.device.parse().map_err(bad)?;
     let opts = RunOptions {
@@ -399,20 +518,30 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let report = pipeline::run(&opts)?;
     if let Some(path) = &args.report {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write the report {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write the report {}", path.display()))?;
     }
     print_report(&report);
     Ok(())
 }
 
 fn print_report(r: &RunReport) {
-    println!("recipe   {} {} ({})", r.recipe.name, r.recipe.version, r.recipe.source);
-    println!("model    {} {} (confidence {:.2})", r.detection.family, r.detection.variant, r.detection.confidence);
+    println!(
+        "recipe   {} {} ({})",
+        r.recipe.name, r.recipe.version, r.recipe.source
+    );
+    println!(
+        "model    {} {} (confidence {:.2})",
+        r.detection.family, r.detection.variant, r.detection.confidence
+    );
     for w in &r.warnings {
         println!("warning  {w}");
     }
     if r.dry_run {
-        println!("\n{:<60} {:<8} {:>14} {:>12} {:>12}", "layer", "format", "shape", "before", "after");
+        println!(
+            "\n{:<60} {:<8} {:>14} {:>12} {:>12}",
+            "layer", "format", "shape", "before", "after"
+        );
         for l in &r.layers {
             println!(
                 "{:<60} {:<8} {:>14} {:>12} {:>12}",
@@ -433,13 +562,34 @@ fn print_report(r: &RunReport) {
         human_bytes(t.quantized_bytes_before),
         human_bytes(t.quantized_bytes_after)
     );
-    println!("file     {} -> {}{}", human_bytes(t.input_bytes), human_bytes(t.output_bytes), if r.dry_run { " (planned; nothing written)" } else { "" });
+    println!(
+        "file     {} -> {}{}",
+        human_bytes(t.input_bytes),
+        human_bytes(t.output_bytes),
+        if r.dry_run {
+            " (planned; nothing written)"
+        } else {
+            ""
+        }
+    );
     if let Some(out) = &r.output {
-        println!("wrote    {out} in {:.2} s ({:.2} GB/s of input) on {}", t.seconds, t.input_gb_per_s, r.backend.as_deref().unwrap_or("?"));
+        println!(
+            "wrote    {out} in {:.2} s ({:.2} GB/s of input) on {}",
+            t.seconds,
+            t.input_gb_per_s,
+            r.backend.as_deref().unwrap_or("?")
+        );
     }
-    let worst = r.layers.iter().filter_map(|l| l.error.map(|e| (l, e))).max_by(|a, b| a.1.relative_l2.total_cmp(&b.1.relative_l2));
+    let worst = r
+        .layers
+        .iter()
+        .filter_map(|l| l.error.map(|e| (l, e)))
+        .max_by(|a, b| a.1.relative_l2.total_cmp(&b.1.relative_l2));
     if let Some((l, e)) = worst {
-        println!("error    worst layer {}: relative L2 {:.4}, cosine {:.6}", l.layer, e.relative_l2, e.cosine);
+        println!(
+            "error    worst layer {}: relative L2 {:.4}, cosine {:.6}",
+            l.layer, e.relative_l2, e.cosine
+        );
     }
     for n in &r.notes {
         println!("note     {n}");
@@ -464,16 +614,39 @@ fn print_report(r: &RunReport) {
                 );
             }
             if let Some(ok) = e.static_no_worse_than_dynamic {
-                println!("eval     static calibrated FP8 {} dynamic per-tensor FP8", if ok { "is no worse than" } else { "is WORSE than" });
+                println!(
+                    "eval     static calibrated FP8 {} dynamic per-tensor FP8",
+                    if ok {
+                        "is no worse than"
+                    } else {
+                        "is WORSE than"
+                    }
+                );
             }
         }
     }
 }
 
 fn print_check(check: &quantsmith::evaluate::OutputCheck) {
-    println!("ok: {} quantized layers within their format's error bound, {} tensors passed through unchanged{}", check.layers.len(), check.passthrough_tensors, if check.legacy { " (legacy scaled_fp8 layout)" } else { "" });
-    if let Some((name, (fmt, e))) = check.layers.iter().max_by(|a, b| a.1.1.relative_l2.total_cmp(&b.1.1.relative_l2)) {
-        println!("worst layer {name} ({fmt}): relative L2 {:.4}, cosine {:.6}, max abs error {:.3e}", e.relative_l2, e.cosine, e.max_abs_error);
+    println!(
+        "ok: {} quantized layers within their format's error bound, {} tensors passed through unchanged{}",
+        check.layers.len(),
+        check.passthrough_tensors,
+        if check.legacy {
+            " (legacy scaled_fp8 layout)"
+        } else {
+            ""
+        }
+    );
+    if let Some((name, (fmt, e))) = check
+        .layers
+        .iter()
+        .max_by(|a, b| a.1.1.relative_l2.total_cmp(&b.1.1.relative_l2))
+    {
+        println!(
+            "worst layer {name} ({fmt}): relative L2 {:.4}, cosine {:.6}, max abs error {:.3e}",
+            e.relative_l2, e.cosine, e.max_abs_error
+        );
     }
 }
 
@@ -481,14 +654,22 @@ fn demo(family: &str, format: &str, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let input = dir.join(format!("{family}-tiny.safetensors"));
     let output = dir.join(format!("{family}-tiny.{format}.safetensors"));
-    let opts = synth_options(family, "tiny", 0, None, false)?;
+    let mut opts = synth_options(family, "tiny", 0, None, false)?;
+    // A UNet that behaves like a trained one, so the calibration's evaluation means something.
+    opts.init = quantsmith::synth::SynthInit::Conditioned;
     let s = synth::write(&opts, &input, |_, _| {})?;
-    println!("1. synthesized {} ({} tensors, {})", input.display(), s.tensors, human_bytes(s.bytes));
+    println!(
+        "1. synthesized {} ({} tensors, {})",
+        input.display(),
+        s.tensors,
+        human_bytes(s.bytes)
+    );
     let mut params = RawParams::default();
     params.set(&format!("format={format}")).map_err(bad)?;
     // UNet families in formats with static activation scales also show
     // calibration, sized so that it takes seconds on a CPU.
-    let calibrate = quantsmith::calibrate::family_supported(family) && matches!(format, "fp8" | "nvfp4");
+    let calibrate =
+        quantsmith::calibrate::family_supported(family) && matches!(format, "fp8" | "nvfp4");
     if calibrate {
         for p in ["calib-steps=4", "calib-samples=2", "resolution=256"] {
             params.set(p).map_err(bad)?;
@@ -506,15 +687,25 @@ fn demo(family: &str, format: &str, dir: &Path) -> Result<()> {
         limits: SandboxLimits::default(),
         progress: false,
         calibration: CalibrationOptions {
-            mode: if calibrate { CalibrateMode::On } else { CalibrateMode::Off },
+            mode: if calibrate {
+                CalibrateMode::On
+            } else {
+                CalibrateMode::Off
+            },
             eval_inputs: 2,
             eval_resolution: 256,
             ..Default::default()
         },
     };
     let report = pipeline::run(&opts)?;
-    std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&report)?)?;
-    println!("2. quantized with the built-in {} preset:", report.recipe.name);
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    println!(
+        "2. quantized with the built-in {} preset:",
+        report.recipe.name
+    );
     print_report(&report);
     let src = quantsmith::checkpoint::Checkpoint::open(&input)?;
     let check = quantsmith::evaluate::check_output(&src, &output)?;

@@ -44,7 +44,8 @@ use crate::checkpoint::DIFFUSION_PREFIX;
 use crate::checkpoint::writer::{PlannedTensor, StreamingWriter};
 
 /// The metadata key that marks a synthetic checkpoint; its value is
-/// `family/variant/scale/seed`, e.g. `flux/dev/tiny/42`.
+/// `family/variant/scale/seed[/init]`, e.g. `flux/dev/tiny/42` or
+/// `sdxl/base/full/0/conditioned` (the init only when not the default).
 pub const METADATA_KEY: &str = "quantsmith.synthetic";
 
 /// Model families with a manifest.
@@ -86,12 +87,30 @@ struct Layout {
 //   linear1 21504 -> 896 = 3*128 + 512, linear2 in 15360 -> 640 = 128 + 512, mod
 //   18432 -> 768 / 9216 -> 384, final adaLN 6144 -> 256. Kept: txt 4096, vector 768,
 //   timestep/guidance frequencies 256 (img_in's 64 is below the threshold).
-const SD15: Layout = Layout { manifest: include_str!("../manifests/sd15.json"), divisor: 10, keep: &[768], variants: &["base", "inpaint"] };
-const SDXL: Layout = Layout { manifest: include_str!("../manifests/sdxl.json"), divisor: 10, keep: &[2048, 2816], variants: &["base"] };
-const SD3: Layout =
-    Layout { manifest: include_str!("../manifests/sd3_medium.json"), divisor: 24, keep: &[4096, 2048, 36864, 256], variants: &["medium"] };
-const FLUX: Layout =
-    Layout { manifest: include_str!("../manifests/flux_dev.json"), divisor: 24, keep: &[4096, 768, 256], variants: &["dev", "schnell"] };
+const SD15: Layout = Layout {
+    manifest: include_str!("../manifests/sd15.json"),
+    divisor: 10,
+    keep: &[768],
+    variants: &["base", "inpaint"],
+};
+const SDXL: Layout = Layout {
+    manifest: include_str!("../manifests/sdxl.json"),
+    divisor: 10,
+    keep: &[2048, 2816],
+    variants: &["base"],
+};
+const SD3: Layout = Layout {
+    manifest: include_str!("../manifests/sd3_medium.json"),
+    divisor: 24,
+    keep: &[4096, 2048, 36864, 256],
+    variants: &["medium"],
+};
+const FLUX: Layout = Layout {
+    manifest: include_str!("../manifests/flux_dev.json"),
+    divisor: 24,
+    keep: &[4096, 768, 256],
+    variants: &["dev", "schnell"],
+};
 
 impl Family {
     /// Every family, in a fixed order.
@@ -126,7 +145,11 @@ impl Family {
     /// The width a full-size dimension `d` has at [`Scale::Tiny`].
     pub fn shrink_dim(self, d: usize) -> usize {
         let l = self.layout();
-        if d >= 256 && d.is_multiple_of(l.divisor) && !l.keep.contains(&d) { d / l.divisor } else { d }
+        if d >= 256 && d.is_multiple_of(l.divisor) && !l.keep.contains(&d) {
+            d / l.divisor
+        } else {
+            d
+        }
     }
 
     fn layout(self) -> &'static Layout {
@@ -251,6 +274,51 @@ impl fmt::Display for SynthDtype {
     }
 }
 
+/// How the values of the UNet families (sd15, sdxl) are scaled; sd3 and flux
+/// are always [`SynthInit::Default`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum SynthInit {
+    /// Every weight matrix at 0.5..1.5 / sqrt(fan-in) with outlier input columns:
+    /// wide activation ranges for the quantizers, but peaky attention and a
+    /// residual stream that grows block after block.
+    #[default]
+    Default,
+    /// Default values, except that the UNet runs like a trained one: attention
+    /// logits of std ~1 and residual branches small next to the stream they add to.
+    Conditioned,
+}
+
+impl SynthInit {
+    /// Parses `default` or `conditioned` (case-insensitive).
+    pub fn parse(s: &str) -> Result<SynthInit> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "default" => Ok(SynthInit::Default),
+            "conditioned" => Ok(SynthInit::Conditioned),
+            _ => bail!("unknown init `{s}` (expected default or conditioned)"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SynthInit::Default => "default",
+            SynthInit::Conditioned => "conditioned",
+        }
+    }
+}
+
+impl FromStr for SynthInit {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<SynthInit> {
+        SynthInit::parse(s)
+    }
+}
+
+impl fmt::Display for SynthInit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// What to generate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SynthOptions {
@@ -268,12 +336,21 @@ pub struct SynthOptions {
     /// sdxl, `text_encoders.*` for sd3 and flux) with real names and shrunk widths.
     pub full_checkpoint: bool,
     pub dtype: SynthDtype,
+    pub init: SynthInit,
 }
 
 impl SynthOptions {
-    /// Tiny, seed 0, default variant, diffusion model only, bf16.
+    /// Tiny, seed 0, default variant, diffusion model only, bf16, default init.
     pub fn new(family: Family) -> SynthOptions {
-        SynthOptions { family, scale: Scale::Tiny, seed: 0, variant: None, full_checkpoint: false, dtype: SynthDtype::Bf16 }
+        SynthOptions {
+            family,
+            scale: Scale::Tiny,
+            seed: 0,
+            variant: None,
+            full_checkpoint: false,
+            dtype: SynthDtype::Bf16,
+            init: SynthInit::Default,
+        }
     }
 
     /// The variant in effect (the family's default when none is set).
@@ -283,19 +360,26 @@ impl SynthOptions {
             None => Ok(variants[0]),
             Some(v) => {
                 let v = v.trim().to_ascii_lowercase();
-                variants
-                    .iter()
-                    .copied()
-                    .find(|x| *x == v)
-                    .ok_or_else(|| anyhow!("unknown variant `{v}` for {} (expected one of: {})", self.family, variants.join(", ")))
+                variants.iter().copied().find(|x| *x == v).ok_or_else(|| {
+                    anyhow!(
+                        "unknown variant `{v}` for {} (expected one of: {})",
+                        self.family,
+                        variants.join(", ")
+                    )
+                })
             }
         }
     }
 
-    /// The `__metadata__` the file carries: `{"quantsmith.synthetic": "family/variant/scale/seed"}`.
+    /// The `__metadata__` the file carries: `{"quantsmith.synthetic": "family/variant/scale/seed"}`,
+    /// with `/conditioned` appended for [`SynthInit::Conditioned`].
     pub fn metadata(&self) -> Result<HashMap<String, String>> {
         let v = self.resolved_variant()?;
-        Ok(HashMap::from([(METADATA_KEY.to_string(), format!("{}/{v}/{}/{}", self.family, self.scale, self.seed))]))
+        let mut value = format!("{}/{v}/{}/{}", self.family, self.scale, self.seed);
+        if self.init != SynthInit::Default {
+            value = format!("{value}/{}", self.init);
+        }
+        Ok(HashMap::from([(METADATA_KEY.to_string(), value)]))
     }
 }
 
@@ -319,11 +403,18 @@ pub fn plan(opts: &SynthOptions) -> Result<Vec<PlannedTensor>> {
 /// renamed into place at the end; an error leaves nothing behind). `progress` is
 /// called with (bytes of tensor data done, total) before the first tensor and after
 /// each one.
-pub fn write(opts: &SynthOptions, dest: &Path, progress: impl Fn(u64, u64)) -> Result<SynthSummary> {
+pub fn write(
+    opts: &SynthOptions,
+    dest: &Path,
+    progress: impl Fn(u64, u64),
+) -> Result<SynthSummary> {
     let specs = build(opts)?;
     let planned: Vec<PlannedTensor> = specs.iter().map(|s| s.tensor.clone()).collect();
     let total: u64 = planned.iter().map(|t| t.byte_len() as u64).sum();
-    let params: u64 = planned.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
+    let params: u64 = planned
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>() as u64)
+        .sum();
     let mut writer = StreamingWriter::create(dest, planned, opts.metadata()?)?;
     progress(0, total);
 
@@ -354,7 +445,9 @@ pub fn write(opts: &SynthOptions, dest: &Path, progress: impl Fn(u64, u64)) -> R
         };
         for (i, spec) in specs.iter().enumerate() {
             // An error here means the writer failed; its error is reported below.
-            let Ok((written, mut buf)) = free_rx.recv() else { break };
+            let Ok((written, mut buf)) = free_rx.recv() else {
+                break;
+            };
             report(written);
             buf.resize(spec.tensor.byte_len(), 0);
             generate(spec, opts, &mut buf);
@@ -366,11 +459,17 @@ pub fn write(opts: &SynthOptions, dest: &Path, progress: impl Fn(u64, u64)) -> R
         for (written, _) in free_rx {
             report(written);
         }
-        let writer = writer_thread.join().map_err(|_| anyhow!("the checkpoint writer thread panicked"))??;
+        let writer = writer_thread
+            .join()
+            .map_err(|_| anyhow!("the checkpoint writer thread panicked"))??;
         writer.finish()
     });
     result.with_context(|| format!("cannot write the synthetic checkpoint {}", dest.display()))?;
-    Ok(SynthSummary { tensors: specs.len(), bytes: total, params })
+    Ok(SynthSummary {
+        tensors: specs.len(),
+        bytes: total,
+        params,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -391,7 +490,8 @@ struct ManifestTensor {
 }
 
 fn manifest(family: Family) -> Result<Manifest> {
-    serde_json::from_str(family.layout().manifest).with_context(|| format!("internal: the {family} manifest is invalid"))
+    serde_json::from_str(family.layout().manifest)
+        .with_context(|| format!("internal: the {family} manifest is invalid"))
 }
 
 /// How a tensor's values are drawn.
@@ -399,8 +499,8 @@ fn manifest(family: Family) -> Result<Manifest> {
 enum Init {
     /// N(mean, std^2).
     Normal { mean: f32, std: f32 },
-    /// Linear weight `[out, in]`: N(0, std^2) with a few outlier input columns.
-    Linear { std: f32 },
+    /// Linear weight `[out, in]`: N(0, std^2), with a few outlier input columns if `outliers`.
+    Linear { std: f32, outliers: bool },
 }
 
 struct Spec {
@@ -415,8 +515,8 @@ fn build(opts: &SynthOptions) -> Result<Vec<Spec>> {
     let family = opts.family;
     let variant = opts.resolved_variant()?;
     let m = manifest(family)?;
-    // (key, seed name, shape)
-    let mut raw: Vec<(String, String, Vec<usize>)> = Vec::with_capacity(m.tensors.len() + 64);
+    // (key, seed name, shape, part of the diffusion model)
+    let mut raw: Vec<(String, String, Vec<usize>, bool)> = Vec::with_capacity(m.tensors.len() + 64);
     for t in m.tensors {
         if family == Family::Flux && variant == "schnell" && t.name.starts_with("guidance_in.") {
             continue;
@@ -432,34 +532,51 @@ fn build(opts: &SynthOptions) -> Result<Vec<Spec>> {
         if family == Family::Flux {
             for norm in [".norm.query_norm.weight", ".norm.key_norm.weight"] {
                 if let Some(stem) = name.strip_suffix(norm) {
-                    name = format!("{stem}{}.scale", norm.strip_suffix(".weight").unwrap_or(norm));
+                    name = format!(
+                        "{stem}{}.scale",
+                        norm.strip_suffix(".weight").unwrap_or(norm)
+                    );
                     break;
                 }
             }
         }
-        let key = if opts.full_checkpoint { format!("{DIFFUSION_PREFIX}{name}") } else { name.clone() };
-        raw.push((key, name, shape));
+        let key = if opts.full_checkpoint {
+            format!("{DIFFUSION_PREFIX}{name}")
+        } else {
+            name.clone()
+        };
+        raw.push((key, name, shape, true));
     }
     if opts.full_checkpoint {
         for (key, shape) in components(family) {
-            raw.push((key.clone(), key, shape));
+            raw.push((key.clone(), key, shape, false));
         }
     }
 
     // Modules whose weight is 1-D are norms (LayerNorm, GroupNorm, RMSNorm).
     let norm_modules: HashSet<&str> = raw
         .iter()
-        .filter(|(_, n, s)| s.len() == 1 && (n.ends_with(".weight") || n.ends_with(".scale")))
-        .filter_map(|(_, n, _)| n.rsplit_once('.').map(|(m, _)| m))
+        .filter(|(_, n, s, _)| s.len() == 1 && (n.ends_with(".weight") || n.ends_with(".scale")))
+        .filter_map(|(_, n, _, _)| n.rsplit_once('.').map(|(m, _)| m))
         .collect();
+    let conditioned_unet =
+        opts.init == SynthInit::Conditioned && matches!(family, Family::Sd15 | Family::Sdxl);
     let specs = raw
         .iter()
-        .map(|(key, seed_name, shape)| {
+        .map(|(key, seed_name, shape, diffusion)| {
             let gain = 0.5 + unit(mix(tensor_key(opts.seed, seed_name), TAG_GAIN)) as f32;
+            let mut init = classify(seed_name, shape, &norm_modules, gain);
+            if conditioned_unet && *diffusion {
+                init = condition_unet(seed_name, shape, init);
+            }
             Spec {
-                tensor: PlannedTensor { name: key.clone(), dtype: opts.dtype.dtype(), shape: shape.clone() },
+                tensor: PlannedTensor {
+                    name: key.clone(),
+                    dtype: opts.dtype.dtype(),
+                    shape: shape.clone(),
+                },
                 seed_name: seed_name.clone(),
-                init: classify(seed_name, shape, &norm_modules, gain),
+                init,
             }
         })
         .collect();
@@ -473,23 +590,93 @@ fn classify(name: &str, shape: &[usize], norm_modules: &HashSet<&str>, gain: f32
         || name.contains("relative_attention_bias")
         || name.ends_with("shared.weight");
     if embedding {
-        return Init::Normal { mean: 0.0, std: 0.02 };
+        return Init::Normal {
+            mean: 0.0,
+            std: 0.02,
+        };
     }
     let bias = leaf == "bias" || leaf.ends_with("_bias");
     match shape.len() {
-        0 | 1 if bias => Init::Normal { mean: 0.0, std: if norm_modules.contains(module) { 0.05 } else { 0.02 } },
-        0 | 1 => Init::Normal { mean: 1.0, std: 0.05 },
-        2 => Init::Linear { std: gain / (shape[1] as f32).sqrt() },
-        _ => Init::Normal { mean: 0.0, std: gain / (shape[1..].iter().product::<usize>() as f32).sqrt() },
+        0 | 1 if bias => Init::Normal {
+            mean: 0.0,
+            std: if norm_modules.contains(module) {
+                0.05
+            } else {
+                0.02
+            },
+        },
+        0 | 1 => Init::Normal {
+            mean: 1.0,
+            std: 0.05,
+        },
+        2 => Init::Linear {
+            std: gain / (shape[1] as f32).sqrt(),
+            outliers: true,
+        },
+        _ => Init::Normal {
+            mean: 0.0,
+            std: gain / (shape[1..].iter().product::<usize>() as f32).sqrt(),
+        },
     }
 }
 
-/// Small fake VAE and text encoders with real key names (widths 32, one block each).
+/// [`SynthInit::Conditioned`]'s change to a UNet tensor's default init (LDM names).
+///
+/// Measured with diffusers on the default init (scripts/unet_reference.py, CPU,
+/// tiny models): attention logits of std 2.6 (median) up to 11, from q and k whose
+/// outlier columns dominate their variance at small widths; and a residual stream
+/// of RMS 10 to 60, grown by feed-forward and transformer branches up to 10 and 27
+/// times the stream they add to. bf16 then moves the output by 3 to 10% (full
+/// size) and up to 100% (tiny): bf16 runs cannot be compared at 1e-2.
+/// Here q and k have plain 1/sqrt(fan-in) rows, so on their RMS-1 inputs (LayerNorm
+/// output, the text context) logits have std ~1 (0.7 to 1.3); the last layer of
+/// every residual branch is scaled down, leaving branches at a median 0.02 to 0.5
+/// of the stream. bf16 then moves the output by 0.6 to 0.8%, next to the 0.6% that
+/// rounding the stream after every add and convolution costs on its own (measured
+/// with every branch zeroed). `out.2` stays: it scales the output, not its error.
+fn condition_unet(name: &str, shape: &[usize], init: Init) -> Init {
+    // The last layer of each branch: ResBlock, attention, feed-forward. A
+    // SpatialTransformer's `proj_out` carries the whole transformer (up to ten
+    // blocks, its own O(1) token stream whatever the outer stream's scale), so
+    // half as much again.
+    const BRANCH_OUTPUTS: [(&str, f32); 4] = [
+        (".out_layers.3.weight", 0.1),
+        (".to_out.0.weight", 0.1),
+        (".ff.net.2.weight", 0.1),
+        (".proj_out.weight", 0.05),
+    ];
+    if name.ends_with(".to_q.weight") || name.ends_with(".to_k.weight") {
+        return Init::Linear {
+            std: 1.0 / (shape[1] as f32).sqrt(),
+            outliers: false,
+        };
+    }
+    let scale = BRANCH_OUTPUTS
+        .iter()
+        .find(|(suffix, _)| name.ends_with(suffix))
+        .map_or(1.0, |&(_, s)| s);
+    match init {
+        Init::Normal { mean, std } => Init::Normal {
+            mean,
+            std: std * scale,
+        },
+        Init::Linear { std, outliers } => Init::Linear {
+            std: std * scale,
+            outliers,
+        },
+    }
+}
+
+/// Small fake VAE and text encoders with real key names (one block each).
 fn components(family: Family) -> Vec<(String, Vec<usize>)> {
     let mut a = Acc::default();
     // VAE (LDM AutoencoderKL names). SD1.5/SDXL latents have 4 channels and
     // quant convs; SD3/FLUX latents have 16 and none.
-    let z = if matches!(family, Family::Sd15 | Family::Sdxl) { 4 } else { 16 };
+    let z = if matches!(family, Family::Sd15 | Family::Sdxl) {
+        4
+    } else {
+        16
+    };
     let c = 32;
     let enc = "first_stage_model.encoder.";
     a.conv(&format!("{enc}conv_in"), c, 3, 3);
@@ -510,19 +697,32 @@ fn components(family: Family) -> Vec<(String, Vec<usize>)> {
     a.norm(&format!("{dec}norm_out"), c);
     a.conv(&format!("{dec}conv_out"), 3, c, 3);
 
+    // SD1.5/SDXL encoders keep their real widths (768, 1280: heads of 64) so
+    // that calibration can encode prompts into the context the UNet expects;
+    // one layer each and a 1024-token vocabulary keep them small.
     match family {
-        Family::Sd15 => a.clip_hf("cond_stage_model.transformer.", false),
+        Family::Sd15 => a.clip_hf(
+            "cond_stage_model.transformer.",
+            false,
+            CLIP_L_DIM,
+            CLIP_VOCAB,
+        ),
         Family::Sdxl => {
-            a.clip_hf("conditioner.embedders.0.transformer.", false);
-            a.open_clip("conditioner.embedders.1.model.");
+            a.clip_hf(
+                "conditioner.embedders.0.transformer.",
+                false,
+                CLIP_L_DIM,
+                CLIP_VOCAB,
+            );
+            a.open_clip("conditioner.embedders.1.model.", CLIP_G_DIM, CLIP_VOCAB);
         }
         Family::Sd3 => {
-            a.clip_hf("text_encoders.clip_l.transformer.", false);
-            a.clip_hf("text_encoders.clip_g.transformer.", true);
+            a.clip_hf("text_encoders.clip_l.transformer.", false, TE_DIM, TE_VOCAB);
+            a.clip_hf("text_encoders.clip_g.transformer.", true, TE_DIM, TE_VOCAB);
             a.t5("text_encoders.t5xxl.transformer.");
         }
         Family::Flux => {
-            a.clip_hf("text_encoders.clip_l.transformer.", false);
+            a.clip_hf("text_encoders.clip_l.transformer.", false, TE_DIM, TE_VOCAB);
             a.t5("text_encoders.t5xxl.transformer.");
         }
     }
@@ -536,6 +736,11 @@ struct Acc(Vec<(String, Vec<usize>)>);
 const TE_DIM: usize = 32;
 const TE_VOCAB: usize = 128;
 const TE_POSITIONS: usize = 77;
+/// Real CLIP-L and OpenCLIP-bigG widths, and a vocabulary large enough for the
+/// test vocabulary in tests/data/clip-vocab (574 tokens).
+const CLIP_L_DIM: usize = 768;
+const CLIP_G_DIM: usize = 1280;
+const CLIP_VOCAB: usize = 1024;
 
 impl Acc {
     fn add(&mut self, name: String, shape: &[usize]) {
@@ -562,11 +767,13 @@ impl Acc {
         self.conv(&format!("{m}.conv2"), c, c, 3);
     }
     /// Hugging Face CLIPTextModel names (CLIP-L, and CLIP-G as ComfyUI stores it).
-    fn clip_hf(&mut self, p: &str, projection: bool) {
-        let d = TE_DIM;
+    fn clip_hf(&mut self, p: &str, projection: bool, d: usize, vocab: usize) {
         let t = format!("{p}text_model.");
-        self.add(format!("{t}embeddings.token_embedding.weight"), &[TE_VOCAB, d]);
-        self.add(format!("{t}embeddings.position_embedding.weight"), &[TE_POSITIONS, d]);
+        self.add(format!("{t}embeddings.token_embedding.weight"), &[vocab, d]);
+        self.add(
+            format!("{t}embeddings.position_embedding.weight"),
+            &[TE_POSITIONS, d],
+        );
         let l = format!("{t}encoder.layers.0.");
         for proj in ["k_proj", "v_proj", "q_proj", "out_proj"] {
             self.linear(&format!("{l}self_attn.{proj}"), d, d, true);
@@ -581,11 +788,10 @@ impl Acc {
         }
     }
     /// OpenCLIP names (SDXL's ViT-bigG text tower).
-    fn open_clip(&mut self, p: &str) {
-        let d = TE_DIM;
+    fn open_clip(&mut self, p: &str, d: usize, vocab: usize) {
         self.add(format!("{p}positional_embedding"), &[TE_POSITIONS, d]);
         self.add(format!("{p}text_projection"), &[d, d]);
-        self.add(format!("{p}token_embedding.weight"), &[TE_VOCAB, d]);
+        self.add(format!("{p}token_embedding.weight"), &[vocab, d]);
         let r = format!("{p}transformer.resblocks.0.");
         self.add(format!("{r}attn.in_proj_weight"), &[3 * d, d]);
         self.add(format!("{r}attn.in_proj_bias"), &[3 * d]);
@@ -605,7 +811,10 @@ impl Acc {
         for w in ["q", "k", "v", "o"] {
             self.linear(&format!("{b}0.SelfAttention.{w}"), d, d, false);
         }
-        self.add(format!("{b}0.SelfAttention.relative_attention_bias.weight"), &[32, heads]);
+        self.add(
+            format!("{b}0.SelfAttention.relative_attention_bias.weight"),
+            &[32, heads],
+        );
         self.add(format!("{b}0.layer_norm.weight"), &[d]);
         self.linear(&format!("{b}1.DenseReluDense.wi_0"), ff, d, false);
         self.linear(&format!("{b}1.DenseReluDense.wi_1"), ff, d, false);
@@ -640,7 +849,9 @@ fn mix(a: u64, b: u64) -> u64 {
 }
 
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3))
+    s.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3)
+    })
 }
 
 fn tensor_key(seed: u64, name: &str) -> u64 {
@@ -714,19 +925,32 @@ fn generate(spec: &Spec, opts: &SynthOptions, out: &mut [u8]) {
     let key = tensor_key(opts.seed, &spec.seed_name);
     let (mean, std, cols) = match spec.init {
         Init::Normal { mean, std } => (mean, std, None),
-        Init::Linear { std } => (0.0, std, Some(outlier_columns(key, spec.tensor.shape[1]))),
+        Init::Linear {
+            std,
+            outliers: true,
+        } => (0.0, std, Some(outlier_columns(key, spec.tensor.shape[1]))),
+        Init::Linear {
+            std,
+            outliers: false,
+        } => (0.0, std, None),
     };
     let width = opts.dtype.size();
     let dtype = opts.dtype;
-    out.par_chunks_mut(CHUNK * width).enumerate().for_each(|(ci, buf)| {
-        let mut rng = Xoshiro256pp::new(mix(key, TAG_CHUNK ^ ci as u64));
-        let cols = cols.as_deref().map(|c| (c, (ci * CHUNK) % c.len()));
-        match dtype {
-            SynthDtype::Bf16 => fill(buf, &mut rng, mean, std, cols, |v| bf16::from_f32(v).to_le_bytes()),
-            SynthDtype::F16 => fill(buf, &mut rng, mean, std, cols, |v| f16::from_f32(v).to_le_bytes()),
-            SynthDtype::F32 => fill(buf, &mut rng, mean, std, cols, |v: f32| v.to_le_bytes()),
-        }
-    });
+    out.par_chunks_mut(CHUNK * width)
+        .enumerate()
+        .for_each(|(ci, buf)| {
+            let mut rng = Xoshiro256pp::new(mix(key, TAG_CHUNK ^ ci as u64));
+            let cols = cols.as_deref().map(|c| (c, (ci * CHUNK) % c.len()));
+            match dtype {
+                SynthDtype::Bf16 => fill(buf, &mut rng, mean, std, cols, |v| {
+                    bf16::from_f32(v).to_le_bytes()
+                }),
+                SynthDtype::F16 => fill(buf, &mut rng, mean, std, cols, |v| {
+                    f16::from_f32(v).to_le_bytes()
+                }),
+                SynthDtype::F32 => fill(buf, &mut rng, mean, std, cols, |v: f32| v.to_le_bytes()),
+            }
+        });
 }
 
 /// Fills one chunk: `mean + std * z` per element, `z` standard normal, times the
@@ -772,15 +996,27 @@ mod tests {
     use super::*;
 
     fn spec_of(opts: &SynthOptions, name: &str) -> Spec {
-        build(opts).unwrap().into_iter().find(|s| s.tensor.name == name).unwrap()
+        build(opts)
+            .unwrap()
+            .into_iter()
+            .find(|s| s.tensor.name == name)
+            .unwrap()
     }
 
     fn opts(family: Family, scale: Scale) -> SynthOptions {
-        SynthOptions { scale, seed: 7, ..SynthOptions::new(family) }
+        SynthOptions {
+            scale,
+            seed: 7,
+            ..SynthOptions::new(family)
+        }
     }
 
     fn shapes(opts: &SynthOptions) -> HashMap<String, Vec<usize>> {
-        plan(opts).unwrap().into_iter().map(|t| (t.name, t.shape)).collect()
+        plan(opts)
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.name, t.shape))
+            .collect()
     }
 
     fn write_tmp(opts: &SynthOptions) -> (tempfile::TempDir, Vec<u8>) {
@@ -794,9 +1030,21 @@ mod tests {
     fn values(st: &safetensors::SafeTensors<'_>, name: &str) -> (Vec<usize>, Vec<f32>) {
         let t = st.tensor(name).unwrap();
         let v = match t.dtype() {
-            Dtype::BF16 => t.data().chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::F16 => t.data().chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::F32 => t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+            Dtype::BF16 => t
+                .data()
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => t
+                .data()
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::F32 => t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
             d => panic!("unexpected dtype {d:?}"),
         };
         (t.shape().to_vec(), v)
@@ -858,8 +1106,15 @@ mod tests {
                     assert_eq!(t.name, mt.name);
                 }
             }
-            let o32 = SynthOptions { dtype: SynthDtype::F32, ..o };
-            let bytes32: u64 = plan(&o32).unwrap().iter().map(|t| t.byte_len() as u64).sum();
+            let o32 = SynthOptions {
+                dtype: SynthDtype::F32,
+                ..o
+            };
+            let bytes32: u64 = plan(&o32)
+                .unwrap()
+                .iter()
+                .map(|t| t.byte_len() as u64)
+                .sum();
             assert_eq!(bytes32, m.params * 4, "{f}: f32 bytes");
         }
     }
@@ -880,8 +1135,15 @@ mod tests {
         for f in Family::ALL {
             for &variant in f.variants() {
                 for full_checkpoint in [false, true] {
-                    let base = SynthOptions { variant: Some(variant.into()), full_checkpoint, ..opts(f, Scale::Full) };
-                    let tiny = SynthOptions { scale: Scale::Tiny, ..base.clone() };
+                    let base = SynthOptions {
+                        variant: Some(variant.into()),
+                        full_checkpoint,
+                        ..opts(f, Scale::Full)
+                    };
+                    let tiny = SynthOptions {
+                        scale: Scale::Tiny,
+                        ..base.clone()
+                    };
                     let (pf, pt) = (plan(&base).unwrap(), plan(&tiny).unwrap());
                     assert_eq!(pf.len(), pt.len());
                     for (a, b) in pf.iter().zip(&pt) {
@@ -901,8 +1163,16 @@ mod tests {
     #[test]
     fn tiny_shapes_are_consistent() {
         let interfaces: &[(Family, usize, &[&str])] = &[
-            (Family::Sd15, 768, &["attn2.to_k.weight", "attn2.to_v.weight"]),
-            (Family::Sdxl, 2048, &["attn2.to_k.weight", "attn2.to_v.weight"]),
+            (
+                Family::Sd15,
+                768,
+                &["attn2.to_k.weight", "attn2.to_v.weight"],
+            ),
+            (
+                Family::Sdxl,
+                2048,
+                &["attn2.to_k.weight", "attn2.to_v.weight"],
+            ),
             (Family::Sdxl, 2816, &["label_emb.0.0.weight"]),
             (Family::Sd3, 4096, &["context_embedder.weight"]),
             (Family::Sd3, 2048, &["y_embedder.mlp.0.weight"]),
@@ -910,7 +1180,11 @@ mod tests {
             (Family::Sd3, 36864, &["pos_embed"]),
             (Family::Flux, 4096, &["txt_in.weight"]),
             (Family::Flux, 768, &["vector_in.in_layer.weight"]),
-            (Family::Flux, 256, &["time_in.in_layer.weight", "guidance_in.in_layer.weight"]),
+            (
+                Family::Flux,
+                256,
+                &["time_in.in_layer.weight", "guidance_in.in_layer.weight"],
+            ),
         ];
         for f in Family::ALL {
             let k = f.layout().divisor;
@@ -925,9 +1199,12 @@ mod tests {
                             assert_eq!(e % 32, 0, "{f} {} axis {axis}: {d} -> {e}", t.name);
                         }
                     } else if d >= 256 {
-                        let ok = interfaces
-                            .iter()
-                            .any(|(ff, w, names)| *ff == f && *w == d && axis == 1 && names.iter().any(|n| t.name.ends_with(n)));
+                        let ok = interfaces.iter().any(|(ff, w, names)| {
+                            *ff == f
+                                && *w == d
+                                && axis == 1
+                                && names.iter().any(|n| t.name.ends_with(n))
+                        });
                         assert!(ok, "{f} {} axis {axis}: width {d} kept", t.name);
                     }
                 }
@@ -940,19 +1217,34 @@ mod tests {
         // SD1.5: context 768, 4-D proj_in, no label_emb, model_channels 32.
         let s = shapes(&opts(Family::Sd15, Scale::Tiny));
         assert_eq!(s["input_blocks.0.0.weight"], vec![32, 4, 3, 3]);
-        assert_eq!(s["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"][1], 768);
+        assert_eq!(
+            s["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"][1],
+            768
+        );
         assert_eq!(s["input_blocks.1.1.proj_in.weight"].len(), 4);
         assert!(!s.contains_key("label_emb.0.0.weight"));
         let mut inpaint = opts(Family::Sd15, Scale::Tiny);
         inpaint.variant = Some("inpaint".into());
-        assert_eq!(shapes(&inpaint)["input_blocks.0.0.weight"], vec![32, 9, 3, 3]);
-        assert_eq!(shapes(&SynthOptions { scale: Scale::Full, ..inpaint })["input_blocks.0.0.weight"], vec![320, 9, 3, 3]);
+        assert_eq!(
+            shapes(&inpaint)["input_blocks.0.0.weight"],
+            vec![32, 9, 3, 3]
+        );
+        assert_eq!(
+            shapes(&SynthOptions {
+                scale: Scale::Full,
+                ..inpaint
+            })["input_blocks.0.0.weight"],
+            vec![320, 9, 3, 3]
+        );
 
         // SDXL: adm 2816, context 2048 in every cross-attention, 2-D proj_in.
         let s = shapes(&opts(Family::Sdxl, Scale::Tiny));
         assert_eq!(s["label_emb.0.0.weight"][1], 2816);
         assert_eq!(s["input_blocks.0.0.weight"], vec![32, 4, 3, 3]);
-        let to_k: Vec<_> = s.iter().filter(|(k, _)| k.ends_with("attn2.to_k.weight")).collect();
+        let to_k: Vec<_> = s
+            .iter()
+            .filter(|(k, _)| k.ends_with("attn2.to_k.weight"))
+            .collect();
         assert_eq!(to_k.len(), 70);
         assert!(to_k.iter().all(|(_, sh)| sh[1] == 2048));
         assert_eq!(s["input_blocks.4.1.proj_in.weight"].len(), 2);
@@ -988,8 +1280,13 @@ mod tests {
                 assert_eq!(sh, &vec![h, 4 * h], "{n}");
             }
             if n.ends_with("adaLN_modulation.1.weight") {
-                let expected =
-                    if n == "joint_blocks.23.context_block.adaLN_modulation.1.weight" || n.starts_with("final_layer") { 2 } else { 6 };
+                let expected = if n == "joint_blocks.23.context_block.adaLN_modulation.1.weight"
+                    || n.starts_with("final_layer")
+                {
+                    2
+                } else {
+                    6
+                };
                 assert_eq!(sh, &vec![expected * h, h], "{n}");
             }
         }
@@ -1005,8 +1302,14 @@ mod tests {
         assert_eq!(h % 128, 0);
         let mlp = s["double_blocks.0.img_mlp.0.weight"][0];
         assert_eq!(mlp, 4 * h);
-        assert!(s.contains_key("double_blocks.18.img_attn.qkv.weight") && !s.contains_key("double_blocks.19.img_attn.qkv.weight"));
-        assert!(s.contains_key("single_blocks.37.linear1.weight") && !s.contains_key("single_blocks.38.linear1.weight"));
+        assert!(
+            s.contains_key("double_blocks.18.img_attn.qkv.weight")
+                && !s.contains_key("double_blocks.19.img_attn.qkv.weight")
+        );
+        assert!(
+            s.contains_key("single_blocks.37.linear1.weight")
+                && !s.contains_key("single_blocks.38.linear1.weight")
+        );
         for (n, sh) in &s {
             if n.ends_with("attn.qkv.weight") {
                 assert_eq!(sh, &vec![3 * h, h], "{n}");
@@ -1033,10 +1336,18 @@ mod tests {
     #[test]
     fn tiny_sizes() {
         for f in Family::ALL {
-            let bytes: usize = plan(&opts(f, Scale::Tiny)).unwrap().iter().map(|t| t.byte_len()).sum();
+            let bytes: usize = plan(&opts(f, Scale::Tiny))
+                .unwrap()
+                .iter()
+                .map(|t| t.byte_len())
+                .sum();
             // SDXL's floor: model_channels 32 (GroupNorm) and 140 cross-attention
             // projections that keep their 2048-wide context input.
-            let limit = if f == Family::Sdxl { 120_000_000 } else { 45_000_000 };
+            let limit = if f == Family::Sdxl {
+                120_000_000
+            } else {
+                45_000_000
+            };
             assert!(bytes < limit, "{f}: {bytes} bytes");
         }
     }
@@ -1060,7 +1371,11 @@ mod tests {
         };
         for f in Family::ALL {
             let dm = plan(&opts(f, Scale::Tiny)).unwrap();
-            let full = plan(&SynthOptions { full_checkpoint: true, ..opts(f, Scale::Tiny) }).unwrap();
+            let full = plan(&SynthOptions {
+                full_checkpoint: true,
+                ..opts(f, Scale::Tiny)
+            })
+            .unwrap();
             for (a, b) in dm.iter().zip(&full) {
                 assert_eq!(format!("{DIFFUSION_PREFIX}{}", a.name), b.name);
                 assert_eq!(a.shape, b.shape);
@@ -1069,17 +1384,39 @@ mod tests {
             assert!(rest.iter().all(|t| !t.name.starts_with(DIFFUSION_PREFIX)));
             let names: HashSet<&str> = full.iter().map(|t| t.name.as_str()).collect();
             assert_eq!(names.len(), full.len(), "{f}: duplicate names");
-            let size = |p: &str| rest.iter().filter(|t| t.name.starts_with(p)).map(|t| t.byte_len()).sum::<usize>();
+            let size = |p: &str| {
+                rest.iter()
+                    .filter(|t| t.name.starts_with(p))
+                    .map(|t| t.byte_len())
+                    .sum::<usize>()
+            };
             let (vae, te) = (size("first_stage_model."), size(te_prefix(f)));
             assert!((10_000..200_000).contains(&vae), "{f}: VAE {vae} bytes");
-            assert!((10_000..200_000).contains(&te), "{f}: text encoders {te} bytes");
-            assert_eq!(vae + te, rest.iter().map(|t| t.byte_len()).sum::<usize>(), "{f}: stray component tensors");
+            // SD1.5 / SDXL encoders keep their real widths (calibration encodes prompts with them).
+            let te_bytes = if matches!(f, Family::Sd15 | Family::Sdxl) {
+                1_000_000..100_000_000
+            } else {
+                10_000..200_000
+            };
+            assert!(te_bytes.contains(&te), "{f}: text encoders {te} bytes");
+            assert_eq!(
+                vae + te,
+                rest.iter().map(|t| t.byte_len()).sum::<usize>(),
+                "{f}: stray component tensors"
+            );
             assert!(names.contains("first_stage_model.decoder.conv_out.weight"));
             // Components are the same at both scales.
-            let full_size = plan(&SynthOptions { full_checkpoint: true, ..opts(f, Scale::Full) }).unwrap();
+            let full_size = plan(&SynthOptions {
+                full_checkpoint: true,
+                ..opts(f, Scale::Full)
+            })
+            .unwrap();
             assert_eq!(&full_size[full_size.len() - rest.len()..], rest);
         }
-        let sd3 = shapes(&SynthOptions { full_checkpoint: true, ..opts(Family::Sd3, Scale::Tiny) });
+        let sd3 = shapes(&SynthOptions {
+            full_checkpoint: true,
+            ..opts(Family::Sd3, Scale::Tiny)
+        });
         for k in [
             "text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.weight",
             "text_encoders.clip_g.transformer.text_projection.weight",
@@ -1088,26 +1425,45 @@ mod tests {
         ] {
             assert!(sd3.contains_key(k), "{k}");
         }
-        let sdxl = shapes(&SynthOptions { full_checkpoint: true, ..opts(Family::Sdxl, Scale::Tiny) });
-        assert!(sdxl.contains_key("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"));
-        assert!(sdxl.contains_key("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"));
+        let sdxl = shapes(&SynthOptions {
+            full_checkpoint: true,
+            ..opts(Family::Sdxl, Scale::Tiny)
+        });
+        assert!(sdxl.contains_key(
+            "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"
+        ));
+        assert!(sdxl.contains_key(
+            "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
+        ));
         assert!(sdxl.contains_key("first_stage_model.quant_conv.weight"));
-        let flux = shapes(&SynthOptions { full_checkpoint: true, ..opts(Family::Flux, Scale::Tiny) });
-        assert_eq!(flux["first_stage_model.encoder.conv_out.weight"], vec![32, 32, 3, 3]);
+        let flux = shapes(&SynthOptions {
+            full_checkpoint: true,
+            ..opts(Family::Flux, Scale::Tiny)
+        });
+        assert_eq!(
+            flux["first_stage_model.encoder.conv_out.weight"],
+            vec![32, 32, 3, 3]
+        );
         assert!(!flux.contains_key("first_stage_model.quant_conv.weight"));
     }
 
     #[test]
     fn opens_as_a_checkpoint() {
         for full_checkpoint in [false, true] {
-            let o = SynthOptions { full_checkpoint, ..opts(Family::Sd3, Scale::Tiny) };
+            let o = SynthOptions {
+                full_checkpoint,
+                ..opts(Family::Sd3, Scale::Tiny)
+            };
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("c.safetensors");
             write(&o, &path, |_, _| {}).unwrap();
             let c = crate::checkpoint::Checkpoint::open(&path).unwrap();
             assert_eq!(c.is_full_checkpoint(), full_checkpoint);
             assert_eq!(c.diffusion_tensors().count(), 491);
-            assert!(!c.components().contains(&crate::checkpoint::Component::Other));
+            assert!(
+                !c.components()
+                    .contains(&crate::checkpoint::Component::Other)
+            );
             assert_eq!(c.components().len(), if full_checkpoint { 3 } else { 1 });
             assert_eq!(c.metadata()[METADATA_KEY], "sd3/medium/tiny/7");
         }
@@ -1119,7 +1475,10 @@ mod tests {
         let (_dir, bytes) = write_tmp(&o);
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-        assert_eq!(meta.metadata().as_ref().unwrap()[METADATA_KEY], "flux/dev/tiny/7");
+        assert_eq!(
+            meta.metadata().as_ref().unwrap()[METADATA_KEY],
+            "flux/dev/tiny/7"
+        );
         let p = plan(&o).unwrap();
         assert_eq!(st.len(), p.len());
         for t in &p {
@@ -1130,12 +1489,18 @@ mod tests {
             assert!(vals.iter().all(|x| x.is_finite()), "{}", t.name);
         }
         // Data offsets follow the plan's order.
-        let offsets: Vec<usize> = p.iter().map(|t| meta.info(&t.name).unwrap().data_offsets.0).collect();
+        let offsets: Vec<usize> = p
+            .iter()
+            .map(|t| meta.info(&t.name).unwrap().data_offsets.0)
+            .collect();
         assert!(offsets.windows(2).all(|w| w[0] < w[1]));
 
         let (_, norm) = values(&st, "double_blocks.3.img_attn.norm.key_norm.scale");
         let (m, s) = mean_std(&norm);
-        assert!((m - 1.0).abs() < 0.03 && s > 0.02 && s < 0.1, "norm scale {m} {s}");
+        assert!(
+            (m - 1.0).abs() < 0.03 && s > 0.02 && s < 0.1,
+            "norm scale {m} {s}"
+        );
         let (_, bias) = values(&st, "double_blocks.3.img_attn.qkv.bias");
         let (m, s) = mean_std(&bias);
         assert!(m.abs() < 0.01 && (0.01..0.03).contains(&s), "bias {m} {s}");
@@ -1143,19 +1508,38 @@ mod tests {
         let (m, s) = mean_std(&w);
         let fan_in = shape[1] as f64;
         assert!(m.abs() < 0.01, "{m}");
-        assert!(s * fan_in.sqrt() > 0.5 && s * fan_in.sqrt() < 1.5 * 2.0, "weight std {s}");
+        assert!(
+            s * fan_in.sqrt() > 0.5 && s * fan_in.sqrt() < 1.5 * 2.0,
+            "weight std {s}"
+        );
 
         // Gains differ between layers.
-        let gains: Vec<f64> = ["double_blocks.0.img_mlp.2.weight", "double_blocks.1.img_mlp.2.weight", "double_blocks.2.img_mlp.2.weight"]
-            .iter()
-            .map(|n| mean_std(&values(&st, n).1).1)
-            .collect();
-        assert!(gains.iter().any(|&g| (g - gains[0]).abs() > 0.05 * gains[0]), "{gains:?}");
+        let gains: Vec<f64> = [
+            "double_blocks.0.img_mlp.2.weight",
+            "double_blocks.1.img_mlp.2.weight",
+            "double_blocks.2.img_mlp.2.weight",
+        ]
+        .iter()
+        .map(|n| mean_std(&values(&st, n).1).1)
+        .collect();
+        assert!(
+            gains
+                .iter()
+                .any(|&g| (g - gains[0]).abs() > 0.05 * gains[0]),
+            "{gains:?}"
+        );
     }
 
     fn column_norm_ratio(shape: &[usize], w: &[f32]) -> f64 {
         let (rows, cols) = (shape[0], shape[1]);
-        let mut norms: Vec<f64> = (0..cols).map(|c| (0..rows).map(|r| (w[r * cols + c] as f64).powi(2)).sum::<f64>().sqrt()).collect();
+        let mut norms: Vec<f64> = (0..cols)
+            .map(|c| {
+                (0..rows)
+                    .map(|r| (w[r * cols + c] as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+            })
+            .collect();
         let max = norms.iter().cloned().fold(0.0, f64::max);
         norms.sort_by(|a, b| a.partial_cmp(b).unwrap());
         max / norms[cols / 2]
@@ -1183,30 +1567,171 @@ mod tests {
         let cols = outlier_columns(123, 2048);
         assert_eq!(cols.iter().filter(|&&c| c != 1.0).count(), 10);
         assert!(cols.iter().all(|&c| c == 1.0 || (8.0..=20.0).contains(&c)));
-        assert_eq!(outlier_columns(5, 64).iter().filter(|&&c| c != 1.0).count(), 1);
+        assert_eq!(
+            outlier_columns(5, 64).iter().filter(|&&c| c != 1.0).count(),
+            1
+        );
+    }
+
+    #[test]
+    fn conditioned_init() {
+        let base = opts(Family::Sd15, Scale::Tiny);
+        let cond = SynthOptions {
+            init: SynthInit::Conditioned,
+            full_checkpoint: true,
+            ..base.clone()
+        };
+        let (_d1, a) = write_tmp(&SynthOptions {
+            full_checkpoint: true,
+            ..base
+        });
+        let (_d2, b) = write_tmp(&cond);
+        let (sa, sb) = (
+            safetensors::SafeTensors::deserialize(&a).unwrap(),
+            safetensors::SafeTensors::deserialize(&b).unwrap(),
+        );
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&b).unwrap();
+        assert_eq!(
+            meta.metadata().as_ref().unwrap()[METADATA_KEY],
+            "sd15/base/tiny/7/conditioned"
+        );
+        let (mut qk, mut scaled, mut same) = (0, 0, 0);
+        for (name, _) in sa.tensors() {
+            let local = name.strip_prefix(DIFFUSION_PREFIX).unwrap_or(&name);
+            let ((shape, x), (_, y)) = (values(&sa, &name), values(&sb, &name));
+            let in_unet = name.starts_with(DIFFUSION_PREFIX);
+            if in_unet && (local.ends_with(".to_q.weight") || local.ends_with(".to_k.weight")) {
+                // Plain 1/sqrt(fan-in) rows: logits q.k/sqrt(d) of std ~1 on RMS-1 inputs.
+                assert!(
+                    column_norm_ratio(&shape, &x) > 4.0,
+                    "{name}: default has outlier columns"
+                );
+                assert!(
+                    column_norm_ratio(&shape, &y) < 2.0,
+                    "{name}: outlier columns left"
+                );
+                let s = mean_std(&y).1 * (shape[1] as f64).sqrt();
+                assert!(
+                    (0.95..1.05).contains(&s),
+                    "{name}: std * sqrt(fan-in) = {s}"
+                );
+                qk += 1;
+                continue;
+            }
+            let expected = match local {
+                _ if !in_unet => 1.0,
+                n if n.ends_with(".proj_out.weight") => 0.05,
+                n if [
+                    ".out_layers.3.weight",
+                    ".to_out.0.weight",
+                    ".ff.net.2.weight",
+                ]
+                .iter()
+                .any(|s| n.ends_with(s)) =>
+                {
+                    0.1
+                }
+                _ => 1.0,
+            };
+            if expected == 1.0 {
+                assert!(
+                    sa.tensor(&name).unwrap().data() == sb.tensor(&name).unwrap().data(),
+                    "{name} changed"
+                );
+                same += 1;
+            } else {
+                // The same draws, scaled (each side rounded to bf16 once).
+                for (u, v) in x.iter().zip(&y) {
+                    assert!(
+                        (v - u * expected).abs() <= (u * expected).abs() / 128.0 + 1e-30,
+                        "{name}: {u} -> {v}"
+                    );
+                }
+                scaled += 1;
+            }
+        }
+        // 16 transformers: 2 attentions of q and k each; 22 ResBlocks + 16 * (2 to_out + ff + proj_out).
+        assert_eq!((qk, scaled), (64, 22 + 16 * 4));
+        assert!(same > 500, "{same}");
+        // The VAE's `proj_out` and the other families keep the default values.
+        assert!(
+            sa.tensor("first_stage_model.encoder.mid.attn_1.proj_out.weight")
+                .unwrap()
+                .data()
+                == sb
+                    .tensor("first_stage_model.encoder.mid.attn_1.proj_out.weight")
+                    .unwrap()
+                    .data()
+        );
+        let flux = opts(Family::Flux, Scale::Tiny);
+        let (_d3, c) = write_tmp(&flux);
+        let (_d4, d) = write_tmp(&SynthOptions {
+            init: SynthInit::Conditioned,
+            ..flux
+        });
+        let (sc, sd) = (
+            safetensors::SafeTensors::deserialize(&c).unwrap(),
+            safetensors::SafeTensors::deserialize(&d).unwrap(),
+        );
+        assert!(
+            sc.tensors()
+                .iter()
+                .all(|(n, t)| sd.tensor(n).unwrap().data() == t.data())
+        );
+        assert_eq!(
+            SynthInit::parse(" Conditioned ").unwrap(),
+            SynthInit::Conditioned
+        );
+        assert_eq!(
+            SynthInit::Default.to_string().parse::<SynthInit>().unwrap(),
+            SynthInit::Default
+        );
+        assert!(SynthInit::parse("trained").is_err());
     }
 
     #[test]
     fn deterministic_and_seeded() {
         let o = opts(Family::Sd15, Scale::Tiny);
         let (_d1, a) = write_tmp(&o);
-        let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let one_thread = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
         let (_d2, b) = one_thread.install(|| write_tmp(&o));
         assert!(a == b, "same seed, different bytes");
-        let (_d3, c) = write_tmp(&SynthOptions { seed: 8, ..o.clone() });
+        let (_d3, c) = write_tmp(&SynthOptions {
+            seed: 8,
+            ..o.clone()
+        });
         assert_eq!(a.len(), c.len());
         assert!(a != c, "different seeds, same bytes");
         // Tensors keep their values whether or not the file is a full checkpoint.
-        let (_d4, full) = write_tmp(&SynthOptions { full_checkpoint: true, ..o.clone() });
-        let (sa, sf) = (safetensors::SafeTensors::deserialize(&a).unwrap(), safetensors::SafeTensors::deserialize(&full).unwrap());
+        let (_d4, full) = write_tmp(&SynthOptions {
+            full_checkpoint: true,
+            ..o.clone()
+        });
+        let (sa, sf) = (
+            safetensors::SafeTensors::deserialize(&a).unwrap(),
+            safetensors::SafeTensors::deserialize(&full).unwrap(),
+        );
         let name = "output_blocks.5.1.transformer_blocks.0.ff.net.0.proj.weight";
-        assert!(sa.tensor(name).unwrap().data() == sf.tensor(&format!("{DIFFUSION_PREFIX}{name}")).unwrap().data());
+        assert!(
+            sa.tensor(name).unwrap().data()
+                == sf
+                    .tensor(&format!("{DIFFUSION_PREFIX}{name}"))
+                    .unwrap()
+                    .data()
+        );
     }
 
     #[test]
     fn other_dtypes() {
         for dtype in [SynthDtype::F16, SynthDtype::F32] {
-            let o = SynthOptions { dtype, full_checkpoint: true, ..opts(Family::Sd3, Scale::Tiny) };
+            let o = SynthOptions {
+                dtype,
+                full_checkpoint: true,
+                ..opts(Family::Sd3, Scale::Tiny)
+            };
             let (_dir, bytes) = write_tmp(&o);
             let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
             for (name, view) in st.tensors() {
@@ -1214,11 +1739,19 @@ mod tests {
                 assert!(values(&st, &name).1.iter().all(|x| x.is_finite()), "{name}");
             }
             // Rounding from the same f32 values: bf16 and f16 agree to their precision.
-            let bf = write_tmp(&SynthOptions { dtype: SynthDtype::Bf16, ..o.clone() }).1;
+            let bf = write_tmp(&SynthOptions {
+                dtype: SynthDtype::Bf16,
+                ..o.clone()
+            })
+            .1;
             let stb = safetensors::SafeTensors::deserialize(&bf).unwrap();
             let name = format!("{DIFFUSION_PREFIX}joint_blocks.5.x_block.mlp.fc1.weight");
             let (x, y) = (values(&st, &name).1, values(&stb, &name).1);
-            assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() <= a.abs() / 128.0 + 1e-6));
+            assert!(
+                x.iter()
+                    .zip(&y)
+                    .all(|(a, b)| (a - b).abs() <= a.abs() / 128.0 + 1e-6)
+            );
         }
     }
 
