@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use cudarc::driver::safe::CudaContext;
 use cudarc::driver::sys;
 use rayon::prelude::*;
@@ -415,21 +415,6 @@ impl Drop for SlotLease<'_> {
     }
 }
 
-/// Runs `f`, turning a panic inside cudarc (e.g. a symbol missing from an old
-/// driver) into an error.
-fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(anyhow!("{what}: {msg}"))
-        }
-    }
-}
 
 impl CudaBackend {
     /// Opens device `ordinal` with `slots` tensors in flight: loads the driver,
@@ -461,7 +446,7 @@ impl CudaBackend {
             );
         }
         let tune = Tune::from_defines(defines)?;
-        no_panic("CUDA initialisation", || Self::init(ordinal, slots, defines, tune))
+        super::no_panic("CUDA initialisation", || Self::init(ordinal, slots, defines, tune))
     }
 
     fn init(ordinal: usize, nslots: usize, defines: &[(&str, &str)], tune: Tune) -> Result<CudaBackend> {

@@ -67,8 +67,14 @@ pub fn kernel_names() -> Vec<String> {
 
 /// The whole program as NVRTC sees it.
 pub fn program_source() -> String {
+    join_sources(SOURCES)
+}
+
+/// One NVRTC program from `(file name, text)` pairs, each behind a `#line`
+/// directive so compiler messages name the file.
+pub fn join_sources(sources: &[(&str, &str)]) -> String {
     let mut src = String::new();
-    for (name, text) in SOURCES {
+    for (name, text) in sources {
         src.push_str(&format!("#line 1 \"{name}\"\n"));
         src.push_str(text);
         src.push('\n');

@@ -37,6 +37,22 @@ pub fn nvrtc_available() -> bool {
     kernels::nvrtc_available()
 }
 
+/// Runs `f`, turning a panic inside cudarc (a library or symbol missing, e.g.
+/// from an old driver) into an error. Both CUDA backends start through it.
+pub(crate) fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(anyhow::anyhow!("{what}: {msg}"))
+        }
+    }
+}
+
 /// Number of CUDA devices, or why there are none usable.
 pub fn device_count() -> Result<usize> {
     if !driver_available() {

@@ -113,13 +113,7 @@ pub const STAGING_HALF: usize = 4 << 20;
 
 /// The whole program as NVRTC sees it.
 pub fn program_source() -> String {
-    let mut src = String::new();
-    for (name, text) in SOURCES {
-        src.push_str(&format!("#line 1 \"{name}\"\n"));
-        src.push_str(text);
-        src.push('\n');
-    }
-    src
+    kernels::join_sources(SOURCES)
 }
 
 /// Compiles the forward-pass kernels for `target` (CI compiles them to PTX without a GPU).
@@ -128,21 +122,6 @@ pub fn compile(target: Target) -> Result<Compiled> {
     kernels::compile_source("quantsmith_nn.cu", &program_source(), target, &options)
 }
 
-/// Runs `f`, turning a panic (cudarc panics when a library or symbol is
-/// missing) into an error.
-fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(anyhow!("{what}: {msg}"))
-        }
-    }
-}
 
 fn cublas_loadable() -> bool {
     // SAFETY: only tries to dlopen the candidate names.
@@ -730,7 +709,7 @@ impl CudaOps {
                 "libcublas.so.13 / libcublasLt.so.13 are not loadable (add the CUDA 13 lib64 directory to LD_LIBRARY_PATH)"
             );
         }
-        no_panic("CUDA forward-pass backend initialisation", || Self::init(ordinal))
+        crate::gpu::no_panic("CUDA forward-pass backend initialisation", || Self::init(ordinal))
     }
 
     fn init(ordinal: usize) -> Result<CudaOps> {
@@ -757,7 +736,7 @@ impl CudaOps {
             tracing::warn!("libcudnn.so.9 is not loadable: convolutions use im2col + cuBLAS (slower, more memory)");
             None
         } else {
-            match no_panic("cuDNN", || Dnn::new(&stream)) {
+            match crate::gpu::no_panic("cuDNN", || Dnn::new(&stream)) {
                 Ok(d) => Some(d),
                 Err(e) => {
                     tracing::warn!("cuDNN unusable ({e:#}): convolutions use im2col + cuBLAS");
@@ -1256,7 +1235,7 @@ impl Ops for CudaOps {
         let key = ConvKey { n, c, h, w: wd, k, ksize, stride, pad: padding };
         let mut done = false;
         if self.use_cudnn.load(Ordering::Relaxed) {
-            match no_panic("cuDNN convolution", || self.conv_cudnn(x, w, key, &y)) {
+            match crate::gpu::no_panic("cuDNN convolution", || self.conv_cudnn(x, w, key, &y)) {
                 Ok(()) => done = true,
                 Err(e) => {
                     tracing::warn!("cuDNN convolution failed ({e:#}); convolutions use im2col + cuBLAS from now on");
