@@ -12,7 +12,7 @@ use super::schedule::{NoiseSchedule, Spacing};
 use super::session::gaussian;
 use crate::checkpoint::Checkpoint;
 use crate::formats::{QuantFormat, SourceDtype, WeightView, numerics};
-use crate::models::clip::{AESTHETIC_POSITIVE, SizeConditioning, sdxl_adm, sdxl_refiner_adm};
+use crate::models::clip::{self, SizeConditioning};
 use crate::models::unet::Unet;
 use crate::models::{InputHook, InputHooks, ReplacedWeights, WeightSource};
 use crate::nn::{ActQuant, Ops};
@@ -202,18 +202,9 @@ pub fn evaluate<O: Ops>(
         // (context and pooled text N(0, 1), real size conditioning), other seeds.
         let y = match cfg.adm_in_channels {
             Some(adm) => {
-                let size = SizeConditioning::new(resolution, resolution);
-                let (p, refiner) = if adm == 2560 {
-                    (2560 - 5 * 256, true)
-                } else {
-                    (adm - 6 * 256, false)
-                };
+                let p = clip::pooled_width(adm);
                 let pooled = ops.from_f32(&[1, p], &gaussian(p, s ^ 0xbeef, 1.0))?;
-                Some(if refiner {
-                    sdxl_refiner_adm(ops, &pooled, &size, AESTHETIC_POSITIVE)?
-                } else {
-                    sdxl_adm(ops, &pooled, &size)?
-                })
+                Some(clip::unet_adm(ops, &pooled, adm, &SizeConditioning::new(resolution, resolution))?)
             }
             None => None,
         };

@@ -157,18 +157,20 @@ pub fn run(
             (l.path.clone(), ObserverSpec { channels: l.shape[1], axis })
         })
         .collect();
+    // A bad --calib-data file is bad input, refused before any model is loaded.
+    let calib_data = match &opts.calib_data {
+        Some(p) => Some((p.clone(), session::calib_data_rows(p).map_err(|e| crate::pipeline::Refused(format!("{e:#}")))?)),
+        None => None,
+    };
     let inputs = SessionInputs {
         checkpoint: ctx.checkpoint.clone(),
         family: family.to_string(),
         prediction,
         tokenizer_dir: opts.clip_vocab.clone(),
-        calib_data: opts.calib_data.clone(),
+        calib_data,
         observed,
         limits: opts.limits,
     };
-    if let Some(p) = &opts.calib_data {
-        session::calib_data_rows(p).map_err(|e| crate::pipeline::Refused(format!("{e:#}")))?;
-    }
     let cpu_skip = |why: String| -> Result<Outcome> {
         // `auto` never starts an hours-long CPU calibration of a real model.
         let reason = format!("{why}; calibrating on the CPU is slow, pass --calibrate on to do it anyway");

@@ -13,7 +13,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use super::schedule::{NoiseSchedule, Spacing};
 use crate::checkpoint::Checkpoint;
-use crate::models::clip::{SizeConditioning, TextEncoders, TextFamily};
+use crate::models::clip::{self, SizeConditioning, TextEncoders, TextFamily};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::Unet;
 use crate::models::{InputHooks, WeightSource};
@@ -139,7 +139,8 @@ pub struct SessionInputs {
     pub family: String,
     pub prediction: Prediction,
     pub tokenizer_dir: Option<PathBuf>,
-    pub calib_data: Option<PathBuf>,
+    /// The `--calib-data` file and its row count (checked by [`calib_data_rows`]).
+    pub calib_data: Option<(PathBuf, usize)>,
     /// One observer per quantizable module input: (module path, spec).
     pub observed: Vec<(String, ObserverSpec)>,
     pub limits: SessionLimits,
@@ -187,10 +188,7 @@ where
             Some(dir) => Some(ClipTokenizer::from_dir(dir)?),
             None => None,
         };
-        let calib_rows = match &inputs.calib_data {
-            Some(p) => calib_data_rows(p)?,
-            None => 0,
-        };
+        let calib_rows = inputs.calib_data.as_ref().map_or(0, |(_, rows)| *rows);
         Ok(Session {
             ops,
             unet,
@@ -263,7 +261,7 @@ where
     fn text_family(&self) -> Result<TextFamily> {
         match (self.inputs.family.as_str(), self.unet.config().adm_in_channels) {
             ("sd15", _) => Ok(TextFamily::Sd15),
-            ("sdxl", Some(2560)) => Ok(TextFamily::SdxlRefiner),
+            ("sdxl", Some(clip::REFINER_ADM_CHANNELS)) => Ok(TextFamily::SdxlRefiner),
             ("sdxl", _) => Ok(TextFamily::Sdxl),
             (f, _) => bail!("prompt encoding is not available for {f} (its text encoder is not implemented); use --calib-data or calib-source=random"),
         }
@@ -272,20 +270,12 @@ where
     /// `y` for SDXL-type models from pooled text vectors `[B, P]`.
     fn adm(&self, pooled: &O::Tensor, width: u32, height: u32) -> Result<Option<O::Tensor>> {
         let size = SizeConditioning::new(width, height);
-        match self.unet.config().adm_in_channels {
-            None => Ok(None),
-            Some(2560) => Ok(Some(crate::models::clip::sdxl_refiner_adm(&self.ops, pooled, &size, crate::models::clip::AESTHETIC_POSITIVE)?)),
-            Some(_) => Ok(Some(crate::models::clip::sdxl_adm(&self.ops, pooled, &size)?)),
-        }
+        self.unet.config().adm_in_channels.map(|adm| clip::unet_adm(&self.ops, pooled, adm, &size)).transpose()
     }
 
     /// Width of the pooled text vector this UNet's `y` starts with.
     fn pooled_width(&self) -> usize {
-        match self.unet.config().adm_in_channels {
-            Some(2560) => 2560 - 5 * 256,
-            Some(adm) => adm - 6 * 256,
-            None => 0,
-        }
+        self.unet.config().adm_in_channels.map(clip::pooled_width).unwrap_or(0)
     }
 
     fn random_cond(&mut self, count: usize, seed: u64, spread: f32, width: u32, height: u32) -> Result<Cond<O::Tensor>> {
@@ -308,7 +298,7 @@ where
     }
 
     fn file_cond(&mut self, start: usize, count: usize, width: u32, height: u32) -> Result<Cond<O::Tensor>> {
-        let path = self.inputs.calib_data.clone().ok_or_else(|| anyhow!("no --calib-data file was given"))?;
+        let path = self.inputs.calib_data.as_ref().map(|(p, _)| p.clone()).ok_or_else(|| anyhow!("no --calib-data file was given"))?;
         ensure!(count >= 1, "file conditioning needs count >= 1");
         ensure!(start + count <= self.calib_rows, "rows {start}..{} are beyond the {} rows of {}", start + count, self.calib_rows, path.display());
         let data = CalibData::open(&path)?;

@@ -705,6 +705,29 @@ impl SizeConditioning {
     }
 }
 
+/// `y` width of the SDXL refiner UNet (pooled + 5 size/score embeddings); the
+/// base takes 6 embeddings (2816).
+pub const REFINER_ADM_CHANNELS: usize = 1280 + 5 * SIZE_EMBEDDING_WIDTH;
+
+/// Width of the pooled text vector that starts a UNet's `y` of `adm_channels`.
+pub fn pooled_width(adm_channels: usize) -> usize {
+    if adm_channels == REFINER_ADM_CHANNELS {
+        adm_channels - 5 * SIZE_EMBEDDING_WIDTH
+    } else {
+        adm_channels.saturating_sub(6 * SIZE_EMBEDDING_WIDTH)
+    }
+}
+
+/// `y` for a UNet that takes `adm_channels`, from pooled text vectors: the
+/// refiner's layout (positive aesthetic score) or the base's.
+pub fn unet_adm<O: Ops>(ops: &O, pooled: &O::Tensor, adm_channels: usize, size: &SizeConditioning) -> Result<O::Tensor> {
+    if adm_channels == REFINER_ADM_CHANNELS {
+        sdxl_refiner_adm(ops, pooled, size, AESTHETIC_POSITIVE)
+    } else {
+        sdxl_adm(ops, pooled, size)
+    }
+}
+
 /// SDXL base `y` `[B, P + 6*256]`: pooled, then the embeddings of height, width,
 /// crop top, crop left, target height, target width (sgm's
 /// `ConcatTimestepEmbedderND`, ComfyUI's `SDXL.encode_adm`).
