@@ -6,6 +6,8 @@
 //! - The other tests need a CUDA GPU; without one they print why and pass,
 //!   unless `QUANTSMITH_REQUIRE_GPU=1` (set on the GPU machine) makes that a failure.
 
+mod common;
+
 use std::sync::OnceLock;
 
 use quantsmith::backend::{Backend, CpuBackend, DeviceChoice};
@@ -21,14 +23,7 @@ use quantsmith::gpu::{self, AmaxKind, CudaBackend, FusedMode};
 
 #[test]
 fn kernels_compile_with_nvrtc() {
-    if !kernels::nvrtc_available() {
-        println!(
-            "SKIPPED kernels_compile_with_nvrtc: libnvrtc.so is not loadable \
-             (pip install nvidia-cuda-nvrtc==13.0.88; LD_LIBRARY_PATH=<site-packages>/nvidia/cu13/lib)"
-        );
-        if std::env::var_os("QUANTSMITH_REQUIRE_NVRTC").is_some() {
-            panic!("QUANTSMITH_REQUIRE_NVRTC is set but libnvrtc is not loadable");
-        }
+    if !common::nvrtc_or_skip("kernels_compile_with_nvrtc") {
         return;
     }
     let (major, minor) = kernels::nvrtc_version().expect("nvrtcVersion");
@@ -72,18 +67,10 @@ fn device_selection_never_panics() {
 
 fn backend() -> Option<&'static CudaBackend> {
     static B: OnceLock<Option<CudaBackend>> = OnceLock::new();
-    B.get_or_init(|| match CudaBackend::new(0, 4) {
-        Ok(b) => {
-            println!("GPU: {}", b.info());
-            Some(b)
-        }
-        Err(e) => {
-            if std::env::var_os("QUANTSMITH_REQUIRE_GPU").is_some() {
-                panic!("QUANTSMITH_REQUIRE_GPU is set but the GPU backend cannot start: {e:#}");
-            }
-            println!("SKIPPED: no usable CUDA GPU ({e:#})");
-            None
-        }
+    B.get_or_init(|| {
+        let b = common::gpu_or_skip("GPU backend", CudaBackend::new(0, 4))?;
+        println!("GPU: {}", b.info());
+        Some(b)
     })
     .as_ref()
 }

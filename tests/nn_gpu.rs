@@ -10,11 +10,13 @@
 //! observers exactly, fake quantization against the formats' CPU reference
 //! (`formats::Format::quantize` + `dequantize`) bit for bit after rounding to bf16.
 
+mod common;
+
 use std::sync::OnceLock;
 
 use quantsmith::formats::numerics::{e4m3_from_f32_sat, e4m3_to_f32, f32_to_bf16, f32_to_f16};
 use quantsmith::formats::{QuantFormat, QuantSpec, SourceDtype, WeightView};
-use quantsmith::gpu::kernels::{self, Target};
+use quantsmith::gpu::kernels::Target;
 use quantsmith::nn::cuda::{self as nncuda, CudaOps};
 use quantsmith::nn::{Act, ActQuant, ChannelAxis, ObserverSpec, Ops};
 use rand::rngs::StdRng;
@@ -27,14 +29,7 @@ use rand_distr::StandardNormal;
 
 #[test]
 fn nn_kernels_compile_with_nvrtc() {
-    if !kernels::nvrtc_available() {
-        println!(
-            "SKIPPED nn_kernels_compile_with_nvrtc: libnvrtc.so is not loadable \
-             (pip install nvidia-cuda-nvrtc==13.0.88; LD_LIBRARY_PATH=<site-packages>/nvidia/cu13/lib)"
-        );
-        if std::env::var_os("QUANTSMITH_REQUIRE_NVRTC").is_some() {
-            panic!("QUANTSMITH_REQUIRE_NVRTC is set but libnvrtc is not loadable");
-        }
+    if !common::nvrtc_or_skip("nn_kernels_compile_with_nvrtc") {
         return;
     }
     let ptx = nncuda::compile(Target::Ptx { major: 9, minor: 0 }).unwrap_or_else(|e| panic!("{e:#}"));
@@ -65,18 +60,10 @@ fn construction_fails_cleanly_without_a_device() {
 
 fn ops() -> Option<&'static CudaOps> {
     static OPS: OnceLock<Option<CudaOps>> = OnceLock::new();
-    OPS.get_or_init(|| match CudaOps::new(0) {
-        Ok(o) => {
-            println!("GPU: {}", o.name());
-            Some(o)
-        }
-        Err(e) => {
-            if std::env::var_os("QUANTSMITH_REQUIRE_GPU").is_some() {
-                panic!("QUANTSMITH_REQUIRE_GPU is set but the CUDA nn backend cannot start: {e:#}");
-            }
-            println!("SKIPPED: no usable CUDA GPU ({e:#})");
-            None
-        }
+    OPS.get_or_init(|| {
+        let o = common::gpu_or_skip("CUDA nn backend", CudaOps::new(0))?;
+        println!("GPU: {}", o.name());
+        Some(o)
     })
     .as_ref()
 }

@@ -62,3 +62,34 @@ pub fn assert_no_output(dir: &Path, output: &Path) {
         assert!(!name.ends_with(".partial"), "temporary file {name} left behind");
     }
 }
+
+/// Whether NVRTC can be loaded; prints why `test` is skipped when not, and
+/// fails instead when `QUANTSMITH_REQUIRE_NVRTC` is set (CI sets it).
+pub fn nvrtc_or_skip(test: &str) -> bool {
+    if quantsmith::gpu::kernels::nvrtc_available() {
+        return true;
+    }
+    println!(
+        "SKIPPED {test}: libnvrtc.so is not loadable \
+         (pip install nvidia-cuda-nvrtc==13.0.88; LD_LIBRARY_PATH=<site-packages>/nvidia/cu13/lib)"
+    );
+    if std::env::var_os("QUANTSMITH_REQUIRE_NVRTC").is_some() {
+        panic!("QUANTSMITH_REQUIRE_NVRTC is set but libnvrtc is not loadable");
+    }
+    false
+}
+
+/// A GPU backend, or `None` with the reason printed; a failure instead when
+/// `QUANTSMITH_REQUIRE_GPU` is set (the GPU machine sets it).
+pub fn gpu_or_skip<T>(what: &str, started: anyhow::Result<T>) -> Option<T> {
+    match started {
+        Ok(b) => Some(b),
+        Err(e) => {
+            if std::env::var_os("QUANTSMITH_REQUIRE_GPU").is_some() {
+                panic!("QUANTSMITH_REQUIRE_GPU is set but the {what} cannot start: {e:#}");
+            }
+            println!("SKIPPED: no usable CUDA GPU ({e:#})");
+            None
+        }
+    }
+}
