@@ -396,26 +396,17 @@ fn auto_mode_skips_calibration_on_the_cpu_and_says_why() {
 }
 
 #[test]
-fn int8_plans_need_no_calibration() {
+fn int8_plans_calibrate_only_for_smoothquant() {
     let dir = tempfile::tempdir().unwrap();
     let input = common::synth_tiny(dir.path(), "sd15");
     let output = dir.path().join("out.safetensors");
-    let mut o = calib_options(&input, &output, Some("sd15"), &["format=int8"]);
-    o.calibration.mode = CalibrateMode::Auto;
-    let report = pipeline::run(&o).unwrap();
-    assert!(report.calibration.is_none());
-    assert!(
-        report.notes.iter().any(|n| n.contains("INT8 and MXFP8")),
-        "{:?}",
-        report.notes
-    );
-    // `on` turns the same situation into a refusal, with no output left behind.
-    o.calibration.mode = CalibrateMode::On;
-    std::fs::remove_file(&output).unwrap();
+    // INT8 without smoothquant: the preset has nothing to calibrate and says so;
+    // `on` turns that into a refusal, with no output left behind.
+    let o = calib_options(&input, &output, Some("sd15"), &["format=int8", "smoothquant=off"]);
     let err = pipeline::run(&o).unwrap_err();
     assert!(
         err.downcast_ref::<quantsmith::pipeline::Refused>()
-            .is_some(),
+            .is_some_and(|r| r.0.contains("chose not to calibrate")),
         "{err:#}"
     );
     common::assert_no_output(dir.path(), &output);

@@ -118,9 +118,10 @@ fn the_host_survives_hostile_recipes() {
 #[test]
 fn incompatible_contract_versions_are_refused() {
     let wasm = std::fs::read(fixture("hostile")).unwrap();
-    // Same-length rewrite of every `quantsmith:recipe/...@0.1.1` name: a valid
-    // component that speaks contract 0.9.1.
-    let needle = b"@0.1.1";
+    // Same-length rewrite of every `quantsmith:recipe/...@0.1.x` name: a valid
+    // component that speaks contract 0.9.x.
+    let needle = format!("@{}", quantsmith::recipe::WIT_VERSION);
+    let needle = needle.as_bytes();
     let mut patched = wasm.clone();
     let mut hits = 0;
     for i in 0..patched.len().saturating_sub(needle.len()) {
@@ -134,8 +135,9 @@ fn incompatible_contract_versions_are_refused() {
     let path = dir.path().join("future.wasm");
     std::fs::write(&path, patched).unwrap();
     let runtime = RecipeRuntime::new(SandboxLimits::default()).unwrap();
-    let err = runtime.load(&RecipeSource::File(path)).err().expect("a 0.9.1 recipe is refused");
-    assert!(matches!(err, RecipeError::Version { ref found, .. } if found == "0.9.1"), "{err}");
+    let future = format!("0.9.{}", quantsmith::recipe::WIT_VERSION.rsplit('.').next().unwrap());
+    let err = runtime.load(&RecipeSource::File(path)).err().expect("a 0.9.x recipe is refused");
+    assert!(matches!(err, RecipeError::Version { ref found, .. } if *found == future), "{err}");
     assert!(err.to_string().contains("future.wasm"), "{err}");
 }
 

@@ -6,6 +6,7 @@
 //! writing of this one) and written in order; pages already written are dropped
 //! from the process, so peak memory does not grow with model size.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -19,7 +20,9 @@ use serde::Serialize;
 use crate::backend::Backend;
 use crate::checkpoint::writer::{PlannedTensor, StreamingWriter};
 use crate::checkpoint::{Checkpoint, TensorEntry};
-use crate::formats::{ErrorStats, QuantFormat, QuantSpec, StoredSpec, StoredTensor, WeightView};
+use crate::calibrate::smooth::{self, Smoothing, Transform};
+use crate::formats::{ErrorStats, QuantFormat, QuantSpec, SourceDtype, StoredSpec, StoredTensor, WeightView, numerics};
+use crate::modules::ModuleTable;
 use crate::plan::{LayerDecision, ResolvedPlan};
 
 /// On-disk layout of the output.
@@ -37,7 +40,9 @@ pub enum Layout {
 #[derive(Clone, Debug)]
 enum Item<'a> {
     Copy(&'a TensorEntry),
-    Quantize { entry: &'a TensorEntry, layer: &'a LayerDecision, spec: QuantSpec, stored: Vec<StoredSpec> },
+    /// Copied through a SmoothQuant fold (norms and producer rows), in its own dtype.
+    Smoothed(&'a TensorEntry, Transform),
+    Quantize { entry: &'a TensorEntry, layer: &'a LayerDecision, spec: QuantSpec, stored: Vec<StoredSpec>, transform: Option<Transform> },
     Bytes { name: String, dtype: Dtype, shape: Vec<usize>, data: Vec<u8> },
 }
 
@@ -80,9 +85,12 @@ pub struct ConvertOptions {
     /// Static activation scales by layer path (from calibration), stored as
     /// `<layer>.input_scale` (`.scale_input` in the legacy layout).
     pub input_scales: HashMap<String, f32>,
+    /// SmoothQuant factors to fold (from calibration); recorded in the header.
+    pub smoothing: Smoothing,
 }
 
-fn build_items<'a>(ckpt: &'a Checkpoint, plan: &'a ResolvedPlan, layout: Layout, input_scales: &HashMap<String, f32>) -> Result<Vec<Item<'a>>> {
+fn build_items<'a>(ckpt: &'a Checkpoint, plan: &'a ResolvedPlan, layout: Layout, input_scales: &HashMap<String, f32>, smoothing: &Smoothing) -> Result<Vec<Item<'a>>> {
+    let mut transforms = if smoothing.is_empty() { HashMap::new() } else { smoothing.transforms(&ModuleTable::build(ckpt))? };
     let mut items = Vec::with_capacity(ckpt.tensors().len() + plan.layers.len());
     if layout == Layout::ComfyLegacy {
         if let Some(l) = plan.quantized().find(|l| l.spec.unwrap().format != QuantFormat::Fp8) {
@@ -91,13 +99,17 @@ fn build_items<'a>(ckpt: &'a Checkpoint, plan: &'a ResolvedPlan, layout: Layout,
         items.push(Item::Bytes { name: format!("{}scaled_fp8", ckpt.prefix()), dtype: Dtype::F8_E4M3, shape: vec![0], data: vec![] });
     }
     for entry in ckpt.tensors() {
+        let transform = transforms.remove(&entry.key);
         let Some(layer) = plan.decision_for_key(&entry.key) else {
-            items.push(Item::Copy(entry));
+            items.push(match transform {
+                Some(t) => Item::Smoothed(entry, t),
+                None => Item::Copy(entry),
+            });
             continue;
         };
         let spec = layer.spec.expect("decision_for_key returns quantized layers");
         let stored = spec.implementation().layout(layer.shape[0], layer.shape[1]);
-        items.push(Item::Quantize { entry, layer, spec, stored });
+        items.push(Item::Quantize { entry, layer, spec, stored, transform });
         if let Some(&scale) = input_scales.get(&layer.path) {
             // A static activation scale (calibration): F32 scalar beside the weight.
             let name = match layout {
@@ -110,6 +122,9 @@ fn build_items<'a>(ckpt: &'a Checkpoint, plan: &'a ResolvedPlan, layout: Layout,
             let data = comfy_quant_json(spec.format);
             items.push(Item::Bytes { name: format!("{}.comfy_quant", layer.key), dtype: Dtype::U8, shape: vec![data.len()], data });
         }
+    }
+    if let Some(key) = transforms.keys().next() {
+        return Err(anyhow!("smoothing names {key}, which the checkpoint does not hold"));
     }
     Ok(items)
 }
@@ -126,7 +141,7 @@ fn planned(items: &[Item<'_>], layout: Layout) -> Vec<PlannedTensor> {
     let mut out = Vec::new();
     for item in items {
         match item {
-            Item::Copy(e) => out.push(PlannedTensor { name: e.key.clone(), dtype: e.dtype, shape: e.shape.clone() }),
+            Item::Copy(e) | Item::Smoothed(e, _) => out.push(PlannedTensor { name: e.key.clone(), dtype: e.dtype, shape: e.shape.clone() }),
             Item::Quantize { layer, stored, .. } => {
                 for s in stored {
                     out.push(PlannedTensor { name: stored_name(layer, s.suffix, layout), dtype: s.dtype, shape: s.shape.clone() });
@@ -140,7 +155,7 @@ fn planned(items: &[Item<'_>], layout: Layout) -> Vec<PlannedTensor> {
 
 /// The per-layer table of a plan, without converting anything (`--dry-run`).
 pub fn dry_run(ckpt: &Checkpoint, plan: &ResolvedPlan, layout: Layout) -> Result<(Vec<LayerReport>, u64)> {
-    let items = build_items(ckpt, plan, layout, &HashMap::new())?;
+    let items = build_items(ckpt, plan, layout, &HashMap::new(), &Smoothing::default())?;
     let total: u64 = planned(&items, layout).iter().map(|t| t.byte_len() as u64).sum();
     let mut layers = Vec::new();
     for l in &plan.layers {
@@ -170,7 +185,12 @@ pub fn quantization_metadata(plan: &ResolvedPlan) -> String {
 type JobResult = Result<(Vec<StoredTensor>, Option<ErrorStats>)>;
 
 struct Job<'a> {
-    view: WeightView<'a>,
+    entry: &'a TensorEntry,
+    dtype: SourceDtype,
+    rows: usize,
+    cols: usize,
+    /// A SmoothQuant fold, applied by the worker.
+    transform: Option<&'a Transform>,
     spec: QuantSpec,
     verify: bool,
     reply: mpsc::SyncSender<JobResult>,
@@ -179,12 +199,15 @@ struct Job<'a> {
 /// Converts `ckpt` according to `plan`, streaming into `opts.output`.
 pub fn convert(ckpt: &Checkpoint, plan: &ResolvedPlan, backend: &dyn Backend, opts: &ConvertOptions) -> Result<ConvertSummary> {
     let started = Instant::now();
-    let items = build_items(ckpt, plan, opts.layout, &opts.input_scales)?;
+    let items = build_items(ckpt, plan, opts.layout, &opts.input_scales, &opts.smoothing)?;
     let planned_tensors = planned(&items, opts.layout);
     let mut metadata: HashMap<String, String> = ckpt.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     metadata.extend(opts.metadata.clone());
     if opts.layout == Layout::Comfy && plan.quantized().next().is_some() {
         metadata.insert("_quantization_metadata".into(), quantization_metadata(plan));
+    }
+    if !opts.smoothing.is_empty() {
+        metadata.insert(smooth::METADATA_KEY.into(), opts.smoothing.to_metadata());
     }
     let mut writer = StreamingWriter::create(&opts.output, planned_tensors, metadata)?;
     let mut summary = ConvertSummary { input_bytes: ckpt.file_len() as u64, ..Default::default() };
@@ -203,9 +226,17 @@ pub fn convert(ckpt: &Checkpoint, plan: &ResolvedPlan, backend: &dyn Backend, op
                         Ok(j) => j,
                         Err(_) => return,
                     };
-                    let result = backend.quantize(job.spec, &job.view).map_err(anyhow::Error::from).and_then(|stored| {
+                    let name = job.entry.key.as_str();
+                    // A smoothed weight is quantized from its exact f32 product W * s, never re-rounded to the source dtype.
+                    let source = match job.transform {
+                        Some(t) => smooth::transformed_f32(ckpt, name, t).map(|v| (SourceDtype::F32, Cow::Owned(numerics::encode_source(SourceDtype::F32, &v)))),
+                        None => Ok((job.dtype, Cow::Borrowed(ckpt.bytes(job.entry)))),
+                    };
+                    let result = source.and_then(|(dtype, bytes)| {
+                        let view = WeightView { name, dtype, rows: job.rows, cols: job.cols, bytes: &bytes };
+                        let stored = backend.quantize(job.spec, &view)?;
                         let err = if job.verify {
-                            Some(job.spec.implementation().verify(&job.view, &stored).map_err(|e| anyhow!("verification failed for {}: {e}", job.view.name))?)
+                            Some(job.spec.implementation().verify(&view, &stored).map_err(|e| anyhow!("verification failed for {name}: {e}"))?)
                         } else {
                             None
                         };
@@ -220,10 +251,10 @@ pub fn convert(ckpt: &Checkpoint, plan: &ResolvedPlan, backend: &dyn Backend, op
         let mut next_submit = 0usize;
         let result = {
         let submit = |idx: usize| -> Result<mpsc::Receiver<JobResult>> {
-            let Item::Quantize { entry, layer, spec, .. } = &items[idx] else { unreachable!() };
+            let Item::Quantize { entry, layer, spec, transform, .. } = &items[idx] else { unreachable!() };
             let (tx, rx) = mpsc::sync_channel(1);
-            let view = WeightView { name: &entry.key, dtype: layer.dtype, rows: layer.shape[0], cols: layer.shape[1], bytes: ckpt.bytes(entry) };
-            job_tx.send(Job { view, spec: *spec, verify: opts.verify, reply: tx }).map_err(|_| anyhow!("internal: quantization workers stopped"))?;
+            let job = Job { entry, dtype: layer.dtype, rows: layer.shape[0], cols: layer.shape[1], transform: transform.as_ref(), spec: *spec, verify: opts.verify, reply: tx };
+            job_tx.send(job).map_err(|_| anyhow!("internal: quantization workers stopped"))?;
             Ok(rx)
         };
         (|| -> Result<()> {
@@ -241,7 +272,15 @@ pub fn convert(ckpt: &Checkpoint, plan: &ResolvedPlan, backend: &dyn Backend, op
                             pb.inc(entry.byte_len() as u64);
                         }
                     }
-                    Item::Quantize { entry, layer, stored: specs, spec } => {
+                    Item::Smoothed(entry, t) => {
+                        writer.write(&entry.key, &smooth::transformed_bytes(ckpt, &entry.key, t)?)?;
+                        ckpt.release(entry);
+                        summary.tensors_written += 1;
+                        if let Some(pb) = &opts.progress {
+                            pb.inc(entry.byte_len() as u64);
+                        }
+                    }
+                    Item::Quantize { entry, layer, stored: specs, spec, .. } => {
                         let rx = pending.pop_front().expect("a job per quantized item");
                         let (stored, err) = rx.recv().map_err(|_| anyhow!("internal: a quantization worker died"))??;
                         let mut after = 0u64;

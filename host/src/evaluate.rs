@@ -8,8 +8,9 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use safetensors::Dtype;
 use serde::Serialize;
 
+use crate::calibrate::smooth::{self, Smoothing};
 use crate::checkpoint::Checkpoint;
-use crate::formats::{ErrorStats, QuantFormat, QuantSpec, SourceDtype, StoredTensor, WeightView};
+use crate::formats::{ErrorStats, QuantFormat, QuantSpec, SourceDtype, StoredTensor, WeightView, numerics};
 use crate::modules::{ModuleKind, ModuleTable};
 use crate::plan::probe_patterns;
 
@@ -27,10 +28,16 @@ pub struct OutputCheck {
     pub legacy: bool,
     /// Static activation scales (`input_scale`, legacy `scale_input`) by layer.
     pub input_scales: BTreeMap<String, f32>,
+    /// Tensors changed by a SmoothQuant fold recorded in the header, each
+    /// checked against the source with the recorded factors.
+    pub smoothed_tensors: usize,
 }
 
 /// Checks `output` against `source`: every rule of SPEC section 3, byte-identical
 /// pass-through, and every quantized layer dequantized within its format's bound.
+/// A SmoothQuant fold recorded in the header (`quantsmith.smoothquant`) is
+/// applied to the source first: folded norms and rows must equal the source's
+/// divided by the factors exactly, smoothed layers must quantize `W * s`.
 pub fn check_output(source: &Checkpoint, output: &Path) -> Result<OutputCheck> {
     let bytes = std::fs::read(output).with_context(|| format!("cannot read {}", output.display()))?;
     let out = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("output is not valid safetensors: {e}"))?;
@@ -45,6 +52,11 @@ pub fn check_output(source: &Checkpoint, output: &Path) -> Result<OutputCheck> {
     check.legacy = out.tensor(&format!("{prefix}scaled_fp8")).is_ok();
     let modules = ModuleTable::build(source);
     let probes = probe_patterns();
+    let transforms = match header_meta.get(smooth::METADATA_KEY) {
+        Some(text) => Smoothing::from_metadata(text)?.transforms(&modules)?,
+        None => Default::default(),
+    };
+    check.smoothed_tensors = transforms.len();
 
     // Quantized layers: from per-layer markers (comfy) or scale_weight (legacy).
     let mut quantized: BTreeMap<String, QuantSpec> = BTreeMap::new();
@@ -105,7 +117,14 @@ pub fn check_output(source: &Checkpoint, output: &Path) -> Result<OutputCheck> {
             ensure!(value.is_finite() && value > 0.0, "{scale_key} = {value}; a static activation scale must be finite and positive");
             check.input_scales.insert(layer.clone(), value);
         }
-        let view = WeightView { name: &src.key, dtype, rows, cols, bytes: source.bytes(src) };
+        let smoothed = match transforms.get(&src.key) {
+            Some(t) => Some(numerics::encode_source(SourceDtype::F32, &smooth::transformed_f32(source, &src.key, t)?)),
+            None => None,
+        };
+        let view = match &smoothed {
+            Some(bytes) => WeightView { name: &src.key, dtype: SourceDtype::F32, rows, cols, bytes },
+            None => WeightView { name: &src.key, dtype, rows, cols, bytes: source.bytes(src) },
+        };
         let err = imp.verify(&view, &stored).map_err(|e| anyhow!("layer {layer}: {e}"))?;
         check.layers.insert(layer.clone(), (spec.format.name().to_string(), err));
     }
@@ -117,7 +136,11 @@ pub fn check_output(source: &Checkpoint, output: &Path) -> Result<OutputCheck> {
             continue;
         }
         let v = out.tensor(&t.key).with_context(|| format!("source tensor {} is missing from the output", t.key))?;
-        ensure!(v.dtype() == t.dtype && v.shape() == t.shape.as_slice() && v.data() == source.bytes(t), "tensor {} changed although it is not quantized", t.key);
+        ensure!(v.dtype() == t.dtype && v.shape() == t.shape.as_slice(), "tensor {} changed dtype or shape although it is not quantized", t.key);
+        match transforms.get(&t.key) {
+            Some(tr) => ensure!(v.data() == smooth::transformed_bytes(source, &t.key, tr)?.as_slice(), "tensor {} is not the source folded with the recorded SmoothQuant factors", t.key),
+            None => ensure!(v.data() == source.bytes(t), "tensor {} changed although it is not quantized", t.key),
+        }
         check.passthrough_tensors += 1;
     }
     for (name, _) in out.iter() {

@@ -609,29 +609,47 @@ fn print_report(r: &RunReport) {
         if let Some(e) = &c.eval {
             for m in &e.modes {
                 println!(
-                    "eval     {:<13} output vs unquantized over {} held-out inputs: relative L2 {:.4} (worst {:.4}), cosine {:.6}",
+                    "eval     {:<17} output vs unquantized over {} held-out inputs: relative L2 {:.4} (worst {:.4}), cosine {:.6}",
                     m.mode, e.inputs, m.output.relative_l2, m.worst_relative_l2, m.output.cosine
                 );
             }
-            if let Some(ok) = e.static_no_worse_than_dynamic {
+            if let (Some(ok), Some(d)) = (e.static_no_worse_than_dynamic, e.static_minus_dynamic) {
                 println!(
-                    "eval     static calibrated FP8 {} dynamic per-tensor FP8",
+                    "eval     static calibrated scales {} dynamic per-tensor ones (paired difference {:+.5} +- {:.5} over {} inputs)",
                     if ok {
                         "is no worse than"
                     } else {
                         "is WORSE than"
-                    }
+                    },
+                    d.mean,
+                    d.standard_error,
+                    d.inputs
                 );
             }
+            if let Some(d) = e.smoothed_minus_unsmoothed {
+                println!(
+                    "eval     SmoothQuant changed the static output relative L2 by {:+.5} +- {:.5} (paired, {} inputs; negative = better)",
+                    d.mean, d.standard_error, d.inputs
+                );
+            }
+        }
+        if !c.smoothing.is_empty() {
+            let shrunk = c.smoothing.iter().filter(|g| g.amax_after < g.amax_before).count();
+            println!(
+                "smooth   {} SmoothQuant groups folded into norms and producer rows; {} of them shrank their input amax",
+                c.smoothing.len(),
+                shrunk
+            );
         }
     }
 }
 
 fn print_check(check: &quantsmith::evaluate::OutputCheck) {
     println!(
-        "ok: {} quantized layers within their format's error bound, {} tensors passed through unchanged{}",
+        "ok: {} quantized layers within their format's error bound, {} tensors passed through; {} tensors checked against the recorded SmoothQuant fold{}",
         check.layers.len(),
         check.passthrough_tensors,
+        check.smoothed_tensors,
         if check.legacy {
             " (legacy scaled_fp8 layout)"
         } else {

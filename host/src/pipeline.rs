@@ -258,6 +258,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
             "samples": c.report.session.samples,
             "steps": c.report.session.steps.len(),
             "input_scales": c.input_scales.len(),
+            "smoothquant_groups": c.smoothing.groups.len(),
         });
         metadata.insert("quantsmith.calibration".into(), summary.to_string());
     }
@@ -283,6 +284,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
             verify: opts.verify,
             progress: progress.clone(),
             input_scales: calibration.as_ref().map(|c| c.input_scales.clone()).unwrap_or_default(),
+            smoothing: calibration.as_ref().map(|c| c.smoothing.clone()).unwrap_or_default(),
         },
     )
     .with_context(|| format!("converting {}", opts.input.display()))?;

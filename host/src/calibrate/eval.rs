@@ -10,6 +10,8 @@ use serde::Serialize;
 
 use super::schedule::{NoiseSchedule, Spacing};
 use super::session::gaussian;
+use super::smooth::{self, Smoothing};
+use crate::modules::ModuleTable;
 use crate::checkpoint::Checkpoint;
 use crate::formats::{QuantFormat, SourceDtype, WeightView, numerics};
 use crate::models::clip::{self, SizeConditioning};
@@ -64,7 +66,8 @@ pub struct LayerAgreement {
 /// Output agreement of one activation-quantization mode, averaged over held-out inputs.
 #[derive(Clone, Debug, Serialize)]
 pub struct ModeAgreement {
-    /// `weights-only`, `static` (calibrated scales), `dynamic` (per-tensor scale from each input).
+    /// `weights-only`, `static` (calibrated scales), `dynamic` (per-tensor scale from each
+    /// input), `static-unsmoothed` (with SmoothQuant: the same plan without it).
     pub mode: String,
     pub output: Agreement,
     /// Worst held-out input.
@@ -78,8 +81,37 @@ pub struct EvalReport {
     pub sigmas: Vec<f32>,
     pub modes: Vec<ModeAgreement>,
     pub layers: Vec<LayerAgreement>,
-    /// `static` output relative L2 <= `dynamic` (FP8 layers present only).
+    /// Per held-out input, `static` minus `dynamic` output relative L2 (FP8 layers present only).
+    pub static_minus_dynamic: Option<PairedDifference>,
+    /// `static` is not worse than `dynamic`: its mean paired excess is at most
+    /// zero or within two standard errors of zero (with one input: at most zero).
     pub static_no_worse_than_dynamic: Option<bool>,
+    /// With SmoothQuant: per held-out input, `static` minus `static-unsmoothed`
+    /// output relative L2 (negative: the smoothing helped).
+    pub smoothed_minus_unsmoothed: Option<PairedDifference>,
+}
+
+/// Mean and standard error of paired per-input differences.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct PairedDifference {
+    pub mean: f64,
+    pub standard_error: f64,
+    pub inputs: usize,
+}
+
+impl PairedDifference {
+    pub fn of(a: &[f64], b: &[f64]) -> PairedDifference {
+        let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+        let n = d.len().max(1) as f64;
+        let mean = d.iter().sum::<f64>() / n;
+        let var = if d.len() > 1 { d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+        PairedDifference { mean, standard_error: (var / n).sqrt(), inputs: d.len() }
+    }
+
+    /// Not significantly positive (about 95% one-sided).
+    pub fn not_worse(&self) -> bool {
+        self.mean <= 0.0 || (self.inputs > 1 && self.mean <= 2.0 * self.standard_error)
+    }
 }
 
 /// The activation quantization of a quantized layer in each mode.
@@ -97,25 +129,51 @@ fn act_quant(format: QuantFormat, static_scale: Option<f32>, dynamic: bool) -> O
     }
 }
 
-/// Quantized-dequantized weights of every quantized layer, as bf16 (what the
-/// GPU computes with anyway), keyed by full checkpoint key.
+/// The model as it will be written: quantized-dequantized weights of every
+/// quantized layer as bf16 (what the GPU computes with anyway) and, with
+/// SmoothQuant, the folded norms and rows in their stored dtype; keyed by
+/// full checkpoint key.
 pub fn dequantized_weights(
     ckpt: &Checkpoint,
     layers: &[&LayerDecision],
+    smoothing: &Smoothing,
 ) -> Result<HashMap<String, (Vec<usize>, SourceDtype, Vec<u8>)>> {
     let mut out = HashMap::new();
+    let transforms = smoothing.transforms(&ModuleTable::build(ckpt))?;
+    for (key, t) in &transforms {
+        let entry = ckpt
+            .get(key)
+            .with_context(|| format!("checkpoint has no `{key}`"))?;
+        let dtype = SourceDtype::from_safetensors(entry.dtype)
+            .with_context(|| format!("{key}: not a float tensor"))?;
+        out.insert(
+            key.clone(),
+            (entry.shape.clone(), dtype, smooth::transformed_bytes(ckpt, key, t)?),
+        );
+    }
     for l in layers {
         let Some(spec) = l.spec else { continue };
         let key = format!("{}.weight", l.key);
         let t = ckpt
             .get(&key)
             .with_context(|| format!("checkpoint has no `{key}`"))?;
+        let smoothed = match transforms.get(&key) {
+            Some(tr) => Some(numerics::encode_source(
+                SourceDtype::F32,
+                &smooth::transformed_f32(ckpt, &key, tr)?,
+            )),
+            None => None,
+        };
         let view = WeightView {
             name: &t.key,
-            dtype: l.dtype,
+            dtype: if smoothed.is_some() {
+                SourceDtype::F32
+            } else {
+                l.dtype
+            },
             rows: l.shape[0],
             cols: l.shape[1],
-            bytes: ckpt.bytes(t),
+            bytes: smoothed.as_deref().unwrap_or(ckpt.bytes(t)),
         };
         let f = spec.implementation();
         let stored = f.quantize(&view)?;
@@ -130,6 +188,9 @@ pub fn dequantized_weights(
 }
 
 /// Runs the evaluation. `scales`: static activation scale per layer path.
+/// With SmoothQuant, `unsmoothed_scales` are the scales the same calibration
+/// gives without it: the `static-unsmoothed` mode then measures, on the same
+/// held-out inputs, what the smoothing bought.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate<O: Ops>(
     ops: &O,
@@ -137,6 +198,8 @@ pub fn evaluate<O: Ops>(
     ckpt: &Checkpoint,
     layers: &[&LayerDecision],
     scales: &HashMap<String, f32>,
+    smoothing: &Smoothing,
+    unsmoothed_scales: &HashMap<String, f32>,
     inputs: usize,
     resolution: u32,
     seed: u64,
@@ -144,11 +207,23 @@ pub fn evaluate<O: Ops>(
     let prefix = ckpt.prefix().to_string();
     let replaced = ReplacedWeights {
         base: ckpt as &dyn WeightSource,
-        replaced: dequantized_weights(ckpt, layers)?,
+        replaced: dequantized_weights(ckpt, layers, smoothing)?,
     };
     let quantized = Unet::load(ops, &replaced, &prefix, reference.config().clone())
         .context("loading the fake-quantized UNet")?;
     drop(replaced);
+    let unsmoothed = if smoothing.is_empty() {
+        None
+    } else {
+        let replaced = ReplacedWeights {
+            base: ckpt as &dyn WeightSource,
+            replaced: dequantized_weights(ckpt, layers, &Smoothing::default())?,
+        };
+        Some(
+            Unet::load(ops, &replaced, &prefix, reference.config().clone())
+                .context("loading the fake-quantized UNet without SmoothQuant")?,
+        )
+    };
     let cfg = reference.config().clone();
 
     let mode_hooks = |mode: &str| -> InputHooks {
@@ -156,6 +231,11 @@ pub fn evaluate<O: Ops>(
         if mode == "weights-only" {
             return h;
         }
+        let scales = if mode == "static-unsmoothed" {
+            unsmoothed_scales
+        } else {
+            scales
+        };
         for l in layers {
             let Some(spec) = l.spec else { continue };
             let q = act_quant(spec.format, scales.get(&l.path).copied(), mode == "dynamic");
@@ -172,11 +252,14 @@ pub fn evaluate<O: Ops>(
     let has_fp8 = layers
         .iter()
         .any(|l| l.spec.is_some_and(|s| s.format == QuantFormat::Fp8));
-    let modes: Vec<&str> = if has_fp8 {
+    let mut modes: Vec<&str> = if has_fp8 {
         vec!["weights-only", "static", "dynamic"]
     } else {
         vec!["weights-only", "static"]
     };
+    if unsmoothed.is_some() {
+        modes.push("static-unsmoothed");
+    }
 
     // Held-out inputs come from the process calibration samples: a denoising
     // walk (other seeds), driven by the unquantized model, evaluated at a step
@@ -186,6 +269,7 @@ pub fn evaluate<O: Ops>(
     let eval_steps = [0usize, 4, 8];
     let side = (resolution / 8) as usize;
     let mut sums: Vec<(f64, f64, f64)> = vec![(0.0, 0.0, 0.0); modes.len()];
+    let mut per_input: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut layer_report = Vec::new();
     let mut used_sigmas = Vec::new();
     let mut n = 0usize;
@@ -258,12 +342,16 @@ pub fn evaluate<O: Ops>(
             if first && *mode == "static" {
                 hooks.recorded = Some(Default::default());
             }
-            let got =
-                ops.to_f32(&quantized.forward(ops, &x, &[t], &context, y.as_ref(), &hooks)?)?;
+            let model = match (&unsmoothed, *mode) {
+                (Some(u), "static-unsmoothed") => u,
+                _ => &quantized,
+            };
+            let got = ops.to_f32(&model.forward(ops, &x, &[t], &context, y.as_ref(), &hooks)?)?;
             let a = Agreement::between(&want, &got);
             sums[m].0 += a.relative_l2;
             sums[m].1 += a.cosine;
             sums[m].2 = sums[m].2.max(a.relative_l2);
+            per_input[m].push(a.relative_l2);
             if let (Some(rr), Some(qr)) = (&ref_hooks.recorded, &hooks.recorded) {
                 let (rr, qr) = (rr.borrow(), qr.borrow());
                 for l in layers {
@@ -275,13 +363,22 @@ pub fn evaluate<O: Ops>(
                     else {
                         continue;
                     };
+                    let mut q = ops.to_f32(q)?;
+                    // A smoothed layer sees x / s: undo it to compare with the reference input.
+                    if let Some(f) = smoothing.consumer_factors(&l.path) {
+                        for row in q.chunks_mut(f.len()) {
+                            for (v, s) in row.iter_mut().zip(f) {
+                                *v *= s;
+                            }
+                        }
+                    }
                     layer_report.push(LayerAgreement {
                         path: l.path.clone(),
                         format: l
                             .spec
                             .map(|s| s.format.name().to_string())
                             .unwrap_or_default(),
-                        input: Agreement::between(&ops.to_f32(r)?, &ops.to_f32(q)?),
+                        input: Agreement::between(&ops.to_f32(r)?, &q),
                     });
                 }
             }
@@ -300,15 +397,18 @@ pub fn evaluate<O: Ops>(
             worst_relative_l2: s.2,
         })
         .collect();
-    let rel = |name: &str| {
+    let series = |name: &str| {
         modes
             .iter()
-            .find(|m| m.mode == name)
-            .map(|m| m.output.relative_l2)
+            .position(|m| m.mode == name)
+            .map(|i| per_input[i].clone())
     };
-    let static_no_worse_than_dynamic = match (rel("static"), rel("dynamic")) {
-        // Within 1% of dynamic counts as no worse: both are FP8 roundings of the same values.
-        (Some(s), Some(d)) => Some(s <= d * 1.01 + 1e-6),
+    let static_minus_dynamic = match (series("static"), series("dynamic")) {
+        (Some(s), Some(d)) => Some(PairedDifference::of(&s, &d)),
+        _ => None,
+    };
+    let smoothed_minus_unsmoothed = match (series("static"), series("static-unsmoothed")) {
+        (Some(s), Some(u)) => Some(PairedDifference::of(&s, &u)),
         _ => None,
     };
     Ok(EvalReport {
@@ -317,7 +417,9 @@ pub fn evaluate<O: Ops>(
         sigmas: used_sigmas,
         modes,
         layers: layer_report,
-        static_no_worse_than_dynamic,
+        static_no_worse_than_dynamic: static_minus_dynamic.map(|p| p.not_worse()),
+        static_minus_dynamic,
+        smoothed_minus_unsmoothed,
     })
 }
 
@@ -334,6 +436,20 @@ mod tests {
         let b = Agreement::between(&[3.0, 4.0], &[3.0, 5.0]);
         assert!((b.relative_l2 - 0.2).abs() < 1e-12);
         assert!((b.cosine - 29.0 / (5.0 * 34f64.sqrt())).abs() < 1e-12);
+    }
+
+    #[test]
+    fn paired_difference_of_hand_vectors() {
+        // Differences 0.1, 0.5: mean 0.3, sample sd sqrt(0.08), se 0.2.
+        let p = PairedDifference::of(&[1.1, 2.5], &[1.0, 2.0]);
+        assert!((p.mean - 0.3).abs() < 1e-12 && (p.standard_error - 0.2).abs() < 1e-12);
+        assert!(p.not_worse(), "0.3 is within two standard errors (0.4) of zero");
+        // Consistently worse by 0.2 +- 0.01: significant.
+        let q = PairedDifference::of(&[1.19, 1.21, 1.2], &[1.0, 1.0, 1.0]);
+        assert!(!q.not_worse());
+        // One input: only an actual improvement or tie counts.
+        assert!(!PairedDifference::of(&[1.01], &[1.0]).not_worse());
+        assert!(PairedDifference::of(&[1.0], &[1.0]).not_worse());
     }
 
     #[test]

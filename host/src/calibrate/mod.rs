@@ -10,11 +10,13 @@
 //!
 //! - [`schedule`]: the families' noise schedules.
 //! - [`session`]: the host calls, tensor handles and limits.
+//! - [`smooth`]: SmoothQuant factors and where they are folded.
 
 pub mod eval;
 pub mod scales;
 pub mod schedule;
 pub mod session;
+pub mod smooth;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -75,6 +77,9 @@ pub struct LayerCalibration {
     pub observed_max: f32,
     /// The stored static activation scale, when the format has one.
     pub input_scale: Option<f32>,
+    /// The input is divided by SmoothQuant factors (folded into its producer).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub smoothed: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -86,12 +91,15 @@ pub struct CalibrationReport {
     pub session: SessionStats,
     pub notes: Vec<String>,
     pub layers: Vec<LayerCalibration>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub smoothing: Vec<smooth::SmoothingReport>,
     pub eval: Option<eval::EvalReport>,
 }
 
-/// Static activation scales by layer path, and the report.
+/// Static activation scales by layer path, the SmoothQuant factors to fold, and the report.
 pub struct Calibration {
     pub input_scales: HashMap<String, f32>,
+    pub smoothing: smooth::Smoothing,
     pub report: CalibrationReport,
 }
 
@@ -107,8 +115,10 @@ pub fn family_supported(family: &str) -> bool {
     matches!(family, "sd15" | "sd2" | "sdxl")
 }
 
-fn wants_activation_scales(plan: &ResolvedPlan) -> bool {
-    plan.quantized().any(|l| l.spec.is_some_and(|s| matches!(s.format, QuantFormat::Fp8 | QuantFormat::Nvfp4)))
+/// FP8 and NVFP4 store static activation scales; INT8 gains from SmoothQuant
+/// (the recipe decides, and may decline).
+fn wants_calibration(plan: &ResolvedPlan) -> bool {
+    plan.quantized().any(|l| l.spec.is_some_and(|s| matches!(s.format, QuantFormat::Fp8 | QuantFormat::Nvfp4 | QuantFormat::Int8)))
 }
 
 /// Why calibration will not run, or `None` when it will.
@@ -116,8 +126,8 @@ pub fn skip_reason(opts: &CalibrationOptions, plan: &ResolvedPlan, family: &str,
     if opts.mode == CalibrateMode::Off {
         return Some("--calibrate off".into());
     }
-    if !wants_activation_scales(plan) {
-        return Some("no FP8 or NVFP4 layer in the plan (INT8 and MXFP8 quantize activations at run time)".into());
+    if !wants_calibration(plan) {
+        return Some("no FP8, NVFP4 or INT8 layer in the plan (MXFP8 quantizes activations at run time and takes no SmoothQuant)".into());
     }
     if !family_supported(family) {
         return Some(format!("no host forward pass for {family} yet (SD1.x, SD2.x and SDXL have one)"));
@@ -236,20 +246,46 @@ where
         return Err(RecipeError::Invalid { recipe: recipe.name().to_string(), message: "calibrate returned settings but ran no forward pass (denoise)".into() }.into());
     }
     let observers = session.observers()?;
+    let smoothing = session.smoothing();
     let mut input_scales = HashMap::new();
+    let mut unsmoothed_scales = HashMap::new();
     let mut report_layers = Vec::new();
+    let mut channel_amax = std::collections::BTreeMap::new();
     for (l, o) in layers.iter().zip(&observers) {
         let Some(spec) = l.spec else { continue };
         if o.calls == 0 {
             bail!("internal: quantized layer {} was never reached by the forward pass", l.path);
         }
-        let amax = scales::calibrated_amax(o, &stats.steps, algorithm);
+        let mut amax = scales::calibrated_amax(o, &stats.steps, algorithm);
+        if let Some(s) = scales::activation_scale(spec.format, amax) {
+            unsmoothed_scales.insert(l.path.clone(), s);
+        }
+        let factors = smoothing.consumer_factors(&l.path);
+        if let Some(s) = factors {
+            // Exact for `max`; per-step buckets (percentile) shrink in proportion.
+            let smoothed = smooth::smoothed_amax(&o.channel_amax, s);
+            let observed = o.amax();
+            amax = match algorithm {
+                Algorithm::Max => smoothed,
+                _ if observed > 0.0 => amax * (smoothed / observed),
+                _ => amax,
+            };
+            channel_amax.insert(l.path.clone(), o.channel_amax.clone());
+        }
         let input_scale = scales::activation_scale(spec.format, amax);
         if let Some(s) = input_scale {
             input_scales.insert(l.path.clone(), s);
         }
-        report_layers.push(LayerCalibration { path: l.path.clone(), format: spec.format.name().into(), amax, observed_max: o.amax(), input_scale });
+        report_layers.push(LayerCalibration {
+            path: l.path.clone(),
+            format: spec.format.name().into(),
+            amax,
+            observed_max: o.amax(),
+            input_scale,
+            smoothed: factors.is_some(),
+        });
     }
+    let smoothing_report = smooth::report(&smoothing, &channel_amax);
     let seconds = started.elapsed().as_secs_f64();
     tracing::info!(
         "calibration: {} forward passes over {} steps in {:.1} s ({:.3} s per pass)",
@@ -263,7 +299,7 @@ where
         let any = session.into_any();
         let session = any.downcast::<Session<O>>().map_err(|_| anyhow::anyhow!("internal: session type"))?;
         let resolution = if opts.eval_resolution > 0 { opts.eval_resolution } else { session.info().native_resolution };
-        let r = eval::evaluate(session.ops(), session.unet(), &ctx.checkpoint, layers, &input_scales, opts.eval_inputs, resolution, 0x5eed_e7a1)
+        let r = eval::evaluate(session.ops(), session.unet(), &ctx.checkpoint, layers, &input_scales, &smoothing, &unsmoothed_scales, opts.eval_inputs, resolution, 0x5eed_e7a1)
             .context("evaluating the fake-quantized model")?;
         Some(r)
     } else {
@@ -271,7 +307,8 @@ where
     };
     Ok(Outcome::Calibrated(Box::new(Calibration {
         input_scales,
-        report: CalibrationReport { algorithm, device, seconds, session: stats, notes: settings.notes, layers: report_layers, eval },
+        smoothing,
+        report: CalibrationReport { algorithm, device, seconds, session: stats, notes: settings.notes, layers: report_layers, smoothing: smoothing_report, eval },
     })))
 }
 

@@ -63,19 +63,6 @@ pub fn activation_scale(format: QuantFormat, amax: f32) -> Option<f32> {
     Some((amax / max).max(f32::MIN_POSITIVE))
 }
 
-/// SmoothQuant's per-input-channel factors `s_j = amax_x[j]^alpha / amax_w[j]^(1-alpha)`,
-/// clamped away from 0 so folding them never divides by zero.
-pub fn smoothquant_factors(act_amax: &[f32], weight_amax: &[f32], alpha: f32) -> Vec<f32> {
-    act_amax
-        .iter()
-        .zip(weight_amax)
-        .map(|(&a, &w)| {
-            let s = (a.max(1e-5) as f64).powf(alpha as f64) / (w.max(1e-5) as f64).powf(1.0 - alpha as f64);
-            (s as f32).clamp(1e-4, 1e4)
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,12 +101,5 @@ mod tests {
         assert!(Algorithm::Percentile(0.0).validate().is_err());
         assert!(Algorithm::Percentile(100.5).validate().is_err());
         assert!(Algorithm::Percentile(99.9).validate().is_ok());
-    }
-
-    #[test]
-    fn smoothquant_factor_formula() {
-        // alpha 0.5: sqrt(a) / sqrt(w): a 16, w 4 -> 4 / 2 = 2.
-        let f = smoothquant_factors(&[16.0, 1.0], &[4.0, 1.0], 0.5);
-        assert!((f[0] - 2.0).abs() < 1e-6 && (f[1] - 1.0).abs() < 1e-6);
     }
 }

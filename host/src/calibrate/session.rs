@@ -12,6 +12,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
 use super::schedule::{NoiseSchedule, Spacing};
+use super::smooth;
 use crate::checkpoint::Checkpoint;
 use crate::models::clip::{self, SizeConditioning, TextEncoders, TextFamily};
 use crate::models::tokenizer::ClipTokenizer;
@@ -110,6 +111,15 @@ pub trait CalibSession: Send {
         Ok((all[slot].clone(), self.stats().steps))
     }
     fn observed_slot(&self, module: &str) -> Option<usize>;
+    /// SmoothQuant groups whose producer can carry the factors and that have
+    /// at least one observed (quantized) consumer.
+    fn smoothing_groups(&self) -> Vec<smooth::Group>;
+    /// Chooses SmoothQuant factors for `producer` from what the observers saw
+    /// so far and the consumers' weights; they are folded at write time.
+    /// Also returns the input's per-channel amax the factors came from.
+    fn smooth(&mut self, producer: &str, alpha: f32) -> Result<(smooth::Smoothed, Vec<f32>)>;
+    /// The factors chosen so far.
+    fn smoothing(&self) -> smooth::Smoothing;
     /// Forward passes run, steps seen and time spent in them.
     fn stats(&self) -> SessionStats;
     /// For getting the concrete session back after the recipe is done.
@@ -163,6 +173,10 @@ pub struct Session<O: Ops> {
     samples: usize,
     steps: BTreeSet<usize>,
     forward_time: Duration,
+    smoothing_groups: Vec<smooth::Group>,
+    smoothing: smooth::Smoothing,
+    /// Observer statistics read after `forwards` passes (reading them syncs the device).
+    observers_cache: Option<(usize, Vec<ObserverStats>)>,
 }
 
 // SAFETY-free note: sessions move into the wasmtime store's thread and stay
@@ -189,6 +203,11 @@ where
             None => None,
         };
         let calib_rows = inputs.calib_data.as_ref().map_or(0, |(_, rows)| *rows);
+        let modules = crate::modules::ModuleTable::build(&inputs.checkpoint);
+        let smoothing_groups = smooth::groups(&modules)
+            .into_iter()
+            .filter(|g| g.consumers.iter().any(|c| inputs.observed.iter().any(|(p, _)| p == c)))
+            .collect();
         Ok(Session {
             ops,
             unet,
@@ -205,6 +224,9 @@ where
             samples: 0,
             steps: BTreeSet::new(),
             forward_time: Duration::ZERO,
+            smoothing_groups,
+            smoothing: smooth::Smoothing::default(),
+            observers_cache: None,
         })
     }
 
@@ -532,6 +554,54 @@ where
 
     fn observed_slot(&self, module: &str) -> Option<usize> {
         self.inputs.observed.iter().position(|(p, _)| p == module)
+    }
+
+    fn smoothing_groups(&self) -> Vec<smooth::Group> {
+        self.smoothing_groups.clone()
+    }
+
+    fn smooth(&mut self, producer: &str, alpha: f32) -> Result<(smooth::Smoothed, Vec<f32>)> {
+        ensure!(alpha.is_finite() && (0.0..=1.0).contains(&alpha), "alpha must be in [0, 1], got {alpha}");
+        let group = self
+            .smoothing_groups
+            .iter()
+            .find(|g| g.producer == producer)
+            .cloned()
+            .ok_or_else(|| anyhow!("`{producer}` is not a smoothing producer of this plan (see smoothing-groups)"))?;
+        if self.observers_cache.as_ref().is_none_or(|(n, _)| *n != self.forwards) {
+            self.observers_cache = Some((self.forwards, self.ops.observers_read()?));
+        }
+        let observers = &self.observers_cache.as_ref().expect("just read").1;
+        // Consumers share one input; any observed one has its statistics.
+        let mut act = vec![0f32; group.channels];
+        let mut seen = false;
+        for c in &group.consumers {
+            let Some(slot) = self.observed_slot(c) else { continue };
+            let o = &observers[slot];
+            if o.calls == 0 || o.channel_amax.len() != group.channels {
+                continue;
+            }
+            seen = true;
+            for (a, &v) in act.iter_mut().zip(&o.channel_amax) {
+                *a = a.max(v);
+            }
+        }
+        ensure!(seen, "the inputs of {} have not been observed yet: run denoise first", group.consumers.join(", "));
+        let ckpt = &self.inputs.checkpoint;
+        let mut weight = vec![0f32; group.channels];
+        for c in &group.consumers {
+            let key = format!("{}{c}.weight", ckpt.prefix());
+            for (w, v) in weight.iter_mut().zip(smooth::weight_column_amax(ckpt, &key)?) {
+                *w = w.max(v);
+            }
+        }
+        let smoothed = smooth::Smoothed { factors: smooth::factors(&act, &weight, alpha), group, alpha };
+        self.smoothing.insert(smoothed.clone());
+        Ok((smoothed, act))
+    }
+
+    fn smoothing(&self) -> smooth::Smoothing {
+        self.smoothing.clone()
     }
 
     fn stats(&self) -> SessionStats {

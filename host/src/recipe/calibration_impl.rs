@@ -189,3 +189,34 @@ impl Host for State {
         self.tensor_op("denoise", |s| s.denoise(x, sigma, cond, step as usize))
     }
 }
+
+impl super::calibrating::smoothing_api::Host for State {
+    fn groups(&mut self) -> Vec<super::calibrating::smoothing_api::SmoothingGroup> {
+        use super::calibrating::smoothing_api::{Carrier, SmoothingGroup};
+        use crate::calibrate::smooth;
+        let groups = self.calib.as_deref().map(|s| s.smoothing_groups()).unwrap_or_default();
+        groups
+            .into_iter()
+            .map(|g| SmoothingGroup {
+                producer: g.producer,
+                carrier: match g.carrier {
+                    smooth::Carrier::Affine => Carrier::NormAffine,
+                    smooth::Carrier::Rows { .. } => Carrier::OutputRows,
+                },
+                consumers: g.consumers,
+                channels: g.channels as u32,
+            })
+            .collect()
+    }
+
+    fn smooth(&mut self, producer: String, alpha: f32) -> Result<super::calibrating::smoothing_api::Smoothed, String> {
+        use crate::calibrate::smooth;
+        let (s, act) = self.session("smooth", |s| s.smooth(&producer, alpha))?;
+        Ok(super::calibrating::smoothing_api::Smoothed {
+            min_factor: s.factors.iter().copied().fold(f32::INFINITY, f32::min),
+            max_factor: s.factors.iter().copied().fold(0.0, f32::max),
+            amax_before: act.iter().copied().fold(0.0, f32::max),
+            amax_after: smooth::smoothed_amax(&act, &s.factors),
+        })
+    }
+}

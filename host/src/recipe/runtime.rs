@@ -166,6 +166,7 @@ impl RecipeRuntime {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         super::RecipeV0::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
         super::calibrating::quantsmith::recipe::calibration::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
+        super::calibrating::quantsmith::recipe::smoothing::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
         Ok(RecipeRuntime { engine, linker: Arc::new(linker), limits })
     }
 

@@ -22,6 +22,8 @@
 
 pub use crate::bindings::exports::quantsmith::recipe::calibrate::{Algorithm, CalibrationSettings};
 pub use crate::bindings::quantsmith::recipe::calibration as host;
+/// SmoothQuant folding (contract 0.1.2).
+pub use crate::bindings::quantsmith::recipe::smoothing;
 
 use crate::detect::Family;
 use crate::params::{ParamSpecBuilder, Params};
@@ -75,6 +77,11 @@ pub struct CalibrationPlan {
     pub source: Source,
     pub prompts: Vec<String>,
     pub algorithm: Algorithm,
+    /// SmoothQuant alpha for every group the host can fold (`None`: off).
+    pub smoothquant: Option<f32>,
+    /// The plan stores static activation scales (FP8, NVFP4). Without them and
+    /// without SmoothQuant there is nothing to calibrate and [`run`](Self::run) returns `None`.
+    pub activation_scales: bool,
 }
 
 impl CalibrationPlan {
@@ -103,6 +110,7 @@ impl CalibrationPlan {
             ParamSpecBuilder::choice("calib-source", "auto", &["auto", "prompts", "file", "random"], "Calibration conditioning: prompts (text encoders + --clip-vocab), file (--calib-data), random embeddings, or auto (the first available)"),
             ParamSpecBuilder::choice("calib-algorithm", "max", &["max", "percentile"], "How observed activations become static scales: running max, or a percentile of per-step maxima"),
             ParamSpecBuilder::number("calib-percentile", 99.0, "Percentile (0-100] for calib-algorithm=percentile"),
+            ParamSpecBuilder::text("smoothquant", "auto", "SmoothQuant, folded into the norms and rows feeding each Linear: an alpha in (0, 1], off, or auto (0.5 for int8 and nvfp4, where it measurably helps; off for fp8 and mxfp8)"),
         ]
     }
 
@@ -142,6 +150,9 @@ impl CalibrationPlan {
             }
             _ => Algorithm::Max,
         };
+        let format = p.format()?;
+        let smoothquant = smoothquant_alpha(p.text("smoothquant").unwrap_or("auto"), format)?;
+        let activation_scales = matches!(format, crate::params::Format::Fp8 | crate::params::Format::Nvfp4);
         Ok(CalibrationPlan {
             steps,
             samples,
@@ -151,6 +162,8 @@ impl CalibrationPlan {
             source,
             prompts: DEFAULT_PROMPTS.iter().map(|s| s.to_string()).collect(),
             algorithm,
+            smoothquant,
+            activation_scales,
         })
     }
 
@@ -193,6 +206,9 @@ impl CalibrationPlan {
     /// Walks `samples` Euler trajectories of `steps` steps with CFG and returns
     /// the settings the host turns observations into scales with.
     pub fn run(&self) -> Result<Option<CalibrationSettings>, String> {
+        if !self.activation_scales && self.smoothquant.is_none() {
+            return Ok(None);
+        }
         let info = host::info();
         let source = self.resolved_source(&info)?;
         let side = (self.resolution / info.latent_downscale.max(1)) as u64;
@@ -218,12 +234,44 @@ impl CalibrationPlan {
             Source::File => "--calib-data rows",
             _ => "random embeddings",
         };
-        Ok(Some(CalibrationSettings {
-            algorithm: self.algorithm.clone(),
-            notes: vec![format!(
-                "calibration: {} samples x {} steps at {}x{}, CFG {} with {source_name}",
-                self.samples, self.steps, self.resolution, self.resolution, self.guidance
-            )],
-        }))
+        let mut notes = vec![format!(
+            "calibration: {} samples x {} steps at {}x{}, CFG {} with {source_name}",
+            self.samples, self.steps, self.resolution, self.resolution, self.guidance
+        )];
+        if let Some(alpha) = self.smoothquant {
+            notes.push(smooth_all(alpha)?);
+        }
+        Ok(Some(CalibrationSettings { algorithm: self.algorithm.clone(), notes }))
+    }
+}
+
+/// SmoothQuant with `alpha` on every group the host can fold; returns a note.
+pub fn smooth_all(alpha: f32) -> Result<String, String> {
+    let groups = smoothing::groups();
+    let (mut lo, mut hi) = (f32::INFINITY, 0f32);
+    for g in &groups {
+        let s = smoothing::smooth(&g.producer, alpha)?;
+        lo = lo.min(s.min_factor);
+        hi = hi.max(s.max_factor);
+    }
+    Ok(if groups.is_empty() {
+        "smoothquant: no foldable group in this plan".to_string()
+    } else {
+        format!("smoothquant: alpha {alpha} on {} groups (factors {lo:.3}..{hi:.3}), folded into norms and producer rows", groups.len())
+    })
+}
+
+/// The `smoothquant` parameter: `auto`, `off` (or 0) or an alpha in (0, 1].
+/// `auto` smooths the formats where it was measured to help (SDXL, 24 held-out
+/// inputs, BENCHMARKS.md): INT8 (-6% output error) and NVFP4 (-2%); FP8 is unchanged by it.
+pub fn smoothquant_alpha(text: &str, format: crate::params::Format) -> Result<Option<f32>, String> {
+    use crate::params::Format;
+    match text.trim() {
+        "auto" => Ok(matches!(format, Format::Int8 | Format::Nvfp4).then_some(0.5)),
+        "off" | "none" | "0" => Ok(None),
+        t => match t.parse::<f32>() {
+            Ok(a) if a.is_finite() && a > 0.0 && a <= 1.0 => Ok(Some(a)),
+            _ => Err(format!("smoothquant must be auto, off or an alpha in (0, 1], got {t:?}")),
+        },
     }
 }
