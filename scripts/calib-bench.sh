@@ -19,10 +19,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 REF=scripts/unet_reference.py
 step() { echo "== $*" | tee -a "$O/steps.log"; timeout "${STEP_TIMEOUT:-300}" "$@"; }
 
+# sdxl-refiner: the refiner's layout (no manifest; ComfyUI's SDXLRefiner config).
 for fam in ${FAMILIES:-sd15 sdxl}; do
-  L=64; [ "$fam" = sdxl ] && L=128
+  L=64; [ "${fam%%-*}" = sdxl ] && L=128
   c=$W/$fam.safetensors; i=$W/$fam-in.safetensors
-  step "$RR" synth "$fam" --scale full --init "$INIT" -o "$c" || continue
+  synth_args=("${fam%%-*}"); [ "$fam" = sdxl-refiner ] && synth_args=(sdxl --variant refiner)
+  step "$RR" synth "${synth_args[@]}" --scale full --init "$INIT" -o "$c" || continue
   step python3 $REF make-inputs "$c" --latent $L --batch 2 -o "$i" || continue
   step python3 $REF run "$c" --inputs "$i" -o "$W/$fam-bf16.safetensors" --device cuda --dtype bf16
   step python3 $REF run "$c" --inputs "$i" -o "$W/$fam-f32.safetensors" --device cuda --dtype f32

@@ -255,3 +255,20 @@ fn auto_smooths_int8_and_nvfp4_but_not_fp8() {
         assert_eq!(check_output(&Checkpoint::open(&input).unwrap(), &output).unwrap().smoothed_tensors > 0, smoothed, "{format}");
     }
 }
+
+#[test]
+fn sdxl_refiner_runs_calibrates_and_smooths() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = common::synth_with(dir.path(), "sdxl", Some("refiner"), false);
+    let output = dir.path().join("out.safetensors");
+    let report = pipeline::run(&options(&input, &output, "sdxl", &["format=int8"])).unwrap();
+    assert_eq!((report.detection.family.as_str(), report.detection.variant.as_str()), ("sdxl", "refiner"));
+    let c = report.calibration.unwrap();
+    // Refiner blocks: context 1280, no transformer at the first and last levels.
+    assert!(!c.smoothing.is_empty());
+    assert!(c.smoothing.iter().all(|g| !g.producer.starts_with("input_blocks.1.")));
+    let source = Checkpoint::open(&input).unwrap();
+    let cfg = UnetConfig::from_source(&source as &dyn WeightSource, source.prefix()).unwrap();
+    assert_eq!((cfg.context_dim, cfg.adm_in_channels, cfg.time_embed_dim), (Some(1280), Some(2560), 128));
+    assert!(check_output(&source, &output).unwrap().smoothed_tensors > 0);
+}

@@ -97,7 +97,7 @@ const SDXL: Layout = Layout {
     manifest: include_str!("../manifests/sdxl.json"),
     divisor: 10,
     keep: &[2048, 2816],
-    variants: &["base"],
+    variants: &["base", "refiner"],
 };
 const SD3: Layout = Layout {
     manifest: include_str!("../manifests/sd3_medium.json"),
@@ -514,7 +514,10 @@ struct Spec {
 fn build(opts: &SynthOptions) -> Result<Vec<Spec>> {
     let family = opts.family;
     let variant = opts.resolved_variant()?;
-    let m = manifest(family)?;
+    let mut m = manifest(family)?;
+    if family == Family::Sdxl && variant == "refiner" {
+        m.tensors = refiner_tensors(opts.scale);
+    }
     // (key, seed name, shape, part of the diffusion model)
     let mut raw: Vec<(String, String, Vec<usize>, bool)> = Vec::with_capacity(m.tensors.len() + 64);
     for t in m.tensors {
@@ -525,7 +528,7 @@ fn build(opts: &SynthOptions) -> Result<Vec<Spec>> {
         if family == Family::Sd15 && variant == "inpaint" && t.name == "input_blocks.0.0.weight" {
             shape[1] = 9;
         }
-        if opts.scale == Scale::Tiny {
+        if opts.scale == Scale::Tiny && variant != "refiner" {
             shape = shape.into_iter().map(|d| family.shrink_dim(d)).collect();
         }
         let mut name = t.name;
@@ -547,7 +550,8 @@ fn build(opts: &SynthOptions) -> Result<Vec<Spec>> {
         };
         raw.push((key, name, shape, true));
     }
-    if opts.full_checkpoint {
+    // The refiner's checkpoint holds only OpenCLIP-bigG, under another prefix: none here.
+    if opts.full_checkpoint && variant != "refiner" {
         for (key, shape) in components(family) {
             raw.push((key.clone(), key, shape, false));
         }
@@ -581,6 +585,19 @@ fn build(opts: &SynthOptions) -> Result<Vec<Spec>> {
         })
         .collect();
     Ok(specs)
+}
+
+/// The SDXL refiner has no manifest: its layout comes from ComfyUI's config
+/// (`SDXLRefiner`); tiny keeps its structure and interfaces (context 1280, adm
+/// 2560) with 32 model channels instead of 384.
+fn refiner_tensors(scale: Scale) -> Vec<ManifestTensor> {
+    use crate::models::unet::{UnetConfig, ldm_layout};
+    let full = UnetConfig::sdxl_refiner();
+    let cfg = match scale {
+        Scale::Full => full,
+        Scale::Tiny => UnetConfig { model_channels: 32, time_embed_dim: 128, ..full },
+    };
+    ldm_layout(&cfg).into_iter().map(|(name, shape)| ManifestTensor { name, shape }).collect()
 }
 
 fn classify(name: &str, shape: &[usize], norm_modules: &HashSet<&str>, gain: f32) -> Init {

@@ -784,6 +784,177 @@ fn spatial_transformer<O: Ops>(
     ops.add(&out, x)
 }
 
+/// Full-size configurations of the families (ComfyUI's detected configs).
+impl UnetConfig {
+    /// ComfyUI's detected config of the manifests (`comfyui_detected_config`).
+    pub fn sd15() -> UnetConfig {
+        UnetConfig {
+            in_channels: 4,
+            out_channels: 4,
+            model_channels: 320,
+            channel_mult: vec![1, 2, 4, 4],
+            num_res_blocks: vec![2, 2, 2, 2],
+            transformer_depth: vec![1, 1, 1, 1, 1, 1, 0, 0],
+            transformer_depth_output: vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+            transformer_depth_middle: Some(1),
+            context_dim: Some(768),
+            adm_in_channels: None,
+            use_linear_in_transformer: false,
+            heads: Heads::Count(8),
+            time_embed_dim: 1280,
+        }
+    }
+
+    pub fn sdxl() -> UnetConfig {
+        UnetConfig {
+            in_channels: 4,
+            out_channels: 4,
+            model_channels: 320,
+            channel_mult: vec![1, 2, 4],
+            num_res_blocks: vec![2, 2, 2],
+            transformer_depth: vec![0, 0, 2, 2, 10, 10],
+            transformer_depth_output: vec![0, 0, 0, 2, 2, 2, 10, 10, 10],
+            transformer_depth_middle: Some(10),
+            context_dim: Some(2048),
+            adm_in_channels: Some(2816),
+            use_linear_in_transformer: true,
+            heads: Heads::Width(64),
+            time_embed_dim: 1280,
+        }
+    }
+
+    /// SDXL refiner (ComfyUI's `SDXLRefiner`: 384 channels, 4 levels, depth 4, context 1280, adm 2560).
+    pub fn sdxl_refiner() -> UnetConfig {
+        UnetConfig {
+            in_channels: 4,
+            out_channels: 4,
+            model_channels: 384,
+            channel_mult: vec![1, 2, 4, 4],
+            num_res_blocks: vec![2, 2, 2, 2],
+            transformer_depth: vec![0, 0, 4, 4, 4, 4, 0, 0],
+            transformer_depth_output: vec![0, 0, 0, 4, 4, 4, 4, 4, 4, 0, 0, 0],
+            transformer_depth_middle: Some(4),
+            context_dim: Some(1280),
+            adm_in_channels: Some(2560),
+            use_linear_in_transformer: true,
+            heads: Heads::Width(64),
+            time_embed_dim: 1536,
+        }
+    }
+
+    /// SD2.x: SD1.5's layout with linear projections, 1024-wide context, 64-wide heads.
+    pub fn sd2() -> UnetConfig {
+        UnetConfig { context_dim: Some(1024), use_linear_in_transformer: true, heads: Heads::Width(64), ..Self::sd15() }
+    }
+}
+
+/// The LDM key/shape layout of a configuration (checked against the manifests in
+/// the tests), for checkpoints of configurations synth has no manifest for (SDXL refiner).
+
+pub fn ldm_layout(cfg: &UnetConfig) -> Vec<(String, Vec<usize>)> {
+    let mut v: Vec<(String, Vec<usize>)> = Vec::new();
+    let (mc, ted) = (cfg.model_channels, cfg.time_embed_dim);
+    fn lin(v: &mut Vec<(String, Vec<usize>)>, p: &str, o: usize, i: usize, bias: bool) {
+        v.push((format!("{p}.weight"), vec![o, i]));
+        if bias {
+            v.push((format!("{p}.bias"), vec![o]));
+        }
+    }
+    fn conv(v: &mut Vec<(String, Vec<usize>)>, p: &str, o: usize, i: usize, k: usize) {
+        v.push((format!("{p}.weight"), vec![o, i, k, k]));
+        v.push((format!("{p}.bias"), vec![o]));
+    }
+    fn norm(v: &mut Vec<(String, Vec<usize>)>, p: &str, c: usize) {
+        v.push((format!("{p}.weight"), vec![c]));
+        v.push((format!("{p}.bias"), vec![c]));
+    }
+    let res = |v: &mut Vec<(String, Vec<usize>)>, p: &str, i: usize, o: usize| {
+        norm(v, &format!("{p}.in_layers.0"), i);
+        conv(v, &format!("{p}.in_layers.2"), o, i, 3);
+        lin(v, &format!("{p}.emb_layers.1"), o, ted, true);
+        norm(v, &format!("{p}.out_layers.0"), o);
+        conv(v, &format!("{p}.out_layers.3"), o, o, 3);
+        if i != o {
+            conv(v, &format!("{p}.skip_connection"), o, i, 1);
+        }
+    };
+    let st = |v: &mut Vec<(String, Vec<usize>)>, p: &str, c: usize, depth: usize| {
+        let ctx = cfg.context_dim.unwrap();
+        norm(v, &format!("{p}.norm"), c);
+        for proj in ["proj_in", "proj_out"] {
+            if cfg.use_linear_in_transformer {
+                lin(v, &format!("{p}.{proj}"), c, c, true);
+            } else {
+                conv(v, &format!("{p}.{proj}"), c, c, 1);
+            }
+        }
+        for k in 0..depth {
+            let b = format!("{p}.transformer_blocks.{k}");
+            for (a, kv) in [("attn1", c), ("attn2", ctx)] {
+                lin(v, &format!("{b}.{a}.to_q"), c, c, false);
+                lin(v, &format!("{b}.{a}.to_k"), c, kv, false);
+                lin(v, &format!("{b}.{a}.to_v"), c, kv, false);
+                lin(v, &format!("{b}.{a}.to_out.0"), c, c, true);
+            }
+            for n in ["norm1", "norm2", "norm3"] {
+                norm(v, &format!("{b}.{n}"), c);
+            }
+            lin(v, &format!("{b}.ff.net.0.proj"), 8 * c, c, true);
+            lin(v, &format!("{b}.ff.net.2"), c, 4 * c, true);
+        }
+    };
+    lin(&mut v, "time_embed.0", ted, mc, true);
+    lin(&mut v, "time_embed.2", ted, ted, true);
+    if let Some(adm) = cfg.adm_in_channels {
+        lin(&mut v, "label_emb.0.0", ted, adm, true);
+        lin(&mut v, "label_emb.0.2", ted, ted, true);
+    }
+    conv(&mut v, "input_blocks.0.0", mc, cfg.in_channels, 3);
+    let (mut n, mut ch, mut chans, mut d) = (1, mc, vec![mc], cfg.transformer_depth.iter());
+    for (level, (&m, &r)) in cfg.channel_mult.iter().zip(&cfg.num_res_blocks).enumerate() {
+        for _ in 0..r {
+            res(&mut v, &format!("input_blocks.{n}.0"), ch, m * mc);
+            ch = m * mc;
+            let depth = *d.next().unwrap();
+            if depth > 0 {
+                st(&mut v, &format!("input_blocks.{n}.1"), ch, depth);
+            }
+            chans.push(ch);
+            n += 1;
+        }
+        if level + 1 < cfg.channel_mult.len() {
+            conv(&mut v, &format!("input_blocks.{n}.0.op"), ch, ch, 3);
+            chans.push(ch);
+            n += 1;
+        }
+    }
+    res(&mut v, "middle_block.0", ch, ch);
+    if let Some(depth) = cfg.transformer_depth_middle {
+        st(&mut v, "middle_block.1", ch, depth);
+        res(&mut v, "middle_block.2", ch, ch);
+    }
+    let mut n = 0;
+    let mut d = cfg.transformer_depth_output.iter().rev();
+    for (level, (&m, &r)) in cfg.channel_mult.iter().zip(&cfg.num_res_blocks).enumerate().rev() {
+        for i in 0..=r {
+            res(&mut v, &format!("output_blocks.{n}.0"), ch + chans.pop().unwrap(), m * mc);
+            ch = m * mc;
+            let depth = *d.next().unwrap();
+            if depth > 0 {
+                st(&mut v, &format!("output_blocks.{n}.1"), ch, depth);
+            }
+            if level > 0 && i == r {
+                let idx = if depth > 0 { 2 } else { 1 };
+                conv(&mut v, &format!("output_blocks.{n}.{idx}.conv"), ch, ch, 3);
+            }
+            n += 1;
+        }
+    }
+    norm(&mut v, "out.0", ch);
+    conv(&mut v, "out.2", cfg.out_channels, mc, 3);
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, HashMap, HashSet};
@@ -854,176 +1025,6 @@ mod tests {
         (0..n).map(|_| StandardNormal.sample(rng)).collect()
     }
 
-    // -----------------------------------------------------------------------
-    // The key/shape layout of a configuration, written from the manifests'
-    // point of view (checked against them below), to make checkpoints of
-    // configurations synth has no manifest for (SD2, SDXL refiner).
-
-    fn layout(cfg: &UnetConfig) -> Vec<(String, Vec<usize>)> {
-        let mut v: Vec<(String, Vec<usize>)> = Vec::new();
-        let (mc, ted) = (cfg.model_channels, cfg.time_embed_dim);
-        fn lin(v: &mut Vec<(String, Vec<usize>)>, p: &str, o: usize, i: usize, bias: bool) {
-            v.push((format!("{p}.weight"), vec![o, i]));
-            if bias {
-                v.push((format!("{p}.bias"), vec![o]));
-            }
-        }
-        fn conv(v: &mut Vec<(String, Vec<usize>)>, p: &str, o: usize, i: usize, k: usize) {
-            v.push((format!("{p}.weight"), vec![o, i, k, k]));
-            v.push((format!("{p}.bias"), vec![o]));
-        }
-        fn norm(v: &mut Vec<(String, Vec<usize>)>, p: &str, c: usize) {
-            v.push((format!("{p}.weight"), vec![c]));
-            v.push((format!("{p}.bias"), vec![c]));
-        }
-        let res = |v: &mut Vec<(String, Vec<usize>)>, p: &str, i: usize, o: usize| {
-            norm(v, &format!("{p}.in_layers.0"), i);
-            conv(v, &format!("{p}.in_layers.2"), o, i, 3);
-            lin(v, &format!("{p}.emb_layers.1"), o, ted, true);
-            norm(v, &format!("{p}.out_layers.0"), o);
-            conv(v, &format!("{p}.out_layers.3"), o, o, 3);
-            if i != o {
-                conv(v, &format!("{p}.skip_connection"), o, i, 1);
-            }
-        };
-        let st = |v: &mut Vec<(String, Vec<usize>)>, p: &str, c: usize, depth: usize| {
-            let ctx = cfg.context_dim.unwrap();
-            norm(v, &format!("{p}.norm"), c);
-            for proj in ["proj_in", "proj_out"] {
-                if cfg.use_linear_in_transformer {
-                    lin(v, &format!("{p}.{proj}"), c, c, true);
-                } else {
-                    conv(v, &format!("{p}.{proj}"), c, c, 1);
-                }
-            }
-            for k in 0..depth {
-                let b = format!("{p}.transformer_blocks.{k}");
-                for (a, kv) in [("attn1", c), ("attn2", ctx)] {
-                    lin(v, &format!("{b}.{a}.to_q"), c, c, false);
-                    lin(v, &format!("{b}.{a}.to_k"), c, kv, false);
-                    lin(v, &format!("{b}.{a}.to_v"), c, kv, false);
-                    lin(v, &format!("{b}.{a}.to_out.0"), c, c, true);
-                }
-                for n in ["norm1", "norm2", "norm3"] {
-                    norm(v, &format!("{b}.{n}"), c);
-                }
-                lin(v, &format!("{b}.ff.net.0.proj"), 8 * c, c, true);
-                lin(v, &format!("{b}.ff.net.2"), c, 4 * c, true);
-            }
-        };
-        lin(&mut v, "time_embed.0", ted, mc, true);
-        lin(&mut v, "time_embed.2", ted, ted, true);
-        if let Some(adm) = cfg.adm_in_channels {
-            lin(&mut v, "label_emb.0.0", ted, adm, true);
-            lin(&mut v, "label_emb.0.2", ted, ted, true);
-        }
-        conv(&mut v, "input_blocks.0.0", mc, cfg.in_channels, 3);
-        let (mut n, mut ch, mut chans, mut d) = (1, mc, vec![mc], cfg.transformer_depth.iter());
-        for (level, (&m, &r)) in cfg.channel_mult.iter().zip(&cfg.num_res_blocks).enumerate() {
-            for _ in 0..r {
-                res(&mut v, &format!("input_blocks.{n}.0"), ch, m * mc);
-                ch = m * mc;
-                let depth = *d.next().unwrap();
-                if depth > 0 {
-                    st(&mut v, &format!("input_blocks.{n}.1"), ch, depth);
-                }
-                chans.push(ch);
-                n += 1;
-            }
-            if level + 1 < cfg.channel_mult.len() {
-                conv(&mut v, &format!("input_blocks.{n}.0.op"), ch, ch, 3);
-                chans.push(ch);
-                n += 1;
-            }
-        }
-        res(&mut v, "middle_block.0", ch, ch);
-        if let Some(depth) = cfg.transformer_depth_middle {
-            st(&mut v, "middle_block.1", ch, depth);
-            res(&mut v, "middle_block.2", ch, ch);
-        }
-        let mut n = 0;
-        let mut d = cfg.transformer_depth_output.iter().rev();
-        for (level, (&m, &r)) in cfg.channel_mult.iter().zip(&cfg.num_res_blocks).enumerate().rev() {
-            for i in 0..=r {
-                res(&mut v, &format!("output_blocks.{n}.0"), ch + chans.pop().unwrap(), m * mc);
-                ch = m * mc;
-                let depth = *d.next().unwrap();
-                if depth > 0 {
-                    st(&mut v, &format!("output_blocks.{n}.1"), ch, depth);
-                }
-                if level > 0 && i == r {
-                    let idx = if depth > 0 { 2 } else { 1 };
-                    conv(&mut v, &format!("output_blocks.{n}.{idx}.conv"), ch, ch, 3);
-                }
-                n += 1;
-            }
-        }
-        norm(&mut v, "out.0", ch);
-        conv(&mut v, "out.2", cfg.out_channels, mc, 3);
-        v
-    }
-
-    /// ComfyUI's detected config of the manifests (`comfyui_detected_config`).
-    fn sd15_full() -> UnetConfig {
-        UnetConfig {
-            in_channels: 4,
-            out_channels: 4,
-            model_channels: 320,
-            channel_mult: vec![1, 2, 4, 4],
-            num_res_blocks: vec![2, 2, 2, 2],
-            transformer_depth: vec![1, 1, 1, 1, 1, 1, 0, 0],
-            transformer_depth_output: vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-            transformer_depth_middle: Some(1),
-            context_dim: Some(768),
-            adm_in_channels: None,
-            use_linear_in_transformer: false,
-            heads: Heads::Count(8),
-            time_embed_dim: 1280,
-        }
-    }
-
-    fn sdxl_full() -> UnetConfig {
-        UnetConfig {
-            in_channels: 4,
-            out_channels: 4,
-            model_channels: 320,
-            channel_mult: vec![1, 2, 4],
-            num_res_blocks: vec![2, 2, 2],
-            transformer_depth: vec![0, 0, 2, 2, 10, 10],
-            transformer_depth_output: vec![0, 0, 0, 2, 2, 2, 10, 10, 10],
-            transformer_depth_middle: Some(10),
-            context_dim: Some(2048),
-            adm_in_channels: Some(2816),
-            use_linear_in_transformer: true,
-            heads: Heads::Width(64),
-            time_embed_dim: 1280,
-        }
-    }
-
-    /// SDXL refiner (ComfyUI's `SDXLRefiner`: 384 channels, 4 levels, depth 4, context 1280, adm 2560).
-    fn refiner() -> UnetConfig {
-        UnetConfig {
-            in_channels: 4,
-            out_channels: 4,
-            model_channels: 384,
-            channel_mult: vec![1, 2, 4, 4],
-            num_res_blocks: vec![2, 2, 2, 2],
-            transformer_depth: vec![0, 0, 4, 4, 4, 4, 0, 0],
-            transformer_depth_output: vec![0, 0, 0, 4, 4, 4, 4, 4, 4, 0, 0, 0],
-            transformer_depth_middle: Some(4),
-            context_dim: Some(1280),
-            adm_in_channels: Some(2560),
-            use_linear_in_transformer: true,
-            heads: Heads::Width(64),
-            time_embed_dim: 1536,
-        }
-    }
-
-    /// SD2.x: SD1.5's layout with linear projections, 1024-wide context, 64-wide heads.
-    fn sd2() -> UnetConfig {
-        UnetConfig { context_dim: Some(1024), use_linear_in_transformer: true, heads: Heads::Width(64), ..sd15_full() }
-    }
-
     fn plan_source(opts: &SynthOptions) -> MapSource {
         MapSource::shapes(synth::plan(opts).unwrap().into_iter().map(|t| (t.name, t.shape)))
     }
@@ -1034,10 +1035,10 @@ mod tests {
 
     #[test]
     fn layout_matches_the_manifests() {
-        for (family, cfg) in [(Family::Sd15, sd15_full()), (Family::Sdxl, sdxl_full())] {
+        for (family, cfg) in [(Family::Sd15, UnetConfig::sd15()), (Family::Sdxl, UnetConfig::sdxl())] {
             let want: BTreeMap<String, Vec<usize>> =
                 synth::plan(&opts(family, Scale::Full)).unwrap().into_iter().map(|t| (t.name, t.shape)).collect();
-            let got: BTreeMap<String, Vec<usize>> = layout(&cfg).into_iter().collect();
+            let got: BTreeMap<String, Vec<usize>> = ldm_layout(&cfg).into_iter().collect();
             assert_eq!(got, want, "{family}");
         }
     }
@@ -1048,15 +1049,15 @@ mod tests {
         let mut o = opts(Family::Sd15, Scale::Full);
         o.full_checkpoint = true;
         let src = plan_source(&o);
-        assert_eq!(UnetConfig::from_source(&src, "model.diffusion_model.").unwrap(), sd15_full());
+        assert_eq!(UnetConfig::from_source(&src, "model.diffusion_model.").unwrap(), UnetConfig::sd15());
         o.variant = Some("inpaint".into());
         let cfg = UnetConfig::from_source(&plan_source(&o), "model.diffusion_model.").unwrap();
-        assert_eq!(cfg, UnetConfig { in_channels: 9, ..sd15_full() });
+        assert_eq!(cfg, UnetConfig { in_channels: 9, ..UnetConfig::sd15() });
         let src = plan_source(&opts(Family::Sdxl, Scale::Full));
-        assert_eq!(UnetConfig::from_source(&src, "").unwrap(), sdxl_full());
+        assert_eq!(UnetConfig::from_source(&src, "").unwrap(), UnetConfig::sdxl());
         // Configurations without a manifest, from the layout checked above.
-        for cfg in [refiner(), sd2()] {
-            assert_eq!(UnetConfig::from_source(&MapSource::shapes(layout(&cfg)), "").unwrap(), cfg);
+        for cfg in [UnetConfig::sdxl_refiner(), UnetConfig::sd2()] {
+            assert_eq!(UnetConfig::from_source(&MapSource::shapes(ldm_layout(&cfg)), "").unwrap(), cfg);
         }
     }
 
@@ -1064,13 +1065,13 @@ mod tests {
     fn config_from_tiny_shapes() {
         // Tiny synth divides internal widths by 10 and keeps the context and adm widths.
         let cfg = UnetConfig::from_source(&plan_source(&opts(Family::Sd15, Scale::Tiny)), "").unwrap();
-        assert_eq!(cfg, UnetConfig { model_channels: 32, time_embed_dim: 128, ..sd15_full() });
+        assert_eq!(cfg, UnetConfig { model_channels: 32, time_embed_dim: 128, ..UnetConfig::sd15() });
         let cfg = UnetConfig::from_source(&plan_source(&opts(Family::Sdxl, Scale::Tiny)), "").unwrap();
-        assert_eq!(cfg, UnetConfig { model_channels: 32, time_embed_dim: 128, ..sdxl_full() });
+        assert_eq!(cfg, UnetConfig { model_channels: 32, time_embed_dim: 128, ..UnetConfig::sdxl() });
         assert_eq!(cfg.heads.at(64), 1);
         assert_eq!(cfg.heads.at(128), 2);
-        assert_eq!(sdxl_full().heads.at(1280), 20);
-        assert_eq!(sd15_full().heads.at(1280), 8);
+        assert_eq!(UnetConfig::sdxl().heads.at(1280), 20);
+        assert_eq!(UnetConfig::sd15().heads.at(1280), 8);
     }
 
     #[test]
@@ -1242,11 +1243,11 @@ mod tests {
             transformer_depth: vec![0, 0, 1, 1, 1, 1, 0, 0],
             transformer_depth_output: vec![0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0],
             transformer_depth_middle: Some(1),
-            ..refiner()
+            ..UnetConfig::sdxl_refiner()
         };
-        let tiny_sd2 = UnetConfig { model_channels: 64, time_embed_dim: 256, context_dim: Some(16), ..sd2() };
+        let tiny_sd2 = UnetConfig { model_channels: 64, time_embed_dim: 256, context_dim: Some(16), ..UnetConfig::sd2() };
         for cfg in [tiny_refiner, tiny_sd2] {
-            let src = MapSource::random(layout(&cfg), 3);
+            let src = MapSource::random(ldm_layout(&cfg), 3);
             assert_eq!(UnetConfig::from_source(&src, "").unwrap(), cfg);
             let ops = CpuOps::new();
             let unet = Unet::load(&ops, &src, "", cfg.clone()).unwrap();
@@ -1263,8 +1264,8 @@ mod tests {
             assert!(unet.forward(&ops, &x, &[500.0], &c, bad_y.as_ref(), &InputHooks::none()).is_err());
         }
         // A shape that disagrees with the configuration names the tensor.
-        let cfg = UnetConfig { model_channels: 32, time_embed_dim: 128, context_dim: Some(16), ..sd2() };
-        let mut src = MapSource::random(layout(&cfg), 3);
+        let cfg = UnetConfig { model_channels: 32, time_embed_dim: 128, context_dim: Some(16), ..UnetConfig::sd2() };
+        let mut src = MapSource::random(ldm_layout(&cfg), 3);
         src.0.get_mut("middle_block.1.proj_in.weight").unwrap().0 = vec![128, 64];
         let err = Unet::load(&CpuOps::new(), &src, "", cfg).err().unwrap().to_string();
         assert!(err.contains("middle_block.1.proj_in.weight"), "{err}");
@@ -1417,8 +1418,8 @@ mod tests {
     #[test]
     fn res_block_matches_naive_ldm() {
         let (n, ci, co, h, w, e) = (2, 32, 64, 3, 4, 16);
-        let cfg = UnetConfig { time_embed_dim: e, model_channels: ci, ..sd15_full() };
-        let keys: Vec<_> = layout(&cfg).into_iter().filter(|(k, _)| k.starts_with("input_blocks.4.0.")).collect();
+        let cfg = UnetConfig { time_embed_dim: e, model_channels: ci, ..UnetConfig::sd15() };
+        let keys: Vec<_> = ldm_layout(&cfg).into_iter().filter(|(k, _)| k.starts_with("input_blocks.4.0.")).collect();
         // input_blocks.4.0 of SD1.5 is the 32 → 64 ResBlock with a skip conv.
         assert!(keys.iter().any(|(k, _)| k.ends_with("skip_connection.weight")));
         let src = MapSource::random(keys, 11);
@@ -1461,7 +1462,7 @@ mod tests {
                 context_dim: Some(ctx),
                 use_linear_in_transformer: linear,
                 heads: Heads::Width(32),
-                ..sd15_full()
+                ..UnetConfig::sd15()
             };
             let p = "middle_block.1";
             let mut keys = Vec::new();
@@ -1471,7 +1472,7 @@ mod tests {
                 transformer_depth_middle: Some(depth),
                 ..cfg.clone()
             };
-            for (k, s) in layout(&full) {
+            for (k, s) in ldm_layout(&full) {
                 if k.starts_with(&format!("{p}.")) {
                     keys.push((k, s));
                 }
