@@ -279,10 +279,11 @@ where
         id
     }
 
-    /// The text-encoder family of this UNet: SD2's OpenCLIP-H is not supported.
+    /// The text-encoder family of this UNet.
     fn text_family(&self) -> Result<TextFamily> {
         match (self.inputs.family.as_str(), self.unet.config().adm_in_channels) {
             ("sd15", _) => Ok(TextFamily::Sd15),
+            ("sd2", _) => Ok(TextFamily::Sd2),
             ("sdxl", Some(clip::REFINER_ADM_CHANNELS)) => Ok(TextFamily::SdxlRefiner),
             ("sdxl", _) => Ok(TextFamily::Sdxl),
             (f, _) => bail!("prompt encoding is not available for {f} (its text encoder is not implemented); use --calib-data or calib-source=random"),
@@ -417,10 +418,11 @@ where
     fn concat_conditioning(&mut self, parts: &[u32]) -> Result<u32> {
         ensure!(!parts.is_empty(), "nothing to concatenate");
         let conds: Vec<&Cond<O::Tensor>> = parts.iter().map(|&id| self.cond(id)).collect::<Result<_>>()?;
-        let ctx: Vec<&O::Tensor> = conds.iter().map(|c| &c.context).collect();
-        let tokens: BTreeSet<usize> = ctx.iter().map(|t| self.ops.shape(t)[1]).collect();
-        ensure!(tokens.len() == 1, "conditioning parts have different token counts {tokens:?}");
-        let context = self.ops.concat(&ctx, 0)?;
+        // Long prompts give longer contexts: repeat each to a common length, as ComfyUI batches them.
+        let lengths: Vec<usize> = conds.iter().map(|c| self.ops.shape(&c.context)[1]).collect();
+        let tokens = clip::batched_tokens(&lengths)?;
+        let ctx: Vec<O::Tensor> = conds.iter().map(|c| clip::repeat_tokens(&self.ops, &c.context, tokens)).collect::<Result<_>>()?;
+        let context = self.ops.concat(&ctx.iter().collect::<Vec<_>>(), 0)?;
         let y = if conds.iter().all(|c| c.y.is_some()) {
             let ys: Vec<&O::Tensor> = conds.iter().map(|c| c.y.as_ref().expect("checked")).collect();
             Some(self.ops.concat(&ys, 0)?)

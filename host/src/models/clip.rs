@@ -1,4 +1,4 @@
-//! CLIP text encoders as SD1.x and SDXL single-file checkpoints store them, and
+//! CLIP text encoders as SD1.x, SD2.x and SDXL single-file checkpoints store them, and
 //! the conditioning a UNet takes from them (ComfyUI's semantics).
 //!
 //! | checkpoint | encoders (key prefix) | context | pooled / `y` |
@@ -6,6 +6,7 @@
 //! | SD1.x | CLIP-L, HF layout (`cond_stage_model.transformer.text_model.`) | last layer + `final_layer_norm`, `[B,77,768]` | – |
 //! | SDXL base | CLIP-L, HF layout (`conditioner.embedders.0.transformer.text_model.`) + OpenCLIP bigG (`conditioner.embedders.1.model.`) | both penultimate layers, no final norm, concatenated: `[B,77,768+1280]` | bigG `ln_final(last)[eos] @ text_projection` + size embeddings: 2816 |
 //! | SDXL refiner | OpenCLIP bigG (`conditioner.embedders.0.model.`) | its penultimate layer, `[B,77,1280]` | pooled + size and aesthetic-score embeddings: 2560 |
+//! | SD2.x | OpenCLIP-H (`cond_stage_model.model.`) | its penultimate layer through `ln_final`, `[B,77,1024]` | – |
 //!
 //! "Penultimate" is the input of the last layer (Hugging Face's `hidden_states[-2]`),
 //! so a one-layer test model gives its embeddings. Both towers are pre-norm
@@ -33,6 +34,79 @@ pub const SD15_CLIP_L: &str = "cond_stage_model.transformer.text_model.";
 pub const SDXL_CLIP_L: &str = "conditioner.embedders.0.transformer.text_model.";
 pub const SDXL_CLIP_G: &str = "conditioner.embedders.1.model.";
 pub const SDXL_REFINER_CLIP_G: &str = "conditioner.embedders.0.model.";
+pub const SD2_CLIP_H: &str = "cond_stage_model.model.";
+
+/// Longest token sequence batched conditionings are repeated to (ComfyUI's `cond_cat`
+/// repeats shorter contexts to the least common multiple of the lengths).
+pub const MAX_BATCHED_TOKENS: usize = MAX_PROMPT_CHUNKS * CONTEXT_LENGTH;
+
+/// ComfyUI's long-prompt conditioning from per-chunk encodings `[rows, 77, C]`:
+/// each prompt's chunks side by side along the tokens (`[1, 77 k, C]`), the pooled
+/// output of its first chunk, and the prompts batched by repeating each context
+/// to the least common multiple of their lengths.
+fn join_chunks<O: Ops>(ops: &O, context: &O::Tensor, pooled: Option<&O::Tensor>, chunks: &[usize]) -> Result<Conditioning<O::Tensor>> {
+    let shape = ops.shape(context);
+    let (rows, width) = (shape[0], shape[2]);
+    ensure!(chunks.iter().sum::<usize>() == rows, "internal: {rows} encoded rows for chunks {chunks:?}");
+    let values = ops.to_f32(context)?;
+    let row = CONTEXT_LENGTH * width;
+    let mut prompts: Vec<Vec<f32>> = Vec::with_capacity(chunks.len());
+    let mut first_rows = Vec::with_capacity(chunks.len());
+    let mut start = 0;
+    for &c in chunks {
+        prompts.push(values[start * row..(start + c) * row].to_vec());
+        first_rows.push(start);
+        start += c;
+    }
+    let lengths: Vec<usize> = prompts.iter().map(|p| p.len() / width).collect();
+    let tokens = batched_tokens(&lengths)?;
+    let mut out = Vec::with_capacity(chunks.len() * tokens * width);
+    for p in &prompts {
+        for _ in 0..tokens * width / p.len() {
+            out.extend_from_slice(p);
+        }
+    }
+    let context = ops.from_f32(&[chunks.len(), tokens, width], &out)?;
+    let pooled = match pooled {
+        Some(p) => {
+            let pw = ops.shape(p)[1];
+            let v = ops.to_f32(p)?;
+            let first: Vec<f32> = first_rows.iter().flat_map(|&r| v[r * pw..(r + 1) * pw].iter().copied()).collect();
+            Some(ops.from_f32(&[chunks.len(), pw], &first)?)
+        }
+        None => None,
+    };
+    Ok(Conditioning { context, pooled })
+}
+
+/// The token count contexts of `lengths` tokens batch at: their least common
+/// multiple, each repeated to it (ComfyUI's `cond_cat`).
+pub fn batched_tokens(lengths: &[usize]) -> Result<usize> {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    let mut l = 1usize;
+    for &n in lengths {
+        ensure!(n > 0, "a conditioning has no tokens");
+        l = l / gcd(l, n) * n;
+        ensure!(
+            l <= MAX_BATCHED_TOKENS,
+            "contexts of {lengths:?} tokens cannot be batched: their least common multiple exceeds {MAX_BATCHED_TOKENS} tokens"
+        );
+    }
+    Ok(l)
+}
+
+/// `[B, n, C]` repeated along the tokens to `[B, tokens, C]` (`tokens` a multiple of `n`).
+pub fn repeat_tokens<O: Ops>(ops: &O, t: &O::Tensor, tokens: usize) -> Result<O::Tensor> {
+    let n = ops.shape(t)[1];
+    ensure!(tokens % n == 0, "internal: {tokens} tokens is not a multiple of {n}");
+    if tokens == n {
+        return Ok(t.clone());
+    }
+    let parts: Vec<&O::Tensor> = std::iter::repeat_n(t, tokens / n).collect();
+    ops.concat(&parts, 1)
+}
 
 /// Width of each size / aesthetic-score embedding in SDXL's `y`.
 pub const SIZE_EMBEDDING_WIDTH: usize = 256;
@@ -47,14 +121,16 @@ const LAYER_NORM_EPS: f32 = 1e-5;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TextFamily {
     Sd15,
+    /// OpenCLIP-H (ViT-H-14's text tower, same layout as bigG).
+    Sd2,
     Sdxl,
     SdxlRefiner,
 }
 
 impl TextFamily {
     /// The family whose text encoders `src` holds, if any. SD2 checkpoints in
-    /// sgm layout keep OpenCLIP-H under the refiner's prefix; where the UNet has
-    /// been detected, pass its family to [`TextEncoders::load`] instead.
+    /// sgm layout would keep OpenCLIP-H under the refiner's prefix; where the UNet
+    /// has been detected, pass its family to [`TextEncoders::load`] instead.
     pub fn detect(src: &dyn WeightSource) -> Option<TextFamily> {
         let has = |prefix: &str, layout: Layout| src.contains(&layout.probe(prefix));
         if has(SDXL_CLIP_L, Layout::Hf) && has(SDXL_CLIP_G, Layout::OpenClip) {
@@ -63,6 +139,8 @@ impl TextFamily {
             Some(TextFamily::SdxlRefiner)
         } else if has(SD15_CLIP_L, Layout::Hf) {
             Some(TextFamily::Sd15)
+        } else if has(SD2_CLIP_H, Layout::OpenClip) {
+            Some(TextFamily::Sd2)
         } else {
             None
         }
@@ -72,6 +150,7 @@ impl TextFamily {
     fn prefixes(self) -> (Option<&'static str>, Option<&'static str>) {
         match self {
             TextFamily::Sd15 => (Some(SD15_CLIP_L), None),
+            TextFamily::Sd2 => (None, Some(SD2_CLIP_H)),
             TextFamily::Sdxl => (Some(SDXL_CLIP_L), Some(SDXL_CLIP_G)),
             TextFamily::SdxlRefiner => (None, Some(SDXL_REFINER_CLIP_G)),
         }
@@ -142,6 +221,9 @@ enum Wanted {
     Penultimate,
     /// Both the penultimate states and the projected pooled output (bigG).
     PenultimateAndPooled,
+    /// The input of the last layer through the final norm (SD2's OpenCLIP-H,
+    /// as its `FrozenOpenCLIPEmbedder` and ComfyUI's `SD2ClipHModel` do).
+    PenultimateFinalNorm,
 }
 
 /// Token ids for each encoder a checkpoint holds.
@@ -151,7 +233,12 @@ pub struct PromptTokens {
     pub clip_l: Option<TokenBatch>,
     /// Zero padded.
     pub clip_g: Option<TokenBatch>,
+    /// 77-token rows of each prompt, in order; empty: one row per prompt.
+    pub chunks: Vec<usize>,
 }
+
+/// Chunks of 75 tokens a prompt may have (1125 tokens).
+pub const MAX_PROMPT_CHUNKS: usize = 15;
 
 /// What the UNet is conditioned on.
 #[derive(Clone, Debug)]
@@ -209,7 +296,8 @@ impl<'s> TextEncoders<'s> {
             None => bail!(
                 "the checkpoint holds no text encoder this tool can run: expected CLIP-L under `{SD15_CLIP_L}` (SD1.x), \
                  CLIP-L under `{SDXL_CLIP_L}` with OpenCLIP bigG under `{SDXL_CLIP_G}` (SDXL), or bigG under \
-                 `{SDXL_REFINER_CLIP_G}` (SDXL refiner); a diffusion-model-only file needs its full checkpoint for prompts"
+                 `{SDXL_REFINER_CLIP_G}` (SDXL refiner), or OpenCLIP-H under `{SD2_CLIP_H}` (SD2.x); a diffusion-model-only \
+                 file needs its full checkpoint for prompts"
             ),
         }
     }
@@ -237,7 +325,7 @@ impl<'s> TextEncoders<'s> {
         tokenizer: &ClipTokenizer,
         prompts: &[S],
     ) -> Result<PromptTokens> {
-        let for_encoder = |encoder: &Option<Encoder>, padding| -> Result<Option<TokenBatch>> {
+        let for_encoder = |encoder: &Option<Encoder>, padding| -> Result<Option<(TokenBatch, Vec<usize>)>> {
             let Some(e) = encoder else { return Ok(None) };
             ensure!(
                 tokenizer.vocab_size() <= e.cfg.vocab,
@@ -246,12 +334,11 @@ impl<'s> TextEncoders<'s> {
                 e.cfg.prefix,
                 e.cfg.vocab
             );
-            tokenizer.encode(prompts, padding).map(Some)
+            tokenizer.encode_chunked(prompts, padding, MAX_PROMPT_CHUNKS).map(Some)
         };
-        Ok(PromptTokens {
-            clip_l: for_encoder(&self.clip_l, Padding::EndToken)?,
-            clip_g: for_encoder(&self.clip_g, Padding::Zero)?,
-        })
+        let (l, g) = (for_encoder(&self.clip_l, Padding::EndToken)?, for_encoder(&self.clip_g, Padding::Zero)?);
+        let chunks = l.as_ref().or(g.as_ref()).map(|(_, c)| c.clone()).unwrap_or_default();
+        Ok(PromptTokens { clip_l: l.map(|(b, _)| b), clip_g: g.map(|(b, _)| b), chunks })
     }
 
     /// Tokenizes and encodes `prompts` (one batch).
@@ -301,7 +388,12 @@ impl<'s> TextEncoders<'s> {
             context.push(self.forward(ops, e, t, wanted, hooks)?.0);
         }
         if let (Some(e), Some(t)) = (&self.clip_g, &tokens.clip_g) {
-            let (hidden, p) = self.forward(ops, e, t, Wanted::PenultimateAndPooled, hooks)?;
+            let wanted = if self.family == TextFamily::Sd2 {
+                Wanted::PenultimateFinalNorm
+            } else {
+                Wanted::PenultimateAndPooled
+            };
+            let (hidden, p) = self.forward(ops, e, t, wanted, hooks)?;
             context.push(hidden);
             pooled = p;
         }
@@ -310,7 +402,10 @@ impl<'s> TextEncoders<'s> {
             [l, g] => ops.concat(&[l, g], 2)?,
             _ => bail!("internal: {:?} has no text encoder", self.family),
         };
-        Ok(Conditioning { context, pooled })
+        if tokens.chunks.iter().all(|&c| c == 1) {
+            return Ok(Conditioning { context, pooled });
+        }
+        join_chunks(ops, &context, pooled.as_ref(), &tokens.chunks)
     }
 
     /// The UNet's `y` for this family: `None` for SD1.x, [`sdxl_adm`] for SDXL base,
@@ -328,7 +423,7 @@ impl<'s> TextEncoders<'s> {
                 .context("the conditioning has no pooled output")
         };
         match self.family {
-            TextFamily::Sd15 => Ok(None),
+            TextFamily::Sd15 | TextFamily::Sd2 => Ok(None),
             TextFamily::Sdxl => sdxl_adm(ops, pooled()?, size).map(Some),
             TextFamily::SdxlRefiner => {
                 let score = if negative {
@@ -379,8 +474,8 @@ impl<'s> TextEncoders<'s> {
             ops.reshape(&ops.add(&tokens_emb, &pos_emb)?, &[b, CONTEXT_LENGTH, d])?
         };
 
-        // SDXL's CLIP-L never needs its last layer.
-        let run = if wanted == Wanted::Penultimate {
+        // Penultimate-only encoders never need their last layer.
+        let run = if matches!(wanted, Wanted::Penultimate | Wanted::PenultimateFinalNorm) {
             cfg.layers - 1
         } else {
             cfg.layers
@@ -407,6 +502,10 @@ impl<'s> TextEncoders<'s> {
                 None,
             )),
             (Wanted::Penultimate, _) => Ok((penultimate()?, None)),
+            (Wanted::PenultimateFinalNorm, Layout::OpenClip) => Ok((
+                layer_norm(ops, src, &format!("{p}ln_final"), d, &penultimate()?)?,
+                None,
+            )),
             (Wanted::PenultimateAndPooled, Layout::OpenClip) => {
                 // LayerNorm is per token, so selecting the end tokens first is the same and cheaper.
                 let last = ops.select_tokens(&x, &tokens.end_index)?;
@@ -1287,6 +1386,34 @@ mod tests {
     }
 
     #[test]
+    fn long_prompts_are_chunked_and_batched_as_comfyui_does() {
+        let (_dir, tokenizer) = test_tokenizer();
+        let m = sdxl_memory(tokenizer.vocab_size());
+        let te = TextEncoders::detect(&m).unwrap();
+        let ops = ops();
+        let enc = |prompts: &[&str]| te.encode(&ops, &tokenizer, prompts, &InputHooks::none()).unwrap();
+        let values = |t: &<CpuOps as Ops>::Tensor| ops.to_f32(t).unwrap();
+        // 80 one-token words: a chunk of 75 and a chunk of 5, each its own 77-token sequence.
+        let long = vec!["a"; 80].join(" ");
+        let (first, second) = (vec!["a"; 75].join(" "), vec!["a"; 5].join(" "));
+        let both = enc(&[long.as_str(), "a"]);
+        assert_eq!(ops.shape(&both.context), vec![2, 2 * CONTEXT_LENGTH, 192]);
+        let (c, row) = (values(&both.context), CONTEXT_LENGTH * 192);
+        let (a, b, short) = (enc(&[first.as_str()]), enc(&[second.as_str()]), enc(&["a"]));
+        assert_close(&c[..row], &values(&a.context), 1e-6, "first chunk");
+        assert_close(&c[row..2 * row], &values(&b.context), 1e-6, "second chunk");
+        // The short prompt is repeated to the long one's length (ComfyUI's cond_cat).
+        assert_close(&c[2 * row..3 * row], &values(&short.context), 1e-6, "short prompt");
+        assert_close(&c[3 * row..], &values(&short.context), 1e-6, "short prompt, repeated");
+        // Pooled: the first chunk's.
+        let p = values(both.pooled.as_ref().unwrap());
+        assert_close(&p[..96], &values(a.pooled.as_ref().unwrap()), 1e-6, "pooled of the first chunk");
+        assert_close(&p[96..], &values(short.pooled.as_ref().unwrap()), 1e-6, "pooled of the short prompt");
+        assert_eq!(batched_tokens(&[77, 154, 231]).unwrap(), 462);
+        assert!(batched_tokens(&[77 * 14, 77 * 15]).is_err());
+    }
+
+    #[test]
     fn sdxl_matches_naive_clip_l_and_big_g() {
         let (_dir, tokenizer) = test_tokenizer();
         let m = sdxl_memory(tokenizer.vocab_size());
@@ -1386,6 +1513,7 @@ mod tests {
         let tokens = PromptTokens {
             clip_l: Some(batch(573)),
             clip_g: Some(batch(0)),
+            chunks: vec![],
         };
         let ops = ops();
         let cond = te
@@ -1425,6 +1553,27 @@ mod tests {
         assert!(
             !differs(position(2, 1), position(0, 1)) && differs(position(2, 2), position(0, 2))
         );
+    }
+
+    #[test]
+    fn sd2_uses_open_clip_h_penultimate_through_ln_final() {
+        let mut m = Memory::default();
+        let dims = Dims { vocab: 574, width: 64, mlp: 128, layers: 2 };
+        m.open_clip(&mut StdRng::seed_from_u64(5), SD2_CLIP_H, dims, 48);
+        let te = TextEncoders::detect(&m).unwrap();
+        assert_eq!(te.family(), TextFamily::Sd2);
+        assert_eq!(te.context_width(), 64);
+        let (_dir, tokenizer) = test_tokenizer();
+        let ops = ops();
+        let cond = te.encode(&ops, &tokenizer, &PROMPTS[..2], &InputHooks::none()).unwrap();
+        assert!(cond.pooled.is_none());
+        assert!(te.adm(&ops, &cond, &SizeConditioning::new(768, 768), false).unwrap().is_none());
+        let ids = tokenizer.encode(&PROMPTS[..1], Padding::Zero).unwrap();
+        let hidden = &naive_hidden(&m, SD2_CLIP_H, Layout::OpenClip, ids.row(0), 64, 1)[1];
+        let want = naive_ln(hidden, &m.get(&format!("{SD2_CLIP_H}ln_final.weight")), &m.get(&format!("{SD2_CLIP_H}ln_final.bias")));
+        assert_close(&ops.to_f32(&cond.context).unwrap()[..CONTEXT_LENGTH * 64], &want, 1e-4, "SD2 context");
+        // Without ln_final it would be the refiner's penultimate states: the norm matters.
+        assert!(want.iter().zip(hidden).any(|(a, b)| (a - b).abs() > 1e-2));
     }
 
     #[test]
@@ -1574,6 +1723,7 @@ mod tests {
             let tokens = PromptTokens {
                 clip_l: Some(batch(127)),
                 clip_g: te.clip_g().map(|_| batch(0)),
+                chunks: vec![],
             };
             let cond = te
                 .encode_tokens(&ops, &tokens, &InputHooks::none())
@@ -1662,6 +1812,7 @@ mod tests {
                 ids: vec![0; 77],
                 end_index: vec![0],
             }),
+            chunks: vec![],
         };
         let msg = format!(
             "{:#}",

@@ -21,10 +21,12 @@
 //! these very features (`default-features = false`, `fancy-regex`).
 //!
 //! Sequences are 77 tokens, `<|startoftext|>` + at most 75 tokens +
-//! `<|endoftext|>`, then padding. Longer prompts are truncated, as diffusers and
-//! OpenCLIP do; ComfyUI instead encodes further 77-token chunks and concatenates
-//! them, which calibration prompts do not need. ComfyUI's prompt-weight syntax
-//! (`(word:1.2)`) and `embedding:` names are not interpreted: text is text.
+//! `<|endoftext|>`, then padding. [`ClipTokenizer::encode`] truncates longer
+//! prompts, as diffusers and OpenCLIP do; [`ClipTokenizer::encode_chunked`] splits
+//! them into 75-token chunks of their own 77-token sequences, as ComfyUI does (for
+//! text without weights ComfyUI treats the whole prompt as one "word" and breaks it
+//! exactly at chunk boundaries). ComfyUI's prompt-weight syntax (`(word:1.2)`) and
+//! `embedding:` names are not interpreted: text is text.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -149,6 +151,35 @@ impl ClipTokenizer {
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = self.inner.encode(text, false).map_err(|e| anyhow!("cannot tokenize {text:?}: {e}"))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// One 77-token row per 75-token chunk of each prompt (at least one, at most
+    /// `max_chunks`), and the number of rows of each prompt.
+    pub fn encode_chunked<S: AsRef<str>>(&self, prompts: &[S], padding: Padding, max_chunks: usize) -> Result<(TokenBatch, Vec<usize>)> {
+        let pad = match padding {
+            Padding::EndToken => self.end,
+            Padding::Zero => 0,
+        };
+        let mut ids = Vec::with_capacity(prompts.len() * CONTEXT_LENGTH);
+        let mut end_index = Vec::with_capacity(prompts.len());
+        let mut chunks = Vec::with_capacity(prompts.len());
+        for (i, prompt) in prompts.iter().enumerate() {
+            let tokens = self.tokenize(prompt.as_ref())?;
+            let n = tokens.len().div_ceil(CONTEXT_LENGTH - 2).max(1);
+            if n > max_chunks {
+                bail!("prompt {i} has {} tokens; at most {} ({max_chunks} chunks of 75) are encoded", tokens.len(), max_chunks * (CONTEXT_LENGTH - 2));
+            }
+            for c in 0..n {
+                let part = &tokens[(c * (CONTEXT_LENGTH - 2)).min(tokens.len())..((c + 1) * (CONTEXT_LENGTH - 2)).min(tokens.len())];
+                ids.push(self.start);
+                ids.extend_from_slice(part);
+                end_index.push(ids.len() % CONTEXT_LENGTH);
+                ids.push(self.end);
+                ids.resize(ids.len().next_multiple_of(CONTEXT_LENGTH), pad);
+            }
+            chunks.push(n);
+        }
+        Ok((TokenBatch { ids, end_index }, chunks))
     }
 
     /// `[start] + tokens[..75] + [end] + padding` for each prompt.
@@ -313,6 +344,29 @@ h a\nd e\no l\nv e</w>\ns i\nu r\na l</w>\ns e\n' s</w>\nu n\nd i\nb e\n";
         assert_eq!(&with_zero.row(0)[..5], &[572, 518, 537, 556, 573]);
         assert!(with_zero.row(0)[5..].iter().all(|&id| id == 0));
         assert_eq!(&with_zero.row(1)[..3], &[572, 573, 0]);
+    }
+
+    #[test]
+    fn long_prompts_are_chunked_at_75_tokens() {
+        let (_dir, t) = test_tokenizer();
+        // "a" is one token: 80 of them make a chunk of 75 and one of 5; "" is one empty chunk.
+        let long = vec!["a"; 80].join(" ");
+        let (b, chunks) = t.encode_chunked(&[long.as_str(), ""], Padding::Zero, 4).unwrap();
+        assert_eq!(chunks, vec![2, 1]);
+        assert_eq!(b.batch(), 3);
+        let a = t.tokenize("a").unwrap()[0];
+        for (row, n) in [(0, 75), (1, 5), (2, 0)] {
+            let r = b.row(row);
+            assert_eq!(r[0], t.start_token());
+            assert!(r[1..=n].iter().all(|&id| id == a), "row {row}");
+            assert_eq!(r[n + 1], t.end_token());
+            assert!(r[n + 2..].iter().all(|&id| id == 0));
+            assert_eq!(b.end_index[row], n + 1);
+        }
+        // The truncating form keeps exactly the first chunk.
+        assert_eq!(t.encode(&[long.as_str()], Padding::Zero).unwrap().row(0), b.row(0));
+        let err = t.encode_chunked(&[vec!["a"; 400].join(" ")], Padding::Zero, 4).unwrap_err();
+        assert!(err.to_string().contains("at most 300"), "{err}");
     }
 
     #[test]
