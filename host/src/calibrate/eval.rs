@@ -293,15 +293,8 @@ pub fn evaluate<O: Ops>(
             None => None,
         };
         let model_input = |lat: &[f32], sigma: f32| -> Result<O::Tensor> {
-            let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
-            let mut v: Vec<f32> = lat.iter().map(|v| v * c_in).collect();
-            if cfg.in_channels > 4 {
-                v.extend(std::iter::repeat_n(
-                    0.0,
-                    (cfg.in_channels - 4) * side * side,
-                ));
-            }
-            ops.from_f32(&[1, cfg.in_channels, side, side], &v)
+            let x = ops.from_f32(&[1, 4, side, side], lat)?;
+            super::session::model_input(ops, &x, sigma, cfg.in_channels)
         };
         let target = eval_steps[i % eval_steps.len()];
         let mut lat: Vec<f32> = gaussian(4 * side * side, s, walk_sigmas[0]);

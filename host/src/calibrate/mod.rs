@@ -361,18 +361,20 @@ fn forward_with<O: Ops>(
 ) -> Result<ForwardReport> {
     use crate::models::unet::{Unet, UnetConfig};
     use crate::models::{InputHook, InputHooks, WeightSource};
-    let bytes = std::fs::read(inputs).with_context(|| format!("cannot read {}", inputs.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", inputs.display()))?;
-    let get = |name: &str| -> Result<Option<(Vec<usize>, Vec<f32>)>> {
-        let Ok(t) = st.tensor(name) else { return Ok(None) };
-        let dtype = crate::formats::SourceDtype::from_safetensors(t.dtype()).with_context(|| format!("`{name}` must be F32, F16 or BF16"))?;
-        Ok(Some((t.shape().to_vec(), crate::formats::numerics::decode_dtype(dtype, t.data()))))
+    type Tensor = (Vec<usize>, Vec<f32>);
+    // A missing or malformed inputs file is bad input (exit 3), not a failure.
+    let read = || -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
+        let bytes = std::fs::read(inputs).with_context(|| format!("cannot read {}", inputs.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", inputs.display()))?;
+        let get = |name: &str| -> Result<Option<Tensor>> {
+            let Ok(t) = st.tensor(name) else { return Ok(None) };
+            let dtype = crate::formats::SourceDtype::from_safetensors(t.dtype()).with_context(|| format!("`{name}` must be F32, F16 or BF16"))?;
+            Ok(Some((t.shape().to_vec(), crate::formats::numerics::decode_dtype(dtype, t.data()))))
+        };
+        let need = |name: &str| get(name)?.with_context(|| format!("{} has no `{name}` tensor", inputs.display()));
+        Ok((need("x")?, need("timesteps")?, need("context")?, get("y")?))
     };
-    let need = |name: &str| get(name)?.with_context(|| format!("{} has no `{name}` tensor", inputs.display()));
-    let (xs, xv) = need("x")?;
-    let (_, tv) = need("timesteps")?;
-    let (cs, cv) = need("context")?;
-    let y = get("y")?;
+    let ((xs, xv), (_, tv), (cs, cv), y) = read().map_err(|e| crate::pipeline::Refused(format!("{e:#}")))?;
 
     let src: &dyn WeightSource = ckpt;
     let cfg = UnetConfig::from_source(src, ckpt.prefix())?;

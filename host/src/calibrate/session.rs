@@ -503,14 +503,7 @@ where
         let c = self.cond(cond)?;
         ensure!(c.batch == shape[0], "denoise: latents have batch {} but the conditioning has {}", shape[0], c.batch);
         let (context, y) = (c.context.clone(), c.y.clone());
-        let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
-        let mut x_in = self.ops.scale(&tx, c_in)?;
-        if cfg.in_channels > 4 {
-            // Inpainting models: no mask, no masked image (zeros), as for plain generation.
-            let extra = vec![0.0f32; shape[0] * (cfg.in_channels - 4) * shape[2] * shape[3]];
-            let z = self.ops.from_f32(&[shape[0], cfg.in_channels - 4, shape[2], shape[3]], &extra)?;
-            x_in = self.ops.concat(&[&x_in, &z], 1)?;
-        }
+        let x_in = model_input(&self.ops, &tx, sigma, cfg.in_channels)?;
         let t = self.schedule.sigma_to_t(sigma);
         self.ops.observers_set_step(step)?;
         let out = self.unet.forward(&self.ops, &x_in, &vec![t; shape[0]], &context, y.as_ref(), &self.hooks)?;
@@ -619,6 +612,21 @@ where
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
         self
     }
+}
+
+/// What the UNet takes for latents `x` `[B, 4, h, w]` at noise level `sigma`
+/// (k-diffusion's eps parameterisation): `x / sqrt(sigma^2 + 1)`, and for
+/// inpainting models (`in_channels` 9) a zero mask and zero masked image, as
+/// for plain generation.
+pub fn model_input<O: Ops>(ops: &O, x: &O::Tensor, sigma: f32, in_channels: usize) -> Result<O::Tensor> {
+    let x_in = ops.scale(x, 1.0 / (sigma * sigma + 1.0).sqrt())?;
+    if in_channels <= 4 {
+        return Ok(x_in);
+    }
+    let s = ops.shape(x);
+    let zeros = vec![0.0f32; s[0] * (in_channels - 4) * s[2] * s[3]];
+    let z = ops.from_f32(&[s[0], in_channels - 4, s[2], s[3]], &zeros)?;
+    ops.concat(&[&x_in, &z], 1)
 }
 
 /// `n` values N(0, spread^2) from `seed` (the host's one source of randomness).
