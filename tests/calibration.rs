@@ -498,3 +498,18 @@ fn forward_pass_budget_and_shape_checks_hold() {
         "{err:#}"
     );
 }
+
+#[test]
+fn smoothing_misuse_gets_errors_not_folds() {
+    let err = format!("{:#}", hostile("calib-smooth-abuse", SessionLimits::default()));
+    for want in [
+        "early: Err(\"smooth: the inputs of",
+        "have not been observed yet",
+        "unknown: Err(\"smooth: `input_blocks.0.0` is not a smoothing producer",
+        "nan: Err(\"smooth: alpha must be in [0, 1], got NaN",
+        "big: Err(\"smooth: alpha must be in [0, 1], got 1.5",
+        "valid: true",
+    ] {
+        assert!(err.contains(want), "{want} not in {err}");
+    }
+}
