@@ -59,7 +59,7 @@ enum Command {
         scale: String,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// flux: schnell; sd15: inpaint.
+        /// flux: schnell; sd15: inpaint; sdxl: refiner.
         #[arg(long)]
         variant: Option<String>,
         /// A full single-file checkpoint (model.diffusion_model. prefix, VAE and text encoder tensors).
