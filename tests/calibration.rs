@@ -177,6 +177,11 @@ fn cross_attention_key_input_scale_is_the_hand_known_context_max() {
         "{:?}",
         c.notes
     );
+    // Evaluated on the file's rows too (the planted 1000 is what the calibration saw).
+    assert_eq!(
+        c.eval.as_ref().unwrap().conditioning,
+        Some(quantsmith::calibrate::session::HeldOut::FileRows)
+    );
 }
 
 #[test]
@@ -333,6 +338,11 @@ fn sdxl_calibrates_from_prompts_with_a_user_vocabulary() {
         c.notes.iter().any(|n| n.contains("prompts")),
         "{:?}",
         c.notes
+    );
+    // Calibrated on prompts, evaluated on other prompts through the same encoders.
+    assert_eq!(
+        c.eval.as_ref().unwrap().conditioning,
+        Some(quantsmith::calibrate::session::HeldOut::Prompts)
     );
     let check = check_output(&Checkpoint::open(&input).unwrap(), &output).unwrap();
     assert_eq!(check.input_scales.len(), report.totals.quantized_layers);

@@ -609,8 +609,17 @@ fn print_report(r: &RunReport) {
         if let Some(e) = &c.eval {
             for m in &e.modes {
                 println!(
-                    "eval     {:<17} output vs unquantized over {} held-out inputs: relative L2 {:.4} (worst {:.4}), cosine {:.6}",
-                    m.mode, e.inputs, m.output.relative_l2, m.worst_relative_l2, m.output.cosine
+                    "eval     {:<17} output vs unquantized over {} held-out inputs ({}): relative L2 {:.4} (worst {:.4}), cosine {:.6}",
+                    m.mode,
+                    e.inputs,
+                    match e.conditioning {
+                        Some(quantsmith::calibrate::session::HeldOut::Prompts) => "other prompts",
+                        Some(quantsmith::calibrate::session::HeldOut::FileRows) => "--calib-data rows",
+                        _ => "random conditioning",
+                    },
+                    m.output.relative_l2,
+                    m.worst_relative_l2,
+                    m.output.cosine
                 );
             }
             if let (Some(ok), Some(d)) = (e.static_no_worse_than_dynamic, e.static_minus_dynamic) {

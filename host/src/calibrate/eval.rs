@@ -77,6 +77,8 @@ pub struct ModeAgreement {
 #[derive(Clone, Debug, Serialize)]
 pub struct EvalReport {
     pub inputs: usize,
+    /// Where the held-out conditioning came from (it follows the calibration's source).
+    pub conditioning: Option<super::session::HeldOut>,
     pub resolution: u32,
     pub sigmas: Vec<f32>,
     pub modes: Vec<ModeAgreement>,
@@ -200,6 +202,7 @@ pub fn evaluate<O: Ops>(
     scales: &HashMap<String, f32>,
     smoothing: &Smoothing,
     unsmoothed_scales: &HashMap<String, f32>,
+    held_out: &dyn Fn(usize) -> Result<Option<(O::Tensor, Option<O::Tensor>)>>,
     inputs: usize,
     resolution: u32,
     seed: u64,
@@ -278,19 +281,25 @@ pub fn evaluate<O: Ops>(
         let ctx_dim = cfg
             .context_dim
             .context("this UNet has no cross-attention context")?;
-        let context = ops.from_f32(
-            &[1, 77, ctx_dim],
-            &gaussian(77 * ctx_dim, s ^ 0xc0ffee, 1.0),
-        )?;
-        // Held-out conditioning drawn like the calibration's random conditioning
-        // (context and pooled text N(0, 1), real size conditioning), other seeds.
-        let y = match cfg.adm_in_channels {
-            Some(adm) => {
-                let p = clip::pooled_width(adm);
-                let pooled = ops.from_f32(&[1, p], &gaussian(p, s ^ 0xbeef, 1.0))?;
-                Some(clip::unet_adm(ops, &pooled, adm, &SizeConditioning::new(resolution, resolution))?)
+        let (context, y) = match held_out(i)? {
+            Some(cond) => cond,
+            None => {
+                // Held-out conditioning drawn like the calibration's random conditioning
+                // (context and pooled text N(0, 1), real size conditioning), other seeds.
+                let context = ops.from_f32(
+                    &[1, 77, ctx_dim],
+                    &gaussian(77 * ctx_dim, s ^ 0xc0ffee, 1.0),
+                )?;
+                let y = match cfg.adm_in_channels {
+                    Some(adm) => {
+                        let p = clip::pooled_width(adm);
+                        let pooled = ops.from_f32(&[1, p], &gaussian(p, s ^ 0xbeef, 1.0))?;
+                        Some(clip::unet_adm(ops, &pooled, adm, &SizeConditioning::new(resolution, resolution))?)
+                    }
+                    None => None,
+                };
+                (context, y)
             }
-            None => None,
         };
         let model_input = |lat: &[f32], sigma: f32| -> Result<O::Tensor> {
             let x = ops.from_f32(&[1, 4, side, side], lat)?;
@@ -406,6 +415,7 @@ pub fn evaluate<O: Ops>(
     };
     Ok(EvalReport {
         inputs: n,
+        conditioning: None,
         resolution,
         sigmas: used_sigmas,
         modes,

@@ -297,10 +297,24 @@ where
     // The evaluation runs on the same backend, after the recipe is done.
     let eval = if opts.eval_inputs > 0 {
         let any = session.into_any();
-        let session = any.downcast::<Session<O>>().map_err(|_| anyhow::anyhow!("internal: session type"))?;
+        let session = *any.downcast::<Session<O>>().map_err(|_| anyhow::anyhow!("internal: session type"))?;
         let resolution = if opts.eval_resolution > 0 { opts.eval_resolution } else { session.info().native_resolution };
-        let r = eval::evaluate(session.ops(), session.unet(), &ctx.checkpoint, layers, &input_scales, &smoothing, &unsmoothed_scales, opts.eval_inputs, resolution, 0x5eed_e7a1)
-            .context("evaluating the fake-quantized model")?;
+        let held_out = |i: usize| session.held_out_conditioning(i, resolution);
+        let mut r = eval::evaluate(
+            session.ops(),
+            session.unet(),
+            &ctx.checkpoint,
+            layers,
+            &input_scales,
+            &smoothing,
+            &unsmoothed_scales,
+            &held_out,
+            opts.eval_inputs,
+            resolution,
+            0x5eed_e7a1,
+        )
+        .context("evaluating the fake-quantized model")?;
+        r.conditioning = Some(session.held_out_source());
         Some(r)
     } else {
         None

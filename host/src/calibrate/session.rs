@@ -143,6 +143,31 @@ pub struct Cond<T> {
     pub batch: usize,
 }
 
+/// Held-out conditioning for the evaluation, by preference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeldOut {
+    /// [`HELD_OUT_PROMPTS`] through the checkpoint's encoders.
+    Prompts,
+    /// `--calib-data` rows, from the last one backwards.
+    FileRows,
+    /// N(0, 1) contexts and pooled vectors with other seeds.
+    Random,
+}
+
+/// Prompts the evaluation holds out: none of them is in the SDK's calibration
+/// set, and they span other subjects and styles.
+pub const HELD_OUT_PROMPTS: &[&str] = &[
+    "a lighthouse keeper reading by candlelight, oil painting",
+    "close-up of a hummingbird drinking from a red flower, high speed photography",
+    "a snowy mountain village at dusk, warm windows, wide angle",
+    "cyberpunk street market in the rain, neon signs, night",
+    "a ceramic teapot on a linen cloth, soft studio light, product shot",
+    "children flying kites on a windy beach, watercolor",
+    "an astronaut portrait inside a space station, cinematic lighting",
+    "a field of sunflowers under a thunderstorm, dramatic sky",
+];
+
 /// What a session needs besides the backend.
 pub struct SessionInputs {
     pub checkpoint: Arc<Checkpoint>,
@@ -175,6 +200,8 @@ pub struct Session<O: Ops> {
     forward_time: Duration,
     smoothing_groups: Vec<smooth::Group>,
     smoothing: smooth::Smoothing,
+    /// Real conditioning sources the recipe used (held-out inputs follow them).
+    cond_sources: BTreeSet<HeldOut>,
     /// Observer statistics read after `forwards` passes (reading them syncs the device).
     observers_cache: Option<(usize, Vec<ObserverStats>)>,
 }
@@ -226,12 +253,32 @@ where
             forward_time: Duration::ZERO,
             smoothing_groups,
             smoothing: smooth::Smoothing::default(),
+            cond_sources: BTreeSet::new(),
             observers_cache: None,
         })
     }
 
     pub fn ops(&self) -> &O {
         &self.ops
+    }
+
+    /// Where held-out conditioning comes from: the most real source the
+    /// calibration used (prompts, then `--calib-data` rows, then random).
+    pub fn held_out_source(&self) -> HeldOut {
+        self.cond_sources.iter().next().copied().unwrap_or(HeldOut::Random)
+    }
+
+    /// Held-out conditioning `i` (batch 1) like the calibration's but not
+    /// from it: other prompts through the same encoders, or `--calib-data` rows
+    /// taken from the end; `None` for random conditioning (the evaluation draws
+    /// its own with other seeds).
+    pub fn held_out_conditioning(&self, i: usize, resolution: u32) -> Result<Option<(O::Tensor, Option<O::Tensor>)>> {
+        let c = match self.held_out_source() {
+            HeldOut::Prompts => self.prompt_cond(vec![HELD_OUT_PROMPTS[i % HELD_OUT_PROMPTS.len()].to_string()], resolution, resolution)?,
+            HeldOut::FileRows => self.file_cond(self.calib_rows - 1 - i % self.calib_rows, 1, resolution, resolution)?,
+            HeldOut::Random => return Ok(None),
+        };
+        Ok(Some((c.context, c.y)))
     }
 
     pub fn unet(&self) -> &Unet<O> {
@@ -301,7 +348,7 @@ where
         self.unet.config().adm_in_channels.map(clip::pooled_width).unwrap_or(0)
     }
 
-    fn random_cond(&mut self, count: usize, seed: u64, spread: f32, width: u32, height: u32) -> Result<Cond<O::Tensor>> {
+    fn random_cond(&self, count: usize, seed: u64, spread: f32, width: u32, height: u32) -> Result<Cond<O::Tensor>> {
         ensure!(count >= 1 && count <= self.inputs.limits.max_batch * 64, "random conditioning count {count} is out of range");
         ensure!(spread.is_finite() && spread > 0.0, "spread must be a positive number, got {spread}");
         let ctx_dim = self.unet.config().context_dim.context("this UNet has no cross-attention context")?;
@@ -320,7 +367,7 @@ where
         Ok(Cond { context, y, batch: count })
     }
 
-    fn file_cond(&mut self, start: usize, count: usize, width: u32, height: u32) -> Result<Cond<O::Tensor>> {
+    fn file_cond(&self, start: usize, count: usize, width: u32, height: u32) -> Result<Cond<O::Tensor>> {
         let path = self.inputs.calib_data.as_ref().map(|(p, _)| p.clone()).ok_or_else(|| anyhow!("no --calib-data file was given"))?;
         ensure!(count >= 1, "file conditioning needs count >= 1");
         ensure!(start + count <= self.calib_rows, "rows {start}..{} are beyond the {} rows of {}", start + count, self.calib_rows, path.display());
@@ -348,19 +395,18 @@ where
         Ok(Cond { context, y, batch: count })
     }
 
-    fn prompt_cond(&mut self, prompts: Vec<String>, width: u32, height: u32) -> Result<Cond<O::Tensor>> {
+    fn prompt_cond(&self, prompts: Vec<String>, width: u32, height: u32) -> Result<Cond<O::Tensor>> {
         ensure!(!prompts.is_empty(), "no prompts given");
         ensure!(prompts.len() <= self.inputs.limits.max_batch * 64, "too many prompts in one call ({})", prompts.len());
-        let tokenizer = self.tokenizer.take().ok_or_else(|| {
+        let tokenizer = self.tokenizer.as_ref().ok_or_else(|| {
             anyhow!("prompts need the CLIP vocabulary: pass --clip-vocab DIR (a folder with vocab.json and merges.txt, e.g. ComfyUI's comfy/sd1_tokenizer)")
         })?;
         let result = (|| {
             let family = self.text_family()?;
             let src: &dyn WeightSource = self.inputs.checkpoint.as_ref();
             let enc = TextEncoders::load(src, family)?;
-            enc.encode(&self.ops, &tokenizer, &prompts, &InputHooks::none())
+            enc.encode(&self.ops, tokenizer, &prompts, &InputHooks::none())
         })();
-        self.tokenizer = Some(tokenizer);
         let c = result?;
         let y = match &c.pooled {
             Some(p) => self.adm(p, width, height)?,
@@ -409,8 +455,14 @@ where
         ensure!((64..=4096).contains(&width) && (64..=4096).contains(&height), "width and height must be 64..=4096 pixels");
         let c = match source {
             CondSource::Random { count, seed, spread } => self.random_cond(count, seed, spread, width, height)?,
-            CondSource::File { start, count } => self.file_cond(start, count, width, height)?,
-            CondSource::Prompts(p) => self.prompt_cond(p, width, height)?,
+            CondSource::File { start, count } => {
+                self.cond_sources.insert(HeldOut::FileRows);
+                self.file_cond(start, count, width, height)?
+            }
+            CondSource::Prompts(p) => {
+                self.cond_sources.insert(HeldOut::Prompts);
+                self.prompt_cond(p, width, height)?
+            }
         };
         Ok(self.keep_cond(c))
     }
