@@ -626,9 +626,9 @@ fn print_report(r: &RunReport) {
                 println!(
                     "eval     static calibrated scales {} dynamic per-tensor ones (paired difference {:+.5} +- {:.5} over {} inputs)",
                     if ok {
-                        "is no worse than"
+                        "are no worse than"
                     } else {
-                        "is WORSE than"
+                        "are WORSE than"
                     },
                     d.mean,
                     d.standard_error,
