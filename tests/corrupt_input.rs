@@ -141,24 +141,23 @@ fn forward_refuses_malformed_inputs_with_exit_code_3() {
     let model = synth_tiny(dir.path(), "sd15");
     let inputs = dir.path().join("inputs.safetensors");
     let out = dir.path().join("out.safetensors");
-    for (content, expect) in [(&b"junk"[..], "not a valid safetensors file"), (&b""[..], "not a valid safetensors file")] {
-        std::fs::write(&inputs, content).unwrap();
+    let forward = || {
         let r = std::process::Command::new(env!("CARGO_BIN_EXE_run-recipe"))
             .args(["forward", model.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", "cpu"])
             .output()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&r.stderr);
-        assert_eq!(r.status.code(), Some(3), "{stderr}");
-        assert!(stderr.contains(expect), "{stderr}");
+        (r.status.code(), String::from_utf8_lossy(&r.stderr).into_owned())
+    };
+    for content in [&b"junk"[..], &b""[..]] {
+        std::fs::write(&inputs, content).unwrap();
+        let (code, stderr) = forward();
+        assert_eq!(code, Some(3), "{stderr}");
+        assert!(stderr.contains("not a valid safetensors file"), "{stderr}");
         assert!(!out.exists());
     }
     // Valid safetensors without the tensors `forward` needs.
     safetensors::serialize_to_file(Vec::<(&str, safetensors::tensor::TensorView)>::new(), None, &inputs).unwrap();
-    let r = std::process::Command::new(env!("CARGO_BIN_EXE_run-recipe"))
-        .args(["forward", model.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", "cpu"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&r.stderr);
-    assert_eq!(r.status.code(), Some(3), "{stderr}");
+    let (code, stderr) = forward();
+    assert_eq!(code, Some(3), "{stderr}");
     assert!(stderr.contains("has no `x` tensor"), "{stderr}");
 }
