@@ -654,11 +654,15 @@ fn print_report(r: &RunReport) {
 }
 
 fn print_check(check: &quantsmith::evaluate::OutputCheck) {
+    let smoothed = if check.smoothed_tensors > 0 {
+        format!("; {} tensors match the recorded SmoothQuant fold", check.smoothed_tensors)
+    } else {
+        String::new()
+    };
     println!(
-        "ok: {} quantized layers within their format's error bound, {} tensors passed through; {} tensors checked against the recorded SmoothQuant fold{}",
+        "ok: {} quantized layers within their format's error bound, {} tensors passed through{smoothed}{}",
         check.layers.len(),
         check.passthrough_tensors,
-        check.smoothed_tensors,
         if check.legacy {
             " (legacy scaled_fp8 layout)"
         } else {
