@@ -21,7 +21,7 @@ use crate::backend::Backend;
 use crate::checkpoint::writer::{PlannedTensor, StreamingWriter};
 use crate::checkpoint::{Checkpoint, TensorEntry};
 use crate::calibrate::smooth::{self, Smoothing, Transform};
-use crate::formats::{ErrorStats, QuantFormat, QuantSpec, SourceDtype, StoredSpec, StoredTensor, WeightView, numerics};
+use crate::formats::{ErrorStats, QuantFormat, QuantSpec, SourceDtype, StoredSpec, StoredTensor, WeightView};
 use crate::modules::ModuleTable;
 use crate::plan::{LayerDecision, ResolvedPlan};
 
@@ -229,7 +229,7 @@ pub fn convert(ckpt: &Checkpoint, plan: &ResolvedPlan, backend: &dyn Backend, op
                     let name = job.entry.key.as_str();
                     // A smoothed weight is quantized from its exact f32 product W * s, never re-rounded to the source dtype.
                     let source = match job.transform {
-                        Some(t) => smooth::transformed_f32(ckpt, name, t).map(|v| (SourceDtype::F32, Cow::Owned(numerics::encode_source(SourceDtype::F32, &v)))),
+                        Some(t) => smooth::transformed_f32(ckpt, name, t).map(|v| (SourceDtype::F32, Cow::Owned(smooth::f32_bytes(&v)))),
                         None => Ok((job.dtype, Cow::Borrowed(ckpt.bytes(job.entry)))),
                     };
                     let result = source.and_then(|(dtype, bytes)| {

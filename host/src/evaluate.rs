@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::calibrate::smooth::{self, Smoothing};
 use crate::checkpoint::Checkpoint;
-use crate::formats::{ErrorStats, QuantFormat, QuantSpec, SourceDtype, StoredTensor, WeightView, numerics};
+use crate::formats::{ErrorStats, QuantFormat, QuantSpec, SourceDtype, StoredTensor, WeightView};
 use crate::modules::{ModuleKind, ModuleTable};
 use crate::plan::probe_patterns;
 
@@ -118,7 +118,7 @@ pub fn check_output(source: &Checkpoint, output: &Path) -> Result<OutputCheck> {
             check.input_scales.insert(layer.clone(), value);
         }
         let smoothed = match transforms.get(&src.key) {
-            Some(t) => Some(numerics::encode_source(SourceDtype::F32, &smooth::transformed_f32(source, &src.key, t)?)),
+            Some(t) => Some(smooth::f32_bytes(&smooth::transformed_f32(source, &src.key, t)?)),
             None => None,
         };
         let view = match &smoothed {

@@ -160,10 +160,7 @@ pub fn dequantized_weights(
             .get(&key)
             .with_context(|| format!("checkpoint has no `{key}`"))?;
         let smoothed = match transforms.get(&key) {
-            Some(tr) => Some(numerics::encode_source(
-                SourceDtype::F32,
-                &smooth::transformed_f32(ckpt, &key, tr)?,
-            )),
+            Some(tr) => Some(smooth::f32_bytes(&smooth::transformed_f32(ckpt, &key, tr)?)),
             None => None,
         };
         let view = WeightView {

@@ -176,25 +176,39 @@ pub struct Transform {
 impl Transform {
     /// Applies the transform to a tensor's values of `shape` (1-D or 2-D).
     pub fn apply(&self, shape: &[usize], values: &mut [f32]) -> Result<()> {
+        let cols = self.check(shape)?;
+        self.apply_rows(0, cols, values);
+        Ok(())
+    }
+
+    /// Columns per row of a tensor of `shape`, after checking the transform fits it.
+    fn check(&self, shape: &[usize]) -> Result<usize> {
         let cols = if shape.len() == 2 { shape[1] } else { 1 };
+        let rows = shape.first().copied().unwrap_or(1);
         if let Some((start, div)) = &self.row_div {
-            let rows = values.len() / cols.max(1);
             ensure!(start + div.len() <= rows, "smoothing rows {start}..{} outside a tensor of {rows} rows", start + div.len());
-            for (r, d) in div.iter().enumerate() {
-                for v in &mut values[(start + r) * cols..(start + r + 1) * cols] {
-                    *v /= d;
-                }
-            }
         }
         if let Some(mul) = &self.col_mul {
             ensure!(shape.len() == 2 && mul.len() == cols, "smoothing {} columns of a tensor of shape {shape:?}", mul.len());
-            for row in values.chunks_mut(cols) {
-                for (v, m) in row.iter_mut().zip(mul) {
-                    *v *= m;
-                }
+        }
+        Ok(cols)
+    }
+
+    /// The transform on whole rows `first_row ..` of a checked tensor (rows divided, then columns multiplied).
+    fn apply_rows(&self, first_row: usize, cols: usize, block: &mut [f32]) {
+        for (i, row) in block.chunks_mut(cols).enumerate() {
+            let r = first_row + i;
+            if let Some((start, div)) = &self.row_div
+                && r >= *start
+                && r < start + div.len()
+            {
+                let d = div[r - start];
+                row.iter_mut().for_each(|v| *v /= d);
+            }
+            if let Some(mul) = &self.col_mul {
+                row.iter_mut().zip(mul).for_each(|(v, m)| *v *= m);
             }
         }
-        Ok(())
     }
 }
 
@@ -295,14 +309,38 @@ impl Smoothing {
 
 /// A tensor's values after its transform, as f32.
 pub fn transformed_f32(ckpt: &Checkpoint, key: &str, t: &Transform) -> Result<Vec<f32>> {
+    use rayon::prelude::*;
     let entry = ckpt.get(key).with_context(|| format!("checkpoint has no `{key}`"))?;
     let dtype = SourceDtype::from_safetensors(entry.dtype).with_context(|| format!("{key}: only F32, F16 and BF16 tensors can be smoothed"))?;
-    let mut values = numerics::decode_dtype(dtype, ckpt.bytes(entry));
-    t.apply(&entry.shape, &mut values)?;
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+    let cols = t.check(&entry.shape)?.max(1);
+    let bytes = ckpt.bytes(entry);
+    // Blocks of whole rows, decoded and transformed on every core (large weights are 10-100 MB).
+    let rows_per_block = (16384 / cols).max(1);
+    let mut values = vec![0f32; entry.elements()];
+    values
+        .par_chunks_mut(rows_per_block * cols)
+        .zip(bytes.par_chunks(rows_per_block * cols * dtype.size()))
+        .enumerate()
+        .for_each(|(b, (out, src))| {
+            out.copy_from_slice(&numerics::decode_dtype(dtype, src));
+            t.apply_rows(b * rows_per_block, cols, out);
+        });
+    if let Some(i) = values.par_iter().position_first(|v| !v.is_finite()) {
         bail!("smoothing {key} made element {i} non-finite");
     }
     Ok(values)
+}
+
+/// f32 values as little-endian bytes, on every core.
+pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    use rayon::prelude::*;
+    let mut out = vec![0u8; values.len() * 4];
+    out.par_chunks_mut(4 * 16384).zip(values.par_chunks(16384)).for_each(|(o, v)| {
+        for (d, x) in o.chunks_exact_mut(4).zip(v) {
+            d.copy_from_slice(&x.to_le_bytes());
+        }
+    });
+    out
 }
 
 /// A tensor's transformed bytes in its stored dtype, as written to the output.
@@ -378,6 +416,11 @@ mod tests {
         let mut v = vec![1.0, 1.0, 2.0, 2.0, 8.0, 8.0];
         t.apply(&[3, 2], &mut v).unwrap();
         assert_eq!(v, vec![10.0, 100.0, 10.0, 100.0, 20.0, 200.0]);
+        // Block by block from a later first row gives the same rows.
+        let mut tail = vec![2.0, 2.0, 8.0, 8.0];
+        t.apply_rows(1, 2, &mut tail);
+        assert_eq!(tail, v[2..]);
+        assert_eq!(f32_bytes(&[1.0, -2.5]), [1.0f32.to_le_bytes(), (-2.5f32).to_le_bytes()].concat());
         let mut bias = vec![1.0, 2.0, 8.0];
         Transform { row_div: Some((1, vec![2.0, 4.0])), col_mul: None }.apply(&[3], &mut bias).unwrap();
         assert_eq!(bias, vec![1.0, 1.0, 2.0]);
