@@ -221,6 +221,7 @@ pub fn convert(ckpt: &Checkpoint, plan: &ResolvedPlan, backend: &dyn Backend, op
         for _ in 0..workers {
             let rx = job_rx.clone();
             scope.spawn(move || {
+                let mut folded: Vec<f32> = Vec::new();
                 loop {
                     let job = match rx.lock().unwrap().recv() {
                         Ok(j) => j,
@@ -229,7 +230,8 @@ pub fn convert(ckpt: &Checkpoint, plan: &ResolvedPlan, backend: &dyn Backend, op
                     let name = job.entry.key.as_str();
                     // A smoothed weight is quantized from its exact f32 product W * s, never re-rounded to the source dtype.
                     let source = match job.transform {
-                        Some(t) => smooth::transformed_f32(ckpt, name, t).map(|v| (SourceDtype::F32, Cow::Owned(smooth::f32_bytes(&v)))),
+                        // f32 as bytes in place: safetensors data is little-endian, as are the hosts this builds for.
+                        Some(t) => smooth::transform_into(ckpt, name, t, &mut folded).map(|()| (SourceDtype::F32, Cow::Borrowed(bytemuck::cast_slice::<f32, u8>(&folded)))),
                         None => Ok((job.dtype, Cow::Borrowed(ckpt.bytes(job.entry)))),
                     };
                     let result = source.and_then(|(dtype, bytes)| {

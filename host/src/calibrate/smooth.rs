@@ -309,6 +309,14 @@ impl Smoothing {
 
 /// A tensor's values after its transform, as f32.
 pub fn transformed_f32(ckpt: &Checkpoint, key: &str, t: &Transform) -> Result<Vec<f32>> {
+    let mut values = Vec::new();
+    transform_into(ckpt, key, t, &mut values)?;
+    Ok(values)
+}
+
+/// [`transformed_f32`] into a reused buffer: a worker folding tensor after
+/// tensor keeps its pages instead of faulting in gigabytes of fresh memory.
+pub fn transform_into(ckpt: &Checkpoint, key: &str, t: &Transform, values: &mut Vec<f32>) -> Result<()> {
     use rayon::prelude::*;
     let entry = ckpt.get(key).with_context(|| format!("checkpoint has no `{key}`"))?;
     let dtype = SourceDtype::from_safetensors(entry.dtype).with_context(|| format!("{key}: only F32, F16 and BF16 tensors can be smoothed"))?;
@@ -316,7 +324,7 @@ pub fn transformed_f32(ckpt: &Checkpoint, key: &str, t: &Transform) -> Result<Ve
     let bytes = ckpt.bytes(entry);
     // Blocks of whole rows, decoded and transformed on every core (large weights are 10-100 MB).
     let rows_per_block = (16384 / cols).max(1);
-    let mut values = vec![0f32; entry.elements()];
+    values.resize(entry.elements(), 0.0);
     values
         .par_chunks_mut(rows_per_block * cols)
         .zip(bytes.par_chunks(rows_per_block * cols * dtype.size()))
@@ -328,7 +336,7 @@ pub fn transformed_f32(ckpt: &Checkpoint, key: &str, t: &Transform) -> Result<Ve
     if let Some(i) = values.par_iter().position_first(|v| !v.is_finite()) {
         bail!("smoothing {key} made element {i} non-finite");
     }
-    Ok(values)
+    Ok(())
 }
 
 /// f32 values as little-endian bytes, on every core.
