@@ -118,11 +118,11 @@ pub fn check_output(source: &Checkpoint, output: &Path) -> Result<OutputCheck> {
             check.input_scales.insert(layer.clone(), value);
         }
         let smoothed = match transforms.get(&src.key) {
-            Some(t) => Some(smooth::f32_bytes(&smooth::transformed_f32(source, &src.key, t)?)),
+            Some(t) => Some(smooth::transformed_f32(source, &src.key, t)?),
             None => None,
         };
         let view = match &smoothed {
-            Some(bytes) => WeightView { name: &src.key, dtype: SourceDtype::F32, rows, cols, bytes },
+            Some(values) => WeightView { name: &src.key, dtype: SourceDtype::F32, rows, cols, bytes: bytemuck::cast_slice(values) },
             None => WeightView { name: &src.key, dtype, rows, cols, bytes: source.bytes(src) },
         };
         let err = imp.verify(&view, &stored).map_err(|e| anyhow!("layer {layer}: {e}"))?;

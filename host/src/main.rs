@@ -612,11 +612,7 @@ fn print_report(r: &RunReport) {
                     "eval     {:<17} output vs unquantized over {} held-out inputs ({}): relative L2 {:.4} (worst {:.4}), cosine {:.6}",
                     m.mode,
                     e.inputs,
-                    match e.conditioning {
-                        Some(quantsmith::calibrate::session::HeldOut::Prompts) => "other prompts",
-                        Some(quantsmith::calibrate::session::HeldOut::FileRows) => "--calib-data rows",
-                        _ => "random conditioning",
-                    },
+                    e.conditioning.unwrap_or(quantsmith::calibrate::session::HeldOut::Random).describe(),
                     m.output.relative_l2,
                     m.worst_relative_l2,
                     m.output.cosine

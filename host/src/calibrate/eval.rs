@@ -142,7 +142,13 @@ pub fn dequantized_weights(
 ) -> Result<HashMap<String, (Vec<usize>, SourceDtype, Vec<u8>)>> {
     let mut out = HashMap::new();
     let transforms = smoothing.transforms(&ModuleTable::build(ckpt))?;
-    for (key, t) in &transforms {
+    let quantized: std::collections::HashSet<String> = layers
+        .iter()
+        .filter(|l| l.spec.is_some())
+        .map(|l| format!("{}.weight", l.key))
+        .collect();
+    // Folded tensors that stay in their dtype; quantized weights are folded below.
+    for (key, t) in transforms.iter().filter(|(k, _)| !quantized.contains(*k)) {
         let entry = ckpt
             .get(key)
             .with_context(|| format!("checkpoint has no `{key}`"))?;
@@ -160,7 +166,7 @@ pub fn dequantized_weights(
             .get(&key)
             .with_context(|| format!("checkpoint has no `{key}`"))?;
         let smoothed = match transforms.get(&key) {
-            Some(tr) => Some(smooth::f32_bytes(&smooth::transformed_f32(ckpt, &key, tr)?)),
+            Some(tr) => Some(smooth::transformed_f32(ckpt, &key, tr)?),
             None => None,
         };
         let view = WeightView {
@@ -172,7 +178,10 @@ pub fn dequantized_weights(
             },
             rows: l.shape[0],
             cols: l.shape[1],
-            bytes: smoothed.as_deref().unwrap_or(ckpt.bytes(t)),
+            bytes: smoothed
+                .as_deref()
+                .map(bytemuck::cast_slice)
+                .unwrap_or(ckpt.bytes(t)),
         };
         let f = spec.implementation();
         let stored = f.quantize(&view)?;

@@ -155,6 +155,16 @@ pub enum HeldOut {
     Random,
 }
 
+impl HeldOut {
+    pub fn describe(self) -> &'static str {
+        match self {
+            HeldOut::Prompts => "other prompts",
+            HeldOut::FileRows => "--calib-data rows",
+            HeldOut::Random => "random conditioning",
+        }
+    }
+}
+
 /// Prompts the evaluation holds out: none of them is in the SDK's calibration
 /// set, and they span other subjects and styles.
 pub const HELD_OUT_PROMPTS: &[&str] = &[
@@ -470,11 +480,8 @@ where
     fn concat_conditioning(&mut self, parts: &[u32]) -> Result<u32> {
         ensure!(!parts.is_empty(), "nothing to concatenate");
         let conds: Vec<&Cond<O::Tensor>> = parts.iter().map(|&id| self.cond(id)).collect::<Result<_>>()?;
-        // Long prompts give longer contexts: repeat each to a common length, as ComfyUI batches them.
-        let lengths: Vec<usize> = conds.iter().map(|c| self.ops.shape(&c.context)[1]).collect();
-        let tokens = clip::batched_tokens(&lengths)?;
-        let ctx: Vec<O::Tensor> = conds.iter().map(|c| clip::repeat_tokens(&self.ops, &c.context, tokens)).collect::<Result<_>>()?;
-        let context = self.ops.concat(&ctx.iter().collect::<Vec<_>>(), 0)?;
+        // Long prompts give longer contexts: repeated to a common length, as ComfyUI batches them.
+        let context = clip::batch_contexts(&self.ops, &conds.iter().map(|c| &c.context).collect::<Vec<_>>())?;
         let y = if conds.iter().all(|c| c.y.is_some()) {
             let ys: Vec<&O::Tensor> = conds.iter().map(|c| c.y.as_ref().expect("checked")).collect();
             Some(self.ops.concat(&ys, 0)?)

@@ -339,18 +339,6 @@ pub fn transform_into(ckpt: &Checkpoint, key: &str, t: &Transform, values: &mut 
     Ok(())
 }
 
-/// f32 values as little-endian bytes, on every core.
-pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    use rayon::prelude::*;
-    let mut out = vec![0u8; values.len() * 4];
-    out.par_chunks_mut(4 * 16384).zip(values.par_chunks(16384)).for_each(|(o, v)| {
-        for (d, x) in o.chunks_exact_mut(4).zip(v) {
-            d.copy_from_slice(&x.to_le_bytes());
-        }
-    });
-    out
-}
-
 /// A tensor's transformed bytes in its stored dtype, as written to the output.
 pub fn transformed_bytes(ckpt: &Checkpoint, key: &str, t: &Transform) -> Result<Vec<u8>> {
     let entry = ckpt.get(key).with_context(|| format!("checkpoint has no `{key}`"))?;
@@ -385,23 +373,27 @@ pub struct SmoothingReport {
     pub amax_after: f32,
 }
 
-/// Groups in a stable order for reports.
+impl Smoothed {
+    /// What the factors do to an input of per-channel amax `channel_amax`.
+    pub fn report(&self, channel_amax: &[f32]) -> SmoothingReport {
+        SmoothingReport {
+            producer: self.group.producer.clone(),
+            consumers: self.group.consumers.clone(),
+            alpha: self.alpha,
+            min_factor: self.factors.iter().copied().fold(f32::INFINITY, f32::min),
+            max_factor: self.factors.iter().copied().fold(0.0, f32::max),
+            amax_before: channel_amax.iter().copied().fold(0.0, f32::max),
+            amax_after: smoothed_amax(channel_amax, &self.factors),
+        }
+    }
+}
+
+/// Every group's report, with the channel amax observed at any of its consumers.
 pub fn report(smoothing: &Smoothing, channel_amax: &BTreeMap<String, Vec<f32>>) -> Vec<SmoothingReport> {
     smoothing
         .groups
         .iter()
-        .map(|g| {
-            let act = g.group.consumers.iter().find_map(|c| channel_amax.get(c));
-            SmoothingReport {
-                producer: g.group.producer.clone(),
-                consumers: g.group.consumers.clone(),
-                alpha: g.alpha,
-                min_factor: g.factors.iter().copied().fold(f32::INFINITY, f32::min),
-                max_factor: g.factors.iter().copied().fold(0.0, f32::max),
-                amax_before: act.map(|a| a.iter().copied().fold(0.0, f32::max)).unwrap_or(0.0),
-                amax_after: act.map(|a| smoothed_amax(a, &g.factors)).unwrap_or(0.0),
-            }
-        })
+        .map(|g| g.report(g.group.consumers.iter().find_map(|c| channel_amax.get(c)).map_or(&[][..], |a| a)))
         .collect()
 }
 
@@ -428,7 +420,6 @@ mod tests {
         let mut tail = vec![2.0, 2.0, 8.0, 8.0];
         t.apply_rows(1, 2, &mut tail);
         assert_eq!(tail, v[2..]);
-        assert_eq!(f32_bytes(&[1.0, -2.5]), [1.0f32.to_le_bytes(), (-2.5f32).to_le_bytes()].concat());
         let mut bias = vec![1.0, 2.0, 8.0];
         Transform { row_div: Some((1, vec![2.0, 4.0])), col_mul: None }.apply(&[3], &mut bias).unwrap();
         assert_eq!(bias, vec![1.0, 1.0, 2.0]);

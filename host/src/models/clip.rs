@@ -50,23 +50,16 @@ fn join_chunks<O: Ops>(ops: &O, context: &O::Tensor, pooled: Option<&O::Tensor>,
     ensure!(chunks.iter().sum::<usize>() == rows, "internal: {rows} encoded rows for chunks {chunks:?}");
     let values = ops.to_f32(context)?;
     let row = CONTEXT_LENGTH * width;
-    let mut prompts: Vec<Vec<f32>> = Vec::with_capacity(chunks.len());
+    // Rows of one prompt are consecutive, so its chunks side by side are one [1, 77 k, C] reshape.
+    let mut prompts = Vec::with_capacity(chunks.len());
     let mut first_rows = Vec::with_capacity(chunks.len());
     let mut start = 0;
     for &c in chunks {
-        prompts.push(values[start * row..(start + c) * row].to_vec());
+        prompts.push(ops.from_f32(&[1, c * CONTEXT_LENGTH, width], &values[start * row..(start + c) * row])?);
         first_rows.push(start);
         start += c;
     }
-    let lengths: Vec<usize> = prompts.iter().map(|p| p.len() / width).collect();
-    let tokens = batched_tokens(&lengths)?;
-    let mut out = Vec::with_capacity(chunks.len() * tokens * width);
-    for p in &prompts {
-        for _ in 0..tokens * width / p.len() {
-            out.extend_from_slice(p);
-        }
-    }
-    let context = ops.from_f32(&[chunks.len(), tokens, width], &out)?;
+    let context = batch_contexts(ops, &prompts.iter().collect::<Vec<_>>())?;
     let pooled = match pooled {
         Some(p) => {
             let pw = ops.shape(p)[1];
@@ -97,8 +90,17 @@ pub fn batched_tokens(lengths: &[usize]) -> Result<usize> {
     Ok(l)
 }
 
+/// Contexts `[B_i, n_i, C]` one batch after the other, each repeated along the
+/// tokens to the least common multiple of the `n_i` (ComfyUI's `cond_cat`).
+pub fn batch_contexts<O: Ops>(ops: &O, parts: &[&O::Tensor]) -> Result<O::Tensor> {
+    let lengths: Vec<usize> = parts.iter().map(|t| ops.shape(t)[1]).collect();
+    let tokens = batched_tokens(&lengths)?;
+    let repeated: Vec<O::Tensor> = parts.iter().map(|t| repeat_tokens(ops, t, tokens)).collect::<Result<_>>()?;
+    ops.concat(&repeated.iter().collect::<Vec<_>>(), 0)
+}
+
 /// `[B, n, C]` repeated along the tokens to `[B, tokens, C]` (`tokens` a multiple of `n`).
-pub fn repeat_tokens<O: Ops>(ops: &O, t: &O::Tensor, tokens: usize) -> Result<O::Tensor> {
+fn repeat_tokens<O: Ops>(ops: &O, t: &O::Tensor, tokens: usize) -> Result<O::Tensor> {
     let n = ops.shape(t)[1];
     ensure!(tokens % n == 0, "internal: {tokens} tokens is not a multiple of {n}");
     if tokens == n {

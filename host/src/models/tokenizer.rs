@@ -156,10 +156,7 @@ impl ClipTokenizer {
     /// One 77-token row per 75-token chunk of each prompt (at least one, at most
     /// `max_chunks`), and the number of rows of each prompt.
     pub fn encode_chunked<S: AsRef<str>>(&self, prompts: &[S], padding: Padding, max_chunks: usize) -> Result<(TokenBatch, Vec<usize>)> {
-        let pad = match padding {
-            Padding::EndToken => self.end,
-            Padding::Zero => 0,
-        };
+        let pad = self.pad_id(padding);
         let mut ids = Vec::with_capacity(prompts.len() * CONTEXT_LENGTH);
         let mut end_index = Vec::with_capacity(prompts.len());
         let mut chunks = Vec::with_capacity(prompts.len());
@@ -171,11 +168,7 @@ impl ClipTokenizer {
             }
             for c in 0..n {
                 let part = &tokens[(c * (CONTEXT_LENGTH - 2)).min(tokens.len())..((c + 1) * (CONTEXT_LENGTH - 2)).min(tokens.len())];
-                ids.push(self.start);
-                ids.extend_from_slice(part);
-                end_index.push(ids.len() % CONTEXT_LENGTH);
-                ids.push(self.end);
-                ids.resize(ids.len().next_multiple_of(CONTEXT_LENGTH), pad);
+                self.push_sequence(&mut ids, &mut end_index, part, pad);
             }
             chunks.push(n);
         }
@@ -184,22 +177,30 @@ impl ClipTokenizer {
 
     /// `[start] + tokens[..75] + [end] + padding` for each prompt.
     pub fn encode<S: AsRef<str>>(&self, prompts: &[S], padding: Padding) -> Result<TokenBatch> {
-        let pad = match padding {
-            Padding::EndToken => self.end,
-            Padding::Zero => 0,
-        };
+        let pad = self.pad_id(padding);
         let mut ids = Vec::with_capacity(prompts.len() * CONTEXT_LENGTH);
         let mut end_index = Vec::with_capacity(prompts.len());
         for prompt in prompts {
             let tokens = self.tokenize(prompt.as_ref())?;
-            let kept = &tokens[..tokens.len().min(CONTEXT_LENGTH - 2)];
-            ids.push(self.start);
-            ids.extend_from_slice(kept);
-            end_index.push(ids.len() % CONTEXT_LENGTH);
-            ids.push(self.end);
-            ids.resize(ids.len().next_multiple_of(CONTEXT_LENGTH), pad);
+            self.push_sequence(&mut ids, &mut end_index, &tokens[..tokens.len().min(CONTEXT_LENGTH - 2)], pad);
         }
         Ok(TokenBatch { ids, end_index })
+    }
+
+    fn pad_id(&self, padding: Padding) -> u32 {
+        match padding {
+            Padding::EndToken => self.end,
+            Padding::Zero => 0,
+        }
+    }
+
+    /// `[start] + tokens (at most 75) + [end] + padding`: one 77-token row.
+    fn push_sequence(&self, ids: &mut Vec<u32>, end_index: &mut Vec<usize>, tokens: &[u32], pad: u32) {
+        ids.push(self.start);
+        ids.extend_from_slice(tokens);
+        end_index.push(ids.len() % CONTEXT_LENGTH);
+        ids.push(self.end);
+        ids.resize(ids.len().next_multiple_of(CONTEXT_LENGTH), pad);
     }
 }
 

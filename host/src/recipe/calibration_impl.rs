@@ -210,13 +210,8 @@ impl super::calibrating::smoothing_api::Host for State {
     }
 
     fn smooth(&mut self, producer: String, alpha: f32) -> Result<super::calibrating::smoothing_api::Smoothed, String> {
-        use crate::calibrate::smooth;
         let (s, act) = self.session("smooth", |s| s.smooth(&producer, alpha))?;
-        Ok(super::calibrating::smoothing_api::Smoothed {
-            min_factor: s.factors.iter().copied().fold(f32::INFINITY, f32::min),
-            max_factor: s.factors.iter().copied().fold(0.0, f32::max),
-            amax_before: act.iter().copied().fold(0.0, f32::max),
-            amax_after: smooth::smoothed_amax(&act, &s.factors),
-        })
+        let r = s.report(&act);
+        Ok(super::calibrating::smoothing_api::Smoothed { min_factor: r.min_factor, max_factor: r.max_factor, amax_before: r.amax_before, amax_after: r.amax_after })
     }
 }
