@@ -8,35 +8,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use quantsmith::backend::DeviceChoice;
 use quantsmith::calibrate::session::SessionLimits;
-use quantsmith::calibrate::{CalibrateMode, CalibrationOptions, CalibrationReport};
+use quantsmith::calibrate::{CalibrateMode, CalibrationReport};
 use quantsmith::checkpoint::Checkpoint;
 use quantsmith::evaluate::check_output;
-use quantsmith::pipeline::{self, RunOptions, RunReport};
-use quantsmith::recipe::SandboxLimits;
-
-/// Small walks: 2 samples x 3 steps at 64x64 pixels (8x8 latents).
-const SMALL: &[&str] = &["calib-steps=3", "calib-samples=2", "resolution=64"];
-
-fn calib_options(input: &Path, output: &Path, recipe: Option<&str>, sets: &[&str]) -> RunOptions {
-    let mut all: Vec<&str> = SMALL.to_vec();
-    all.extend_from_slice(sets);
-    let mut o = common::options(input, output, recipe, &all);
-    o.calibration = CalibrationOptions {
-        mode: CalibrateMode::On,
-        device: DeviceChoice::Cpu,
-        eval_inputs: 2,
-        eval_resolution: 64,
-        ..Default::default()
-    };
-    o.device = DeviceChoice::Cpu;
-    o.limits = SandboxLimits {
-        memory_bytes: 64 << 20,
-        timeout: Duration::from_secs(5),
-    };
-    o
-}
+use quantsmith::pipeline::{self, RunReport};
 
 fn calibrated(r: &RunReport) -> &CalibrationReport {
     r.calibration
@@ -94,7 +70,7 @@ fn fp8_calibration_writes_static_input_scales_that_comfyui_accepts() {
     let dir = tempfile::tempdir().unwrap();
     let input = common::synth_tiny(dir.path(), "sd15");
     let output = dir.path().join("out.safetensors");
-    let report = pipeline::run(&calib_options(
+    let report = pipeline::run(&common::calib_options(
         &input,
         &output,
         Some("sd15"),
@@ -150,7 +126,7 @@ fn cross_attention_key_input_scale_is_the_hand_known_context_max() {
     let input = common::synth_tiny(dir.path(), "sd15");
     let output = dir.path().join("out.safetensors");
     let data = calib_data(dir.path(), 3, 768, 1000.0, false);
-    let mut o = calib_options(
+    let mut o = common::calib_options(
         &input,
         &output,
         Some("sd15"),
@@ -189,7 +165,7 @@ fn nvfp4_gets_activation_global_scales_and_probe_layers_fp8_scales() {
     let dir = tempfile::tempdir().unwrap();
     let input = common::synth_tiny(dir.path(), "sd15");
     let output = dir.path().join("out.safetensors");
-    let report = pipeline::run(&calib_options(
+    let report = pipeline::run(&common::calib_options(
         &input,
         &output,
         Some("sd15"),
@@ -223,14 +199,14 @@ fn nvfp4_gets_activation_global_scales_and_probe_layers_fp8_scales() {
 fn percentile_scales_never_exceed_max_scales() {
     let dir = tempfile::tempdir().unwrap();
     let input = common::synth_tiny(dir.path(), "sd15");
-    let max = pipeline::run(&calib_options(
+    let max = pipeline::run(&common::calib_options(
         &input,
         &dir.path().join("a.safetensors"),
         Some("sd15"),
         &["format=fp8"],
     ))
     .unwrap();
-    let pct = pipeline::run(&calib_options(
+    let pct = pipeline::run(&common::calib_options(
         &input,
         &dir.path().join("b.safetensors"),
         Some("sd15"),
@@ -260,25 +236,12 @@ fn percentile_scales_never_exceed_max_scales() {
     );
 }
 
-/// A tiny SD1.5 whose UNet behaves like a trained one (the default synthetic
-/// init is chaotic: any perturbation, quantization included, moves its output a lot).
-fn conditioned_sd15(dir: &Path) -> PathBuf {
-    use quantsmith::synth::{Family, SynthInit, SynthOptions};
-    let path = dir.join("sd15-conditioned.safetensors");
-    let opts = SynthOptions {
-        init: SynthInit::Conditioned,
-        ..SynthOptions::new(Family::Sd15)
-    };
-    quantsmith::synth::write(&opts, &path, |_, _| {}).unwrap();
-    path
-}
-
 #[test]
 fn evaluation_reports_output_and_per_layer_agreement() {
     let dir = tempfile::tempdir().unwrap();
-    let input = conditioned_sd15(dir.path());
+    let input = common::conditioned(dir.path(), quantsmith::synth::Family::Sd15);
     let output = dir.path().join("out.safetensors");
-    let report = pipeline::run(&calib_options(
+    let report = pipeline::run(&common::calib_options(
         &input,
         &output,
         Some("sd15"),
@@ -318,7 +281,7 @@ fn sdxl_calibrates_from_prompts_with_a_user_vocabulary() {
     let dir = tempfile::tempdir().unwrap();
     let input = common::synth_with(dir.path(), "sdxl", None, true);
     let output = dir.path().join("out.safetensors");
-    let mut o = calib_options(
+    let mut o = common::calib_options(
         &input,
         &output,
         Some("sdxl"),
@@ -353,7 +316,7 @@ fn prompts_without_a_vocabulary_fail_with_a_hint() {
     let dir = tempfile::tempdir().unwrap();
     let input = common::synth_with(dir.path(), "sd15", None, true);
     let output = dir.path().join("out.safetensors");
-    let err = pipeline::run(&calib_options(
+    let err = pipeline::run(&common::calib_options(
         &input,
         &output,
         Some("sd15"),
@@ -370,7 +333,7 @@ fn legacy_layout_stores_scale_input() {
     let dir = tempfile::tempdir().unwrap();
     let input = common::synth_tiny(dir.path(), "sd15");
     let output = dir.path().join("out.safetensors");
-    let mut o = calib_options(&input, &output, Some("sd15"), &["format=fp8"]);
+    let mut o = common::calib_options(&input, &output, Some("sd15"), &["format=fp8"]);
     o.layout = quantsmith::convert::Layout::ComfyLegacy;
     let report = pipeline::run(&o).unwrap();
     let check = check_output(&Checkpoint::open(&input).unwrap(), &output).unwrap();
@@ -388,7 +351,7 @@ fn auto_mode_skips_calibration_on_the_cpu_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let input = common::synth_tiny(dir.path(), "sd15");
     let output = dir.path().join("out.safetensors");
-    let mut o = calib_options(&input, &output, Some("sd15"), &["format=fp8"]);
+    let mut o = common::calib_options(&input, &output, Some("sd15"), &["format=fp8"]);
     o.calibration.mode = CalibrateMode::Auto;
     let report = pipeline::run(&o).unwrap();
     assert!(report.calibration.is_none());
@@ -412,7 +375,7 @@ fn int8_plans_calibrate_only_for_smoothquant() {
     let output = dir.path().join("out.safetensors");
     // INT8 without smoothquant: the preset has nothing to calibrate and says so;
     // `on` turns that into a refusal, with no output left behind.
-    let o = calib_options(&input, &output, Some("sd15"), &["format=int8", "smoothquant=off"]);
+    let o = common::calib_options(&input, &output, Some("sd15"), &["format=int8", "smoothquant=off"]);
     let err = pipeline::run(&o).unwrap_err();
     assert!(
         err.downcast_ref::<quantsmith::pipeline::Refused>()
@@ -428,7 +391,7 @@ fn a_recipe_built_against_contract_0_1_0_still_runs_without_calibrating() {
     let input = common::synth_tiny(dir.path(), "sd15");
     let output = dir.path().join("out.safetensors");
     let recipe = common::fixture("contract-0-1-0");
-    let mut o = calib_options(&input, &output, Some(recipe.to_str().unwrap()), &[]);
+    let mut o = common::calib_options(&input, &output, Some(recipe.to_str().unwrap()), &[]);
     o.params = Default::default();
     o.calibration.mode = CalibrateMode::Auto;
     let report = pipeline::run(&o).unwrap();
@@ -448,7 +411,7 @@ fn hostile(mode: &str, limits: SessionLimits) -> anyhow::Error {
     let input = common::synth_tiny(dir.path(), "sd15");
     let output = dir.path().join("out.safetensors");
     let recipe = common::fixture("hostile");
-    let mut o = calib_options(&input, &output, Some(recipe.to_str().unwrap()), &[]);
+    let mut o = common::calib_options(&input, &output, Some(recipe.to_str().unwrap()), &[]);
     o.params = Default::default();
     o.params.set(&format!("mode={mode}")).unwrap();
     o.calibration.limits = limits;

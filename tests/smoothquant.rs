@@ -6,12 +6,8 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use quantsmith::backend::DeviceChoice;
 use quantsmith::calibrate::smooth::{self, Carrier, Smoothed, Smoothing};
-use quantsmith::calibrate::{CalibrateMode, CalibrationOptions};
 use quantsmith::checkpoint::Checkpoint;
 use quantsmith::evaluate::check_output;
 use quantsmith::formats::SourceDtype;
@@ -21,16 +17,8 @@ use quantsmith::models::{InputHooks, ReplacedWeights, WeightSource};
 use quantsmith::modules::ModuleTable;
 use quantsmith::nn::Ops;
 use quantsmith::nn::cpu::CpuOps;
-use quantsmith::pipeline::{self, RunOptions};
-use quantsmith::recipe::SandboxLimits;
-use quantsmith::synth::{Family, SynthInit, SynthOptions};
-
-fn conditioned(dir: &Path, family: Family) -> PathBuf {
-    let path = dir.join(format!("{}-conditioned.safetensors", family.name()));
-    let opts = SynthOptions { init: SynthInit::Conditioned, ..SynthOptions::new(family) };
-    quantsmith::synth::write(&opts, &path, |_, _| {}).unwrap();
-    path
-}
+use quantsmith::pipeline;
+use quantsmith::synth::Family;
 
 /// Factors spread over [1/4, 4], different per channel and group.
 fn spread_factors(groups: &[smooth::Group]) -> Smoothing {
@@ -77,7 +65,7 @@ fn folded_f32(ckpt: &Checkpoint, transforms: &HashMap<String, smooth::Transform>
 
 fn fold_preserves_the_function(family: Family, expect_proj_in: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let ckpt = Checkpoint::open(&conditioned(dir.path(), family)).unwrap();
+    let ckpt = Checkpoint::open(&common::conditioned(dir.path(), family)).unwrap();
     let modules = ModuleTable::build(&ckpt);
     let groups = smooth::groups(&modules);
     let suffixes = [".norm1", ".norm2", ".norm3", ".attn1.to_v", ".attn2.to_v", ".ff.net.0.proj"];
@@ -117,22 +105,12 @@ fn folding_into_sdxl_norms_and_rows_leaves_the_unet_unchanged() {
     fold_preserves_the_function(Family::Sdxl, true);
 }
 
-fn options(input: &Path, output: &Path, recipe: &str, sets: &[&str]) -> RunOptions {
-    let mut all = vec!["calib-steps=3", "calib-samples=2", "resolution=64"];
-    all.extend_from_slice(sets);
-    let mut o = common::options(input, output, Some(recipe), &all);
-    o.calibration = CalibrationOptions { mode: CalibrateMode::On, device: DeviceChoice::Cpu, eval_inputs: 2, eval_resolution: 64, ..Default::default() };
-    o.device = DeviceChoice::Cpu;
-    o.limits = SandboxLimits { memory_bytes: 64 << 20, timeout: Duration::from_secs(5) };
-    o
-}
-
 #[test]
 fn int8_with_smoothquant_writes_a_folded_model_that_check_verifies() {
     let dir = tempfile::tempdir().unwrap();
-    let input = conditioned(dir.path(), Family::Sdxl);
+    let input = common::conditioned(dir.path(), Family::Sdxl);
     let output = dir.path().join("out.safetensors");
-    let report = pipeline::run(&options(&input, &output, "sdxl", &["format=int8", "smoothquant=0.5"])).unwrap();
+    let report = pipeline::run(&common::calib_options(&input, &output, Some("sdxl"), &["format=int8", "smoothquant=0.5"])).unwrap();
     let c = report.calibration.as_ref().unwrap_or_else(|| panic!("no calibration: {:?}", report.notes));
     assert!(c.notes.iter().any(|n| n.contains("smoothquant: alpha 0.5")), "{:?}", c.notes);
     let source = Checkpoint::open(&input).unwrap();
@@ -170,9 +148,9 @@ fn int8_with_smoothquant_writes_a_folded_model_that_check_verifies() {
 #[test]
 fn check_refuses_a_folded_file_whose_factors_were_stripped() {
     let dir = tempfile::tempdir().unwrap();
-    let input = conditioned(dir.path(), Family::Sd15);
+    let input = common::conditioned(dir.path(), Family::Sd15);
     let output = dir.path().join("out.safetensors");
-    pipeline::run(&options(&input, &output, "sd15", &["format=fp8", "smoothquant=0.8"])).unwrap();
+    pipeline::run(&common::calib_options(&input, &output, Some("sd15"), &["format=fp8", "smoothquant=0.8"])).unwrap();
     let source = Checkpoint::open(&input).unwrap();
     check_output(&source, &output).unwrap();
     // Rewrite the file without the factors: the folded norms no longer match the source.
@@ -191,9 +169,9 @@ fn check_refuses_a_folded_file_whose_factors_were_stripped() {
 #[test]
 fn fp8_input_scales_follow_the_smoothed_inputs() {
     let dir = tempfile::tempdir().unwrap();
-    let input = conditioned(dir.path(), Family::Sd15);
-    let plain = pipeline::run(&options(&input, &dir.path().join("plain.safetensors"), "sd15", &["format=fp8"])).unwrap();
-    let smoothed = pipeline::run(&options(&input, &dir.path().join("smooth.safetensors"), "sd15", &["format=fp8", "smoothquant=0.5"])).unwrap();
+    let input = common::conditioned(dir.path(), Family::Sd15);
+    let plain = pipeline::run(&common::calib_options(&input, &dir.path().join("plain.safetensors"), Some("sd15"), &["format=fp8"])).unwrap();
+    let smoothed = pipeline::run(&common::calib_options(&input, &dir.path().join("smooth.safetensors"), Some("sd15"), &["format=fp8", "smoothquant=0.5"])).unwrap();
     let (p, s) = (plain.calibration.unwrap(), smoothed.calibration.unwrap());
     let by_path: HashMap<&str, f32> = p.layers.iter().map(|l| (l.path.as_str(), l.amax)).collect();
     for l in &s.layers {
@@ -216,10 +194,10 @@ fn smoothquant_alpha_is_validated() {
     let dir = tempfile::tempdir().unwrap();
     let input = common::synth_tiny(dir.path(), "sd15");
     let output = dir.path().join("out.safetensors");
-    let err = pipeline::run(&options(&input, &output, "sd15", &["format=int8", "smoothquant=1.5"])).unwrap_err();
+    let err = pipeline::run(&common::calib_options(&input, &output, Some("sd15"), &["format=int8", "smoothquant=1.5"])).unwrap_err();
     assert!(format!("{err:#}").contains("smoothquant must be"), "{err:#}");
     std::fs::remove_file(&output).ok();
-    let err = pipeline::run(&options(&input, &output, "sd15", &["format=int8", "smoothquant=strong"])).unwrap_err();
+    let err = pipeline::run(&common::calib_options(&input, &output, Some("sd15"), &["format=int8", "smoothquant=strong"])).unwrap_err();
     assert!(format!("{err:#}").contains("smoothquant must be"), "{err:#}");
     common::assert_no_output(dir.path(), &output);
     common::assert_no_output(dir.path(), &output);
@@ -231,7 +209,7 @@ fn a_calibrating_recipe_built_against_contract_0_1_1_still_calibrates() {
     let input = common::synth_tiny(dir.path(), "sd15");
     let output = dir.path().join("out.safetensors");
     let recipe = common::fixture("contract-0-1-1");
-    let mut o = options(&input, &output, recipe.to_str().unwrap(), &[]);
+    let mut o = common::calib_options(&input, &output, Some(recipe.to_str().unwrap()), &[]);
     o.params = Default::default();
     let report = pipeline::run(&o).unwrap();
     let c = report.calibration.as_ref().unwrap_or_else(|| panic!("no calibration: {:?}", report.notes));
@@ -247,7 +225,7 @@ fn auto_smooths_int8_and_nvfp4_but_not_fp8() {
     let input = common::synth_tiny(dir.path(), "sd15");
     for (format, smoothed) in [("int8", true), ("nvfp4", true), ("fp8", false)] {
         let output = dir.path().join(format!("{format}.safetensors"));
-        let mut o = options(&input, &output, "sd15", &[&format!("format={format}")]);
+        let mut o = common::calib_options(&input, &output, Some("sd15"), &[&format!("format={format}")]);
         o.calibration.eval_inputs = 0;
         let report = pipeline::run(&o).unwrap();
         let c = report.calibration.unwrap_or_else(|| panic!("{format}: no calibration: {:?}", report.notes));
@@ -261,7 +239,7 @@ fn sdxl_refiner_runs_calibrates_and_smooths() {
     let dir = tempfile::tempdir().unwrap();
     let input = common::synth_with(dir.path(), "sdxl", Some("refiner"), false);
     let output = dir.path().join("out.safetensors");
-    let report = pipeline::run(&options(&input, &output, "sdxl", &["format=int8"])).unwrap();
+    let report = pipeline::run(&common::calib_options(&input, &output, Some("sdxl"), &["format=int8"])).unwrap();
     assert_eq!((report.detection.family.as_str(), report.detection.variant.as_str()), ("sdxl", "refiner"));
     let c = report.calibration.unwrap();
     // Refiner blocks: context 1280, no transformer at the first and last levels.

@@ -50,6 +50,27 @@ pub fn options(input: &Path, output: &Path, recipe: Option<&str>, sets: &[&str])
     }
 }
 
+/// Calibration on the CPU with small walks: 2 samples x 3 steps at 64x64 pixels
+/// (8x8 latents), evaluated on 2 held-out inputs at the same size.
+pub fn calib_options(input: &Path, output: &Path, recipe: Option<&str>, sets: &[&str]) -> RunOptions {
+    let mut all = vec!["calib-steps=3", "calib-samples=2", "resolution=64"];
+    all.extend_from_slice(sets);
+    let mut o = options(input, output, recipe, &all);
+    o.calibration = CalibrationOptions { mode: CalibrateMode::On, device: DeviceChoice::Cpu, eval_inputs: 2, eval_resolution: 64, ..Default::default() };
+    o.limits = SandboxLimits { memory_bytes: 64 << 20, timeout: Duration::from_secs(5) };
+    o
+}
+
+/// A tiny checkpoint of `family` whose UNet behaves like a trained one (the
+/// default synthetic init is chaotic: any perturbation, quantization included,
+/// moves its output a lot).
+pub fn conditioned(dir: &Path, family: Family) -> PathBuf {
+    let path = dir.join(format!("{}-conditioned.safetensors", family.name()));
+    let opts = SynthOptions { init: synth::SynthInit::Conditioned, ..SynthOptions::new(family) };
+    synth::write(&opts, &path, |_, _| {}).unwrap();
+    path
+}
+
 pub fn run(input: &Path, output: &Path, recipe: Option<&str>, sets: &[&str]) -> anyhow::Result<RunReport> {
     quantsmith::pipeline::run(&options(input, output, recipe, sets))
 }
