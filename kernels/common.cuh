@@ -329,27 +329,48 @@ QS_DEV u32 qs_max_abs(const float* v, u32 m) {
     return m;
 }
 
-QS_DEV u32 qs_warp_max(u32 v) {
+// Warp-wide reduction with `op(acc, other)` over an xor butterfly; every lane gets the result.
+template <typename T, typename Op>
+QS_DEV T qs_warp_reduce(T v, Op op) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        u32 w = __shfl_xor_sync(0xffffffffu, v, o);
-        v = w > v ? w : v;
-    }
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
-// Block-wide max; every thread gets the result. `sh` holds >= 32 words.
-QS_DEV u32 qs_block_max(u32 v, u32* sh) {
-    v = qs_warp_max(v);
+// Block-wide reduction (whole warps); every thread gets the result. `sh` holds
+// >= 32 values; `identity` fills the lanes past the last warp.
+template <typename T, typename Op>
+QS_DEV T qs_block_reduce(T v, T* sh, T identity, Op op) {
+    v = qs_warp_reduce(v, op);
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     __syncthreads();
     if (lane == 0) sh[warp] = v;
     __syncthreads();
     const int nw = (blockDim.x + 31) >> 5;
-    u32 r = lane < nw ? sh[lane] : 0u;
-    r = qs_warp_max(r);
-    return r;
+    return qs_warp_reduce(lane < nw ? sh[lane] : identity, op);
+}
+
+struct QsMaxU32 {
+    __device__ __forceinline__ u32 operator()(u32 v, u32 w) const { return w > v ? w : v; }
+};
+struct QsSumF32 {
+    __device__ __forceinline__ float operator()(float v, float w) const { return v + w; }
+};
+struct QsMaxF32 {
+    __device__ __forceinline__ float operator()(float v, float w) const { return fmaxf(v, w); }
+};
+
+QS_DEV u32 qs_warp_max(u32 v) { return qs_warp_reduce(v, QsMaxU32{}); }
+
+// Block-wide max; every thread gets the result. `sh` holds >= 32 words.
+QS_DEV u32 qs_block_max(u32 v, u32* sh) { return qs_block_reduce(v, sh, 0u, QsMaxU32{}); }
+
+// max |x| bits over `len` consecutive bf16 values (0 for none).
+QS_DEV u32 qs_bf16_amax_bits(const u16* __restrict__ x, int len) {
+    u32 m = 0;
+    for (int i = 0; i < len; ++i) m = QsMaxU32{}(m, qs_abs_bits(qs_bf16_to_f32(x[i])));
+    return m;
 }
 
 // Folds every thread's maximum into *out (atomicMax; *out starts at 0): one

@@ -29,7 +29,7 @@ extern "C" __global__ void __launch_bounds__(NN_CALIB_THREADS) nn_observe_last(
     u32 m = 0;
     if (c < cols) {
         for (i64 r = r0; r < r1; ++r) {
-            const u32 a = (u32)(x[r * cols + c] & 0x7fffu) << 16;
+            const u32 a = qs_abs_bits(qs_bf16_to_f32(x[r * cols + c]));
             m = a > m ? a : m;
         }
         if (m != 0) atomicMax(chan + c, m);
@@ -49,7 +49,7 @@ extern "C" __global__ void __launch_bounds__(NN_CALIB_THREADS) nn_observe_inner(
     const i64 len = min(chunk, inner - k * chunk);
     u32 m = 0;
     for (i64 i = threadIdx.x; i < len; i += blockDim.x) {
-        const u32 a = (u32)(x[start + i] & 0x7fffu) << 16;
+        const u32 a = qs_abs_bits(qs_bf16_to_f32(x[start + i]));
         m = a > m ? a : m;
     }
     m = qs_block_max(m, sh);
@@ -68,7 +68,7 @@ extern "C" __global__ void __launch_bounds__(NN_CALIB_THREADS) nn_amax(const u16
     __shared__ u32 sh[32];
     u32 m = 0;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        const u32 a = (u32)(x[i] & 0x7fffu) << 16;
+        const u32 a = qs_abs_bits(qs_bf16_to_f32(x[i]));
         m = a > m ? a : m;
     }
     m = qs_block_max(m, sh);
@@ -103,7 +103,7 @@ nn_fq_int8_rows(const u16* __restrict__ x, u16* __restrict__ y, i64 rows, i64 co
         const u16* xr = x + r * cols;
         u32 m = 0;
         for (i64 c = threadIdx.x; c < cols; c += blockDim.x) {
-            const u32 a = (u32)(xr[c] & 0x7fffu) << 16;
+            const u32 a = qs_abs_bits(qs_bf16_to_f32(xr[c]));
             m = a > m ? a : m;
         }
         m = qs_block_max(m, sh);
@@ -131,11 +131,7 @@ nn_fq_nvfp4(const u16* __restrict__ x, u16* __restrict__ y, i64 rows, i64 cols, 
         const int len = (int)min((i64)16, cols - c0);
         const u16* xb = x + r * cols + c0;
         u16* yb = y + r * cols + c0;
-        u32 m = 0;
-        for (int i = 0; i < len; ++i) {
-            const u32 a = (u32)(xb[i] & 0x7fffu) << 16;
-            m = a > m ? a : m;
-        }
+        const u32 m = qs_bf16_amax_bits(xb, len);
         const float sbs = fminf(__fdiv_rn(__fdiv_rn(qs_f(m), 6.0f), s2), 448.0f);
         const float total = __fmul_rn(s2, qs_e4m3_to_f32(qs_f32_to_e4m3_sw(sbs)));
         for (int i = 0; i < len; ++i) {
@@ -162,11 +158,7 @@ nn_fq_mxfp8(const u16* __restrict__ x, u16* __restrict__ y, i64 rows, i64 cols) 
         const int len = (int)min((i64)32, cols - c0);
         const u16* xb = x + r * cols + c0;
         u16* yb = y + r * cols + c0;
-        u32 m = 0;
-        for (int i = 0; i < len; ++i) {
-            const u32 a = (u32)(xb[i] & 0x7fffu) << 16;
-            m = a > m ? a : m;
-        }
+        const u32 m = qs_bf16_amax_bits(xb, len);
         const u32 e = m == 0 ? 0u : qs_mx_exponent(qs_f(m));
         const float scale = qs_e8m0_to_f32(e);
         const float inv = e == 0 ? 0.0f : __fdiv_rn(1.0f, scale);

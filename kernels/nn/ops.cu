@@ -33,42 +33,11 @@ QS_DEV void nn_store8(u16* __restrict__ p, i64 i, const float v[8]) {
     *reinterpret_cast<uint4*>(p + i) = o;
 }
 
-QS_DEV float nn_warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
+QS_DEV float nn_warp_sum(float v) { return qs_warp_reduce(v, QsSumF32{}); }
 
-QS_DEV float nn_warp_maxf(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-// Block-wide sum (blockDim.x a multiple of 32); every thread gets it. `sh` holds >= 32 floats.
-QS_DEV float nn_block_sum(float v, float* sh) {
-    v = nn_warp_sum(v);
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    const int nw = blockDim.x >> 5;
-    float r = lane < nw ? sh[lane] : 0.0f;
-    return nn_warp_sum(r);
-}
-
-QS_DEV float nn_block_maxf(float v, float* sh) {
-    v = nn_warp_maxf(v);
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    const int nw = blockDim.x >> 5;
-    float r = lane < nw ? sh[lane] : -3.402823466e38f;
-    return nn_warp_maxf(r);
-}
+// Block-wide sum and max (blockDim.x a multiple of 32); every thread gets them. `sh` holds >= 32 floats.
+QS_DEV float nn_block_sum(float v, float* sh) { return qs_block_reduce(v, sh, 0.0f, QsSumF32{}); }
+QS_DEV float nn_block_maxf(float v, float* sh) { return qs_block_reduce(v, sh, -3.402823466e38f, QsMaxF32{}); }
 
 // ---------------------------------------------------------------------------
 // Conversions to bf16 (weights arrive in their stored dtype)
