@@ -87,7 +87,7 @@ fn fold_preserves_the_function(family: Family, expect_proj_in: bool) {
     let mut broken = transforms.clone();
     for (k, t) in broken.iter_mut() {
         if k.ends_with(".to_v.weight") {
-            t.row_div = None;
+            t.row_div.clear();
         }
     }
     let d = forward_distance(&ckpt, folded_f32(&ckpt, &broken));
@@ -249,4 +249,20 @@ fn sdxl_refiner_runs_calibrates_and_smooths() {
     let cfg = UnetConfig::from_source(&source as &dyn WeightSource, source.prefix()).unwrap();
     assert_eq!((cfg.context_dim, cfg.adm_in_channels, cfg.time_embed_dim), (Some(1280), Some(2560), 128));
     assert!(check_output(&source, &output).unwrap().smoothed_tensors > 0);
+}
+
+#[test]
+fn a_recipe_built_against_contract_0_1_2_still_calibrates_and_smooths() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = common::synth_tiny(dir.path(), "sd15");
+    let output = dir.path().join("out.safetensors");
+    let recipe = common::fixture("contract-0-1-2");
+    let mut o = common::calib_options(&input, &output, Some(recipe.to_str().unwrap()), &[]);
+    o.params = Default::default();
+    let report = pipeline::run(&o).unwrap();
+    let c = report.calibration.as_ref().unwrap_or_else(|| panic!("no calibration: {:?}", report.notes));
+    assert_eq!(c.session.forwards, 1);
+    assert!(!c.smoothing.is_empty(), "the 0.1.2 recipe smooths every group");
+    assert!(c.notes.iter().any(|n| n.contains("0.1.2 recipe")), "{:?}", c.notes);
+    assert!(check_output(&Checkpoint::open(&input).unwrap(), &output).unwrap().smoothed_tensors > 0);
 }

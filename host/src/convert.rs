@@ -46,9 +46,57 @@ enum Item<'a> {
     Bytes { name: String, dtype: Dtype, shape: Vec<usize>, data: Vec<u8> },
 }
 
+/// How ComfyUI should run an FP8 layer that has no static activation scale
+/// (`input_scale`). Its FP8 path casts activations to FP8 at scale 1.0 (values
+/// clamp at +-448, small ones lose precision: SPEC section 3), which raised the
+/// output error of FLUX.1-dev by ~40%; `"full_precision_matrix_mult": true`
+/// makes it dequantize the weight instead.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UncalibratedFp8 {
+    /// `"full_precision_matrix_mult": true`: exact, smaller, not faster.
+    #[default]
+    Exact,
+    /// ComfyUI's FP8 matmul at activation scale 1.0: faster on FP8 GPUs, less accurate.
+    Fast,
+}
+
+impl UncalibratedFp8 {
+    /// The preset parameter that chooses it (declared by every built-in preset
+    /// and by recipes through the SDK; the host reads it when a recipe declares it).
+    pub const PARAM: &'static str = "uncalibrated-fp8";
+
+    /// From the recipe's validated parameters; `Exact` when it is not declared.
+    pub fn from_params(params: &[(String, crate::recipe::wit::ParamValue)]) -> Result<UncalibratedFp8> {
+        match params.iter().find(|(k, _)| k == Self::PARAM).map(|(_, v)| v) {
+            None => Ok(UncalibratedFp8::Exact),
+            Some(crate::recipe::wit::ParamValue::Text(s)) if s == "exact" => Ok(UncalibratedFp8::Exact),
+            Some(crate::recipe::wit::ParamValue::Text(s)) if s == "fast" => Ok(UncalibratedFp8::Fast),
+            Some(v) => Err(anyhow!("parameter {} must be \"exact\" or \"fast\", not {v:?}", Self::PARAM)),
+        }
+    }
+}
+
+/// The `comfy_quant` object of one layer: its format, and for an FP8 layer
+/// that must not take ComfyUI's scale-1.0 activation path, `full_precision_matrix_mult`.
+pub fn comfy_quant_value(format: QuantFormat, full_precision: bool) -> serde_json::Value {
+    if full_precision {
+        serde_json::json!({ "format": format.comfy_name(), "full_precision_matrix_mult": true })
+    } else {
+        serde_json::json!({ "format": format.comfy_name() })
+    }
+}
+
 /// The bytes of a `.comfy_quant` tensor.
-pub fn comfy_quant_json(format: QuantFormat) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({ "format": format.comfy_name() })).unwrap()
+pub fn comfy_quant_json(format: QuantFormat, full_precision: bool) -> Vec<u8> {
+    serde_json::to_vec(&comfy_quant_value(format, full_precision)).unwrap()
+}
+
+/// Whether a quantized layer is written with `full_precision_matrix_mult`:
+/// an FP8 layer without a static activation scale, unless the recipe chose
+/// ComfyUI's scale-1.0 path.
+fn full_precision(format: QuantFormat, has_input_scale: bool, policy: UncalibratedFp8) -> bool {
+    format == QuantFormat::Fp8 && !has_input_scale && policy == UncalibratedFp8::Exact
 }
 
 /// Per-layer line of the dry run and the report.
@@ -87,9 +135,18 @@ pub struct ConvertOptions {
     pub input_scales: HashMap<String, f32>,
     /// SmoothQuant factors to fold (from calibration); recorded in the header.
     pub smoothing: Smoothing,
+    /// How FP8 layers without `input_scale` are marked.
+    pub uncalibrated_fp8: UncalibratedFp8,
 }
 
-fn build_items<'a>(ckpt: &'a Checkpoint, plan: &'a ResolvedPlan, layout: Layout, input_scales: &HashMap<String, f32>, smoothing: &Smoothing) -> Result<Vec<Item<'a>>> {
+fn build_items<'a>(
+    ckpt: &'a Checkpoint,
+    plan: &'a ResolvedPlan,
+    layout: Layout,
+    input_scales: &HashMap<String, f32>,
+    smoothing: &Smoothing,
+    policy: UncalibratedFp8,
+) -> Result<Vec<Item<'a>>> {
     let mut transforms = if smoothing.is_empty() { HashMap::new() } else { smoothing.transforms(&ModuleTable::build(ckpt))? };
     let mut items = Vec::with_capacity(ckpt.tensors().len() + plan.layers.len());
     if layout == Layout::ComfyLegacy {
@@ -119,7 +176,7 @@ fn build_items<'a>(ckpt: &'a Checkpoint, plan: &'a ResolvedPlan, layout: Layout,
             items.push(Item::Bytes { name, dtype: Dtype::F32, shape: vec![], data: scale.to_le_bytes().to_vec() });
         }
         if layout == Layout::Comfy {
-            let data = comfy_quant_json(spec.format);
+            let data = comfy_quant_json(spec.format, full_precision(spec.format, input_scales.contains_key(&layer.path), policy));
             items.push(Item::Bytes { name: format!("{}.comfy_quant", layer.key), dtype: Dtype::U8, shape: vec![data.len()], data });
         }
     }
@@ -154,8 +211,9 @@ fn planned(items: &[Item<'_>], layout: Layout) -> Vec<PlannedTensor> {
 }
 
 /// The per-layer table of a plan, without converting anything (`--dry-run`).
-pub fn dry_run(ckpt: &Checkpoint, plan: &ResolvedPlan, layout: Layout) -> Result<(Vec<LayerReport>, u64)> {
-    let items = build_items(ckpt, plan, layout, &HashMap::new(), &Smoothing::default())?;
+/// Uncalibrated: FP8 layers are counted as written without `input_scale`.
+pub fn dry_run(ckpt: &Checkpoint, plan: &ResolvedPlan, layout: Layout, policy: UncalibratedFp8) -> Result<(Vec<LayerReport>, u64)> {
+    let items = build_items(ckpt, plan, layout, &HashMap::new(), &Smoothing::default(), policy)?;
     let total: u64 = planned(&items, layout).iter().map(|t| t.byte_len() as u64).sum();
     let mut layers = Vec::new();
     for l in &plan.layers {
@@ -163,7 +221,7 @@ pub fn dry_run(ckpt: &Checkpoint, plan: &ResolvedPlan, layout: Layout) -> Result
         let after = match l.spec {
             Some(spec) => {
                 spec.implementation().layout(l.shape[0], l.shape[1]).iter().map(|s| s.byte_len() as u64).sum::<u64>()
-                    + if layout == Layout::Comfy { comfy_quant_json(spec.format).len() as u64 } else { 0 }
+                    + if layout == Layout::Comfy { comfy_quant_json(spec.format, full_precision(spec.format, false, policy)).len() as u64 } else { 0 }
             }
             None => before,
         };
@@ -173,11 +231,13 @@ pub fn dry_run(ckpt: &Checkpoint, plan: &ResolvedPlan, layout: Layout) -> Result
 }
 
 /// `_quantization_metadata` for the comfy layout: full stored keys, as ComfyUI's
-/// `convert_old_quants` turns each into `<key>.comfy_quant`.
-pub fn quantization_metadata(plan: &ResolvedPlan) -> String {
+/// `convert_old_quants` turns each into `<key>.comfy_quant` (so each entry is
+/// the same object as the layer's `comfy_quant`).
+pub fn quantization_metadata(plan: &ResolvedPlan, input_scales: &HashMap<String, f32>, policy: UncalibratedFp8) -> String {
     let mut layers = serde_json::Map::new();
     for l in plan.quantized() {
-        layers.insert(l.key.clone(), serde_json::json!({ "format": l.spec.unwrap().format.comfy_name() }));
+        let format = l.spec.unwrap().format;
+        layers.insert(l.key.clone(), comfy_quant_value(format, full_precision(format, input_scales.contains_key(&l.path), policy)));
     }
     serde_json::json!({ "format_version": "1.0", "layers": layers }).to_string()
 }
@@ -199,12 +259,12 @@ struct Job<'a> {
 /// Converts `ckpt` according to `plan`, streaming into `opts.output`.
 pub fn convert(ckpt: &Checkpoint, plan: &ResolvedPlan, backend: &dyn Backend, opts: &ConvertOptions) -> Result<ConvertSummary> {
     let started = Instant::now();
-    let items = build_items(ckpt, plan, opts.layout, &opts.input_scales, &opts.smoothing)?;
+    let items = build_items(ckpt, plan, opts.layout, &opts.input_scales, &opts.smoothing, opts.uncalibrated_fp8)?;
     let planned_tensors = planned(&items, opts.layout);
     let mut metadata: HashMap<String, String> = ckpt.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     metadata.extend(opts.metadata.clone());
     if opts.layout == Layout::Comfy && plan.quantized().next().is_some() {
-        metadata.insert("_quantization_metadata".into(), quantization_metadata(plan));
+        metadata.insert("_quantization_metadata".into(), quantization_metadata(plan, &opts.input_scales, opts.uncalibrated_fp8));
     }
     if !opts.smoothing.is_empty() {
         metadata.insert(smooth::METADATA_KEY.into(), opts.smoothing.to_metadata());

@@ -31,6 +31,11 @@ pub struct OutputCheck {
     /// Tensors changed by a SmoothQuant fold recorded in the header, each
     /// checked against the source with the recorded factors.
     pub smoothed_tensors: usize,
+    /// FP8 layers marked `"full_precision_matrix_mult": true` (ComfyUI dequantizes them).
+    pub full_precision_layers: usize,
+    /// FP8 layers with neither a static activation scale nor that mark: ComfyUI
+    /// runs them at activation scale 1.0.
+    pub scale_one_layers: usize,
 }
 
 /// Checks `output` against `source`: every rule of SPEC section 3, byte-identical
@@ -60,12 +65,25 @@ pub fn check_output(source: &Checkpoint, output: &Path) -> Result<OutputCheck> {
 
     // Quantized layers: from per-layer markers (comfy) or scale_weight (legacy).
     let mut quantized: BTreeMap<String, QuantSpec> = BTreeMap::new();
+    let mut comfy_quant: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     for (name, view) in out.iter() {
         if let Some(layer) = name.strip_suffix(".comfy_quant") {
             ensure!(view.dtype() == Dtype::U8 && view.shape().len() == 1, "{name} must be a 1-D U8 tensor");
             let conf: serde_json::Value = serde_json::from_slice(view.data()).with_context(|| format!("{name} is not JSON"))?;
             let fmt = conf["format"].as_str().ok_or_else(|| anyhow!("{name} has no format"))?;
             let format = QuantFormat::parse(fmt).ok_or_else(|| anyhow!("{name}: unknown format {fmt}"))?;
+            match conf.get("full_precision_matrix_mult") {
+                None => {}
+                Some(serde_json::Value::Bool(_)) => {
+                    ensure!(format == QuantFormat::Fp8, "{name}: full_precision_matrix_mult is written for FP8 layers only");
+                    ensure!(
+                        out.tensor(&format!("{layer}.input_scale")).is_err(),
+                        "{name}: full_precision_matrix_mult on a layer with a static activation scale (ComfyUI would ignore the scale)"
+                    );
+                }
+                Some(other) => bail!("{name}: full_precision_matrix_mult must be a boolean, not {other}"),
+            }
+            comfy_quant.insert(layer.to_string(), conf);
             let per_channel = format == QuantFormat::Int8 && out.tensor(&format!("{layer}.weight_scale"))?.shape().len() == 2;
             quantized.insert(layer.to_string(), QuantSpec { format, per_channel });
         } else if let Some(layer) = name.strip_suffix(".scale_weight") {
@@ -81,6 +99,7 @@ pub fn check_output(source: &Checkpoint, output: &Path) -> Result<OutputCheck> {
         ensure!(layers.len() == quantized.len(), "_quantization_metadata lists {} layers, the file marks {}", layers.len(), quantized.len());
         for (k, spec) in &quantized {
             ensure!(layers.get(k).and_then(|v| v["format"].as_str()) == Some(spec.format.comfy_name()), "_quantization_metadata disagrees on {k}");
+            ensure!(layers.get(k) == comfy_quant.get(k), "_quantization_metadata's entry for {k} differs from {k}.comfy_quant");
         }
     }
     if check.legacy {
@@ -116,6 +135,13 @@ pub fn check_output(source: &Checkpoint, output: &Path) -> Result<OutputCheck> {
             let value = f32::from_le_bytes(v.data().try_into().expect("4 bytes"));
             ensure!(value.is_finite() && value > 0.0, "{scale_key} = {value}; a static activation scale must be finite and positive");
             check.input_scales.insert(layer.clone(), value);
+        }
+        if spec.format == QuantFormat::Fp8 && !check.legacy && !check.input_scales.contains_key(layer) {
+            if comfy_quant.get(layer).and_then(|c| c.get("full_precision_matrix_mult")) == Some(&serde_json::Value::Bool(true)) {
+                check.full_precision_layers += 1;
+            } else {
+                check.scale_one_layers += 1;
+            }
         }
         let smoothed = match transforms.get(&src.key) {
             Some(t) => Some(smooth::transformed_f32(source, &src.key, t)?),

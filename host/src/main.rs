@@ -594,6 +594,9 @@ fn print_report(r: &RunReport) {
     for n in &r.notes {
         println!("note     {n}");
     }
+    if let Some(u) = &r.uncalibrated_fp8 {
+        println!("fp8      {}", u.describe());
+    }
     if let Some(c) = &r.calibration {
         let scales = c.layers.iter().filter(|l| l.input_scale.is_some()).count();
         println!(
@@ -665,6 +668,12 @@ fn print_check(check: &quantsmith::evaluate::OutputCheck) {
             ""
         }
     );
+    if check.full_precision_layers + check.scale_one_layers > 0 {
+        println!(
+            "fp8 without input_scale: {} marked full_precision_matrix_mult (ComfyUI dequantizes), {} at ComfyUI's activation scale 1.0",
+            check.full_precision_layers, check.scale_one_layers
+        );
+    }
     if let Some((name, (fmt, e))) = check
         .layers
         .iter()

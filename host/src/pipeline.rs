@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::backend::DeviceChoice;
 use crate::checkpoint::Checkpoint;
-use crate::convert::{self, ConvertOptions, ConvertSummary, LayerReport, Layout};
+use crate::convert::{self, ConvertOptions, ConvertSummary, LayerReport, Layout, UncalibratedFp8};
 use crate::modules::ModuleTable;
 use crate::plan::{self, ResolvedPlan};
 use crate::recipe::params::{RawParams, value_to_json};
@@ -82,6 +82,48 @@ pub struct RunReport {
     pub peak_device_bytes: Option<u64>,
     /// Activation calibration and its evaluation, when it ran.
     pub calibration: Option<crate::calibrate::CalibrationReport>,
+    /// FP8 layers written without a static activation scale, and how ComfyUI runs them.
+    pub uncalibrated_fp8: Option<UncalibratedFp8Report>,
+}
+
+/// FP8 layers without `input_scale` and what their `comfy_quant` says.
+#[derive(Clone, Debug, Serialize)]
+pub struct UncalibratedFp8Report {
+    pub layers: usize,
+    pub policy: UncalibratedFp8,
+    pub why: String,
+}
+
+impl UncalibratedFp8Report {
+    /// One line for the summary and the report's notes.
+    pub fn describe(&self) -> String {
+        match self.policy {
+            UncalibratedFp8::Exact => format!(
+                "{} FP8 layers have no static activation scale ({}): written with \"full_precision_matrix_mult\": true, so ComfyUI dequantizes them (exact, smaller, not faster); --set {}=fast takes ComfyUI's FP8 path at activation scale 1.0 instead",
+                self.layers,
+                self.why,
+                UncalibratedFp8::PARAM
+            ),
+            UncalibratedFp8::Fast => format!(
+                "{} FP8 layers have no static activation scale ({}): {}=fast, so ComfyUI casts their activations to FP8 at scale 1.0 (values clamp at +-448; measured ~40% more output error on FLUX.1-dev)",
+                self.layers,
+                self.why,
+                UncalibratedFp8::PARAM
+            ),
+        }
+    }
+}
+
+/// FP8 layers of `plan` without a scale in `input_scales`, if any (comfy layout only).
+fn uncalibrated_fp8(plan: &ResolvedPlan, layout: Layout, input_scales: &HashMap<String, f32>, policy: UncalibratedFp8, why: &str) -> Option<UncalibratedFp8Report> {
+    if layout != Layout::Comfy {
+        return None;
+    }
+    let layers = plan
+        .quantized()
+        .filter(|l| l.spec.is_some_and(|s| s.format == crate::formats::QuantFormat::Fp8) && !input_scales.contains_key(&l.path))
+        .count();
+    (layers > 0).then(|| UncalibratedFp8Report { layers, policy, why: why.to_string() })
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -171,6 +213,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
     let runtime = RecipeRuntime::new(opts.limits)?;
     let recipe = choose_recipe(&runtime, &ctx, opts.recipe.as_deref())?;
     let params = opts.params.validate(recipe.name(), &recipe.info.params)?;
+    let fp8_policy = UncalibratedFp8::from_params(&params).map_err(|e| Refused(format!("{e:#}")))?;
 
     let detection = match recipe.detect(&ctx, params.clone())? {
         Ok(d) => d,
@@ -210,15 +253,17 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         peak_rss_bytes: None,
         peak_device_bytes: None,
         calibration: None,
+        uncalibrated_fp8: None,
     };
 
     if opts.dry_run {
         if let Some(reason) = crate::calibrate::skip_reason(&opts.calibration, &resolved, &detection.family, &recipe) {
             report.notes.push(format!("no activation calibration: {reason}"));
+            report.uncalibrated_fp8 = uncalibrated_fp8(&resolved, opts.layout, &HashMap::new(), fp8_policy, &reason);
         } else {
             report.notes.push("a real run calibrates activation scales (FP8 input_scale / NVFP4 activation global scale)".into());
         }
-        let (layers, total) = convert::dry_run(&ctx.checkpoint, &resolved, opts.layout)?;
+        let (layers, total) = convert::dry_run(&ctx.checkpoint, &resolved, opts.layout, fp8_policy)?;
         report.totals.output_bytes = total;
         fill_layer_totals(&mut report, layers);
         report.peak_rss_bytes = peak_rss_bytes();
@@ -229,13 +274,18 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
     if same_file(&output, &opts.input) {
         bail!(Refused(format!("the output {} is the input file; choose another path with -o", output.display())));
     }
-    let calibration = match crate::calibrate::run(&ctx, &recipe, &params, &detection.family, &detection.variant, &resolved, &opts.calibration)? {
-        crate::calibrate::Outcome::Calibrated(c) => Some(c),
+    let (calibration, uncalibrated_why) = match crate::calibrate::run(&ctx, &recipe, &params, &detection.family, &detection.variant, &resolved, &opts.calibration)? {
+        crate::calibrate::Outcome::Calibrated(c) => (Some(c), "the calibration walk did not reach them".to_string()),
         crate::calibrate::Outcome::Skipped(reason) => {
             report.notes.push(format!("no activation calibration: {reason}"));
-            None
+            (None, reason)
         }
     };
+    let input_scales = calibration.as_ref().map(|c| c.input_scales.clone()).unwrap_or_default();
+    report.uncalibrated_fp8 = uncalibrated_fp8(&resolved, opts.layout, &input_scales, fp8_policy, &uncalibrated_why);
+    if let Some(u) = &report.uncalibrated_fp8 {
+        tracing::info!("{}", u.describe());
+    }
     let backend = crate::gpu::open(opts.device)?;
     report.backend = Some(backend.name());
     tracing::info!("quantizing on {}", backend.name());
@@ -283,8 +333,9 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
             metadata,
             verify: opts.verify,
             progress: progress.clone(),
-            input_scales: calibration.as_ref().map(|c| c.input_scales.clone()).unwrap_or_default(),
+            input_scales,
             smoothing: calibration.as_ref().map(|c| c.smoothing.clone()).unwrap_or_default(),
+            uncalibrated_fp8: fp8_policy,
         },
     )
     .with_context(|| format!("converting {}", opts.input.display()))?;

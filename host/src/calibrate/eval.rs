@@ -8,14 +8,15 @@ use std::collections::HashMap;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use super::schedule::{NoiseSchedule, Spacing};
+use super::schedule::Spacing;
 use super::session::gaussian;
 use super::smooth::{self, Smoothing};
 use crate::modules::ModuleTable;
 use crate::checkpoint::Checkpoint;
 use crate::formats::{QuantFormat, SourceDtype, WeightView, numerics};
 use crate::models::clip::{self, SizeConditioning};
-use crate::models::unet::Unet;
+use crate::models::arch::Backbone;
+use crate::models::denoiser::{Conditioning, Denoiser, Network};
 use crate::models::{InputHook, InputHooks, ReplacedWeights, WeightSource};
 use crate::nn::{ActQuant, Ops};
 use crate::plan::LayerDecision;
@@ -202,7 +203,7 @@ pub fn dequantized_weights(
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate<O: Ops>(
     ops: &O,
-    reference: &Unet<O>,
+    reference: &Denoiser<O>,
     ckpt: &Checkpoint,
     layers: &[&LayerDecision],
     scales: &HashMap<String, f32>,
@@ -218,8 +219,7 @@ pub fn evaluate<O: Ops>(
         base: ckpt as &dyn WeightSource,
         replaced: dequantized_weights(ckpt, layers, smoothing)?,
     };
-    let quantized = Unet::load(ops, &replaced, &prefix, reference.config().clone())
-        .context("loading the fake-quantized UNet")?;
+    let quantized = reference.load_like(ops, &replaced, &prefix).context("loading the fake-quantized model")?;
     drop(replaced);
     let unsmoothed = if smoothing.is_empty() {
         None
@@ -228,12 +228,14 @@ pub fn evaluate<O: Ops>(
             base: ckpt as &dyn WeightSource,
             replaced: dequantized_weights(ckpt, layers, &Smoothing::default())?,
         };
-        Some(
-            Unet::load(ops, &replaced, &prefix, reference.config().clone())
-                .context("loading the fake-quantized UNet without SmoothQuant")?,
-        )
+        Some(reference.load_like(ops, &replaced, &prefix).context("loading the fake-quantized model without SmoothQuant")?)
     };
-    let cfg = reference.config().clone();
+    let arch = reference.arch().clone();
+    let adm = match reference.network() {
+        Network::Unet(u) => u.config().adm_in_channels,
+        #[allow(unreachable_patterns)]
+        _ => None,
+    };
 
     let mode_hooks = |mode: &str| -> InputHooks {
         let mut h = InputHooks::none();
@@ -273,10 +275,9 @@ pub fn evaluate<O: Ops>(
     // Held-out inputs come from the process calibration samples: a denoising
     // walk (other seeds), driven by the unquantized model, evaluated at a step
     // spread over the schedule (first, middle, late).
-    let schedule = NoiseSchedule::scaled_linear_sd();
-    let (walk_sigmas, walk_t) = schedule.sample(10, Spacing::Uniform);
+    let (walk_sigmas, _) = reference.schedule().sample(10, Spacing::Uniform);
     let eval_steps = [0usize, 4, 8];
-    let side = (resolution / 8) as usize;
+    let [_, channels, side, _] = arch.latent_shape(1, resolution, resolution)?;
     let mut sums: Vec<(f64, f64, f64)> = vec![(0.0, 0.0, 0.0); modes.len()];
     let mut per_input: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut layer_report = Vec::new();
@@ -284,44 +285,35 @@ pub fn evaluate<O: Ops>(
     let mut n = 0usize;
     for i in 0..inputs {
         let s = seed.wrapping_add(1_000_003 * i as u64);
-        let ctx_dim = cfg
-            .context_dim
-            .context("this UNet has no cross-attention context")?;
+        let ctx_dim = reference.context_width();
         let (context, y) = match held_out(i)? {
             Some(cond) => cond,
             None => {
                 // Held-out conditioning drawn like the calibration's random conditioning
                 // (context and pooled text N(0, 1), real size conditioning), other seeds.
+                let tokens = arch.context_tokens;
                 let context = ops.from_f32(
-                    &[1, 77, ctx_dim],
-                    &gaussian(77 * ctx_dim, s ^ 0xc0ffee, 1.0),
+                    &[1, tokens, ctx_dim],
+                    &gaussian(tokens * ctx_dim, s ^ 0xc0ffee, 1.0),
                 )?;
-                let y = match cfg.adm_in_channels {
-                    Some(adm) => {
+                let y = match (arch.backbone, adm, arch.pooled_width) {
+                    (Backbone::Unet, Some(adm), _) => {
                         let p = clip::pooled_width(adm);
                         let pooled = ops.from_f32(&[1, p], &gaussian(p, s ^ 0xbeef, 1.0))?;
                         Some(clip::unet_adm(ops, &pooled, adm, &SizeConditioning::new(resolution, resolution))?)
                     }
-                    None => None,
+                    (Backbone::Unet, None, _) | (_, _, None) => None,
+                    (_, _, Some(p)) => Some(ops.from_f32(&[1, p], &gaussian(p, s ^ 0xbeef, 1.0))?),
                 };
                 (context, y)
             }
         };
-        let model_input = |lat: &[f32], sigma: f32| -> Result<O::Tensor> {
-            let x = ops.from_f32(&[1, 4, side, side], lat)?;
-            super::session::model_input(ops, &x, sigma, cfg.in_channels)
-        };
+        let cond = Conditioning { context, y, batch: 1, guidance: arch.guidance.into_iter().collect() };
+        let latents = |lat: &[f32]| ops.from_f32(&[1, channels, side, side], lat);
         let target = eval_steps[i % eval_steps.len()];
-        let mut lat: Vec<f32> = gaussian(4 * side * side, s, walk_sigmas[0]);
+        let mut lat: Vec<f32> = gaussian(channels * side * side, s, walk_sigmas[0]);
         for step in 0..target {
-            let eps = ops.to_f32(&reference.forward(
-                ops,
-                &model_input(&lat, walk_sigmas[step])?,
-                &[walk_t[step]],
-                &context,
-                y.as_ref(),
-                &InputHooks::none(),
-            )?)?;
+            let eps = ops.to_f32(&reference.model_output(ops, &latents(&lat)?, walk_sigmas[step], &cond, &InputHooks::none())?)?;
             let d = walk_sigmas[step + 1] - walk_sigmas[step];
             // v-prediction models return v; the walk only needs a plausible trajectory, so
             // eps-style stepping is kept for both (the evaluation compares like with like).
@@ -330,9 +322,8 @@ pub fn evaluate<O: Ops>(
             }
         }
         let sigma = walk_sigmas[target];
-        let t = walk_t[target];
         used_sigmas.push(sigma);
-        let x = model_input(&lat, sigma)?;
+        let x = latents(&lat)?;
         let mut ref_hooks = InputHooks::none();
         let first = i == 0;
         if first {
@@ -344,7 +335,7 @@ pub fn evaluate<O: Ops>(
             ref_hooks.recorded = Some(Default::default());
         }
         let want =
-            ops.to_f32(&reference.forward(ops, &x, &[t], &context, y.as_ref(), &ref_hooks)?)?;
+            ops.to_f32(&reference.model_output(ops, &x, sigma, &cond, &ref_hooks)?)?;
         for (m, mode) in modes.iter().enumerate() {
             let mut hooks = mode_hooks(mode);
             if first && *mode == "static" {
@@ -354,7 +345,7 @@ pub fn evaluate<O: Ops>(
                 (Some(u), "static-unsmoothed") => u,
                 _ => &quantized,
             };
-            let got = ops.to_f32(&model.forward(ops, &x, &[t], &context, y.as_ref(), &hooks)?)?;
+            let got = ops.to_f32(&model.model_output(ops, &x, sigma, &cond, &hooks)?)?;
             let a = Agreement::between(&want, &got);
             sums[m].0 += a.relative_l2;
             sums[m].1 += a.cosine;

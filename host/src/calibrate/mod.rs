@@ -35,7 +35,7 @@ use crate::recipe::calibrating::{Algorithm as WitAlgorithm, CalibrationSettings}
 use crate::recipe::wit::ParamValue;
 use crate::recipe::{HostContext, LoadedRecipe, RecipeError};
 use scales::Algorithm;
-use session::{CalibSession, Prediction, Session, SessionInputs, SessionLimits, SessionStats};
+use session::{CalibSession, Session, SessionInputs, SessionLimits, SessionStats};
 
 /// `--calibrate`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -110,9 +110,9 @@ pub enum Outcome {
     Skipped(String),
 }
 
-/// Families with a host forward pass.
+/// Families whose forward pass this build can run.
 pub fn family_supported(family: &str) -> bool {
-    matches!(family, "sd15" | "sd2" | "sdxl")
+    crate::models::arch::Architecture::of(family, "").is_ok_and(|a| crate::models::denoiser::backbone_available(a.backbone))
 }
 
 /// FP8 and NVFP4 store static activation scales; INT8 gains from SmoothQuant
@@ -155,7 +155,7 @@ pub fn run(
         tracing::info!("no activation calibration: {reason}");
         return Ok(Outcome::Skipped(reason));
     }
-    let prediction = if variant == "v-prediction" { Prediction::V } else { Prediction::Epsilon };
+    let arch = crate::models::arch::Architecture::of(family, variant)?;
     let layers: Vec<&LayerDecision> = plan.quantized().collect();
     let observed: Vec<(String, ObserverSpec)> = layers
         .iter()
@@ -174,8 +174,7 @@ pub fn run(
     };
     let inputs = SessionInputs {
         checkpoint: ctx.checkpoint.clone(),
-        family: family.to_string(),
-        prediction,
+        arch,
         tokenizer_dir: opts.clip_vocab.clone(),
         calib_data,
         observed,
@@ -302,7 +301,7 @@ where
         let held_out = |i: usize| session.held_out_conditioning(i, resolution);
         let mut r = eval::evaluate(
             session.ops(),
-            session.unet(),
+            session.model(),
             &ctx.checkpoint,
             layers,
             &input_scales,

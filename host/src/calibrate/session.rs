@@ -11,12 +11,13 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
-use super::schedule::{NoiseSchedule, Spacing};
+use super::schedule::Spacing;
 use super::smooth;
 use crate::checkpoint::Checkpoint;
 use crate::models::clip::{self, SizeConditioning, TextEncoders, TextFamily};
 use crate::models::tokenizer::ClipTokenizer;
-use crate::models::unet::Unet;
+use crate::models::arch::{Architecture, Backbone, TextStack};
+use crate::models::denoiser::{Conditioning, Denoiser, Network};
 use crate::models::{InputHooks, WeightSource};
 use crate::nn::{ObserverSpec, ObserverStats, Ops};
 
@@ -36,13 +37,6 @@ pub enum CondSource {
     Random { count: usize, seed: u64, spread: f32 },
     File { start: usize, count: usize },
     Prompts(Vec<String>),
-}
-
-/// What the model predicts, which `denoise` turns into epsilon.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Prediction {
-    Epsilon,
-    V,
 }
 
 /// What the session tells a recipe about the run (the WIT `calibration-info`).
@@ -102,6 +96,10 @@ pub trait CalibSession: Send {
     fn read(&self, id: u32) -> Result<Vec<f32>>;
     fn drop_tensor(&mut self, id: u32);
     fn drop_cond(&mut self, id: u32);
+    /// The detected family as the host runs it (the WIT `sampling-info`).
+    fn arch(&self) -> &Architecture;
+    /// A copy of conditioning `cond` with distilled guidance `value` on every row.
+    fn with_guidance(&mut self, cond: u32, value: f32) -> Result<u32>;
     /// What the observers saw, slot order as given at creation.
     fn observers(&self) -> Result<Vec<ObserverStats>>;
     /// One module's observer and the step buckets used so far.
@@ -136,12 +134,8 @@ pub struct SessionStats {
     pub peak_device_bytes: Option<u64>,
 }
 
-/// Conditioning on the device: context and, for SDXL, the `y` vector.
-pub struct Cond<T> {
-    pub context: T,
-    pub y: Option<T>,
-    pub batch: usize,
-}
+/// Conditioning on the device: context and, for SDXL and the DiTs, the `y` vector.
+pub type Cond<T> = Conditioning<T>;
 
 /// Held-out conditioning for the evaluation, by preference.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -181,8 +175,8 @@ pub const HELD_OUT_PROMPTS: &[&str] = &[
 /// What a session needs besides the backend.
 pub struct SessionInputs {
     pub checkpoint: Arc<Checkpoint>,
-    pub family: String,
-    pub prediction: Prediction,
+    /// The detected family and variant, as the host runs it.
+    pub arch: Architecture,
     pub tokenizer_dir: Option<PathBuf>,
     /// The `--calib-data` file and its row count (checked by [`calib_data_rows`]).
     pub calib_data: Option<(PathBuf, usize)>,
@@ -194,9 +188,8 @@ pub struct SessionInputs {
 /// A calibration session on backend `O`.
 pub struct Session<O: Ops> {
     ops: O,
-    unet: Unet<O>,
+    model: Denoiser<O>,
     inputs: SessionInputs,
-    schedule: NoiseSchedule,
     hooks: InputHooks,
     tokenizer: Option<ClipTokenizer>,
     calib_rows: usize,
@@ -223,12 +216,11 @@ impl<O: Ops + Send> Session<O>
 where
     O::Tensor: Send,
 {
-    /// Loads the UNet on `ops` and sets up the observers.
+    /// Loads the backbone on `ops` and sets up the observers.
     pub fn new(ops: O, inputs: SessionInputs) -> Result<Session<O>> {
         let src: &dyn WeightSource = inputs.checkpoint.as_ref();
         let prefix = inputs.checkpoint.prefix().to_string();
-        let cfg = crate::models::unet::UnetConfig::from_source(src, &prefix)?;
-        let unet = Unet::load(&ops, src, &prefix, cfg).context("loading the UNet for calibration")?;
+        let model = Denoiser::load(&ops, src, &prefix, inputs.arch.clone()).context("loading the model for calibration")?;
         let specs: Vec<ObserverSpec> = inputs.observed.iter().map(|(_, s)| s.clone()).collect();
         ops.observers_reset(&specs, inputs.limits.max_steps)?;
         let mut hooks = InputHooks::none();
@@ -247,9 +239,8 @@ where
             .collect();
         Ok(Session {
             ops,
-            unet,
+            model,
             inputs,
-            schedule: NoiseSchedule::scaled_linear_sd(),
             hooks,
             tokenizer,
             calib_rows,
@@ -291,8 +282,8 @@ where
         Ok(Some((c.context, c.y)))
     }
 
-    pub fn unet(&self) -> &Unet<O> {
-        &self.unet
+    pub fn model(&self) -> &Denoiser<O> {
+        &self.model
     }
 
     fn tensor(&self, id: u32) -> Result<&O::Tensor> {
@@ -336,45 +327,68 @@ where
         id
     }
 
-    /// The text-encoder family of this UNet.
+    /// The checkpoint's text encoders, for prompts.
     fn text_family(&self) -> Result<TextFamily> {
-        match (self.inputs.family.as_str(), self.unet.config().adm_in_channels) {
-            ("sd15", _) => Ok(TextFamily::Sd15),
-            ("sd2", _) => Ok(TextFamily::Sd2),
-            ("sdxl", Some(clip::REFINER_ADM_CHANNELS)) => Ok(TextFamily::SdxlRefiner),
-            ("sdxl", _) => Ok(TextFamily::Sdxl),
-            (f, _) => bail!("prompt encoding is not available for {f} (its text encoder is not implemented); use --calib-data or calib-source=random"),
+        match self.model.arch().text {
+            TextStack::ClipL => Ok(TextFamily::Sd15),
+            TextStack::OpenClipH => Ok(TextFamily::Sd2),
+            TextStack::ClipG => Ok(TextFamily::SdxlRefiner),
+            TextStack::ClipLG => Ok(TextFamily::Sdxl),
+            TextStack::Sd3 | TextStack::Flux => bail!(
+                "prompt encoding for {} needs its text encoders (CLIP-L, CLIP-G, T5-XXL), which this build cannot load yet; use --calib-data or calib-source=random",
+                self.model.arch().family
+            ),
         }
     }
 
-    /// `y` for SDXL-type models from pooled text vectors `[B, P]`.
-    fn adm(&self, pooled: &O::Tensor, width: u32, height: u32) -> Result<Option<O::Tensor>> {
-        let size = SizeConditioning::new(width, height);
-        self.unet.config().adm_in_channels.map(|adm| clip::unet_adm(&self.ops, pooled, adm, &size)).transpose()
+    /// The UNet's ADM width (SDXL's `y`), if the backbone is such a UNet.
+    fn unet_adm_channels(&self) -> Option<usize> {
+        match self.model.network() {
+            Network::Unet(u) => u.config().adm_in_channels,
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
     }
 
-    /// Width of the pooled text vector this UNet's `y` starts with.
+    /// The model's `y` from pooled text vectors `[B, P]`: SDXL's pooled and
+    /// size vector, the DiTs' pooled vector as it is, nothing for SD1/SD2.
+    fn adm(&self, pooled: &O::Tensor, width: u32, height: u32) -> Result<Option<O::Tensor>> {
+        if self.model.arch().backbone != Backbone::Unet {
+            return Ok(Some(pooled.clone()));
+        }
+        let size = SizeConditioning::new(width, height);
+        self.unet_adm_channels().map(|adm| clip::unet_adm(&self.ops, pooled, adm, &size)).transpose()
+    }
+
+    /// The family's distilled guidance for `rows` rows (empty when it has none).
+    fn default_guidance(&self, rows: usize) -> Vec<f32> {
+        self.model.arch().guidance.map(|g| vec![g; rows]).unwrap_or_default()
+    }
+
+    /// Width of the pooled text vector this model's `y` is built from (0: none).
     fn pooled_width(&self) -> usize {
-        self.unet.config().adm_in_channels.map(clip::pooled_width).unwrap_or(0)
+        match self.model.arch().backbone {
+            Backbone::Unet => self.unet_adm_channels().map(clip::pooled_width).unwrap_or(0),
+            _ => self.model.arch().pooled_width.unwrap_or(0),
+        }
     }
 
     fn random_cond(&self, count: usize, seed: u64, spread: f32, width: u32, height: u32) -> Result<Cond<O::Tensor>> {
         ensure!(count >= 1 && count <= self.inputs.limits.max_batch * 64, "random conditioning count {count} is out of range");
         ensure!(spread.is_finite() && spread > 0.0, "spread must be a positive number, got {spread}");
-        let ctx_dim = self.unet.config().context_dim.context("this UNet has no cross-attention context")?;
-        let tokens = 77;
+        let ctx_dim = self.model.context_width();
+        let tokens = self.model.arch().context_tokens;
         let n = count * tokens * ctx_dim;
         self.check_alloc(n)?;
         let context = self.ops.from_f32(&[count, tokens, ctx_dim], &gaussian(n, seed, spread))?;
-        let y = match self.unet.config().adm_in_channels {
-            None => None,
-            Some(_) => {
-                let p = self.pooled_width();
+        let y = match self.pooled_width() {
+            0 => None,
+            p => {
                 let pooled = self.ops.from_f32(&[count, p], &gaussian(count * p, seed ^ 0x9e37_79b9_7f4a_7c15, spread))?;
                 self.adm(&pooled, width, height)?
             }
         };
-        Ok(Cond { context, y, batch: count })
+        Ok(Conditioning { context, y, batch: count, guidance: self.default_guidance(count) })
     }
 
     fn file_cond(&self, start: usize, count: usize, width: u32, height: u32) -> Result<Cond<O::Tensor>> {
@@ -382,7 +396,7 @@ where
         ensure!(count >= 1, "file conditioning needs count >= 1");
         ensure!(start + count <= self.calib_rows, "rows {start}..{} are beyond the {} rows of {}", start + count, self.calib_rows, path.display());
         let data = CalibData::open(&path)?;
-        let ctx_dim = self.unet.config().context_dim.context("this UNet has no cross-attention context")?;
+        let ctx_dim = self.model.context_width();
         let (ctx_shape, ctx_rows) = data.rows("context", start, count)?;
         ensure!(
             ctx_shape.len() == 3 && ctx_shape[2] == ctx_dim,
@@ -390,19 +404,18 @@ where
             path.display()
         );
         let context = self.ops.from_f32(&[count, ctx_shape[1], ctx_dim], &ctx_rows)?;
-        let y = match self.unet.config().adm_in_channels {
-            None => None,
-            Some(_) => {
-                let p = self.pooled_width();
+        let y = match self.pooled_width() {
+            0 => None,
+            p => {
                 let (p_shape, p_rows) = data.rows("pooled", start, count).with_context(|| {
-                    format!("{}: SDXL models also need `pooled` [N, {p}] text vectors", path.display())
+                    format!("{}: {} models also need `pooled` [N, {p}] text vectors", path.display(), self.model.arch().family)
                 })?;
                 ensure!(p_shape.len() == 2 && p_shape[1] == p, "{}: `pooled` has shape {p_shape:?}; expected [N, {p}]", path.display());
                 let pooled = self.ops.from_f32(&[count, p], &p_rows)?;
                 self.adm(&pooled, width, height)?
             }
         };
-        Ok(Cond { context, y, batch: count })
+        Ok(Conditioning { context, y, batch: count, guidance: self.default_guidance(count) })
     }
 
     fn prompt_cond(&self, prompts: Vec<String>, width: u32, height: u32) -> Result<Cond<O::Tensor>> {
@@ -422,7 +435,7 @@ where
             Some(p) => self.adm(p, width, height)?,
             None => None,
         };
-        Ok(Cond { context: c.context, y, batch: prompts.len() })
+        Ok(Conditioning { context: c.context, y, batch: prompts.len(), guidance: self.default_guidance(prompts.len()) })
     }
 }
 
@@ -432,14 +445,11 @@ where
 {
     fn info(&self) -> SessionInfo {
         let text_prefixes = ["cond_stage_model.", "conditioner.embedders."];
+        let arch = self.model.arch();
         SessionInfo {
-            family: self.inputs.family.clone(),
-            latent_channels: 4,
-            native_resolution: match self.inputs.family.as_str() {
-                "sdxl" => 1024,
-                "sd2" => 768,
-                _ => 512,
-            },
+            family: arch.family.to_string(),
+            latent_channels: arch.latent_channels as u32,
+            native_resolution: arch.native_resolution,
             has_text_encoders: self.inputs.checkpoint.tensors().iter().any(|t| text_prefixes.iter().any(|p| t.key.starts_with(p))),
             has_tokenizer: self.tokenizer.is_some(),
             calib_data_rows: self.calib_rows as u32,
@@ -458,7 +468,7 @@ where
 
     fn schedule(&self, steps: usize, spacing: Spacing) -> Result<(Vec<f32>, Vec<f32>)> {
         ensure!((1..=self.inputs.limits.max_steps).contains(&steps), "steps must be 1..={}, got {steps}", self.inputs.limits.max_steps);
-        Ok(self.schedule.sample(steps, spacing))
+        Ok(self.model.schedule().sample(steps, spacing))
     }
 
     fn conditioning(&mut self, source: CondSource, width: u32, height: u32) -> Result<u32> {
@@ -489,7 +499,8 @@ where
             None
         };
         let batch = conds.iter().map(|c| c.batch).sum();
-        Ok(self.keep_cond(Cond { context, y, batch }))
+        let guidance = conds.iter().flat_map(|c| c.guidance.iter().copied()).collect();
+        Ok(self.keep_cond(Conditioning { context, y, batch, guidance }))
     }
 
     fn cond_batch(&self, id: u32) -> u32 {
@@ -555,25 +566,12 @@ where
         let started = Instant::now();
         let tx = self.tensor(x)?.clone();
         let shape = self.ops.shape(&tx);
-        let cfg = self.unet.config().clone();
-        ensure!(shape.len() == 4 && shape[1] == 4, "denoise: latents must be [batch, 4, h, w], got {shape:?}");
+        self.model.check_latents(&shape).context("denoise")?;
         ensure!(shape[0] <= l.max_batch, "denoise: batch {} is over the limit of {}", shape[0], l.max_batch);
-        ensure!(shape[2] % 8 == 0 && shape[3] % 8 == 0 && shape[2] >= 8 && shape[3] >= 8, "denoise: latent height and width must be multiples of 8, got {shape:?}");
         let c = self.cond(cond)?;
         ensure!(c.batch == shape[0], "denoise: latents have batch {} but the conditioning has {}", shape[0], c.batch);
-        let (context, y) = (c.context.clone(), c.y.clone());
-        let x_in = model_input(&self.ops, &tx, sigma, cfg.in_channels)?;
-        let t = self.schedule.sigma_to_t(sigma);
         self.ops.observers_set_step(step)?;
-        let out = self.unet.forward(&self.ops, &x_in, &vec![t; shape[0]], &context, y.as_ref(), &self.hooks)?;
-        let eps = match self.inputs.prediction {
-            Prediction::Epsilon => out,
-            // eps = (x - denoised) / sigma with denoised = c_skip x + c_out v.
-            Prediction::V => {
-                let s2 = sigma * sigma + 1.0;
-                self.ops.add(&self.ops.scale(&tx, sigma / s2)?, &self.ops.scale(&out, 1.0 / s2.sqrt())?)?
-            }
-        };
+        let eps = self.model.derivative(&self.ops, &tx, sigma, c, &self.hooks)?;
         self.forwards += 1;
         self.samples += shape[0];
         self.steps.insert(step);
@@ -600,6 +598,18 @@ where
 
     fn drop_cond(&mut self, id: u32) {
         self.conds.remove(&id);
+    }
+
+    fn arch(&self) -> &Architecture {
+        self.model.arch()
+    }
+
+    fn with_guidance(&mut self, cond: u32, value: f32) -> Result<u32> {
+        ensure!(self.model.arch().guidance.is_some(), "{} {} takes no distilled guidance (it samples with classifier-free guidance)", self.model.arch().family, self.model.arch().variant);
+        ensure!(value.is_finite() && (0.0..=100.0).contains(&value), "guidance must be 0..=100, got {value}");
+        let c = self.cond(cond)?;
+        let copy = Conditioning { context: c.context.clone(), y: c.y.clone(), batch: c.batch, guidance: vec![value; c.batch] };
+        Ok(self.keep_cond(copy))
     }
 
     fn observers(&self) -> Result<Vec<ObserverStats>> {
@@ -673,20 +683,6 @@ where
     }
 }
 
-/// What the UNet takes for latents `x` `[B, 4, h, w]` at noise level `sigma`
-/// (k-diffusion's eps parameterisation): `x / sqrt(sigma^2 + 1)`, and for
-/// inpainting models (`in_channels` 9) a zero mask and zero masked image, as
-/// for plain generation.
-pub fn model_input<O: Ops>(ops: &O, x: &O::Tensor, sigma: f32, in_channels: usize) -> Result<O::Tensor> {
-    let x_in = ops.scale(x, 1.0 / (sigma * sigma + 1.0).sqrt())?;
-    if in_channels <= 4 {
-        return Ok(x_in);
-    }
-    let s = ops.shape(x);
-    let zeros = vec![0.0f32; s[0] * (in_channels - 4) * s[2] * s[3]];
-    let z = ops.from_f32(&[s[0], in_channels - 4, s[2], s[3]], &zeros)?;
-    ops.concat(&[&x_in, &z], 1)
-}
 
 /// `n` values N(0, spread^2) from `seed` (the host's one source of randomness).
 pub fn gaussian(n: usize, seed: u64, spread: f32) -> Vec<f32> {

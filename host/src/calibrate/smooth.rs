@@ -21,6 +21,30 @@
 //! consumer's input. Inputs fed by the text encoder (`attn2.to_k/v`) or by the
 //! residual stream (`proj_out`) have no carrier and are never smoothed.
 //!
+//! In the diffusion transformers (FLUX.1, SD3/3.5) the norms have no affine;
+//! the adaLN modulation carries it instead: a consumer reads
+//! `norm(x) * (1 + scale) + shift` with `shift` and `scale` rows of a
+//! modulation Linear, so dividing those rows by `s` and mapping the scale
+//! rows' bias `b` to `(b + 1) / s - 1` divides the input exactly
+//! ([`Carrier::Modulation`]). Producers are labelled `<module>:<consumer>`
+//! there, since one modulation Linear feeds several groups:
+//!
+//! | producer (carrier) | consumers |
+//! |---|---|
+//! | FLUX `double_blocks.N.{img,txt}_mod.lin` chunks 0-1 (modulation) | `{img,txt}_attn.qkv` |
+//! | same, chunks 3-4 | `{img,txt}_mlp.0` |
+//! | FLUX `single_blocks.N.modulation.lin` chunks 0-1 | `linear1` |
+//! | FLUX `double_blocks.N.img_attn.qkv` V rows, with `txt_attn.qkv` V rows (joint attention mixes both) | `img_attn.proj`, `txt_attn.proj` |
+//! | SD3 `joint_blocks.N.{x,context}_block.adaLN_modulation.1` chunks 0-1 | `attn.qkv` |
+//! | same, chunks 3-4 | `mlp.fc1` |
+//! | SD3.5-medium `x_block.adaLN_modulation.1` chunks 6-7 | `attn2.qkv` |
+//! | SD3 `x_block.attn.qkv` V rows, with `context_block.attn.qkv` V rows | `x_block.attn.proj` (and `context_block.attn.proj`) |
+//! | SD3.5-medium `x_block.attn2.qkv` V rows | `attn2.proj` |
+//!
+//! Never smoothed there: MLP outputs (`img_mlp.2`, `mlp.fc2`: fed through a
+//! GELU), FLUX's `linear2` (attention and GELU outputs side by side), the
+//! embedders and the modulation Linears' own inputs (SiLU of the vector).
+//!
 //! Consumers sharing a producer share `s`, taken from their common input's
 //! per-channel amax and the largest weight column over all of them. The
 //! factors travel in the output's header (`quantsmith.smoothquant`), so
@@ -47,17 +71,36 @@ pub enum Carrier {
     Affine,
     /// Output rows `start .. start + channels` of a Linear (weight rows and bias).
     Rows { start: usize },
+    /// adaLN modulation rows of a Linear: `shift` rows at `shift_start` and
+    /// `scale` rows (applied as `1 + scale`) at `scale_start`, `channels` each.
+    Modulation { shift_start: usize, scale_start: usize },
 }
 
 /// A producer whose output feeds only the `consumers`' inputs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Group {
-    /// Module path of the producer (prefix stripped).
+    /// Module path of the producer (prefix stripped), or a label
+    /// `<module>:<consumer>` when [`Group::module`] names the module.
     pub producer: String,
     pub carrier: Carrier,
     /// Linear module paths reading the producer's output.
     pub consumers: Vec<String>,
     pub channels: usize,
+    /// The producing module when `producer` is a label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    /// Further producers divided by the same factors (joint attention: the
+    /// other stream's V rows).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<(String, Carrier)>,
+}
+
+impl Group {
+    /// Every (module, carrier) this group divides.
+    pub fn producers(&self) -> Vec<(&str, Carrier)> {
+        let first = self.module.as_deref().unwrap_or(&self.producer);
+        std::iter::once((first, self.carrier)).chain(self.also.iter().map(|(m, c)| (m.as_str(), *c))).collect()
+    }
 }
 
 fn linear_in(modules: &ModuleTable, path: &str) -> Option<usize> {
@@ -87,13 +130,13 @@ pub fn groups(modules: &ModuleTable) -> Vec<Group> {
                 return None;
             }
             let producer = format!("{base}.{norm}");
-            affine(modules, &producer, channels).then_some(Group { producer, carrier: Carrier::Affine, consumers, channels })
+            affine(modules, &producer, channels).then_some(Group { producer, carrier: Carrier::Affine, consumers, channels, module: None, also: vec![] })
         };
         let rows_group = |producer: String, consumer: &str, hidden_half: bool| -> Option<Group> {
             let channels = linear_in(modules, consumer)?;
             let rows = linear_out(modules, &producer)?;
             let expected = if hidden_half { 2 * channels } else { channels };
-            (rows == expected).then(|| Group { producer, carrier: Carrier::Rows { start: 0 }, consumers: vec![consumer.to_string()], channels })
+            (rows == expected).then(|| Group { producer, carrier: Carrier::Rows { start: 0 }, consumers: vec![consumer.to_string()], channels, module: None, also: vec![] })
         };
         let group = if let Some(base) = path.strip_suffix(".attn1.to_q") {
             norm_group(base, "norm1", &["attn1.to_q", "attn1.to_k", "attn1.to_v"])
@@ -112,6 +155,68 @@ pub fn groups(modules: &ModuleTable) -> Vec<Group> {
             None
         };
         out.extend(group);
+    }
+    out.extend(dit_groups(modules));
+    out
+}
+
+/// The foldable producers of FLUX.1 and SD3/3.5 (BFL / SAI names), checked by shapes.
+fn dit_groups(modules: &ModuleTable) -> Vec<Group> {
+    let mut out = Vec::new();
+    // `label`: consumers read chunks `shift` and `shift + 1` of `module`'s `chunks` equal row blocks.
+    let modulation = |module: String, label: &str, chunk: usize, consumers: Vec<String>| -> Option<Group> {
+        let channels = linear_in(modules, &consumers[0])?;
+        if consumers.iter().any(|c| linear_in(modules, c) != Some(channels)) {
+            return None;
+        }
+        let rows = linear_out(modules, &module)?;
+        if rows % channels != 0 || (chunk + 2) * channels > rows || modules.get(&module)?.bias_key.is_none() {
+            return None;
+        }
+        let carrier = Carrier::Modulation { shift_start: chunk * channels, scale_start: (chunk + 1) * channels };
+        Some(Group { producer: format!("{module}:{label}"), carrier, consumers, channels, module: Some(module), also: vec![] })
+    };
+    // V rows (the last third of a fused qkv) of `producers`, read through attention by `consumers`.
+    let v_rows = |producers: &[String], consumers: Vec<String>| -> Option<Group> {
+        let channels = linear_in(modules, &consumers[0])?;
+        if consumers.iter().any(|c| linear_in(modules, c) != Some(channels)) || producers.iter().any(|p| linear_out(modules, p) != Some(3 * channels)) {
+            return None;
+        }
+        let carrier = Carrier::Rows { start: 2 * channels };
+        let also = producers[1..].iter().map(|p| (p.clone(), carrier)).collect();
+        Some(Group { producer: producers[0].clone(), carrier, consumers, channels, module: None, also })
+    };
+    let exists = |p: &str| modules.get(p).is_some();
+    for m in modules.iter().filter(|m| m.kind == ModuleKind::Linear) {
+        let path = m.path.as_str();
+        if let Some(block) = path.strip_suffix(".img_attn.qkv").filter(|b| b.starts_with("double_blocks.")) {
+            for stream in ["img", "txt"] {
+                out.extend(modulation(format!("{block}.{stream}_mod.lin"), "attn", 0, vec![format!("{block}.{stream}_attn.qkv")]));
+                out.extend(modulation(format!("{block}.{stream}_mod.lin"), "mlp", 3, vec![format!("{block}.{stream}_mlp.0")]));
+            }
+            let consumers: Vec<String> = ["img", "txt"].iter().map(|s| format!("{block}.{s}_attn.proj")).filter(|c| exists(c)).collect();
+            if !consumers.is_empty() {
+                out.extend(v_rows(&[format!("{block}.img_attn.qkv"), format!("{block}.txt_attn.qkv")], consumers));
+            }
+        } else if let Some(block) = path.strip_suffix(".linear1").filter(|b| b.starts_with("single_blocks.")) {
+            out.extend(modulation(format!("{block}.modulation.lin"), "linear1", 0, vec![path.to_string()]));
+        } else if let Some(block) = path.strip_suffix(".x_block.attn.qkv").filter(|b| b.starts_with("joint_blocks.")) {
+            for side in ["x_block", "context_block"] {
+                let ada = format!("{block}.{side}.adaLN_modulation.1");
+                out.extend(modulation(ada.clone(), "attn", 0, vec![format!("{block}.{side}.attn.qkv")]));
+                if exists(&format!("{block}.{side}.mlp.fc1")) {
+                    out.extend(modulation(ada, "mlp", 3, vec![format!("{block}.{side}.mlp.fc1")]));
+                }
+            }
+            let consumers: Vec<String> = ["x_block", "context_block"].iter().map(|s| format!("{block}.{s}.attn.proj")).filter(|c| exists(c)).collect();
+            if !consumers.is_empty() {
+                out.extend(v_rows(&[format!("{block}.x_block.attn.qkv"), format!("{block}.context_block.attn.qkv")], consumers));
+            }
+            if exists(&format!("{block}.x_block.attn2.qkv")) {
+                out.extend(modulation(format!("{block}.x_block.adaLN_modulation.1"), "attn2", 6, vec![format!("{block}.x_block.attn2.qkv")]));
+                out.extend(v_rows(&[format!("{block}.x_block.attn2.qkv")], vec![format!("{block}.x_block.attn2.proj")]));
+            }
+        }
     }
     out
 }
@@ -164,11 +269,20 @@ pub struct Smoothed {
     pub factors: Vec<f32>,
 }
 
+/// Output rows `start .. start + divisors.len()` divided.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowDiv {
+    pub start: usize,
+    pub divisors: Vec<f32>,
+    /// The rows are the bias of a `1 + scale` modulation: `(v + 1) / d - 1`.
+    pub one_plus: bool,
+}
+
 /// What a tensor becomes: some output rows divided, input columns multiplied.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Transform {
-    /// `(first row, divisors)`; for 1-D tensors, elements.
-    pub row_div: Option<(usize, Vec<f32>)>,
+    /// Disjoint row ranges; for 1-D tensors, elements.
+    pub row_div: Vec<RowDiv>,
     /// One multiplier per input column (2-D weights only).
     pub col_mul: Option<Vec<f32>>,
 }
@@ -185,25 +299,39 @@ impl Transform {
     fn check(&self, shape: &[usize]) -> Result<usize> {
         let cols = if shape.len() == 2 { shape[1] } else { 1 };
         let rows = shape.first().copied().unwrap_or(1);
-        if let Some((start, div)) = &self.row_div {
-            ensure!(start + div.len() <= rows, "smoothing rows {start}..{} outside a tensor of {rows} rows", start + div.len());
+        for d in &self.row_div {
+            let end = d.start + d.divisors.len();
+            ensure!(end <= rows, "smoothing rows {}..{end} outside a tensor of {rows} rows", d.start);
         }
+        self.disjoint()?;
         if let Some(mul) = &self.col_mul {
             ensure!(shape.len() == 2 && mul.len() == cols, "smoothing {} columns of a tensor of shape {shape:?}", mul.len());
         }
         Ok(cols)
     }
 
+    /// Row ranges never overlap: a row divided twice means two groups claim one producer.
+    fn disjoint(&self) -> Result<()> {
+        for (i, d) in self.row_div.iter().enumerate() {
+            let end = d.start + d.divisors.len();
+            if let Some(o) = self.row_div[..i].iter().find(|o| o.start < end && d.start < o.start + o.divisors.len()) {
+                bail!("smoothing rows {}..{end} overlap rows {}..{}", d.start, o.start, o.start + o.divisors.len());
+            }
+        }
+        Ok(())
+    }
+
     /// The transform on whole rows `first_row ..` of a checked tensor (rows divided, then columns multiplied).
     fn apply_rows(&self, first_row: usize, cols: usize, block: &mut [f32]) {
         for (i, row) in block.chunks_mut(cols).enumerate() {
             let r = first_row + i;
-            if let Some((start, div)) = &self.row_div
-                && r >= *start
-                && r < start + div.len()
-            {
-                let d = div[r - start];
-                row.iter_mut().for_each(|v| *v /= d);
+            if let Some(rd) = self.row_div.iter().find(|d| r >= d.start && r < d.start + d.divisors.len()) {
+                let d = rd.divisors[r - rd.start];
+                if rd.one_plus {
+                    row.iter_mut().for_each(|v| *v = (*v + 1.0) / d - 1.0);
+                } else {
+                    row.iter_mut().for_each(|v| *v /= d);
+                }
             }
             if let Some(mul) = &self.col_mul {
                 row.iter_mut().zip(mul).for_each(|(v, m)| *v *= m);
@@ -254,15 +382,28 @@ impl Smoothing {
     pub fn transforms(&self, modules: &ModuleTable) -> Result<HashMap<String, Transform>> {
         let mut out: HashMap<String, Transform> = HashMap::new();
         for g in &self.groups {
-            let producer = modules.get(&g.group.producer).with_context(|| format!("smoothing producer {} is not a module", g.group.producer))?;
-            let start = match g.group.carrier {
-                Carrier::Affine => 0,
-                Carrier::Rows { start } => start,
-            };
-            for key in [producer.weight_key.as_ref(), producer.bias_key.as_ref()].into_iter().flatten() {
-                let t = out.entry(key.clone()).or_default();
-                ensure!(t.row_div.is_none(), "{key} is smoothed twice");
-                t.row_div = Some((start, g.factors.clone()));
+            for (path, carrier) in g.group.producers() {
+                let producer = modules.get(path).with_context(|| format!("smoothing producer {path} is not a module"))?;
+                let divide = |key: &String, start: usize, one_plus: bool, out: &mut HashMap<String, Transform>| {
+                    out.entry(key.clone()).or_default().row_div.push(RowDiv { start, divisors: g.factors.clone(), one_plus });
+                };
+                let weight = producer.weight_key.as_ref();
+                let bias = producer.bias_key.as_ref();
+                match carrier {
+                    Carrier::Affine | Carrier::Rows { .. } => {
+                        let start = if let Carrier::Rows { start } = carrier { start } else { 0 };
+                        for key in [weight, bias].into_iter().flatten() {
+                            divide(key, start, false, &mut out);
+                        }
+                    }
+                    Carrier::Modulation { shift_start, scale_start } => {
+                        let bias = bias.with_context(|| format!("modulation producer {path} has no bias"))?;
+                        for key in [weight, Some(bias)].into_iter().flatten() {
+                            divide(key, shift_start, false, &mut out);
+                            divide(key, scale_start, key == bias, &mut out);
+                        }
+                    }
+                }
             }
             for c in &g.group.consumers {
                 let m = modules.get(c).with_context(|| format!("smoothing consumer {c} is not a module"))?;
@@ -271,6 +412,9 @@ impl Smoothing {
                 ensure!(t.col_mul.is_none(), "{key} is smoothed twice");
                 t.col_mul = Some(g.factors.clone());
             }
+        }
+        for (key, t) in &out {
+            t.disjoint().with_context(|| format!("{key} is smoothed twice"))?;
         }
         Ok(out)
     }
@@ -412,7 +556,8 @@ mod tests {
     #[test]
     fn transform_divides_rows_and_multiplies_columns() {
         // [3, 2]: rows 1..3 divided by (2, 4), columns multiplied by (10, 100).
-        let t = Transform { row_div: Some((1, vec![2.0, 4.0])), col_mul: Some(vec![10.0, 100.0]) };
+        let rows = |start: usize, divisors: Vec<f32>| vec![RowDiv { start, divisors, one_plus: false }];
+        let t = Transform { row_div: rows(1, vec![2.0, 4.0]), col_mul: Some(vec![10.0, 100.0]) };
         let mut v = vec![1.0, 1.0, 2.0, 2.0, 8.0, 8.0];
         t.apply(&[3, 2], &mut v).unwrap();
         assert_eq!(v, vec![10.0, 100.0, 10.0, 100.0, 20.0, 200.0]);
@@ -421,9 +566,26 @@ mod tests {
         t.apply_rows(1, 2, &mut tail);
         assert_eq!(tail, v[2..]);
         let mut bias = vec![1.0, 2.0, 8.0];
-        Transform { row_div: Some((1, vec![2.0, 4.0])), col_mul: None }.apply(&[3], &mut bias).unwrap();
+        Transform { row_div: rows(1, vec![2.0, 4.0]), col_mul: None }.apply(&[3], &mut bias).unwrap();
         assert_eq!(bias, vec![1.0, 1.0, 2.0]);
-        assert!(Transform { row_div: Some((2, vec![2.0, 4.0])), col_mul: None }.apply(&[3], &mut bias).is_err());
+        assert!(Transform { row_div: rows(2, vec![2.0, 4.0]), col_mul: None }.apply(&[3], &mut bias).is_err());
+    }
+
+    #[test]
+    fn modulation_scale_bias_keeps_one_plus_scale_divided() {
+        // Bias [shift 3, scale 1]: divided by 2 -> shift 1.5, (1 + 1) / 2 - 1 = 0.
+        let t = Transform {
+            row_div: vec![RowDiv { start: 0, divisors: vec![2.0], one_plus: false }, RowDiv { start: 1, divisors: vec![2.0], one_plus: true }],
+            col_mul: None,
+        };
+        let mut bias = vec![3.0, 1.0];
+        t.apply(&[2], &mut bias).unwrap();
+        assert_eq!(bias, vec![1.5, 0.0]);
+        let overlapping = Transform {
+            row_div: vec![RowDiv { start: 0, divisors: vec![2.0, 2.0], one_plus: false }, RowDiv { start: 1, divisors: vec![2.0], one_plus: true }],
+            col_mul: None,
+        };
+        assert!(format!("{:#}", overlapping.apply(&[2], &mut bias).unwrap_err()).contains("overlap"));
     }
 
     #[test]
@@ -435,7 +597,7 @@ mod tests {
     fn metadata_round_trip_is_exact() {
         let s = Smoothing {
             groups: vec![Smoothed {
-                group: Group { producer: "a.norm1".into(), carrier: Carrier::Affine, consumers: vec!["a.attn1.to_q".into()], channels: 3 },
+                group: Group { producer: "a.norm1".into(), carrier: Carrier::Affine, consumers: vec!["a.attn1.to_q".into()], channels: 3, module: None, also: vec![] },
                 alpha: 0.5,
                 factors: vec![0.1, 1.0 / 3.0, 1024.0],
             }],

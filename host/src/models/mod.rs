@@ -8,7 +8,9 @@
 //! Every quantizable module input goes through [`InputHooks::apply`] so that
 //! calibration can observe it and evaluation can fake-quantize it.
 
+pub mod arch;
 pub mod clip;
+pub mod denoiser;
 pub mod tokenizer;
 pub mod unet;
 

@@ -201,7 +201,8 @@ impl super::calibrating::smoothing_api::Host for State {
                 producer: g.producer,
                 carrier: match g.carrier {
                     smooth::Carrier::Affine => Carrier::NormAffine,
-                    smooth::Carrier::Rows { .. } => Carrier::OutputRows,
+                    // adaLN modulation rows are output rows of the modulation Linear.
+                    smooth::Carrier::Rows { .. } | smooth::Carrier::Modulation { .. } => Carrier::OutputRows,
                 },
                 consumers: g.consumers,
                 channels: g.channels as u32,
@@ -213,5 +214,47 @@ impl super::calibrating::smoothing_api::Host for State {
         let (s, act) = self.session("smooth", |s| s.smooth(&producer, alpha))?;
         let r = s.report(&act);
         Ok(super::calibrating::smoothing_api::Smoothed { min_factor: r.min_factor, max_factor: r.max_factor, amax_before: r.amax_before, amax_after: r.amax_after })
+    }
+}
+
+impl super::calibrating::sampling_api::Host for State {
+    fn info(&mut self) -> super::calibrating::sampling_api::SamplingInfo {
+        use super::calibrating::sampling_api::{Parameterization as P, SamplingInfo};
+        use crate::models::arch::{Parameterization, Sampling};
+        let Some(arch) = self.calib.as_deref().map(|s| s.arch().clone()) else {
+            return SamplingInfo {
+                parameterization: P::Epsilon,
+                shift: 0.0,
+                classifier_free_guidance: false,
+                distilled_guidance: None,
+                default_steps: 0,
+                context_tokens: 0,
+                context_width: 0,
+                pooled_width: 0,
+            };
+        };
+        SamplingInfo {
+            parameterization: match arch.parameterization {
+                Parameterization::Epsilon => P::Epsilon,
+                Parameterization::V => P::V,
+                Parameterization::Flow => P::Flow,
+            },
+            shift: match arch.sampling {
+                Sampling::Ddpm => 0.0,
+                Sampling::DiscreteFlow { shift, .. } | Sampling::Flux { shift } => shift,
+            },
+            classifier_free_guidance: arch.cfg,
+            distilled_guidance: arch.guidance,
+            default_steps: arch.default_steps,
+            context_tokens: arch.context_tokens as u32,
+            context_width: arch.context_width as u32,
+            pooled_width: arch.pooled_width.unwrap_or(0) as u32,
+        }
+    }
+
+    fn with_guidance(&mut self, cond: Resource<CondHandle>, value: f32) -> Result<Resource<CondHandle>, String> {
+        let id = self.cond_id(&cond)?;
+        let new = self.session("with-guidance", |s| s.with_guidance(id, value))?;
+        self.new_cond(new)
     }
 }

@@ -19,7 +19,7 @@ wasmtime::component::bindgen!({
 
 pub use self::quantsmith::recipe::types as wit;
 
-/// Bindings of `calibrating-recipe-v0` (contract 0.1.1, `smoothing` since 0.1.2). The `types` and `host`
+/// Bindings of `calibrating-recipe-v0` (contract 0.1.1, `smoothing` since 0.1.2, `sampling` since 0.1.3). The `types` and `host`
 /// interfaces are the ones generated above, so one host implementation serves
 /// both worlds; the resources map to the calibration session's handles.
 pub mod calibrating {
@@ -37,10 +37,11 @@ pub mod calibrating {
     pub use self::exports::quantsmith::recipe::calibrate::{Algorithm, CalibrationSettings};
     pub use self::quantsmith::recipe::calibration as api;
     pub use self::quantsmith::recipe::smoothing as smoothing_api;
+    pub use self::quantsmith::recipe::sampling as sampling_api;
 }
 
 /// The contract version this host implements (the `wit/` package version).
-pub const WIT_VERSION: &str = "0.1.2";
+pub const WIT_VERSION: &str = "0.1.3";
 
 /// A built-in preset compiled into the binary.
 pub struct Preset {

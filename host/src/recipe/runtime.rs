@@ -167,6 +167,7 @@ impl RecipeRuntime {
         super::RecipeV0::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
         super::calibrating::quantsmith::recipe::calibration::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
         super::calibrating::quantsmith::recipe::smoothing::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
+        super::calibrating::quantsmith::recipe::sampling::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
         Ok(RecipeRuntime { engine, linker: Arc::new(linker), limits })
     }
 

@@ -24,6 +24,8 @@ pub use crate::bindings::exports::quantsmith::recipe::calibrate::{Algorithm, Cal
 pub use crate::bindings::quantsmith::recipe::calibration as host;
 /// SmoothQuant folding (contract 0.1.2).
 pub use crate::bindings::quantsmith::recipe::smoothing;
+/// How the family samples (contract 0.1.3).
+pub use crate::bindings::quantsmith::recipe::sampling;
 
 use crate::detect::Family;
 use crate::params::{ParamSpecBuilder, Params};
@@ -87,26 +89,45 @@ pub struct CalibrationPlan {
 impl CalibrationPlan {
     /// Families the host can run forward passes for.
     pub fn supports(family: Family) -> bool {
-        matches!(family, Family::Sd15 | Family::Sd2 | Family::Sdxl)
+        matches!(family, Family::Sd15 | Family::Sd2 | Family::Sdxl | Family::Sd3 | Family::Flux)
     }
 
-    /// The family's native resolution.
+    /// The image side a family was trained at (SD2's 512 base and 768-v
+    /// variants share a preset: 768 covers both).
     pub fn native_resolution(family: Family) -> u32 {
         match family {
-            Family::Sdxl => 1024,
+            Family::Sdxl | Family::Sd3 | Family::Flux => 1024,
             Family::Sd2 => 768,
             _ => 512,
         }
     }
 
-    /// The `calib-*` parameters, `resolution` and `seed`.
+    /// The guidance a walk uses by default: classifier-free guidance for UNets
+    /// (7.5) and SD3/3.5 (4.5, as ComfyUI's SD3.5 workflows), FLUX.1-dev's
+    /// distilled guidance 3.5 (schnell takes none).
+    pub fn default_guidance(family: Family) -> f64 {
+        match family {
+            Family::Sd3 => 4.5,
+            Family::Flux => 3.5,
+            _ => 7.5,
+        }
+    }
+
     pub fn params(family: Family) -> Vec<ParamSpec> {
         vec![
-            ParamSpecBuilder::integer("calib-steps", 20, "Calibration: denoising steps per sample (ModelOpt uses 20-30)"),
+            ParamSpecBuilder::integer("calib-steps", if family == Family::Flux { 0 } else { 20 }, "Calibration: denoising steps per sample (ModelOpt uses 20-30); 0 = the model's default (FLUX.1-schnell 4, others 20)"),
             ParamSpecBuilder::integer("calib-samples", 8, "Calibration: trajectories, one prompt each (ModelOpt's full run uses 128)"),
             ParamSpecBuilder::integer("resolution", Self::native_resolution(family) as i64, "Calibration: image side in pixels (multiple of 64)"),
             ParamSpecBuilder::integer("seed", 0, "Calibration: seed of the latents and random conditioning"),
-            ParamSpecBuilder::number("guidance", 7.5, "Calibration: classifier-free guidance scale of the walk"),
+            ParamSpecBuilder::number(
+                "guidance",
+                Self::default_guidance(family),
+                if family == Family::Flux {
+                    "Calibration: FLUX.1-dev's distilled guidance fed to the model (schnell ignores it; FLUX samples without classifier-free guidance)"
+                } else {
+                    "Calibration: classifier-free guidance scale of the walk"
+                },
+            ),
             ParamSpecBuilder::choice("calib-source", "auto", &["auto", "prompts", "file", "random"], "Calibration conditioning: prompts (text encoders + --clip-vocab), file (--calib-data), random embeddings, or auto (the first available)"),
             ParamSpecBuilder::choice("calib-algorithm", "max", &["max", "percentile"], "How observed activations become static scales: running max, or a percentile of per-step maxima"),
             ParamSpecBuilder::number("calib-percentile", 99.0, "Percentile (0-100] for calib-algorithm=percentile"),
@@ -123,14 +144,14 @@ impl CalibrationPlan {
             }
             Ok(v)
         };
-        let steps = int("calib-steps", 20, 1, 1000)? as u32;
+        let steps = int("calib-steps", if family == Family::Flux { 0 } else { 20 }, 0, 1000)? as u32;
         let samples = int("calib-samples", 8, 1, 4096)? as u32;
         let resolution = int("resolution", Self::native_resolution(family) as i64, 64, 4096)? as u32;
         if resolution % 64 != 0 {
             return Err(format!("resolution must be a multiple of 64, got {resolution}"));
         }
         let seed = p.integer("seed").unwrap_or(0) as u64;
-        let guidance = p.number("guidance").unwrap_or(7.5) as f32;
+        let guidance = p.number("guidance").unwrap_or(Self::default_guidance(family)) as f32;
         if !guidance.is_finite() || !(0.0..=50.0).contains(&guidance) {
             return Err(format!("guidance must be 0..=50, got {guidance}"));
         }
@@ -210,22 +231,37 @@ impl CalibrationPlan {
             return Ok(None);
         }
         let info = host::info();
+        let sampling = sampling::info();
         let source = self.resolved_source(&info)?;
         let side = (self.resolution / info.latent_downscale.max(1)) as u64;
-        let sched = host::schedule(self.steps, Spacing::Uniform)?;
+        let steps = if self.steps == 0 { sampling.default_steps.max(1) } else { self.steps };
+        let sched = host::schedule(steps, Spacing::Uniform)?;
         let sigmas = &sched.sigmas;
+        let channels = info.latent_channels as u64;
         for i in 0..self.samples {
             let (neg, pos) = self.conditioning(source, &info, i)?;
-            let pair = host::concat_conditioning(&[&neg, &pos])?;
-            let noise = host::randn(&[1, 4, side, side], self.seed.wrapping_add(i as u64))?;
+            // FLUX samples one conditioning, its guidance an input of the model;
+            // every other family batches negative and positive for CFG.
+            let cond = if sampling.classifier_free_guidance {
+                host::concat_conditioning(&[&neg, &pos])?
+            } else if sampling.distilled_guidance.is_some() {
+                sampling::with_guidance(&pos, self.guidance)?
+            } else {
+                pos
+            };
+            let noise = host::randn(&[1, channels, side, side], self.seed.wrapping_add(i as u64))?;
             let mut x: Tensor = host::scale(&noise, sigmas[0])?;
-            for step in 0..self.steps as usize {
-                let batch = host::concat(&[&x, &x], 0)?;
-                let eps = host::denoise(&batch, sigmas[step], &pair, step as u32)?;
-                let uncond = host::slice_batch(&eps, 0, 1)?;
-                let cond = host::slice_batch(&eps, 1, 1)?;
-                let guided = host::lerp(&uncond, &cond, self.guidance)?;
-                let delta = host::scale(&guided, sigmas[step + 1] - sigmas[step])?;
+            for step in 0..steps as usize {
+                let d = if sampling.classifier_free_guidance {
+                    let batch = host::concat(&[&x, &x], 0)?;
+                    let both = host::denoise(&batch, sigmas[step], &cond, step as u32)?;
+                    let uncond = host::slice_batch(&both, 0, 1)?;
+                    let positive = host::slice_batch(&both, 1, 1)?;
+                    host::lerp(&uncond, &positive, self.guidance)?
+                } else {
+                    host::denoise(&x, sigmas[step], &cond, step as u32)?
+                };
+                let delta = host::scale(&d, sigmas[step + 1] - sigmas[step])?;
                 x = host::add(&x, &delta)?;
             }
         }
@@ -234,9 +270,16 @@ impl CalibrationPlan {
             Source::File => "--calib-data rows",
             _ => "random embeddings",
         };
+        let guidance = if sampling.classifier_free_guidance {
+            format!("CFG {}", self.guidance)
+        } else if sampling.distilled_guidance.is_some() {
+            format!("distilled guidance {}", self.guidance)
+        } else {
+            "no guidance".to_string()
+        };
         let mut notes = vec![format!(
-            "calibration: {} samples x {} steps at {}x{}, CFG {} with {source_name}",
-            self.samples, self.steps, self.resolution, self.resolution, self.guidance
+            "calibration: {} samples x {steps} steps at {}x{}, {guidance} with {source_name}",
+            self.samples, self.resolution, self.resolution
         )];
         if let Some(alpha) = self.smoothquant {
             notes.push(smooth_all(alpha)?);

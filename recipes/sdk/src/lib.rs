@@ -64,7 +64,7 @@ pub use bindings::exports::quantsmith::recipe::calibrate::Guest as CalibrateGues
 pub use bindings::export_recipe;
 
 /// The WIT contract version this SDK was built against.
-pub const WIT_VERSION: &str = "0.1.2";
+pub const WIT_VERSION: &str = "0.1.3";
 
 /// Logs through the host (shown with `RUST_LOG=info` or `-v`).
 pub fn log(level: host::LogLevel, message: impl AsRef<str>) {

@@ -107,6 +107,22 @@ impl ParamSpecBuilder {
         Self::choice("format", "fp8", &["fp8", "int8", "nvfp4", "mxfp8"], "Weight format: fp8 (float8_e4m3fn, per tensor), int8 (int8_tensorwise, per output channel), nvfp4 (E2M1, blocks of 16), mxfp8 (E4M3, E8M0 blocks of 32)")
     }
 
+    /// The `uncalibrated-fp8` parameter every preset takes: how ComfyUI runs an
+    /// FP8 layer that got no static activation scale (no calibration on this run,
+    /// or a layer the walk never reached). The host reads it from any recipe that
+    /// declares it. `exact` (default) marks the layer
+    /// `"full_precision_matrix_mult": true` (ComfyUI dequantizes: exact, smaller,
+    /// not faster); `fast` takes ComfyUI's FP8 matmul at activation scale 1.0
+    /// (faster on FP8 GPUs; values clamp at +-448 and small ones lose precision).
+    pub fn uncalibrated_fp8() -> ParamSpec {
+        Self::choice(
+            "uncalibrated-fp8",
+            "exact",
+            &["exact", "fast"],
+            "FP8 layers without a calibrated input_scale: exact (ComfyUI dequantizes them; smaller, exact, not faster) or fast (ComfyUI's FP8 matmul at activation scale 1.0; less accurate)",
+        )
+    }
+
     /// The `exclude` parameter every preset takes.
     pub fn exclude() -> ParamSpec {
         Self::text("exclude", "", "Extra module patterns to keep in high precision, comma-separated shell wildcards (e.g. \"*.attn1.*,out.*\")")

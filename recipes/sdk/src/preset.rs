@@ -14,10 +14,10 @@ pub trait Preset {
     const DESCRIPTION: &'static str;
     const FAMILY: Family;
 
-    /// Parameters; by default `format` and `exclude`, plus the calibration
+    /// Parameters; by default `format`, `exclude` and `uncalibrated-fp8`, plus the calibration
     /// parameters for families the host can run (SD1.x, SD2.x, SDXL).
     fn params() -> Vec<ParamSpec> {
-        let mut p = vec![ParamSpecBuilder::format(), ParamSpecBuilder::exclude()];
+        let mut p = vec![ParamSpecBuilder::format(), ParamSpecBuilder::exclude(), ParamSpecBuilder::uncalibrated_fp8()];
         if CalibrationPlan::supports(Self::FAMILY) {
             p.extend(CalibrationPlan::params(Self::FAMILY));
         }

@@ -1,0 +1,152 @@
+//! The denoiser boundary: one backbone network of any family, with its
+//! [`Architecture`] and noise schedule, evaluated the way a k-diffusion sampler
+//! (ComfyUI's `model_sampling`) evaluates it. Calibration, evaluation and
+//! SmoothQuant use this and nothing family-specific.
+//!
+//! Conventions (ComfyUI `comfy/model_sampling.py`): latents `x` at noise level
+//! `sigma`; the network sees `calculate_input(sigma, x)` at `timestep(sigma)`;
+//! [`Denoiser::derivative`] is the Euler derivative `d = (x - denoised) / sigma`,
+//! so `x + (sigma_next - sigma) * d` is one Euler step for every parameterization.
+//! For eps models `d` is the noise prediction, for flows the velocity.
+
+use anyhow::{Context, Result, bail, ensure};
+
+use super::arch::{Architecture, Backbone, Parameterization};
+use super::unet::{Unet, UnetConfig};
+use super::{InputHooks, WeightSource};
+use crate::calibrate::schedule::NoiseSchedule;
+use crate::nn::{ObserverSpec, Ops};
+
+/// Text-side conditioning of a batch on a backend: cross-attention context
+/// `[B, T, W]` and the vector the model takes besides it (`y`: SDXL's
+/// pooled-and-size vector, the DiTs' pooled text vector).
+pub struct Conditioning<T> {
+    pub context: T,
+    pub y: Option<T>,
+    pub batch: usize,
+    /// Distilled guidance per row (FLUX.1-dev's `guidance_in`; ComfyUI keeps it
+    /// on the conditioning too, set by `FluxGuidance`); empty for other models.
+    pub guidance: Vec<f32>,
+}
+
+/// Whether this build has the forward pass of `backbone`.
+pub fn backbone_available(backbone: Backbone) -> bool {
+    matches!(backbone, Backbone::Unet)
+}
+
+/// The network behind a denoiser.
+pub enum Network<O: Ops> {
+    Unet(Unet<O>),
+}
+
+/// A backbone ready to denoise.
+pub struct Denoiser<O: Ops> {
+    arch: Architecture,
+    schedule: NoiseSchedule,
+    net: Network<O>,
+}
+
+impl<O: Ops> Denoiser<O> {
+    /// Reads the network's configuration from `src` under `prefix` and uploads its weights.
+    pub fn load(ops: &O, src: &dyn WeightSource, prefix: &str, arch: Architecture) -> Result<Denoiser<O>> {
+        let net = match arch.backbone {
+            Backbone::Unet => {
+                let cfg = UnetConfig::from_source(src, prefix)?;
+                Network::Unet(Unet::load(ops, src, prefix, cfg).context("loading the UNet")?)
+            }
+            other => bail!("the {} forward pass ({other:?}) is not available in this build", arch.family),
+        };
+        Ok(Denoiser { schedule: arch.sampling.schedule(), arch, net })
+    }
+
+    /// The same network with other weights (the evaluation's fake-quantized copies).
+    pub fn load_like(&self, ops: &O, src: &dyn WeightSource, prefix: &str) -> Result<Denoiser<O>> {
+        let net = match &self.net {
+            Network::Unet(u) => Network::Unet(Unet::load(ops, src, prefix, u.config().clone())?),
+        };
+        Ok(Denoiser { arch: self.arch.clone(), schedule: self.schedule.clone(), net })
+    }
+
+    pub fn arch(&self) -> &Architecture {
+        &self.arch
+    }
+
+    pub fn schedule(&self) -> &NoiseSchedule {
+        &self.schedule
+    }
+
+    pub fn network(&self) -> &Network<O> {
+        &self.net
+    }
+
+    /// Every quantizable module input in forward order, with its observer shape.
+    pub fn module_inputs(&self) -> Vec<(String, ObserverSpec)> {
+        match &self.net {
+            Network::Unet(u) => u.module_inputs(),
+        }
+    }
+
+    /// Width of the cross-attention context.
+    pub fn context_width(&self) -> usize {
+        match &self.net {
+            Network::Unet(u) => u.config().context_dim.unwrap_or(self.arch.context_width),
+        }
+    }
+
+    /// Checks latents `[B, C, h, w]` against the architecture.
+    pub fn check_latents(&self, shape: &[usize]) -> Result<()> {
+        let (c, m) = (self.arch.latent_channels, self.arch.latent_multiple);
+        // UNets halve the latents up to three times; 8 keeps every level whole.
+        let m = match &self.net {
+            Network::Unet(_) => 8,
+        }
+        .max(m);
+        ensure!(shape.len() == 4 && shape[1] == c, "latents must be [batch, {c}, h, w], got {shape:?}");
+        ensure!(
+            shape[2] >= m && shape[3] >= m && shape[2].is_multiple_of(m) && shape[3].is_multiple_of(m),
+            "latent height and width must be multiples of {m}, got {shape:?}"
+        );
+        Ok(())
+    }
+
+    /// The network's raw output (eps, v or flow velocity) for latents `x` at `sigma`.
+    pub fn model_output(&self, ops: &O, x: &O::Tensor, sigma: f32, cond: &Conditioning<O::Tensor>, hooks: &InputHooks) -> Result<O::Tensor> {
+        let batch = ops.shape(x)[0];
+        ensure!(cond.batch == batch, "latents have batch {batch} but the conditioning has {}", cond.batch);
+        let t = vec![self.schedule.sigma_to_t(sigma); batch];
+        match &self.net {
+            Network::Unet(u) => {
+                let x_in = unet_input(ops, x, sigma, u.config().in_channels)?;
+                u.forward(ops, &x_in, &t, &cond.context, cond.y.as_ref(), hooks)
+            }
+        }
+    }
+
+    /// The Euler derivative `d = (x - denoised) / sigma` at `sigma`.
+    pub fn derivative(&self, ops: &O, x: &O::Tensor, sigma: f32, cond: &Conditioning<O::Tensor>, hooks: &InputHooks) -> Result<O::Tensor> {
+        let out = self.model_output(ops, x, sigma, cond, hooks)?;
+        match self.arch.parameterization {
+            Parameterization::Epsilon | Parameterization::Flow => Ok(out),
+            // denoised = x / (sigma^2 + 1) - v sigma / sqrt(sigma^2 + 1), so
+            // d = x sigma / (sigma^2 + 1) + v / sqrt(sigma^2 + 1).
+            Parameterization::V => {
+                let s2 = sigma * sigma + 1.0;
+                ops.add(&ops.scale(x, sigma / s2)?, &ops.scale(&out, 1.0 / s2.sqrt())?)
+            }
+        }
+    }
+}
+
+/// What a UNet takes for latents `x` `[B, 4, h, w]` at noise level `sigma`
+/// (`EPS.calculate_input`): `x / sqrt(sigma^2 + 1)`, and for inpainting models
+/// (`in_channels` 9) a zero mask and zero masked image, as for plain generation.
+pub fn unet_input<O: Ops>(ops: &O, x: &O::Tensor, sigma: f32, in_channels: usize) -> Result<O::Tensor> {
+    let x_in = ops.scale(x, 1.0 / (sigma * sigma + 1.0).sqrt())?;
+    if in_channels <= 4 {
+        return Ok(x_in);
+    }
+    let s = ops.shape(x);
+    let zeros = vec![0.0f32; s[0] * (in_channels - 4) * s[2] * s[3]];
+    let z = ops.from_f32(&[s[0], in_channels - 4, s[2], s[3]], &zeros)?;
+    ops.concat(&[&x_in, &z], 1)
+}
