@@ -266,3 +266,46 @@ fn a_recipe_built_against_contract_0_1_2_still_calibrates_and_smooths() {
     assert!(c.notes.iter().any(|n| n.contains("0.1.2 recipe")), "{:?}", c.notes);
     assert!(check_output(&Checkpoint::open(&input).unwrap(), &output).unwrap().smoothed_tensors > 0);
 }
+
+#[test]
+fn dit_groups_follow_the_carrier_table() {
+    let dir = tempfile::tempdir().unwrap();
+    // FLUX: modulation rows feed qkv and the MLP of both streams and single blocks' linear1;
+    // both streams' V rows feed both output projections (joint attention).
+    let flux = Checkpoint::open(&common::synth_tiny(dir.path(), "flux")).unwrap();
+    let modules = ModuleTable::build(&flux);
+    let groups = smooth::groups(&modules);
+    let h = modules.get("double_blocks.0.img_attn.proj").unwrap().weight_shape[1];
+    let find = |p: &str| groups.iter().find(|g| g.producer == p).unwrap_or_else(|| panic!("no group {p}: {:?}", groups.iter().map(|g| &g.producer).collect::<Vec<_>>()));
+    let g = find("double_blocks.0.img_mod.lin:attn");
+    assert_eq!((g.carrier, g.module.as_deref(), g.consumers.clone()), (Carrier::Modulation { shift_start: 0, scale_start: h }, Some("double_blocks.0.img_mod.lin"), vec!["double_blocks.0.img_attn.qkv".to_string()]));
+    assert_eq!(find("double_blocks.0.txt_mod.lin:mlp").carrier, Carrier::Modulation { shift_start: 3 * h, scale_start: 4 * h });
+    let v = find("double_blocks.0.img_attn.qkv");
+    assert_eq!(v.carrier, Carrier::Rows { start: 2 * h });
+    assert_eq!(v.also, vec![("double_blocks.0.txt_attn.qkv".to_string(), Carrier::Rows { start: 2 * h })]);
+    assert_eq!(v.consumers, vec!["double_blocks.0.img_attn.proj".to_string(), "double_blocks.0.txt_attn.proj".to_string()]);
+    assert_eq!(find("single_blocks.37.modulation.lin:linear1").consumers, vec!["single_blocks.37.linear1".to_string()]);
+    assert!(groups.iter().all(|g| !g.consumers.iter().any(|c| c.ends_with("linear2") || c.ends_with("_mlp.2"))), "GELU-fed inputs have no carrier");
+    // Two groups on one modulation Linear divide disjoint rows; the scale rows' bias is `(b + 1) / s - 1`.
+    let s = spread_factors(&groups);
+    let t = s.transforms(&modules).unwrap();
+    let bias = &t["double_blocks.0.img_mod.lin.bias"];
+    assert_eq!(bias.row_div.len(), 4);
+    assert_eq!(bias.row_div.iter().filter(|d| d.one_plus).map(|d| d.start).collect::<Vec<_>>(), vec![h, 4 * h]);
+    assert!(t["double_blocks.0.img_mod.lin.weight"].row_div.iter().all(|d| !d.one_plus));
+
+    // SD3: adaLN modulation of both sides; the last context block is pre-only (no MLP, no proj).
+    let sd3 = Checkpoint::open(&common::synth_tiny(dir.path(), "sd3")).unwrap();
+    let modules = ModuleTable::build(&sd3);
+    let groups = smooth::groups(&modules);
+    let last = (0..).take_while(|i| modules.get(&format!("joint_blocks.{i}.x_block.attn.qkv")).is_some()).count() - 1;
+    let names: Vec<&str> = groups.iter().map(|g| g.producer.as_str()).collect();
+    for p in ["joint_blocks.0.x_block.adaLN_modulation.1:attn", "joint_blocks.0.x_block.adaLN_modulation.1:mlp", "joint_blocks.0.context_block.adaLN_modulation.1:mlp", "joint_blocks.0.x_block.attn.qkv"] {
+        assert!(names.contains(&p), "no {p} in {names:?}");
+    }
+    assert!(names.contains(&format!("joint_blocks.{last}.context_block.adaLN_modulation.1:attn").as_str()));
+    assert!(!names.contains(&format!("joint_blocks.{last}.context_block.adaLN_modulation.1:mlp").as_str()));
+    let v = groups.iter().find(|g| g.producer == format!("joint_blocks.{last}.x_block.attn.qkv")).unwrap();
+    assert_eq!(v.consumers, vec![format!("joint_blocks.{last}.x_block.attn.proj")], "the pre-only context block has no proj");
+    assert_eq!(v.also.len(), 1, "its V rows still join the attention");
+}

@@ -151,8 +151,17 @@ struct CalibrationArgs {
     /// so calibration can encode real prompts with the checkpoint's text encoders.
     #[arg(long)]
     clip_vocab: Option<PathBuf>,
+    /// A text-encoder file as ComfyUI keeps them (clip_l, clip_g, t5xxl_fp16 or
+    /// its FP8 variants; the kind is read from its keys and shapes), so SD3/3.5
+    /// and FLUX calibration can encode real prompts. Repeat for each encoder.
+    #[arg(long = "text-encoder", value_name = "FILE")]
+    text_encoders: Vec<PathBuf>,
+    /// T5's tokenizer.json (ComfyUI ships one in comfy/text_encoders/t5_tokenizer/),
+    /// for prompts through a T5-XXL --text-encoder.
+    #[arg(long, value_name = "FILE")]
+    t5_tokenizer: Option<PathBuf>,
     /// safetensors of conditioning rows for calibration: `context` [N, tokens, width]
-    /// (and `pooled` [N, 1280] for SDXL).
+    /// (and `pooled` [N, P] for SDXL (1280), SD3 (2048) and FLUX (768)).
     #[arg(long)]
     calib_data: Option<PathBuf>,
     /// Held-out inputs for the fake-quantized evaluation in the report (0 = skip it).
@@ -172,6 +181,8 @@ impl CalibrationArgs {
             mode: self.calibrate,
             device,
             clip_vocab: self.clip_vocab.clone(),
+            text_encoders: self.text_encoders.clone(),
+            t5_tokenizer: self.t5_tokenizer.clone(),
             calib_data: self.calib_data.clone(),
             eval_inputs: self.eval_inputs,
             eval_resolution: self.eval_resolution,

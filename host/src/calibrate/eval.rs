@@ -233,7 +233,6 @@ pub fn evaluate<O: Ops>(
     let arch = reference.arch().clone();
     let adm = match reference.network() {
         Network::Unet(u) => u.config().adm_in_channels,
-        #[allow(unreachable_patterns)]
         _ => None,
     };
 

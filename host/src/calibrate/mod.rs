@@ -57,6 +57,10 @@ pub struct CalibrationOptions {
     pub device: DeviceChoice,
     /// Folder with CLIP's `vocab.json` and `merges.txt`.
     pub clip_vocab: Option<PathBuf>,
+    /// Text-encoder files for the diffusion transformers (`--text-encoder`).
+    pub text_encoders: Vec<PathBuf>,
+    /// T5's `tokenizer.json`.
+    pub t5_tokenizer: Option<PathBuf>,
     /// safetensors with `context` (and `pooled`) rows.
     pub calib_data: Option<PathBuf>,
     /// Held-out inputs for the fake-quantized evaluation (0 = none).
@@ -172,9 +176,16 @@ pub fn run(
         Some(p) => Some((p.clone(), session::calib_data_rows(p).map_err(|e| crate::pipeline::Refused(format!("{e:#}")))?)),
         None => None,
     };
+    // Text encoders and tokenizers of the wrong kind or that do not parse are bad
+    // input too, refused before the model is loaded.
+    let text = session::DitTextInputs::open(&arch, &opts.text_encoders, opts.t5_tokenizer.as_deref()).map_err(|e| crate::pipeline::Refused(format!("{e:#}")))?;
+    for note in text.iter().flat_map(|t| &t.notes) {
+        tracing::warn!("{note}");
+    }
     let inputs = SessionInputs {
         checkpoint: ctx.checkpoint.clone(),
         arch,
+        text,
         tokenizer_dir: opts.clip_vocab.clone(),
         calib_data,
         observed,

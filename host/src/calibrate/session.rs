@@ -17,6 +17,10 @@ use crate::checkpoint::Checkpoint;
 use crate::models::clip::{self, SizeConditioning, TextEncoders, TextFamily};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::arch::{Architecture, Backbone, TextStack};
+use crate::models::text::conditioning::{FLUX_WIDTHS, SD3_WIDTHS, TextWidths};
+use crate::models::text::detect::EncoderKind;
+use crate::models::text::stack::{DitText, TextFiles};
+use crate::models::text::t5_tokenizer::T5Tokenizer;
 use crate::models::denoiser::{Conditioning, Denoiser, Network};
 use crate::models::{InputHooks, WeightSource};
 use crate::nn::{ObserverSpec, ObserverStats, Ops};
@@ -177,12 +181,48 @@ pub struct SessionInputs {
     pub checkpoint: Arc<Checkpoint>,
     /// The detected family and variant, as the host runs it.
     pub arch: Architecture,
+    /// The diffusion transformers' text encoders and T5 tokenizer, if given.
+    pub text: Option<DitTextInputs>,
     pub tokenizer_dir: Option<PathBuf>,
     /// The `--calib-data` file and its row count (checked by [`calib_data_rows`]).
     pub calib_data: Option<(PathBuf, usize)>,
     /// One observer per quantizable module input: (module path, spec).
     pub observed: Vec<(String, ObserverSpec)>,
     pub limits: SessionLimits,
+}
+
+/// The user's text-encoder files and T5 tokenizer for an SD3/3.5 or FLUX
+/// model, opened and checked against it.
+pub struct DitTextInputs {
+    pub files: TextFiles,
+    pub stack: DitText,
+    pub widths: TextWidths,
+    pub t5_tokenizer: Option<T5Tokenizer>,
+    /// Encoders the model takes that were not given (zeros in their place).
+    pub notes: Vec<String>,
+}
+
+impl DitTextInputs {
+    /// `None` when no file was given. Every error names the file.
+    pub fn open(arch: &Architecture, files: &[PathBuf], t5_tokenizer: Option<&std::path::Path>) -> Result<Option<DitTextInputs>> {
+        let (stack, widths) = match arch.text {
+            TextStack::Sd3 => (DitText::Sd3, SD3_WIDTHS),
+            TextStack::Flux => (DitText::Flux, FLUX_WIDTHS),
+            _ if files.is_empty() && t5_tokenizer.is_none() => return Ok(None),
+            _ => bail!("--text-encoder and --t5-tokenizer are for SD3/3.5 and FLUX; {} keeps its text encoders in the checkpoint (use --clip-vocab)", arch.family),
+        };
+        let t5_tokenizer = t5_tokenizer.map(T5Tokenizer::from_file).transpose()?;
+        if files.is_empty() {
+            return Ok(t5_tokenizer.is_some().then(|| DitTextInputs { files: TextFiles::open(&[]).expect("no files"), stack, widths, t5_tokenizer, notes: vec![] }));
+        }
+        let files = TextFiles::open(files)?;
+        let notes = files.check(stack, widths)?;
+        Ok(Some(DitTextInputs { files, stack, widths, t5_tokenizer, notes }))
+    }
+
+    fn has_encoders(&self) -> bool {
+        [EncoderKind::ClipL, EncoderKind::ClipG, EncoderKind::T5].iter().any(|k| self.files.get(*k).is_some())
+    }
 }
 
 /// A calibration session on backend `O`.
@@ -345,7 +385,6 @@ where
     fn unet_adm_channels(&self) -> Option<usize> {
         match self.model.network() {
             Network::Unet(u) => u.config().adm_in_channels,
-            #[allow(unreachable_patterns)]
             _ => None,
         }
     }
@@ -421,6 +460,18 @@ where
     fn prompt_cond(&self, prompts: Vec<String>, width: u32, height: u32) -> Result<Cond<O::Tensor>> {
         ensure!(!prompts.is_empty(), "no prompts given");
         ensure!(prompts.len() <= self.inputs.limits.max_batch * 64, "too many prompts in one call ({})", prompts.len());
+        if self.model.arch().backbone != Backbone::Unet {
+            let text = self.inputs.text.as_ref().filter(|t| t.has_encoders()).with_context(|| {
+                format!("prompts for {} need its text encoders: pass --text-encoder FILE for each (clip_l, clip_g, t5xxl)", self.model.arch().family)
+            })?;
+            // T5 pads to ComfyUI's minimum: 77 tokens for SD3, 256 for FLUX.
+            let t5_min = match text.stack {
+                DitText::Sd3 => 77,
+                DitText::Flux => 256,
+            };
+            let c = text.files.encode(&self.ops, text.stack, text.widths, self.tokenizer.as_ref(), text.t5_tokenizer.as_ref(), t5_min, &prompts, &InputHooks::none())?;
+            return Ok(Conditioning { context: c.context, y: Some(c.pooled), batch: prompts.len(), guidance: self.default_guidance(prompts.len()) });
+        }
         let tokenizer = self.tokenizer.as_ref().ok_or_else(|| {
             anyhow!("prompts need the CLIP vocabulary: pass --clip-vocab DIR (a folder with vocab.json and merges.txt, e.g. ComfyUI's comfy/sd1_tokenizer)")
         })?;
@@ -450,8 +501,21 @@ where
             family: arch.family.to_string(),
             latent_channels: arch.latent_channels as u32,
             native_resolution: arch.native_resolution,
-            has_text_encoders: self.inputs.checkpoint.tensors().iter().any(|t| text_prefixes.iter().any(|p| t.key.starts_with(p))),
-            has_tokenizer: self.tokenizer.is_some(),
+            has_text_encoders: match (&self.inputs.text, arch.backbone) {
+                (_, Backbone::Unet) => self.inputs.checkpoint.tensors().iter().any(|t| text_prefixes.iter().any(|p| t.key.starts_with(p))),
+                (Some(t), _) => t.has_encoders(),
+                (None, _) => false,
+            },
+            // Every encoder present has its tokenizer (CLIP's vocabulary, T5's tokenizer.json).
+            has_tokenizer: match (&self.inputs.text, arch.backbone) {
+                (_, Backbone::Unet) => self.tokenizer.is_some(),
+                (Some(t), _) => {
+                    let clip = t.files.get(EncoderKind::ClipL).is_some() || t.files.get(EncoderKind::ClipG).is_some();
+                    let t5 = t.files.get(EncoderKind::T5).is_some();
+                    (!clip || self.tokenizer.is_some()) && (!t5 || t.t5_tokenizer.is_some())
+                }
+                (None, _) => false,
+            },
             calib_data_rows: self.calib_rows as u32,
             device: self.ops.name(),
         }

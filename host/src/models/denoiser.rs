@@ -12,6 +12,8 @@
 use anyhow::{Context, Result, bail, ensure};
 
 use super::arch::{Architecture, Backbone, Parameterization};
+use super::flux::{Flux, FluxConfig};
+use super::mmdit::{Mmdit, MmditConfig};
 use super::unet::{Unet, UnetConfig};
 use super::{InputHooks, WeightSource};
 use crate::calibrate::schedule::NoiseSchedule;
@@ -31,12 +33,14 @@ pub struct Conditioning<T> {
 
 /// Whether this build has the forward pass of `backbone`.
 pub fn backbone_available(backbone: Backbone) -> bool {
-    matches!(backbone, Backbone::Unet)
+    matches!(backbone, Backbone::Unet | Backbone::Mmdit | Backbone::Flux)
 }
 
 /// The network behind a denoiser.
 pub enum Network<O: Ops> {
     Unet(Unet<O>),
+    Mmdit(Mmdit<O>),
+    Flux(Flux<O>),
 }
 
 /// A backbone ready to denoise.
@@ -54,7 +58,20 @@ impl<O: Ops> Denoiser<O> {
                 let cfg = UnetConfig::from_source(src, prefix)?;
                 Network::Unet(Unet::load(ops, src, prefix, cfg).context("loading the UNet")?)
             }
-            other => bail!("the {} forward pass ({other:?}) is not available in this build", arch.family),
+            Backbone::Mmdit => {
+                let cfg = MmditConfig::from_source(src, prefix)?;
+                Network::Mmdit(Mmdit::load(ops, src, prefix, cfg).context("loading the MMDiT")?)
+            }
+            Backbone::Flux => {
+                let cfg = FluxConfig::from_source(src, prefix)?;
+                ensure!(
+                    cfg.guidance_embed == arch.guidance.is_some(),
+                    "the checkpoint {} a guidance embedder but was detected as FLUX.1-{}",
+                    if cfg.guidance_embed { "has" } else { "lacks" },
+                    arch.variant
+                );
+                Network::Flux(Flux::load(ops, src, prefix, cfg).context("loading FLUX")?)
+            }
         };
         Ok(Denoiser { schedule: arch.sampling.schedule(), arch, net })
     }
@@ -63,6 +80,8 @@ impl<O: Ops> Denoiser<O> {
     pub fn load_like(&self, ops: &O, src: &dyn WeightSource, prefix: &str) -> Result<Denoiser<O>> {
         let net = match &self.net {
             Network::Unet(u) => Network::Unet(Unet::load(ops, src, prefix, u.config().clone())?),
+            Network::Mmdit(m) => Network::Mmdit(Mmdit::load(ops, src, prefix, m.config().clone())?),
+            Network::Flux(f) => Network::Flux(Flux::load(ops, src, prefix, f.config().clone())?),
         };
         Ok(Denoiser { arch: self.arch.clone(), schedule: self.schedule.clone(), net })
     }
@@ -83,6 +102,8 @@ impl<O: Ops> Denoiser<O> {
     pub fn module_inputs(&self) -> Vec<(String, ObserverSpec)> {
         match &self.net {
             Network::Unet(u) => u.module_inputs(),
+            Network::Mmdit(m) => m.module_inputs(),
+            Network::Flux(f) => f.module_inputs(),
         }
     }
 
@@ -90,6 +111,8 @@ impl<O: Ops> Denoiser<O> {
     pub fn context_width(&self) -> usize {
         match &self.net {
             Network::Unet(u) => u.config().context_dim.unwrap_or(self.arch.context_width),
+            Network::Mmdit(m) => m.config().context_dim,
+            Network::Flux(f) => f.config().context_in_dim,
         }
     }
 
@@ -99,6 +122,7 @@ impl<O: Ops> Denoiser<O> {
         // UNets halve the latents up to three times; 8 keeps every level whole.
         let m = match &self.net {
             Network::Unet(_) => 8,
+            Network::Mmdit(_) | Network::Flux(_) => 1,
         }
         .max(m);
         ensure!(shape.len() == 4 && shape[1] == c, "latents must be [batch, {c}, h, w], got {shape:?}");
@@ -118,6 +142,20 @@ impl<O: Ops> Denoiser<O> {
             Network::Unet(u) => {
                 let x_in = unet_input(ops, x, sigma, u.config().in_channels)?;
                 u.forward(ops, &x_in, &t, &cond.context, cond.y.as_ref(), hooks)
+            }
+            // Flows take the latents as they are (`CONST.calculate_input`).
+            Network::Mmdit(m) => {
+                let y = cond.y.as_ref().context("SD3 needs the pooled text vector `y`")?;
+                m.forward(ops, x, &t, &cond.context, y, hooks)
+            }
+            Network::Flux(f) => {
+                let y = cond.y.as_ref().context("FLUX needs the pooled CLIP-L vector `y`")?;
+                let guidance = match (f.config().guidance_embed, cond.guidance.is_empty()) {
+                    (true, true) => bail!("FLUX.1-dev needs a guidance value per row"),
+                    (true, false) => Some(cond.guidance.as_slice()),
+                    (false, _) => None,
+                };
+                f.forward(ops, x, &t, &cond.context, y, guidance, hooks)
             }
         }
     }

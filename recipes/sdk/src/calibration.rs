@@ -195,9 +195,15 @@ impl CalibrationPlan {
             Source::Auto if prompts_ok => Ok(Source::Prompts),
             Source::Auto if info.calib_data_rows > 0 => Ok(Source::File),
             Source::Auto => Ok(Source::Random),
+            Source::Prompts if !info.has_text_encoders && info.latent_channels == 16 => Err(
+                "calib-source=prompts: SD3/3.5 and FLUX need their text encoders: pass --text-encoder FILE for each (clip_l, clip_g, t5xxl), or use --calib-data or calib-source=random".into(),
+            ),
             Source::Prompts if !info.has_text_encoders => {
                 Err("calib-source=prompts: the checkpoint holds no text encoders (use a full single-file checkpoint, --calib-data or calib-source=random)".into())
             }
+            Source::Prompts if !info.has_tokenizer && info.latent_channels == 16 => Err(
+                "calib-source=prompts needs a tokenizer for each --text-encoder: --clip-vocab DIR for CLIP (e.g. ComfyUI's comfy/sd1_tokenizer) and --t5-tokenizer FILE for T5 (comfy/text_encoders/t5_tokenizer/tokenizer.json)".into(),
+            ),
             Source::Prompts if !info.has_tokenizer => Err("calib-source=prompts needs --clip-vocab DIR (vocab.json and merges.txt, e.g. ComfyUI's comfy/sd1_tokenizer)".into()),
             Source::File if info.calib_data_rows == 0 => Err("calib-source=file needs --calib-data FILE".into()),
             s => Ok(s),
