@@ -27,6 +27,10 @@ pub enum Act {
     Gelu,
     /// `x * sigmoid(1.702 x)`, CLIP-L's activation.
     QuickGelu,
+    /// GELU's tanh approximation, `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`:
+    /// PyTorch's `gelu(approximate="tanh")`, as the FLUX and SD3 MLPs and T5 v1.1's
+    /// gated-gelu use it.
+    GeluTanh,
 }
 
 /// How a module input is quantized-dequantized in the fake-quantized forward,
