@@ -3,12 +3,14 @@
 //!
 //! - [`unet`]: the SD1.5 / SD2 / SDXL base and refiner UNet (`openaimodel.py` layout).
 //! - [`clip`]: CLIP-L and OpenCLIP-bigG text encoders, as stored in SD1.5 / SDXL checkpoints.
+//! - [`flux`]: FLUX.1 dev and schnell (BFL `flux/model.py` layout).
 //! - [`tokenizer`]: CLIP's byte-level BPE, from a vocabulary the user points at.
 //!
 //! Every quantizable module input goes through [`InputHooks::apply`] so that
 //! calibration can observe it and evaluation can fake-quantize it.
 
 pub mod clip;
+pub mod flux;
 pub mod tokenizer;
 pub mod unet;
 
