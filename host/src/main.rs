@@ -85,10 +85,11 @@ enum Command {
     },
     /// Check a converted file against its source: ComfyUI's layout rules, pass-through bytes, error bounds.
     Check { source: PathBuf, output: PathBuf },
-    /// One UNet forward pass on given inputs (for comparisons with other implementations).
+    /// One denoiser forward pass (UNet or FLUX) on given inputs (for comparisons with other implementations).
     Forward {
         model: PathBuf,
-        /// safetensors with `x` [B, C, H, W], `timesteps` [B], `context` [B, T, D] and, for SDXL, `y` [B, adm].
+        /// safetensors with `x` [B, C, H, W], `timesteps` [B], `context` [B, T, D], for SDXL and FLUX
+        /// `y` [B, adm], for FLUX-dev `guidance` [B] (FLUX timesteps are sigma in [0, 1]).
         #[arg(long)]
         inputs: PathBuf,
         /// Where to write `out` (f32).
