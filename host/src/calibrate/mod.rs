@@ -341,10 +341,11 @@ pub struct ForwardReport {
     pub peak_device_bytes: Option<u64>,
 }
 
-/// One denoiser forward pass (UNet or FLUX, by the checkpoint's keys) on the
-/// tensors of `inputs` (`x`, `timesteps`, `context`, `y` for SDXL and FLUX,
-/// `guidance` for FLUX-dev), written as `out` (f32) to `out_path`. FLUX takes
-/// `timesteps` and `guidance` as ComfyUI passes them (sigma in [0, 1]; 3.5).
+/// One denoiser forward pass (UNet, FLUX or SD3 MMDiT, by the checkpoint's keys)
+/// on the tensors of `inputs` (`x`, `timesteps`, `context`, `y` for SDXL, FLUX
+/// and SD3, `guidance` for FLUX-dev), written as `out` (f32) to `out_path`.
+/// Timesteps are what ComfyUI passes each model: FLUX sigma in [0, 1] (and
+/// guidance e.g. 3.5), SD3 sigma x 1000, UNets the DDPM timestep.
 pub fn forward_file(
     model: &std::path::Path,
     inputs: &std::path::Path,
@@ -371,6 +372,7 @@ pub fn forward_file(
 enum ForwardModel<O: Ops> {
     Unet(crate::models::unet::Unet<O>),
     Flux(crate::models::flux::Flux<O>),
+    Mmdit(crate::models::mmdit::Mmdit<O>),
 }
 
 /// The tensors of a `run-recipe forward` inputs file, as (shape, f32 values).
@@ -404,6 +406,7 @@ fn forward_with<O: Ops>(
     observe: bool,
 ) -> Result<ForwardReport> {
     use crate::models::flux::{Flux, FluxConfig};
+    use crate::models::mmdit::{Mmdit, MmditConfig};
     use crate::models::unet::{Unet, UnetConfig};
     use crate::models::{InputHook, InputHooks, WeightSource};
     // A missing or malformed inputs file is bad input (exit 3), not a failure.
@@ -413,9 +416,12 @@ fn forward_with<O: Ops>(
     let prefix = ckpt.prefix();
     let is_flux = src.contains(&format!("{prefix}double_blocks.0.img_attn.qkv.weight"))
         || src.contains(&format!("{prefix}single_blocks.0.linear1.weight"));
+    let is_mmdit = src.contains(&format!("{prefix}joint_blocks.0.x_block.attn.qkv.weight"));
     let started = Instant::now();
     let model = if is_flux {
         ForwardModel::Flux(Flux::load(&ops, src, prefix, FluxConfig::from_source(src, prefix)?)?)
+    } else if is_mmdit {
+        ForwardModel::Mmdit(Mmdit::load(&ops, src, prefix, MmditConfig::from_source(src, prefix)?)?)
     } else {
         ForwardModel::Unet(Unet::load(&ops, src, prefix, UnetConfig::from_source(src, prefix)?)?)
     };
@@ -439,6 +445,13 @@ fn forward_with<O: Ops>(
                 }
                 m.forward(&ops, &x, tv, &context, y, inp.guidance.as_deref(), hooks)
             }
+            ForwardModel::Mmdit(m) => {
+                let y = y.as_ref().ok_or_else(|| crate::pipeline::Refused(format!("{} has no `y` tensor (SD3's pooled CLIP-L ‖ CLIP-G vector)", inputs.display())))?;
+                if inp.guidance.is_some() {
+                    return Err(crate::pipeline::Refused(format!("{}: SD3 takes no `guidance` tensor", inputs.display())).into());
+                }
+                m.forward(&ops, &x, tv, &context, y, hooks)
+            }
         }
     };
 
@@ -451,6 +464,7 @@ fn forward_with<O: Ops>(
                 .map(|m| (m.path.clone(), ObserverSpec { channels: *m.weight_shape.last().unwrap_or(&1), axis: ChannelAxis::Last }))
                 .collect(),
             ForwardModel::Flux(m) => m.module_inputs(),
+            ForwardModel::Mmdit(m) => m.module_inputs(),
         };
         ops.observers_reset(&observed.iter().map(|(_, s)| s.clone()).collect::<Vec<_>>(), 64)?;
         for (slot, (p, _)) in observed.iter().enumerate() {
