@@ -282,3 +282,79 @@ fn fused_attention_at_dit_sizes() {
         close(&format!("fused attention n{n} h{heads} d{d}"), &pick_rows(&down(o, &y), 1, n, w, &rows), &want);
     }
 }
+
+/// FLUX (a 2 + 2 block model of FLUX's head width 128, random weights written
+/// in the BFL layout) on the GPU in bf16 against the CPU backend in f32 (itself
+/// checked against a naive f64 FLUX in `models::flux`), weights rounded to
+/// bf16 on both sides.
+#[test]
+fn flux_matches_cpu_ops() {
+    use quantsmith::checkpoint::Checkpoint;
+    use quantsmith::models::InputHooks;
+    use quantsmith::models::flux::{Flux, FluxConfig, bfl_layout};
+    use quantsmith::nn::cpu::CpuOps;
+
+    let Some((o, _g)) = gpu() else { return };
+    let cfg = FluxConfig {
+        in_channels: 16,
+        hidden: 256,
+        heads: 2,
+        head_dim: 128,
+        depth: 2,
+        depth_single: 2,
+        mlp_hidden: 1024,
+        context_in_dim: 64,
+        vec_in_dim: 32,
+        guidance_embed: true,
+        axes_dim: [16, 56, 56],
+    };
+    let mut rng = StdRng::seed_from_u64(16);
+    let layout = bfl_layout(&cfg);
+    let data: Vec<Vec<u8>> = layout
+        .iter()
+        .map(|(k, s)| {
+            let n: usize = s.iter().product();
+            let fan_in = s.get(1).copied().unwrap_or(1) as f32;
+            randn(&mut rng, n, 1.0)
+                .into_iter()
+                .map(|z| if k.ends_with(".scale") { bf(1.0 + 0.2 * z) } else if k.ends_with(".bias") { bf(0.1 * z) } else { bf(z / fan_in.sqrt()) })
+                .flat_map(|v| v.to_le_bytes())
+                .collect()
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flux-small.safetensors");
+    let views: Vec<(String, safetensors::tensor::TensorView)> = layout
+        .iter()
+        .zip(&data)
+        .map(|((k, s), d)| (k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    let ckpt = Checkpoint::open(&path).unwrap();
+    assert_eq!(FluxConfig::from_source(&ckpt, "").unwrap(), cfg);
+
+    let (b, t_len, hh, ww) = (2, 40, 16, 24);
+    let x = randn(&mut rng, b * 16 * hh * ww, 1.0);
+    let ctx = randn(&mut rng, b * t_len * 64, 1.0);
+    let y = randn(&mut rng, b * 32, 1.0);
+    fn run<O: Ops>(o: &O, ckpt: &Checkpoint, cfg: &FluxConfig, x: &[f32], ctx: &[f32], y: &[f32], dims: (usize, usize, usize, usize)) -> Vec<f32> {
+        let (b, t_len, hh, ww) = dims;
+        let flux = Flux::load(o, ckpt, "", cfg.clone()).unwrap();
+        let out = flux
+            .forward(
+                o,
+                &o.from_f32(&[b, 16, hh, ww], x).unwrap(),
+                &[0.5, 0.25],
+                &o.from_f32(&[b, t_len, 64], ctx).unwrap(),
+                &o.from_f32(&[b, 32], y).unwrap(),
+                Some(&[4.0, 2.0]),
+                &InputHooks::none(),
+            )
+            .unwrap();
+        o.to_f32(&out).unwrap()
+    }
+    let want = run(&CpuOps::new(), &ckpt, &cfg, &x, &ctx, &y, (b, t_len, hh, ww));
+    let got = run(o, &ckpt, &cfg, &x, &ctx, &y, (b, t_len, hh, ww));
+    let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+    close("flux 2+2 blocks, 96 image + 40 text tokens (CpuOps)", &got, &want);
+}
