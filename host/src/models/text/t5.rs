@@ -286,4 +286,4 @@ fn linear<O: Ops>(ops: &O, src: &dyn WeightSource, hooks: &InputHooks, module: &
 
 #[cfg(test)]
 #[path = "t5_tests.rs"]
-mod tests;
+pub(crate) mod tests;
