@@ -286,3 +286,82 @@ fn cli_exit_codes_distinguish_bad_input_from_success() {
     let usage = std::process::Command::new(exe).args(["run"]).output().unwrap();
     assert_eq!(usage.status.code(), Some(2));
 }
+
+/// `run-recipe forward` on synthetic FLUX dev and schnell: the CLI writes what
+/// `models::flux::Flux::forward` computes from the same inputs (bit for bit on
+/// the CPU); inputs that do not fit the model (guidance for schnell, none for
+/// dev) are bad input, exit 3, with no output.
+#[test]
+fn forward_runs_flux_like_the_library() {
+    use quantsmith::checkpoint::Checkpoint;
+    use quantsmith::models::InputHooks;
+    use quantsmith::models::flux::{Flux, FluxConfig};
+    use quantsmith::nn::Ops;
+    use quantsmith::nn::cpu::CpuOps;
+    use safetensors::tensor::TensorView;
+
+    let dir = tempfile::tempdir().unwrap();
+    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let x: Vec<f32> = (0..16 * 4 * 6).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+    let ctx: Vec<f32> = (0..3 * 4096).map(|i| ((i * 13 % 97) as f32 / 48.0) - 1.0).collect();
+    let y: Vec<f32> = (0..768).map(|i| ((i * 7 % 89) as f32 / 44.0) - 1.0).collect();
+    for variant in ["dev", "schnell"] {
+        let model = synth_with(dir.path(), "flux", Some(variant), variant == "schnell");
+        let dev = variant == "dev";
+        let write_inputs = |path: &std::path::Path, guidance: bool| {
+            let (xb, tb, cb, yb, gb) = (f32s(&x), f32s(&[0.6]), f32s(&ctx), f32s(&y), f32s(&[3.5]));
+            let mut t = vec![
+                ("x", TensorView::new(safetensors::Dtype::F32, vec![1, 16, 4, 6], &xb).unwrap()),
+                ("timesteps", TensorView::new(safetensors::Dtype::F32, vec![1], &tb).unwrap()),
+                ("context", TensorView::new(safetensors::Dtype::F32, vec![1, 3, 4096], &cb).unwrap()),
+                ("y", TensorView::new(safetensors::Dtype::F32, vec![1, 768], &yb).unwrap()),
+            ];
+            if guidance {
+                t.push(("guidance", TensorView::new(safetensors::Dtype::F32, vec![1], &gb).unwrap()));
+            }
+            safetensors::serialize_to_file(t, None, path).unwrap();
+        };
+        let forward = |inputs: &std::path::Path, out: &std::path::Path| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_run-recipe"))
+                .args(["forward", model.to_str().unwrap(), "--inputs", inputs.to_str().unwrap()])
+                .args(["--out", out.to_str().unwrap(), "--device", "cpu"])
+                .output()
+                .unwrap()
+        };
+        let (inputs, out) = (dir.path().join(format!("in-{variant}.st")), dir.path().join(format!("out-{variant}.st")));
+        write_inputs(&inputs, dev);
+        let r = forward(&inputs, &out);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let bytes = std::fs::read(&out).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let got = st.tensor("out").unwrap();
+        assert_eq!(got.shape(), [1, 16, 4, 6]);
+        let got: Vec<f32> = got.data().chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+
+        let ckpt = Checkpoint::open(&model).unwrap();
+        let ops = CpuOps::new();
+        let flux = Flux::load(&ops, &ckpt, ckpt.prefix(), FluxConfig::from_source(&ckpt, ckpt.prefix()).unwrap()).unwrap();
+        let want = flux
+            .forward(
+                &ops,
+                &ops.from_f32(&[1, 16, 4, 6], &x).unwrap(),
+                &[0.6],
+                &ops.from_f32(&[1, 3, 4096], &ctx).unwrap(),
+                &ops.from_f32(&[1, 768], &y).unwrap(),
+                dev.then_some(&[3.5f32][..]),
+                &InputHooks::none(),
+            )
+            .unwrap();
+        assert_eq!(got, ops.to_f32(&want).unwrap(), "{variant}");
+        assert!(got.iter().all(|v| v.is_finite()) && got.iter().any(|&v| v != 0.0));
+
+        // The other variant's inputs: exit 3, no output.
+        let (bad, bad_out) = (dir.path().join(format!("bad-{variant}.st")), dir.path().join(format!("bad-out-{variant}.st")));
+        write_inputs(&bad, !dev);
+        let r = forward(&bad, &bad_out);
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(3), "{stderr}");
+        assert!(stderr.contains("guidance"), "{stderr}");
+        assert!(!bad_out.exists());
+    }
+}

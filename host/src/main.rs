@@ -59,14 +59,14 @@ enum Command {
         scale: String,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// flux: schnell; sd15: inpaint; sdxl: refiner.
+        /// flux: schnell; sd15: inpaint; sdxl: refiner; sd3: 3.5-medium, 3.5-large.
         #[arg(long)]
         variant: Option<String>,
         /// A full single-file checkpoint (model.diffusion_model. prefix, VAE and text encoder tensors).
         #[arg(long)]
         full_checkpoint: bool,
-        /// default (wide activation ranges, outlier columns) or conditioned (sd15/sdxl UNets
-        /// that behave like trained ones: bf16 moves their output little; for comparisons).
+        /// default (wide activation ranges, outlier columns) or conditioned (models that
+        /// behave like trained ones: bf16 moves their output little; for comparisons).
         #[arg(long, default_value = "default")]
         init: String,
         #[arg(short, long)]
@@ -85,10 +85,12 @@ enum Command {
     },
     /// Check a converted file against its source: ComfyUI's layout rules, pass-through bytes, error bounds.
     Check { source: PathBuf, output: PathBuf },
-    /// One UNet forward pass on given inputs (for comparisons with other implementations).
+    /// One denoiser forward pass (UNet, FLUX or SD3) on given inputs (for comparisons with other implementations).
     Forward {
         model: PathBuf,
-        /// safetensors with `x` [B, C, H, W], `timesteps` [B], `context` [B, T, D] and, for SDXL, `y` [B, adm].
+        /// safetensors with `x` [B, C, H, W], `timesteps` [B], `context` [B, T, D], for SDXL, FLUX
+        /// and SD3 `y` [B, adm], for FLUX-dev `guidance` [B] (FLUX timesteps are sigma in [0, 1],
+        /// SD3's sigma x 1000).
         #[arg(long)]
         inputs: PathBuf,
         /// Where to write `out` (f32).

@@ -2,7 +2,9 @@
 //!
 //! Tensor names, order and shapes come from the manifests in `host/manifests/`
 //! (SD1.5, SDXL base, SD3-medium, FLUX.1-dev as ComfyUI's model classes define
-//! them); values are random but shaped like a trained model's: per-layer gains,
+//! them), or for the variants without a manifest from the model code's own
+//! layout (SDXL refiner: `models::unet::ldm_layout`; SD3.5-medium and -large:
+//! `models::mmdit::layout`, ComfyUI's `mmdit.py` with its detected configs); values are random but shaped like a trained model's: per-layer gains,
 //! a few outlier input channels in every Linear weight, norm weights around 1,
 //! small biases. Nothing here can produce images; it exercises every code path
 //! that reads, detects, quantizes and writes checkpoints.
@@ -55,7 +57,7 @@ pub enum Family {
     Sd15,
     /// SDXL base UNet (`manifests/sdxl.json`).
     Sdxl,
-    /// SD3-medium MMDiT (`manifests/sd3_medium.json`).
+    /// SD3-medium MMDiT (`manifests/sd3_medium.json`); SD3.5-medium and -large as variants.
     Sd3,
     /// FLUX.1-dev (`manifests/flux_dev.json`).
     Flux,
@@ -103,7 +105,7 @@ const SD3: Layout = Layout {
     manifest: include_str!("../manifests/sd3_medium.json"),
     divisor: 24,
     keep: &[4096, 2048, 36864, 256],
-    variants: &["medium"],
+    variants: &["medium", "3.5-medium", "3.5-large"],
 };
 const FLUX: Layout = Layout {
     manifest: include_str!("../manifests/flux_dev.json"),
@@ -274,8 +276,8 @@ impl fmt::Display for SynthDtype {
     }
 }
 
-/// How the values of the UNet families (sd15, sdxl) are scaled; sd3 and flux
-/// are always [`SynthInit::Default`].
+/// How the values of the diffusion model are scaled (text encoders and VAE
+/// always keep the default).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum SynthInit {
     /// Every weight matrix at 0.5..1.5 / sqrt(fan-in) with outlier input columns:
@@ -283,8 +285,9 @@ pub enum SynthInit {
     /// residual stream that grows block after block.
     #[default]
     Default,
-    /// Default values, except that the UNet runs like a trained one: attention
-    /// logits of std ~1 and residual branches small next to the stream they add to.
+    /// Default values, except that the model runs like a trained one: attention
+    /// logits of std ~1 and residual branches small next to the stream they add
+    /// to (UNets: [`condition_unet`]; SD3 and FLUX: [`condition_dit`]).
     Conditioned,
 }
 
@@ -328,7 +331,8 @@ pub struct SynthOptions {
     pub seed: u64,
     /// `None` is the family's default (sd15 `base`, sdxl `base`, sd3 `medium`,
     /// flux `dev`). `flux` `schnell` drops `guidance_in.*`; `sd15` `inpaint` makes
-    /// `input_blocks.0.0.weight` take 9 input channels.
+    /// `input_blocks.0.0.weight` take 9 input channels; `sdxl` `refiner`; `sd3`
+    /// `3.5-medium` and `3.5-large`.
     pub variant: Option<String>,
     /// A full single-file checkpoint: every diffusion-model key under
     /// `model.diffusion_model.`, plus small fake VAE (`first_stage_model.*`) and text
@@ -515,8 +519,15 @@ fn build(opts: &SynthOptions) -> Result<Vec<Spec>> {
     let family = opts.family;
     let variant = opts.resolved_variant()?;
     let mut m = manifest(family)?;
-    if family == Family::Sdxl && variant == "refiner" {
-        m.tensors = refiner_tensors(opts.scale);
+    // Layouts from the model code are already at the requested scale.
+    let from_code = match (family, variant) {
+        (Family::Sdxl, "refiner") => Some(refiner_tensors(opts.scale)),
+        (Family::Sd3, "3.5-medium" | "3.5-large") => Some(sd35_tensors(variant, opts.scale)),
+        _ => None,
+    };
+    let shrink = opts.scale == Scale::Tiny && from_code.is_none();
+    if let Some(tensors) = from_code {
+        m.tensors = tensors;
     }
     // (key, seed name, shape, part of the diffusion model)
     let mut raw: Vec<(String, String, Vec<usize>, bool)> = Vec::with_capacity(m.tensors.len() + 64);
@@ -528,7 +539,7 @@ fn build(opts: &SynthOptions) -> Result<Vec<Spec>> {
         if family == Family::Sd15 && variant == "inpaint" && t.name == "input_blocks.0.0.weight" {
             shape[1] = 9;
         }
-        if opts.scale == Scale::Tiny && variant != "refiner" {
+        if shrink {
             shape = shape.into_iter().map(|d| family.shrink_dim(d)).collect();
         }
         let mut name = t.name;
@@ -563,15 +574,17 @@ fn build(opts: &SynthOptions) -> Result<Vec<Spec>> {
         .filter(|(_, n, s, _)| s.len() == 1 && (n.ends_with(".weight") || n.ends_with(".scale")))
         .filter_map(|(_, n, _, _)| n.rsplit_once('.').map(|(m, _)| m))
         .collect();
-    let conditioned_unet =
-        opts.init == SynthInit::Conditioned && matches!(family, Family::Sd15 | Family::Sdxl);
+    let conditioned = opts.init == SynthInit::Conditioned;
     let specs = raw
         .iter()
         .map(|(key, seed_name, shape, diffusion)| {
             let gain = 0.5 + unit(mix(tensor_key(opts.seed, seed_name), TAG_GAIN)) as f32;
             let mut init = classify(seed_name, shape, &norm_modules, gain);
-            if conditioned_unet && *diffusion {
-                init = condition_unet(seed_name, shape, init);
+            if conditioned && *diffusion {
+                init = match family {
+                    Family::Sd15 | Family::Sdxl => condition_unet(seed_name, shape, init),
+                    Family::Sd3 | Family::Flux => condition_dit(seed_name, shape, init),
+                };
             }
             Spec {
                 tensor: PlannedTensor {
@@ -598,6 +611,20 @@ fn refiner_tensors(scale: Scale) -> Vec<ManifestTensor> {
         Scale::Tiny => UnetConfig { model_channels: 32, time_embed_dim: 128, ..full },
     };
     ldm_layout(&cfg).into_iter().map(|(name, shape)| ManifestTensor { name, shape }).collect()
+}
+
+/// SD3.5-medium and -large (no manifest): the layout of ComfyUI's detected
+/// configs. Tiny keeps the structure and interfaces (blocks, attn2 layers, qk
+/// norms, position table, context 4096, pooled 2048, 256 frequencies) with one
+/// 64-wide head, as tiny SD3-medium has.
+fn sd35_tensors(variant: &str, scale: Scale) -> Vec<ManifestTensor> {
+    use crate::models::mmdit::{HEAD_DIM, MmditConfig, layout};
+    let full = if variant == "3.5-large" { MmditConfig::sd35_large() } else { MmditConfig::sd35_medium() };
+    let cfg = match scale {
+        Scale::Full => full,
+        Scale::Tiny => MmditConfig { hidden: HEAD_DIM, heads: 1, mlp_hidden: 4 * HEAD_DIM, ..full },
+    };
+    layout(&cfg).into_iter().map(|(name, shape)| ManifestTensor { name, shape }).collect()
 }
 
 fn classify(name: &str, shape: &[usize], norm_modules: &HashSet<&str>, gain: f32) -> Init {
@@ -681,6 +708,35 @@ fn condition_unet(name: &str, shape: &[usize], init: Init) -> Init {
             std: std * scale,
             outliers,
         },
+    }
+}
+
+/// [`SynthInit::Conditioned`]'s change to an SD3 / FLUX tensor's default init
+/// (original names).
+///
+/// The default init gives adaLN modulations of std ~0.5 to 1 (from `SiLU(c)` of
+/// RMS ~0.5 through 1/sqrt(fan-in) rows with outlier columns), so `1 + scale`
+/// ranges over 0..2 and every gate passes its branch at full size: the streams
+/// grow block after block and bf16 rounding compounds. Trained DiTs start from
+/// zero-initialised modulations (adaLN-Zero, DiT section 3.2) and stay near them:
+/// here every modulation Linear's weight is scaled by 0.1 (its outputs std
+/// ~0.05 to 0.1, biases stay at std 0.02), so `1 + scale` ~ 1 and gated
+/// branches are ~0.1 of their size against an O(1) stream. The layers that
+/// produce q and k (`qkv`, FLUX's `linear1`) get plain 1/sqrt(fan-in) rows
+/// without outlier columns, so that on the RMS-1 modulated LayerNorm output
+/// logits have std ~1 where there is no qk norm (SD3-medium), and q and k are
+/// not dominated by a few channels where there is.
+fn condition_dit(name: &str, shape: &[usize], init: Init) -> Init {
+    const MODULATION: [&str; 3] = [".adaLN_modulation.1.weight", "_mod.lin.weight", ".modulation.lin.weight"];
+    const QK_PRODUCERS: [&str; 2] = [".qkv.weight", ".linear1.weight"];
+    if QK_PRODUCERS.iter().any(|s| name.ends_with(s)) && shape.len() == 2 {
+        return Init::Linear { std: 1.0 / (shape[1] as f32).sqrt(), outliers: false };
+    }
+    match init {
+        Init::Linear { std, outliers } if MODULATION.iter().any(|s| name.ends_with(s)) => {
+            Init::Linear { std: std * 0.1, outliers }
+        }
+        other => other,
     }
 }
 
@@ -1009,812 +1065,5 @@ fn fill<const W: usize>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec_of(opts: &SynthOptions, name: &str) -> Spec {
-        build(opts)
-            .unwrap()
-            .into_iter()
-            .find(|s| s.tensor.name == name)
-            .unwrap()
-    }
-
-    fn opts(family: Family, scale: Scale) -> SynthOptions {
-        SynthOptions {
-            scale,
-            seed: 7,
-            ..SynthOptions::new(family)
-        }
-    }
-
-    fn shapes(opts: &SynthOptions) -> HashMap<String, Vec<usize>> {
-        plan(opts)
-            .unwrap()
-            .into_iter()
-            .map(|t| (t.name, t.shape))
-            .collect()
-    }
-
-    fn write_tmp(opts: &SynthOptions) -> (tempfile::TempDir, Vec<u8>) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("synthetic.safetensors");
-        write(opts, &path, |_, _| {}).unwrap();
-        let bytes = std::fs::read(&path).unwrap();
-        (dir, bytes)
-    }
-
-    fn values(st: &safetensors::SafeTensors<'_>, name: &str) -> (Vec<usize>, Vec<f32>) {
-        let t = st.tensor(name).unwrap();
-        let v = match t.dtype() {
-            Dtype::BF16 => t
-                .data()
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => t
-                .data()
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F32 => t
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect(),
-            d => panic!("unexpected dtype {d:?}"),
-        };
-        (t.shape().to_vec(), v)
-    }
-
-    fn mean_std(v: &[f32]) -> (f64, f64) {
-        let n = v.len() as f64;
-        let m = v.iter().map(|&x| x as f64).sum::<f64>() / n;
-        let var = v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / n;
-        (m, var.sqrt())
-    }
-
-    #[test]
-    fn parse_names() {
-        for f in Family::ALL {
-            assert_eq!(Family::parse(f.name()).unwrap(), f);
-            assert_eq!(f.to_string().parse::<Family>().unwrap(), f);
-        }
-        assert_eq!(Family::parse(" FLUX ").unwrap(), Family::Flux);
-        assert!(Family::parse("sd2").is_err());
-        assert_eq!(Scale::parse("tiny").unwrap(), Scale::Tiny);
-        assert_eq!(Scale::parse("Full").unwrap(), Scale::Full);
-        assert!(Scale::parse("small").is_err());
-        assert_eq!(SynthDtype::parse("bfloat16").unwrap(), SynthDtype::Bf16);
-        assert_eq!(SynthDtype::parse("fp16").unwrap(), SynthDtype::F16);
-        assert_eq!(SynthDtype::parse("f32").unwrap(), SynthDtype::F32);
-        assert!(SynthDtype::parse("fp8").is_err());
-        assert_eq!(SynthDtype::default(), SynthDtype::Bf16);
-    }
-
-    #[test]
-    fn variants() {
-        let mut o = SynthOptions::new(Family::Flux);
-        assert_eq!(o.resolved_variant().unwrap(), "dev");
-        o.variant = Some("Schnell".into());
-        assert_eq!(o.resolved_variant().unwrap(), "schnell");
-        o.variant = Some("pro".into());
-        assert!(plan(&o).unwrap_err().to_string().contains("dev, schnell"));
-        let mut o = SynthOptions::new(Family::Sdxl);
-        o.variant = Some("inpaint".into());
-        assert!(plan(&o).is_err());
-        o.variant = Some("base".into());
-        assert!(plan(&o).is_ok());
-    }
-
-    #[test]
-    fn full_plan_matches_manifest() {
-        for f in Family::ALL {
-            let m = manifest(f).unwrap();
-            let o = opts(f, Scale::Full);
-            let p = plan(&o).unwrap();
-            assert_eq!(p.len(), m.tensors.len(), "{f}");
-            let bytes: u64 = p.iter().map(|t| t.byte_len() as u64).sum();
-            assert_eq!(bytes, m.params * 2, "{f}: bf16 bytes");
-            for (t, mt) in p.iter().zip(&m.tensors) {
-                assert_eq!(t.shape, mt.shape, "{}", t.name);
-                assert_eq!(t.dtype, Dtype::BF16);
-                if f != Family::Flux {
-                    assert_eq!(t.name, mt.name);
-                }
-            }
-            let o32 = SynthOptions {
-                dtype: SynthDtype::F32,
-                ..o
-            };
-            let bytes32: u64 = plan(&o32)
-                .unwrap()
-                .iter()
-                .map(|t| t.byte_len() as u64)
-                .sum();
-            assert_eq!(bytes32, m.params * 4, "{f}: f32 bytes");
-        }
-    }
-
-    #[test]
-    fn flux_norm_scales_use_released_names() {
-        for scale in [Scale::Tiny, Scale::Full] {
-            let s = shapes(&opts(Family::Flux, scale));
-            assert_eq!(s["double_blocks.0.img_attn.norm.key_norm.scale"], vec![128]);
-            assert_eq!(s["single_blocks.37.norm.query_norm.scale"], vec![128]);
-            assert!(!s.keys().any(|k| k.ends_with("_norm.weight")));
-            assert_eq!(s.keys().filter(|k| k.ends_with("_norm.scale")).count(), 152);
-        }
-    }
-
-    #[test]
-    fn tiny_keeps_key_structure() {
-        for f in Family::ALL {
-            for &variant in f.variants() {
-                for full_checkpoint in [false, true] {
-                    let base = SynthOptions {
-                        variant: Some(variant.into()),
-                        full_checkpoint,
-                        ..opts(f, Scale::Full)
-                    };
-                    let tiny = SynthOptions {
-                        scale: Scale::Tiny,
-                        ..base.clone()
-                    };
-                    let (pf, pt) = (plan(&base).unwrap(), plan(&tiny).unwrap());
-                    assert_eq!(pf.len(), pt.len());
-                    for (a, b) in pf.iter().zip(&pt) {
-                        assert_eq!(a.name, b.name);
-                        assert_eq!(a.shape.len(), b.shape.len(), "{}", a.name);
-                        assert_eq!(a.dtype, b.dtype);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Every tiny dimension is the full one, or the full one divided by the family's
-    /// k; a divided width keeps being a multiple of 32 where it was; widths >= 256
-    /// stay only where they are interfaces, and interface widths appear only where
-    /// expected (so no internal width is kept by coincidence).
-    #[test]
-    fn tiny_shapes_are_consistent() {
-        let interfaces: &[(Family, usize, &[&str])] = &[
-            (
-                Family::Sd15,
-                768,
-                &["attn2.to_k.weight", "attn2.to_v.weight"],
-            ),
-            (
-                Family::Sdxl,
-                2048,
-                &["attn2.to_k.weight", "attn2.to_v.weight"],
-            ),
-            (Family::Sdxl, 2816, &["label_emb.0.0.weight"]),
-            (Family::Sd3, 4096, &["context_embedder.weight"]),
-            (Family::Sd3, 2048, &["y_embedder.mlp.0.weight"]),
-            (Family::Sd3, 256, &["t_embedder.mlp.0.weight"]),
-            (Family::Sd3, 36864, &["pos_embed"]),
-            (Family::Flux, 4096, &["txt_in.weight"]),
-            (Family::Flux, 768, &["vector_in.in_layer.weight"]),
-            (
-                Family::Flux,
-                256,
-                &["time_in.in_layer.weight", "guidance_in.in_layer.weight"],
-            ),
-        ];
-        for f in Family::ALL {
-            let k = f.layout().divisor;
-            let full = plan(&opts(f, Scale::Full)).unwrap();
-            let tiny = shapes(&opts(f, Scale::Tiny));
-            for t in &full {
-                let ts = &tiny[&t.name];
-                for (axis, (&d, &e)) in t.shape.iter().zip(ts).enumerate() {
-                    if e != d {
-                        assert_eq!(e * k, d, "{f} {} axis {axis}", t.name);
-                        if d % 32 == 0 {
-                            assert_eq!(e % 32, 0, "{f} {} axis {axis}: {d} -> {e}", t.name);
-                        }
-                    } else if d >= 256 {
-                        let ok = interfaces.iter().any(|(ff, w, names)| {
-                            *ff == f
-                                && *w == d
-                                && axis == 1
-                                && names.iter().any(|n| t.name.ends_with(n))
-                        });
-                        assert!(ok, "{f} {} axis {axis}: width {d} kept", t.name);
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn tiny_keeps_detection_facts() {
-        // SD1.5: context 768, 4-D proj_in, no label_emb, model_channels 32.
-        let s = shapes(&opts(Family::Sd15, Scale::Tiny));
-        assert_eq!(s["input_blocks.0.0.weight"], vec![32, 4, 3, 3]);
-        assert_eq!(
-            s["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"][1],
-            768
-        );
-        assert_eq!(s["input_blocks.1.1.proj_in.weight"].len(), 4);
-        assert!(!s.contains_key("label_emb.0.0.weight"));
-        let mut inpaint = opts(Family::Sd15, Scale::Tiny);
-        inpaint.variant = Some("inpaint".into());
-        assert_eq!(
-            shapes(&inpaint)["input_blocks.0.0.weight"],
-            vec![32, 9, 3, 3]
-        );
-        assert_eq!(
-            shapes(&SynthOptions {
-                scale: Scale::Full,
-                ..inpaint
-            })["input_blocks.0.0.weight"],
-            vec![320, 9, 3, 3]
-        );
-
-        // SDXL: adm 2816, context 2048 in every cross-attention, 2-D proj_in.
-        let s = shapes(&opts(Family::Sdxl, Scale::Tiny));
-        assert_eq!(s["label_emb.0.0.weight"][1], 2816);
-        assert_eq!(s["input_blocks.0.0.weight"], vec![32, 4, 3, 3]);
-        let to_k: Vec<_> = s
-            .iter()
-            .filter(|(k, _)| k.ends_with("attn2.to_k.weight"))
-            .collect();
-        assert_eq!(to_k.len(), 70);
-        assert!(to_k.iter().all(|(_, sh)| sh[1] == 2048));
-        assert_eq!(s["input_blocks.4.1.proj_in.weight"].len(), 2);
-
-        // UNets: every GroupNorm/LayerNorm width divides into 32 groups.
-        for f in [Family::Sd15, Family::Sdxl] {
-            for (n, sh) in shapes(&opts(f, Scale::Tiny)) {
-                if sh.len() == 1 && n.ends_with(".weight") {
-                    assert_eq!(sh[0] % 32, 0, "{f} {n}");
-                }
-            }
-        }
-
-        // SD3: 24 joint blocks, 16 latent channels, context 4096, pooled 2048.
-        let s = shapes(&opts(Family::Sd3, Scale::Tiny));
-        let h = s["x_embedder.proj.weight"][0];
-        assert_eq!(s["x_embedder.proj.weight"], vec![h, 16, 2, 2]);
-        assert_eq!(s["context_embedder.weight"], vec![h, 4096]);
-        assert_eq!(s["y_embedder.mlp.0.weight"], vec![h, 2048]);
-        assert_eq!(s["t_embedder.mlp.0.weight"], vec![h, 256]);
-        assert_eq!(s["pos_embed"], vec![1, 36864, h]);
-        assert_eq!(s["final_layer.linear.weight"], vec![64, h]);
-        assert!(s.contains_key("joint_blocks.23.x_block.attn.qkv.weight"));
-        assert!(!s.contains_key("joint_blocks.24.x_block.attn.qkv.weight"));
-        for (n, sh) in &s {
-            if n.ends_with("attn.qkv.weight") {
-                assert_eq!(sh, &vec![3 * h, h], "{n}");
-            }
-            if n.ends_with("mlp.fc1.weight") {
-                assert_eq!(sh, &vec![4 * h, h], "{n}");
-            }
-            if n.ends_with("mlp.fc2.weight") {
-                assert_eq!(sh, &vec![h, 4 * h], "{n}");
-            }
-            if n.ends_with("adaLN_modulation.1.weight") {
-                let expected = if n == "joint_blocks.23.context_block.adaLN_modulation.1.weight"
-                    || n.starts_with("final_layer")
-                {
-                    2
-                } else {
-                    6
-                };
-                assert_eq!(sh, &vec![expected * h, h], "{n}");
-            }
-        }
-
-        // FLUX: img_in 64, vector_in 768, txt_in 4096, head width 128, 19 + 38 blocks.
-        let s = shapes(&opts(Family::Flux, Scale::Tiny));
-        let h = s["img_in.weight"][0];
-        assert_eq!(s["img_in.weight"], vec![h, 64]);
-        assert_eq!(s["vector_in.in_layer.weight"], vec![h, 768]);
-        assert_eq!(s["txt_in.weight"], vec![h, 4096]);
-        assert_eq!(s["time_in.in_layer.weight"], vec![h, 256]);
-        assert_eq!(s["guidance_in.in_layer.weight"], vec![h, 256]);
-        assert_eq!(h % 128, 0);
-        let mlp = s["double_blocks.0.img_mlp.0.weight"][0];
-        assert_eq!(mlp, 4 * h);
-        assert!(
-            s.contains_key("double_blocks.18.img_attn.qkv.weight")
-                && !s.contains_key("double_blocks.19.img_attn.qkv.weight")
-        );
-        assert!(
-            s.contains_key("single_blocks.37.linear1.weight")
-                && !s.contains_key("single_blocks.38.linear1.weight")
-        );
-        for (n, sh) in &s {
-            if n.ends_with("attn.qkv.weight") {
-                assert_eq!(sh, &vec![3 * h, h], "{n}");
-            }
-            if n.ends_with("linear1.weight") {
-                assert_eq!(sh, &vec![3 * h + mlp, h], "{n}");
-            }
-            if n.ends_with("linear2.weight") {
-                assert_eq!(sh, &vec![h, h + mlp], "{n}");
-            }
-            if n.ends_with("_mod.lin.weight") {
-                assert_eq!(sh, &vec![6 * h, h], "{n}");
-            }
-            if n.ends_with("modulation.lin.weight") && n.starts_with("single_blocks.") {
-                assert_eq!(sh, &vec![3 * h, h], "{n}");
-            }
-            if n.ends_with("_norm.scale") {
-                assert_eq!(sh, &vec![128], "{n}");
-            }
-        }
-        assert_eq!(s["final_layer.adaLN_modulation.1.weight"], vec![2 * h, h]);
-    }
-
-    #[test]
-    fn tiny_sizes() {
-        for f in Family::ALL {
-            let bytes: usize = plan(&opts(f, Scale::Tiny))
-                .unwrap()
-                .iter()
-                .map(|t| t.byte_len())
-                .sum();
-            // SDXL's floor: model_channels 32 (GroupNorm) and 140 cross-attention
-            // projections that keep their 2048-wide context input.
-            let limit = if f == Family::Sdxl {
-                120_000_000
-            } else {
-                45_000_000
-            };
-            assert!(bytes < limit, "{f}: {bytes} bytes");
-        }
-    }
-
-    #[test]
-    fn flux_schnell_has_no_guidance() {
-        let mut o = opts(Family::Flux, Scale::Tiny);
-        o.variant = Some("schnell".into());
-        let s = shapes(&o);
-        assert!(!s.keys().any(|k| k.starts_with("guidance_in.")));
-        assert_eq!(s.len(), shapes(&opts(Family::Flux, Scale::Tiny)).len() - 4);
-        assert!(s.contains_key("time_in.in_layer.weight"));
-    }
-
-    #[test]
-    fn full_checkpoint_layout() {
-        let te_prefix = |f: Family| match f {
-            Family::Sd15 => "cond_stage_model.",
-            Family::Sdxl => "conditioner.embedders.",
-            Family::Sd3 | Family::Flux => "text_encoders.",
-        };
-        for f in Family::ALL {
-            let dm = plan(&opts(f, Scale::Tiny)).unwrap();
-            let full = plan(&SynthOptions {
-                full_checkpoint: true,
-                ..opts(f, Scale::Tiny)
-            })
-            .unwrap();
-            for (a, b) in dm.iter().zip(&full) {
-                assert_eq!(format!("{DIFFUSION_PREFIX}{}", a.name), b.name);
-                assert_eq!(a.shape, b.shape);
-            }
-            let rest = &full[dm.len()..];
-            assert!(rest.iter().all(|t| !t.name.starts_with(DIFFUSION_PREFIX)));
-            let names: HashSet<&str> = full.iter().map(|t| t.name.as_str()).collect();
-            assert_eq!(names.len(), full.len(), "{f}: duplicate names");
-            let size = |p: &str| {
-                rest.iter()
-                    .filter(|t| t.name.starts_with(p))
-                    .map(|t| t.byte_len())
-                    .sum::<usize>()
-            };
-            let (vae, te) = (size("first_stage_model."), size(te_prefix(f)));
-            assert!((10_000..200_000).contains(&vae), "{f}: VAE {vae} bytes");
-            // SD1.5 / SDXL encoders keep their real widths (calibration encodes prompts with them).
-            let te_bytes = if matches!(f, Family::Sd15 | Family::Sdxl) {
-                1_000_000..100_000_000
-            } else {
-                10_000..200_000
-            };
-            assert!(te_bytes.contains(&te), "{f}: text encoders {te} bytes");
-            assert_eq!(
-                vae + te,
-                rest.iter().map(|t| t.byte_len()).sum::<usize>(),
-                "{f}: stray component tensors"
-            );
-            assert!(names.contains("first_stage_model.decoder.conv_out.weight"));
-            // Components are the same at both scales.
-            let full_size = plan(&SynthOptions {
-                full_checkpoint: true,
-                ..opts(f, Scale::Full)
-            })
-            .unwrap();
-            assert_eq!(&full_size[full_size.len() - rest.len()..], rest);
-        }
-        let sd3 = shapes(&SynthOptions {
-            full_checkpoint: true,
-            ..opts(Family::Sd3, Scale::Tiny)
-        });
-        for k in [
-            "text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.weight",
-            "text_encoders.clip_g.transformer.text_projection.weight",
-            "text_encoders.t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wi_0.weight",
-            "text_encoders.t5xxl.transformer.shared.weight",
-        ] {
-            assert!(sd3.contains_key(k), "{k}");
-        }
-        let sdxl = shapes(&SynthOptions {
-            full_checkpoint: true,
-            ..opts(Family::Sdxl, Scale::Tiny)
-        });
-        assert!(sdxl.contains_key(
-            "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"
-        ));
-        assert!(sdxl.contains_key(
-            "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
-        ));
-        assert!(sdxl.contains_key("first_stage_model.quant_conv.weight"));
-        let flux = shapes(&SynthOptions {
-            full_checkpoint: true,
-            ..opts(Family::Flux, Scale::Tiny)
-        });
-        assert_eq!(
-            flux["first_stage_model.encoder.conv_out.weight"],
-            vec![32, 32, 3, 3]
-        );
-        assert!(!flux.contains_key("first_stage_model.quant_conv.weight"));
-    }
-
-    #[test]
-    fn opens_as_a_checkpoint() {
-        for full_checkpoint in [false, true] {
-            let o = SynthOptions {
-                full_checkpoint,
-                ..opts(Family::Sd3, Scale::Tiny)
-            };
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("c.safetensors");
-            write(&o, &path, |_, _| {}).unwrap();
-            let c = crate::checkpoint::Checkpoint::open(&path).unwrap();
-            assert_eq!(c.is_full_checkpoint(), full_checkpoint);
-            assert_eq!(c.diffusion_tensors().count(), 491);
-            assert!(
-                !c.components()
-                    .contains(&crate::checkpoint::Component::Other)
-            );
-            assert_eq!(c.components().len(), if full_checkpoint { 3 } else { 1 });
-            assert_eq!(c.metadata()[METADATA_KEY], "sd3/medium/tiny/7");
-        }
-    }
-
-    #[test]
-    fn round_trip_and_value_spread() {
-        let o = opts(Family::Flux, Scale::Tiny);
-        let (_dir, bytes) = write_tmp(&o);
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-        assert_eq!(
-            meta.metadata().as_ref().unwrap()[METADATA_KEY],
-            "flux/dev/tiny/7"
-        );
-        let p = plan(&o).unwrap();
-        assert_eq!(st.len(), p.len());
-        for t in &p {
-            let v = st.tensor(&t.name).unwrap();
-            assert_eq!(v.shape(), t.shape.as_slice());
-            assert_eq!(v.dtype(), Dtype::BF16);
-            let (_, vals) = values(&st, &t.name);
-            assert!(vals.iter().all(|x| x.is_finite()), "{}", t.name);
-        }
-        // Data offsets follow the plan's order.
-        let offsets: Vec<usize> = p
-            .iter()
-            .map(|t| meta.info(&t.name).unwrap().data_offsets.0)
-            .collect();
-        assert!(offsets.windows(2).all(|w| w[0] < w[1]));
-
-        let (_, norm) = values(&st, "double_blocks.3.img_attn.norm.key_norm.scale");
-        let (m, s) = mean_std(&norm);
-        assert!(
-            (m - 1.0).abs() < 0.03 && s > 0.02 && s < 0.1,
-            "norm scale {m} {s}"
-        );
-        let (_, bias) = values(&st, "double_blocks.3.img_attn.qkv.bias");
-        let (m, s) = mean_std(&bias);
-        assert!(m.abs() < 0.01 && (0.01..0.03).contains(&s), "bias {m} {s}");
-        let (shape, w) = values(&st, "double_blocks.3.img_attn.proj.weight");
-        let (m, s) = mean_std(&w);
-        let fan_in = shape[1] as f64;
-        assert!(m.abs() < 0.01, "{m}");
-        assert!(
-            s * fan_in.sqrt() > 0.5 && s * fan_in.sqrt() < 1.5 * 2.0,
-            "weight std {s}"
-        );
-
-        // Gains differ between layers.
-        let gains: Vec<f64> = [
-            "double_blocks.0.img_mlp.2.weight",
-            "double_blocks.1.img_mlp.2.weight",
-            "double_blocks.2.img_mlp.2.weight",
-        ]
-        .iter()
-        .map(|n| mean_std(&values(&st, n).1).1)
-        .collect();
-        assert!(
-            gains
-                .iter()
-                .any(|&g| (g - gains[0]).abs() > 0.05 * gains[0]),
-            "{gains:?}"
-        );
-    }
-
-    fn column_norm_ratio(shape: &[usize], w: &[f32]) -> f64 {
-        let (rows, cols) = (shape[0], shape[1]);
-        let mut norms: Vec<f64> = (0..cols)
-            .map(|c| {
-                (0..rows)
-                    .map(|r| (w[r * cols + c] as f64).powi(2))
-                    .sum::<f64>()
-                    .sqrt()
-            })
-            .collect();
-        let max = norms.iter().cloned().fold(0.0, f64::max);
-        norms.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        max / norms[cols / 2]
-    }
-
-    #[test]
-    fn linear_weights_have_outlier_columns() {
-        let o = opts(Family::Sd15, Scale::Tiny);
-        let (_dir, bytes) = write_tmp(&o);
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        for name in [
-            "input_blocks.4.1.transformer_blocks.0.ff.net.0.proj.weight",
-            "middle_block.1.transformer_blocks.0.attn2.to_k.weight",
-            "time_embed.0.weight",
-        ] {
-            let (shape, w) = values(&st, name);
-            let ratio = column_norm_ratio(&shape, &w);
-            assert!(ratio > 4.0, "{name}: max/median column norm {ratio}");
-        }
-        // Convolutions and norms have none.
-        let (shape, w) = values(&st, "input_blocks.1.0.in_layers.2.weight");
-        let flat = [shape[0], shape[1..].iter().product()];
-        assert!(column_norm_ratio(&flat, &w) < 2.0);
-        // ~0.5% of the columns (at least one).
-        let cols = outlier_columns(123, 2048);
-        assert_eq!(cols.iter().filter(|&&c| c != 1.0).count(), 10);
-        assert!(cols.iter().all(|&c| c == 1.0 || (8.0..=20.0).contains(&c)));
-        assert_eq!(
-            outlier_columns(5, 64).iter().filter(|&&c| c != 1.0).count(),
-            1
-        );
-    }
-
-    #[test]
-    fn conditioned_init() {
-        let base = opts(Family::Sd15, Scale::Tiny);
-        let cond = SynthOptions {
-            init: SynthInit::Conditioned,
-            full_checkpoint: true,
-            ..base.clone()
-        };
-        let (_d1, a) = write_tmp(&SynthOptions {
-            full_checkpoint: true,
-            ..base
-        });
-        let (_d2, b) = write_tmp(&cond);
-        let (sa, sb) = (
-            safetensors::SafeTensors::deserialize(&a).unwrap(),
-            safetensors::SafeTensors::deserialize(&b).unwrap(),
-        );
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&b).unwrap();
-        assert_eq!(
-            meta.metadata().as_ref().unwrap()[METADATA_KEY],
-            "sd15/base/tiny/7/conditioned"
-        );
-        let (mut qk, mut scaled, mut same) = (0, 0, 0);
-        for (name, _) in sa.tensors() {
-            let local = name.strip_prefix(DIFFUSION_PREFIX).unwrap_or(&name);
-            let ((shape, x), (_, y)) = (values(&sa, &name), values(&sb, &name));
-            let in_unet = name.starts_with(DIFFUSION_PREFIX);
-            if in_unet && (local.ends_with(".to_q.weight") || local.ends_with(".to_k.weight")) {
-                // Plain 1/sqrt(fan-in) rows: logits q.k/sqrt(d) of std ~1 on RMS-1 inputs.
-                assert!(
-                    column_norm_ratio(&shape, &x) > 4.0,
-                    "{name}: default has outlier columns"
-                );
-                assert!(
-                    column_norm_ratio(&shape, &y) < 2.0,
-                    "{name}: outlier columns left"
-                );
-                let s = mean_std(&y).1 * (shape[1] as f64).sqrt();
-                assert!(
-                    (0.95..1.05).contains(&s),
-                    "{name}: std * sqrt(fan-in) = {s}"
-                );
-                qk += 1;
-                continue;
-            }
-            let expected = match local {
-                _ if !in_unet => 1.0,
-                n if n.ends_with(".proj_out.weight") => 0.05,
-                n if [
-                    ".out_layers.3.weight",
-                    ".to_out.0.weight",
-                    ".ff.net.2.weight",
-                ]
-                .iter()
-                .any(|s| n.ends_with(s)) =>
-                {
-                    0.1
-                }
-                _ => 1.0,
-            };
-            if expected == 1.0 {
-                assert!(
-                    sa.tensor(&name).unwrap().data() == sb.tensor(&name).unwrap().data(),
-                    "{name} changed"
-                );
-                same += 1;
-            } else {
-                // The same draws, scaled (each side rounded to bf16 once).
-                for (u, v) in x.iter().zip(&y) {
-                    assert!(
-                        (v - u * expected).abs() <= (u * expected).abs() / 128.0 + 1e-30,
-                        "{name}: {u} -> {v}"
-                    );
-                }
-                scaled += 1;
-            }
-        }
-        // 16 transformers: 2 attentions of q and k each; 22 ResBlocks + 16 * (2 to_out + ff + proj_out).
-        assert_eq!((qk, scaled), (64, 22 + 16 * 4));
-        assert!(same > 500, "{same}");
-        // The VAE's `proj_out` and the other families keep the default values.
-        assert!(
-            sa.tensor("first_stage_model.encoder.mid.attn_1.proj_out.weight")
-                .unwrap()
-                .data()
-                == sb
-                    .tensor("first_stage_model.encoder.mid.attn_1.proj_out.weight")
-                    .unwrap()
-                    .data()
-        );
-        let flux = opts(Family::Flux, Scale::Tiny);
-        let (_d3, c) = write_tmp(&flux);
-        let (_d4, d) = write_tmp(&SynthOptions {
-            init: SynthInit::Conditioned,
-            ..flux
-        });
-        let (sc, sd) = (
-            safetensors::SafeTensors::deserialize(&c).unwrap(),
-            safetensors::SafeTensors::deserialize(&d).unwrap(),
-        );
-        assert!(
-            sc.tensors()
-                .iter()
-                .all(|(n, t)| sd.tensor(n).unwrap().data() == t.data())
-        );
-        assert_eq!(
-            SynthInit::parse(" Conditioned ").unwrap(),
-            SynthInit::Conditioned
-        );
-        assert_eq!(
-            SynthInit::Default.to_string().parse::<SynthInit>().unwrap(),
-            SynthInit::Default
-        );
-        assert!(SynthInit::parse("trained").is_err());
-    }
-
-    #[test]
-    fn deterministic_and_seeded() {
-        let o = opts(Family::Sd15, Scale::Tiny);
-        let (_d1, a) = write_tmp(&o);
-        let one_thread = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap();
-        let (_d2, b) = one_thread.install(|| write_tmp(&o));
-        assert!(a == b, "same seed, different bytes");
-        let (_d3, c) = write_tmp(&SynthOptions {
-            seed: 8,
-            ..o.clone()
-        });
-        assert_eq!(a.len(), c.len());
-        assert!(a != c, "different seeds, same bytes");
-        // Tensors keep their values whether or not the file is a full checkpoint.
-        let (_d4, full) = write_tmp(&SynthOptions {
-            full_checkpoint: true,
-            ..o.clone()
-        });
-        let (sa, sf) = (
-            safetensors::SafeTensors::deserialize(&a).unwrap(),
-            safetensors::SafeTensors::deserialize(&full).unwrap(),
-        );
-        let name = "output_blocks.5.1.transformer_blocks.0.ff.net.0.proj.weight";
-        assert!(
-            sa.tensor(name).unwrap().data()
-                == sf
-                    .tensor(&format!("{DIFFUSION_PREFIX}{name}"))
-                    .unwrap()
-                    .data()
-        );
-    }
-
-    #[test]
-    fn other_dtypes() {
-        for dtype in [SynthDtype::F16, SynthDtype::F32] {
-            let o = SynthOptions {
-                dtype,
-                full_checkpoint: true,
-                ..opts(Family::Sd3, Scale::Tiny)
-            };
-            let (_dir, bytes) = write_tmp(&o);
-            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-            for (name, view) in st.tensors() {
-                assert_eq!(view.dtype(), dtype.dtype());
-                assert!(values(&st, &name).1.iter().all(|x| x.is_finite()), "{name}");
-            }
-            // Rounding from the same f32 values: bf16 and f16 agree to their precision.
-            let bf = write_tmp(&SynthOptions {
-                dtype: SynthDtype::Bf16,
-                ..o.clone()
-            })
-            .1;
-            let stb = safetensors::SafeTensors::deserialize(&bf).unwrap();
-            let name = format!("{DIFFUSION_PREFIX}joint_blocks.5.x_block.mlp.fc1.weight");
-            let (x, y) = (values(&st, &name).1, values(&stb, &name).1);
-            assert!(
-                x.iter()
-                    .zip(&y)
-                    .all(|(a, b)| (a - b).abs() <= a.abs() / 128.0 + 1e-6)
-            );
-        }
-    }
-
-    #[test]
-    fn progress_and_failure() {
-        let o = opts(Family::Sd3, Scale::Tiny);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("p.safetensors");
-        let calls = std::cell::RefCell::new(Vec::new());
-        let summary = write(&o, &path, |d, t| calls.borrow_mut().push((d, t))).unwrap();
-        let calls = calls.into_inner();
-        assert_eq!(calls.first(), Some(&(0, summary.bytes)));
-        assert_eq!(calls.last(), Some(&(summary.bytes, summary.bytes)));
-        assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0));
-        assert_eq!(summary.tensors, 491);
-        assert_eq!(summary.params * 2, summary.bytes);
-        let file_len = std::fs::metadata(&path).unwrap().len();
-        assert!(file_len > summary.bytes && file_len < summary.bytes + 100_000);
-        // A destination in a missing directory fails and leaves nothing.
-        let bad = dir.path().join("missing").join("x.safetensors");
-        assert!(write(&o, &bad, |_, _| {}).is_err());
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
-    }
-
-    /// Generation speed of one large tensor, without I/O:
-    /// `cargo test --release synth::tests::bench_generate -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn bench_generate() {
-        let mut opts = SynthOptions::new(Family::Flux);
-        opts.scale = Scale::Full;
-        let spec = spec_of(&opts, "single_blocks.0.linear1.weight");
-        let mut buf = vec![0u8; spec.tensor.byte_len()];
-        for round in 0..3 {
-            let t = std::time::Instant::now();
-            generate(&spec, &opts, &mut buf);
-            let s = t.elapsed().as_secs_f64();
-            println!(
-                "round {round}: {:?} {} MB in {:.3} s: {:.0} MB/s, {:.0} M elements/s, {} threads",
-                spec.tensor.shape,
-                buf.len() / 1_000_000,
-                s,
-                buf.len() as f64 / 1e6 / s,
-                buf.len() as f64 / 2e6 / s,
-                rayon::current_num_threads()
-            );
-        }
-    }
-}
+#[path = "synth_tests.rs"]
+mod tests;

@@ -58,12 +58,14 @@ extern "C" __global__ void __launch_bounds__(NN_THREADS) nn_f16_to_bf16(const u1
 #define NN_ACT_SILU 0
 #define NN_ACT_GELU 1
 #define NN_ACT_QUICK_GELU 2
+#define NN_ACT_GELU_TANH 3
 
 QS_DEV float nn_gelu(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
 
 QS_DEV float nn_act1(float v, int kind) {
     if (kind == NN_ACT_SILU) return v / (1.0f + expf(-v));
     if (kind == NN_ACT_GELU) return nn_gelu(v);
+    if (kind == NN_ACT_GELU_TANH) return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
     return v / (1.0f + expf(-1.702f * v));
 }
 

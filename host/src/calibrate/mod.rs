@@ -341,7 +341,7 @@ where
 pub struct ForwardReport {
     pub device: String,
     pub output_shape: Vec<usize>,
-    /// Load of the UNet weights onto the device.
+    /// Load of the model's weights onto the device.
     pub load_seconds: f64,
     /// First pass (includes one-time setup such as kernel compilation).
     pub first_seconds: f64,
@@ -351,8 +351,11 @@ pub struct ForwardReport {
     pub peak_device_bytes: Option<u64>,
 }
 
-/// One UNet forward pass on the tensors of `inputs` (`x`, `timesteps`, `context`,
-/// optional `y`), written as `out` (f32) to `out_path`.
+/// One denoiser forward pass (UNet, FLUX or SD3 MMDiT, by the checkpoint's keys)
+/// on the tensors of `inputs` (`x`, `timesteps`, `context`, `y` for SDXL, FLUX
+/// and SD3, `guidance` for FLUX-dev), written as `out` (f32) to `out_path`.
+/// Timesteps are what ComfyUI passes each model: FLUX sigma in [0, 1] (and
+/// guidance e.g. 3.5), SD3 sigma x 1000, UNets the DDPM timestep.
 pub fn forward_file(
     model: &std::path::Path,
     inputs: &std::path::Path,
@@ -375,6 +378,35 @@ pub fn forward_file(
     }
 }
 
+/// A denoiser `run-recipe forward` can run, by what the checkpoint holds.
+enum ForwardModel<O: Ops> {
+    Unet(crate::models::unet::Unet<O>),
+    Flux(crate::models::flux::Flux<O>),
+    Mmdit(crate::models::mmdit::Mmdit<O>),
+}
+
+/// The tensors of a `run-recipe forward` inputs file, as (shape, f32 values).
+struct ForwardInputs {
+    x: (Vec<usize>, Vec<f32>),
+    timesteps: Vec<f32>,
+    context: (Vec<usize>, Vec<f32>),
+    y: Option<(Vec<usize>, Vec<f32>)>,
+    guidance: Option<Vec<f32>>,
+}
+
+fn read_forward_inputs(inputs: &std::path::Path) -> Result<ForwardInputs> {
+    type Tensor = (Vec<usize>, Vec<f32>);
+    let bytes = std::fs::read(inputs).with_context(|| format!("cannot read {}", inputs.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", inputs.display()))?;
+    let get = |name: &str| -> Result<Option<Tensor>> {
+        let Ok(t) = st.tensor(name) else { return Ok(None) };
+        let dtype = crate::formats::SourceDtype::from_safetensors(t.dtype()).with_context(|| format!("`{name}` must be F32, F16 or BF16"))?;
+        Ok(Some((t.shape().to_vec(), crate::formats::numerics::decode_dtype(dtype, t.data()))))
+    };
+    let need = |name: &str| get(name)?.with_context(|| format!("{} has no `{name}` tensor", inputs.display()));
+    Ok(ForwardInputs { x: need("x")?, timesteps: need("timesteps")?.1, context: need("context")?, y: get("y")?, guidance: get("guidance")?.map(|g| g.1) })
+}
+
 fn forward_with<O: Ops>(
     ops: O,
     ckpt: &crate::checkpoint::Checkpoint,
@@ -383,57 +415,80 @@ fn forward_with<O: Ops>(
     repeat: usize,
     observe: bool,
 ) -> Result<ForwardReport> {
+    use crate::models::flux::{Flux, FluxConfig};
+    use crate::models::mmdit::{Mmdit, MmditConfig};
     use crate::models::unet::{Unet, UnetConfig};
     use crate::models::{InputHook, InputHooks, WeightSource};
-    type Tensor = (Vec<usize>, Vec<f32>);
     // A missing or malformed inputs file is bad input (exit 3), not a failure.
-    let read = || -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
-        let bytes = std::fs::read(inputs).with_context(|| format!("cannot read {}", inputs.display()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", inputs.display()))?;
-        let get = |name: &str| -> Result<Option<Tensor>> {
-            let Ok(t) = st.tensor(name) else { return Ok(None) };
-            let dtype = crate::formats::SourceDtype::from_safetensors(t.dtype()).with_context(|| format!("`{name}` must be F32, F16 or BF16"))?;
-            Ok(Some((t.shape().to_vec(), crate::formats::numerics::decode_dtype(dtype, t.data()))))
-        };
-        let need = |name: &str| get(name)?.with_context(|| format!("{} has no `{name}` tensor", inputs.display()));
-        Ok((need("x")?, need("timesteps")?, need("context")?, get("y")?))
-    };
-    let ((xs, xv), (_, tv), (cs, cv), y) = read().map_err(|e| crate::pipeline::Refused(format!("{e:#}")))?;
+    let inp = read_forward_inputs(inputs).map_err(|e| crate::pipeline::Refused(format!("{e:#}")))?;
 
     let src: &dyn WeightSource = ckpt;
-    let cfg = UnetConfig::from_source(src, ckpt.prefix())?;
+    let prefix = ckpt.prefix();
+    let is_flux = src.contains(&format!("{prefix}double_blocks.0.img_attn.qkv.weight"))
+        || src.contains(&format!("{prefix}single_blocks.0.linear1.weight"));
+    let is_mmdit = src.contains(&format!("{prefix}joint_blocks.0.x_block.attn.qkv.weight"));
     let started = Instant::now();
-    let unet = Unet::load(&ops, src, ckpt.prefix(), cfg)?;
-    let x = ops.from_f32(&xs, &xv)?;
-    let context = ops.from_f32(&cs, &cv)?;
-    let y = match &y {
+    let model = if is_flux {
+        ForwardModel::Flux(Flux::load(&ops, src, prefix, FluxConfig::from_source(src, prefix)?)?)
+    } else if is_mmdit {
+        ForwardModel::Mmdit(Mmdit::load(&ops, src, prefix, MmditConfig::from_source(src, prefix)?)?)
+    } else {
+        ForwardModel::Unet(Unet::load(&ops, src, prefix, UnetConfig::from_source(src, prefix)?)?)
+    };
+    let x = ops.from_f32(&inp.x.0, &inp.x.1)?;
+    let context = ops.from_f32(&inp.context.0, &inp.context.1)?;
+    let y = match &inp.y {
         Some((s, v)) => Some(ops.from_f32(s, v)?),
         None => None,
     };
     let _ = ops.to_f32(&ops.from_f32(&[1], &[0.0])?)?;
     let load_seconds = started.elapsed().as_secs_f64();
+    let tv = &inp.timesteps;
+    let run = |hooks: &InputHooks| -> Result<O::Tensor> {
+        match &model {
+            ForwardModel::Unet(m) => m.forward(&ops, &x, tv, &context, y.as_ref(), hooks),
+            ForwardModel::Flux(m) => {
+                let y = y.as_ref().ok_or_else(|| crate::pipeline::Refused(format!("{} has no `y` tensor (FLUX's pooled CLIP-L vector)", inputs.display())))?;
+                if m.config().guidance_embed != inp.guidance.is_some() {
+                    let need = if m.config().guidance_embed { "needs a `guidance` tensor (FLUX-dev)" } else { "takes no `guidance` tensor (FLUX-schnell)" };
+                    return Err(crate::pipeline::Refused(format!("{}: this model {need}", inputs.display())).into());
+                }
+                m.forward(&ops, &x, tv, &context, y, inp.guidance.as_deref(), hooks)
+            }
+            ForwardModel::Mmdit(m) => {
+                let y = y.as_ref().ok_or_else(|| crate::pipeline::Refused(format!("{} has no `y` tensor (SD3's pooled CLIP-L ‖ CLIP-G vector)", inputs.display())))?;
+                if inp.guidance.is_some() {
+                    return Err(crate::pipeline::Refused(format!("{}: SD3 takes no `guidance` tensor", inputs.display())).into());
+                }
+                m.forward(&ops, &x, tv, &context, y, hooks)
+            }
+        }
+    };
 
     let mut hooks = InputHooks::none();
     if observe {
-        let modules = crate::modules::ModuleTable::build(ckpt);
-        let observed: Vec<(String, ObserverSpec)> = modules
-            .iter()
-            .filter(|m| m.kind == ModuleKind::Linear)
-            .map(|m| (m.path.clone(), ObserverSpec { channels: *m.weight_shape.last().unwrap_or(&1), axis: ChannelAxis::Last }))
-            .collect();
+        let observed: Vec<(String, ObserverSpec)> = match &model {
+            ForwardModel::Unet(_) => crate::modules::ModuleTable::build(ckpt)
+                .iter()
+                .filter(|m| m.kind == ModuleKind::Linear)
+                .map(|m| (m.path.clone(), ObserverSpec { channels: *m.weight_shape.last().unwrap_or(&1), axis: ChannelAxis::Last }))
+                .collect(),
+            ForwardModel::Flux(m) => m.module_inputs(),
+            ForwardModel::Mmdit(m) => m.module_inputs(),
+        };
         ops.observers_reset(&observed.iter().map(|(_, s)| s.clone()).collect::<Vec<_>>(), 64)?;
         for (slot, (p, _)) in observed.iter().enumerate() {
             hooks.by_module.insert(p.clone(), InputHook { observer: Some(slot), quant: None });
         }
     }
     let started = Instant::now();
-    let out = unet.forward(&ops, &x, &tv, &context, y.as_ref(), &hooks)?;
+    let out = run(&hooks)?;
     let values = ops.to_f32(&out)?;
     let first_seconds = started.elapsed().as_secs_f64();
     let mut times = Vec::new();
     for _ in 0..repeat {
         let t0 = Instant::now();
-        let o = unet.forward(&ops, &x, &tv, &context, y.as_ref(), &hooks)?;
+        let o = run(&hooks)?;
         // Reading the (small) output synchronises with the device.
         ops.to_f32(&o)?;
         times.push(t0.elapsed().as_secs_f64());

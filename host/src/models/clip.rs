@@ -8,6 +8,12 @@
 //! | SDXL refiner | OpenCLIP bigG (`conditioner.embedders.0.model.`) | its penultimate layer, `[B,77,1280]` | pooled + size and aesthetic-score embeddings: 2560 |
 //! | SD2.x | OpenCLIP-H (`cond_stage_model.model.`) | its penultimate layer through `ln_final`, `[B,77,1024]` | – |
 //!
+//! [`HfClip`] runs one tower from a standalone Hugging Face-layout file (ComfyUI's
+//! `clip_l.safetensors`, `clip_g.safetensors`; SD3's `text_encoders.clip_{l,g}.transformer.`):
+//! penultimate hidden states and the pooled output (final-normed end token, through
+//! `text_projection.weight` for OpenCLIP-G), as SD3 and FLUX take them
+//! ([`crate::models::text::conditioning`]).
+//!
 //! "Penultimate" is the input of the last layer (Hugging Face's `hidden_states[-2]`),
 //! so a one-layer test model gives its embeddings. Both towers are pre-norm
 //! transformers with causal attention, LayerNorm eps 1e-5, heads of 64 channels;
@@ -205,8 +211,10 @@ pub struct EncoderConfig {
     pub layers: usize,
     pub mlp_width: usize,
     pub vocab: usize,
-    /// Width of the pooled projection (bigG only).
+    /// Width of the pooled projection (bigG; an HF-layout OpenCLIP-G's `text_projection.weight`).
     pub projection: Option<usize>,
+    /// The MLP's activation: quick-GELU for OpenAI's CLIP-L, exact GELU for OpenCLIP towers.
+    pub act: Act,
 }
 
 struct Encoder {
@@ -447,93 +455,177 @@ impl<'s> TextEncoders<'s> {
         wanted: Wanted,
         hooks: &InputHooks,
     ) -> Result<(O::Tensor, Option<O::Tensor>)> {
-        let (cfg, layout, src) = (&encoder.cfg, encoder.layout, self.src);
-        let p = cfg.prefix.as_str();
-        let (b, d) = (tokens.batch(), cfg.width);
-        ensure!(b > 0, "no prompts to encode");
-        ensure!(
-            tokens.ids.len() == b * CONTEXT_LENGTH,
-            "token batch has {} ids for {b} prompts",
-            tokens.ids.len()
+        run(ops, self.src, encoder, tokens, wanted, hooks)
+    }
+}
+
+/// (context hidden states, pooled output) of one encoder.
+fn run<O: Ops>(
+    ops: &O,
+    src: &dyn WeightSource,
+    encoder: &Encoder,
+    tokens: &TokenBatch,
+    wanted: Wanted,
+    hooks: &InputHooks,
+) -> Result<(O::Tensor, Option<O::Tensor>)> {
+    let (cfg, layout) = (&encoder.cfg, encoder.layout);
+    let p = cfg.prefix.as_str();
+    let (b, d) = (tokens.batch(), cfg.width);
+    ensure!(b > 0, "no prompts to encode");
+    ensure!(
+        tokens.ids.len() == b * CONTEXT_LENGTH,
+        "token batch has {} ids for {b} prompts",
+        tokens.ids.len()
+    );
+    if let Some(&id) = tokens.ids.iter().find(|&&id| id as usize >= cfg.vocab) {
+        bail!(
+            "token id {id} is outside the vocabulary ({} tokens) of the text encoder `{p}*`",
+            cfg.vocab
         );
-        if let Some(&id) = tokens.ids.iter().find(|&&id| id as usize >= cfg.vocab) {
-            bail!(
-                "token id {id} is outside the vocabulary ({} tokens) of the text encoder `{p}*`",
-                cfg.vocab
+    }
+    if let Some(&i) = tokens.end_index.iter().find(|&&i| i >= CONTEXT_LENGTH) {
+        bail!("end-token position {i} is outside the {CONTEXT_LENGTH}-token sequence");
+    }
+
+    let mut x = {
+        let table = load(ops, src, &layout.probe(p), &[cfg.vocab, d])?;
+        let tokens_emb = ops.embedding(&table, &tokens.ids)?;
+        let (pos_shape, _) = src.tensor(&layout.position_key(p))?;
+        let positions = load(ops, src, &layout.position_key(p), &pos_shape)?;
+        let pos_ids: Vec<u32> = (0..b).flat_map(|_| 0..CONTEXT_LENGTH as u32).collect();
+        let pos_emb = ops.embedding(&positions, &pos_ids)?;
+        ops.reshape(&ops.add(&tokens_emb, &pos_emb)?, &[b, CONTEXT_LENGTH, d])?
+    };
+
+    // Penultimate-only encoders never need their last layer.
+    let run = if matches!(wanted, Wanted::Penultimate | Wanted::PenultimateFinalNorm) {
+        cfg.layers - 1
+    } else {
+        cfg.layers
+    };
+    let mut penultimate = (cfg.layers == 1).then(|| x.clone());
+    for i in 0..run {
+        let l = layout.layer_prefix(p, i);
+        x = match layout {
+            Layout::Hf => hf_layer(ops, src, hooks, &l, cfg, &x)?,
+            Layout::OpenClip => open_clip_layer(ops, src, hooks, &l, cfg, &x)?,
+        };
+        if i + 2 == cfg.layers {
+            penultimate = Some(x.clone());
+        }
+    }
+    let penultimate = || {
+        penultimate
+            .clone()
+            .context("internal: penultimate hidden state not kept")
+    };
+    match (wanted, layout) {
+        (Wanted::FinalNorm, Layout::Hf) => Ok((
+            layer_norm(ops, src, &format!("{p}final_layer_norm"), d, &x)?,
+            None,
+        )),
+        (Wanted::Penultimate, _) => Ok((penultimate()?, None)),
+        (Wanted::PenultimateFinalNorm, Layout::OpenClip) => Ok((
+            layer_norm(ops, src, &format!("{p}ln_final"), d, &penultimate()?)?,
+            None,
+        )),
+        (Wanted::PenultimateAndPooled, Layout::OpenClip) => {
+            // LayerNorm is per token, so selecting the end tokens first is the same and cheaper.
+            let last = ops.select_tokens(&x, &tokens.end_index)?;
+            let last = layer_norm(ops, src, &format!("{p}ln_final"), d, &last)?;
+            let module = format!("{p}text_projection");
+            let (shape, view) = src.tensor(&module)?;
+            let out = cfg
+                .projection
+                .context("internal: bigG without projection")?;
+            ensure!(
+                shape == [d, out],
+                "`{module}` has shape {shape:?}, expected [{d}, {out}]"
             );
+            let stored =
+                decode_source(&view).with_context(|| format!("cannot read `{module}`"))?;
+            // Stored as [in, out] for `x @ P`; a Linear weight is [out, in].
+            let stored = &stored;
+            let transposed: Vec<f32> = (0..out)
+                .flat_map(|o| (0..d).map(move |i| stored[i * out + o]))
+                .collect();
+            let w = ops.from_f32(&[out, d], &transposed)?;
+            let last = hooks.apply(ops, &module, &last)?;
+            Ok((penultimate()?, Some(ops.linear(&last, &w, None)?)))
         }
-        if let Some(&i) = tokens.end_index.iter().find(|&&i| i >= CONTEXT_LENGTH) {
-            bail!("end-token position {i} is outside the {CONTEXT_LENGTH}-token sequence");
-        }
-
-        let mut x = {
-            let table = load(ops, src, &layout.probe(p), &[cfg.vocab, d])?;
-            let tokens_emb = ops.embedding(&table, &tokens.ids)?;
-            let (pos_shape, _) = src.tensor(&layout.position_key(p))?;
-            let positions = load(ops, src, &layout.position_key(p), &pos_shape)?;
-            let pos_ids: Vec<u32> = (0..b).flat_map(|_| 0..CONTEXT_LENGTH as u32).collect();
-            let pos_emb = ops.embedding(&positions, &pos_ids)?;
-            ops.reshape(&ops.add(&tokens_emb, &pos_emb)?, &[b, CONTEXT_LENGTH, d])?
-        };
-
-        // Penultimate-only encoders never need their last layer.
-        let run = if matches!(wanted, Wanted::Penultimate | Wanted::PenultimateFinalNorm) {
-            cfg.layers - 1
-        } else {
-            cfg.layers
-        };
-        let mut penultimate = (cfg.layers == 1).then(|| x.clone());
-        for i in 0..run {
-            let l = layout.layer_prefix(p, i);
-            x = match layout {
-                Layout::Hf => hf_layer(ops, src, hooks, &l, cfg, &x)?,
-                Layout::OpenClip => open_clip_layer(ops, src, hooks, &l, cfg, &x)?,
+        (Wanted::PenultimateAndPooled, Layout::Hf) => {
+            // Hugging Face's pooler output: the final-normed end token, then
+            // `text_projection` (a Linear) where the tower has one.
+            let last = ops.select_tokens(&x, &tokens.end_index)?;
+            let last = layer_norm(ops, src, &format!("{p}final_layer_norm"), d, &last)?;
+            let pooled = match cfg.projection {
+                None => last,
+                Some(out) => {
+                    let module = hf_projection(p);
+                    let w = load(ops, src, &format!("{module}.weight"), &[out, d])?;
+                    let last = hooks.apply(ops, &module, &last)?;
+                    ops.linear(&last, &w, None)?
+                }
             };
-            if i + 2 == cfg.layers {
-                penultimate = Some(x.clone());
-            }
+            Ok((penultimate()?, Some(pooled)))
         }
-        let penultimate = || {
-            penultimate
-                .clone()
-                .context("internal: penultimate hidden state not kept")
-        };
-        match (wanted, layout) {
-            (Wanted::FinalNorm, Layout::Hf) => Ok((
-                layer_norm(ops, src, &format!("{p}final_layer_norm"), d, &x)?,
-                None,
-            )),
-            (Wanted::Penultimate, _) => Ok((penultimate()?, None)),
-            (Wanted::PenultimateFinalNorm, Layout::OpenClip) => Ok((
-                layer_norm(ops, src, &format!("{p}ln_final"), d, &penultimate()?)?,
-                None,
-            )),
-            (Wanted::PenultimateAndPooled, Layout::OpenClip) => {
-                // LayerNorm is per token, so selecting the end tokens first is the same and cheaper.
-                let last = ops.select_tokens(&x, &tokens.end_index)?;
-                let last = layer_norm(ops, src, &format!("{p}ln_final"), d, &last)?;
-                let module = format!("{p}text_projection");
-                let (shape, view) = src.tensor(&module)?;
-                let out = cfg
-                    .projection
-                    .context("internal: bigG without projection")?;
-                ensure!(
-                    shape == [d, out],
-                    "`{module}` has shape {shape:?}, expected [{d}, {out}]"
-                );
-                let stored =
-                    decode_source(&view).with_context(|| format!("cannot read `{module}`"))?;
-                // Stored as [in, out] for `x @ P`; a Linear weight is [out, in].
-                let stored = &stored;
-                let transposed: Vec<f32> = (0..out)
-                    .flat_map(|o| (0..d).map(move |i| stored[i * out + o]))
-                    .collect();
-                let w = ops.from_f32(&[out, d], &transposed)?;
-                let last = hooks.apply(ops, &module, &last)?;
-                Ok((penultimate()?, Some(ops.linear(&last, &w, None)?)))
-            }
-            _ => bail!("internal: {wanted:?} does not fit the {layout:?} layout"),
+        _ => bail!("internal: {wanted:?} does not fit the {layout:?} layout"),
+    }
+}
+
+/// The pooled projection of an HF-layout tower under `prefix` (`...text_model.`):
+/// `text_projection` sits beside `text_model`, as in `CLIPTextModelWithProjection`.
+fn hf_projection(prefix: &str) -> String {
+    format!("{}text_projection", prefix.strip_suffix("text_model.").unwrap_or(prefix))
+}
+
+/// Which tower a standalone Hugging Face-layout file holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HfTower {
+    /// OpenAI CLIP-L: quick-GELU; its pooled output is not projected (ComfyUI's
+    /// SD3 and FLUX take `return_projected_pooled=False`).
+    ClipL,
+    /// OpenCLIP bigG: exact GELU; pooled output through `text_projection.weight`.
+    ClipG,
+}
+
+/// One CLIP tower in Hugging Face layout (`<prefix>text_model.*`), as ComfyUI's
+/// standalone `clip_l.safetensors` / `clip_g.safetensors` and SD3 single-file
+/// checkpoints (`text_encoders.clip_{l,g}.transformer.`) store it.
+pub struct HfClip<'s> {
+    src: &'s dyn WeightSource,
+    encoder: Encoder,
+    tower: HfTower,
+}
+
+impl<'s> HfClip<'s> {
+    /// `prefix` ends in `text_model.` (e.g. `text_model.` for a standalone file).
+    pub fn load(src: &'s dyn WeightSource, prefix: &str, tower: HfTower) -> Result<HfClip<'s>> {
+        let mut cfg = read_config(src, prefix, Layout::Hf).with_context(|| format!("cannot use the {tower:?} text encoder `{prefix}*`"))?;
+        if tower == HfTower::ClipG {
+            cfg.act = Act::Gelu;
+            let key = format!("{}.weight", hf_projection(prefix));
+            ensure!(src.contains(&key), "the OpenCLIP-G text encoder `{prefix}*` has no pooled projection `{key}`");
+            let (shape, _) = src.tensor(&key)?;
+            ensure!(shape.len() == 2 && shape[1] == cfg.width, "`{key}` has shape {shape:?}, expected [out, {}]", cfg.width);
+            cfg.projection = Some(shape[0]);
         }
+        Ok(HfClip { src, encoder: Encoder { cfg, layout: Layout::Hf }, tower })
+    }
+
+    pub fn config(&self) -> &EncoderConfig {
+        &self.encoder.cfg
+    }
+
+    pub fn tower(&self) -> HfTower {
+        self.tower
+    }
+
+    /// (penultimate hidden states `[B, 77, width]` without final norm, pooled
+    /// output `[B, width]` for CLIP-L or `[B, projection]` for OpenCLIP-G).
+    pub fn encode<O: Ops>(&self, ops: &O, tokens: &TokenBatch, hooks: &InputHooks) -> Result<(O::Tensor, O::Tensor)> {
+        let (hidden, pooled) = run(ops, self.src, &self.encoder, tokens, Wanted::PenultimateAndPooled, hooks)?;
+        Ok((hidden, pooled.context("internal: no pooled output")?))
     }
 }
 
@@ -601,6 +693,10 @@ fn read_config(src: &dyn WeightSource, prefix: &str, layout: Layout) -> Result<E
         mlp_width: mlp[0],
         vocab,
         projection,
+        act: match layout {
+            Layout::Hf => Act::QuickGelu,
+            Layout::OpenClip => Act::Gelu,
+        },
     })
 }
 
@@ -673,7 +769,7 @@ fn hf_layer<O: Ops>(
             cfg.mlp_width,
             d,
         )?,
-        Act::QuickGelu,
+        cfg.act,
     )?;
     ops.add(
         &x,

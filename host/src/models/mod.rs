@@ -1,9 +1,14 @@
 //! Forward passes, written once against [`crate::nn::Ops`], with the original
 //! (LDM / single-file) weight names:
 //!
+//! - [`arch`]: one description per family (latents, parameterization, schedule, text stack).
+//! - [`denoiser`]: any backbone behind one sampler-facing boundary.
 //! - [`unet`]: the SD1.5 / SD2 / SDXL base and refiner UNet (`openaimodel.py` layout).
 //! - [`clip`]: CLIP-L and OpenCLIP-bigG text encoders, as stored in SD1.5 / SDXL checkpoints.
+//! - [`flux`]: FLUX.1 dev and schnell (BFL `flux/model.py` layout).
+//! - [`mmdit`]: the SD3 / SD3.5 MMDiT (`mmdit.py` layout).
 //! - [`tokenizer`]: CLIP's byte-level BPE, from a vocabulary the user points at.
+//! - [`text`]: T5 and standalone text-encoder files (SD3 / FLUX conditioning).
 //!
 //! Every quantizable module input goes through [`InputHooks::apply`] so that
 //! calibration can observe it and evaluation can fake-quantize it.
@@ -11,6 +16,9 @@
 pub mod arch;
 pub mod clip;
 pub mod denoiser;
+pub mod flux;
+pub mod mmdit;
+pub mod text;
 pub mod tokenizer;
 pub mod unet;
 
@@ -27,6 +35,12 @@ pub trait WeightSource {
     /// Shape and bytes of `key`.
     fn tensor(&self, key: &str) -> Result<(Vec<usize>, WeightView<'_>)>;
     fn contains(&self, key: &str) -> bool;
+    /// `key` as f32 when it is stored in a dtype [`WeightSource::tensor`] cannot
+    /// view (FP8, with its scale applied); `None` for every other tensor.
+    fn dequantized(&self, key: &str) -> Result<Option<(Vec<usize>, Vec<f32>)>> {
+        let _ = key;
+        Ok(None)
+    }
 }
 
 impl WeightSource for Checkpoint {
@@ -64,6 +78,9 @@ impl WeightSource for ReplacedWeights<'_> {
     }
     fn contains(&self, key: &str) -> bool {
         self.replaced.contains_key(key) || self.base.contains(key)
+    }
+    fn dequantized(&self, key: &str) -> Result<Option<(Vec<usize>, Vec<f32>)>> {
+        if self.replaced.contains_key(key) { Ok(None) } else { self.base.dequantized(key) }
     }
 }
 

@@ -64,6 +64,18 @@ fn nan_max(a: f32, b: f32) -> f32 {
     if a >= b || a.is_nan() { a } else { b }
 }
 
+/// `perm` must reorder every dimension of `dims` exactly once (at most 6, the contract's limit).
+pub(crate) fn check_perm(dims: &[usize], perm: &[usize]) -> Result<()> {
+    ensure!(perm.len() == dims.len(), "permute: {} axes for a {}-d tensor", perm.len(), dims.len());
+    ensure!(perm.len() <= 6, "permute: {} dimensions (at most 6)", perm.len());
+    let mut seen = [false; 6];
+    for &p in perm {
+        ensure!(p < perm.len() && !seen[p], "permute: {perm:?} is not a permutation of 0..{}", perm.len());
+        seen[p] = true;
+    }
+    Ok(())
+}
+
 fn check_finite(x: &[f32], what: &str) -> Result<()> {
     match x.iter().position(|v| !v.is_finite()) {
         Some(i) => bail!("{what}: element {i} is {} (the forward pass already diverged)", x[i]),
@@ -271,6 +283,8 @@ impl Ops for CpuOps {
             Act::Gelu => x.gelu_erf()?,
             // x·sigmoid(1.702x), written out: candle-core has no sigmoid.
             Act::QuickGelu => (x / (x.affine(-1.702, 0.0)?.exp()? + 1.0)?)?,
+            // candle's `gelu` is the tanh approximation.
+            Act::GeluTanh => x.gelu()?,
         })
     }
 
@@ -340,6 +354,113 @@ impl Ops for CpuOps {
             .collect::<Result<Vec<u32>>>()?;
         let rows = Tensor::from_vec(rows, b, &self.device)?;
         Ok(x.reshape((b * n, c))?.index_select(&rows, 0)?)
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let c = *dims.last().ok_or_else(|| anyhow!("rms_norm: scalar input"))?;
+        ensure!(w.dims() == [c], "rms_norm: weight {:?} is not [{c}]", w.dims());
+        let mut data = self.host(x)?;
+        if data.is_empty() {
+            return Ok(x.clone());
+        }
+        // f64 statistics, as `normalize_runs`.
+        data.par_chunks_mut(c).for_each(|run| {
+            let ms = run.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / c as f64;
+            let inv = 1.0 / (ms + eps as f64).sqrt();
+            for v in run.iter_mut() {
+                *v = (*v as f64 * inv) as f32;
+            }
+        });
+        Ok(self.tensor(&dims, data)?.broadcast_mul(w)?)
+    }
+
+    fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        ensure!(a.dims() == b.dims(), "mul: shapes {:?} and {:?} differ", a.dims(), b.dims());
+        Ok((a * b)?)
+    }
+
+    fn narrow(&self, x: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+        let dims = x.dims();
+        ensure!(dim < dims.len(), "narrow: dimension {dim} of a {}-d tensor", dims.len());
+        ensure!(
+            start.checked_add(len).is_some_and(|e| e <= dims[dim]),
+            "narrow: {start}..{start}+{len} is outside dimension {dim} of {dims:?}"
+        );
+        Ok(x.narrow(dim, start, len)?.contiguous()?)
+    }
+
+    fn permute(&self, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
+        check_perm(x.dims(), perm)?;
+        Ok(x.permute(perm)?.contiguous()?)
+    }
+
+    fn modulate(&self, x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+        let (b, _, c) = x.dims3().context("modulate: x must be [B, N, C]")?;
+        ensure!(shift.dims() == [b, c], "modulate: shift {:?} is not [{b}, {c}]", shift.dims());
+        ensure!(scale.dims() == [b, c], "modulate: scale {:?} is not [{b}, {c}]", scale.dims());
+        let scale = (scale.reshape((b, 1, c))? + 1.0)?;
+        Ok(x.broadcast_mul(&scale)?.broadcast_add(&shift.reshape((b, 1, c))?)?)
+    }
+
+    fn gated_add(&self, x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let (b, _, c) = x.dims3().context("gated_add: x must be [B, N, C]")?;
+        ensure!(y.dims() == x.dims(), "gated_add: y {:?} differs from x {:?}", y.dims(), x.dims());
+        ensure!(gate.dims() == [b, c], "gated_add: gate {:?} is not [{b}, {c}]", gate.dims());
+        Ok((x + y.broadcast_mul(&gate.reshape((b, 1, c))?)?)?)
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, n, width) = x.dims3().context("rope: x must be [B, N, heads*D]")?;
+        ensure!(heads > 0 && width.is_multiple_of(heads), "rope: width {width} does not split into {heads} heads");
+        let d = width / heads;
+        ensure!(d.is_multiple_of(2), "rope: head dimension {d} is odd");
+        let half = d / 2;
+        ensure!(cos.dims() == [n, half], "rope: cos {:?} is not [{n}, {half}]", cos.dims());
+        ensure!(sin.dims() == [n, half], "rope: sin {:?} is not [{n}, {half}]", sin.dims());
+        let xs = x.reshape((b, n, heads, half, 2))?;
+        let x0 = xs.narrow(4, 0, 1)?;
+        let x1 = xs.narrow(4, 1, 1)?;
+        let cos = cos.reshape((1, n, 1, half, 1))?;
+        let sin = sin.reshape((1, n, 1, half, 1))?;
+        let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+        let y1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+        Ok(Tensor::cat(&[&y0, &y1], 4)?.reshape((b, n, width))?)
+    }
+
+    fn attention_biased(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        bias: &Tensor,
+        scale: f32,
+    ) -> Result<Tensor> {
+        let (b, nq, width) = q.dims3().context("attention_biased: q must be [B, N, H*D]")?;
+        let (bk, nk, kw) = k.dims3().context("attention_biased: k must be [B, N, H*D]")?;
+        ensure!(v.dims() == k.dims(), "attention_biased: v {:?} differs from k {:?}", v.dims(), k.dims());
+        ensure!(bk == b && kw == width, "attention_biased: q {:?} and k {:?} do not match", q.dims(), k.dims());
+        ensure!(
+            heads > 0 && width.is_multiple_of(heads),
+            "attention_biased: width {width} does not split into {heads} heads"
+        );
+        ensure!(nk > 0, "attention_biased: no keys");
+        ensure!(
+            bias.dims() == [heads, nq, nk],
+            "attention_biased: bias {:?} is not [{heads}, {nq}, {nk}]",
+            bias.dims()
+        );
+        let d = width / heads;
+        let split = |t: &Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let (qh, kh, vh) = (split(q, nq)?, split(k, nk)?, split(v, nk)?);
+        let scores = qh.matmul(&kh.t()?)?.affine(scale as f64, 0.0)?.broadcast_add(&bias.unsqueeze(0)?)?;
+        let scores = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?.exp()?;
+        let probs = scores.broadcast_div(&scores.sum_keepdim(D::Minus1)?)?;
+        let out = probs.matmul(&vh)?;
+        Ok(out.transpose(1, 2)?.reshape((b, nq, width))?)
     }
 
     fn observers_reset(&self, specs: &[ObserverSpec], steps: usize) -> Result<()> {
@@ -441,6 +562,10 @@ impl Ops for CpuOps {
         self.tensor(&dims, data)
     }
 }
+
+#[cfg(test)]
+#[path = "cpu_dit_tests.rs"]
+mod dit_tests;
 
 #[cfg(test)]
 mod tests {

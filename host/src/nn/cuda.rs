@@ -48,6 +48,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("nn/ops.cu", include_str!("../../../kernels/nn/ops.cu")),
     ("nn/calib.cu", include_str!("../../../kernels/nn/calib.cu")),
     ("nn/attention.cu", include_str!("../../../kernels/nn/attention.cu")),
+    ("nn/dit.cu", include_str!("../../../kernels/nn/dit.cu")),
 ];
 
 /// Padded head dimensions with a fused-attention instance (`nn_flash_attn_d<DP>`).
@@ -84,6 +85,14 @@ pub const KERNEL_NAMES: &[&str] = &[
     "nn_flash_attn_d80",
     "nn_flash_attn_d96",
     "nn_flash_attn_d128",
+    "nn_rms_norm",
+    "nn_mul",
+    "nn_permute",
+    "nn_narrow",
+    "nn_modulate",
+    "nn_gated_add",
+    "nn_rope",
+    "nn_softmax_bias",
 ];
 
 /// NVRTC options besides the architecture. FMA contraction stays on (the
@@ -618,6 +627,14 @@ struct Kernels {
     fq_mxfp8: Kernel,
     /// By [`FLASH_HEAD_DIMS`].
     flash: [Kernel; 6],
+    rms_norm: Kernel,
+    mul: Kernel,
+    permute: Kernel,
+    narrow: Kernel,
+    modulate: Kernel,
+    gated_add: Kernel,
+    rope: Kernel,
+    softmax_bias: Kernel,
 }
 
 impl Kernels {
@@ -654,8 +671,25 @@ impl Kernels {
                 m.kernel("nn_flash_attn_d96")?,
                 m.kernel("nn_flash_attn_d128")?,
             ],
+            rms_norm: m.kernel("nn_rms_norm")?,
+            mul: m.kernel("nn_mul")?,
+            permute: m.kernel("nn_permute")?,
+            narrow: m.kernel("nn_narrow")?,
+            modulate: m.kernel("nn_modulate")?,
+            gated_add: m.kernel("nn_gated_add")?,
+            rope: m.kernel("nn_rope")?,
+            softmax_bias: m.kernel("nn_softmax_bias")?,
         })
     }
+}
+
+/// `nn_permute`'s argument (kernels/nn/dit.cu `NnPermute`): output dims and, per
+/// output dim, the input stride it walks.
+#[repr(C)]
+struct NnPermute {
+    dims: [i64; 6],
+    strides: [i64; 6],
+    rank: i32,
 }
 
 /// [`Ops`] on one CUDA device, bf16 tensors ([`CudaTensor`]).
@@ -1385,72 +1419,7 @@ impl Ops for CudaOps {
             }
             return Ok(out);
         }
-        let row_bytes = nk * 6;
-        let max_rows = (self.attention_bytes.load(Ordering::Relaxed) / row_bytes).max(1);
-        let (hc, qc) = if nq <= max_rows { ((max_rows / nq).clamp(1, heads), nq) } else { (1, max_rows) };
-        let scores = self.pool.alloc(hc * qc * nk * 4)?;
-        let probs = self.pool.alloc(hc * qc * nk * 2)?;
-        let alpha = 1.0 / (d as f32).sqrt();
-        let threads = nk.div_ceil(8).next_power_of_two().clamp(32, 256) as u32;
-        let (sp, pp) = (scores.ptr(), probs.ptr());
-        for bi in 0..b {
-            for h0 in (0..heads).step_by(hc) {
-                let hn = hc.min(heads - h0);
-                for q0 in (0..nq).step_by(qc) {
-                    let qn = qc.min(nq - q0);
-                    // Scores, column-major: S^T (nk x qn) = K_h (as D x nk)^T * Q_h (D x qn).
-                    self.gemm_batched(&Gemm {
-                        trans_a: true,
-                        trans_b: false,
-                        m: nk,
-                        n: qn,
-                        k: d,
-                        a: k.ptr() + ((bi * nk * hd + h0 * d) * 2) as u64,
-                        lda: hd,
-                        stride_a: d,
-                        b: q.ptr() + (((bi * nq + q0) * hd + h0 * d) * 2) as u64,
-                        ldb: hd,
-                        stride_b: d,
-                        c: sp,
-                        ldc: nk,
-                        stride_c: qn * nk,
-                        c_f32: true,
-                        batch: hn,
-                        alpha,
-                    })?;
-                    let (cols, qrows, q0i, causal_i) = (nk as i64, qn as i64, q0 as i64, causal as i32);
-                    // SAFETY: one block a row of the hn * qn rows just written.
-                    unsafe {
-                        self.k.softmax.launch(
-                            &self.stream,
-                            (hn * qn) as u32,
-                            threads,
-                            &mut [arg(&sp), arg(&pp), arg(&cols), arg(&qrows), arg(&q0i), arg(&causal_i)],
-                        )?;
-                    }
-                    // Output, column-major: O_h^T (D x qn, ld H*D) = V_h^T (D x nk) * P^T (nk x qn).
-                    self.gemm_batched(&Gemm {
-                        trans_a: false,
-                        trans_b: false,
-                        m: d,
-                        n: qn,
-                        k: nk,
-                        a: v.ptr() + ((bi * nk * hd + h0 * d) * 2) as u64,
-                        lda: hd,
-                        stride_a: d,
-                        b: pp,
-                        ldb: nk,
-                        stride_b: qn * nk,
-                        c: out.ptr() + (((bi * nq + q0) * hd + h0 * d) * 2) as u64,
-                        ldc: hd,
-                        stride_c: d,
-                        c_f32: false,
-                        batch: hn,
-                        alpha: 1.0,
-                    })?;
-                }
-            }
-        }
+        self.attention_unfused(q, k, v, heads, causal, 1.0 / (d as f32).sqrt(), None, &out)?;
         Ok(out)
     }
 
@@ -1459,6 +1428,7 @@ impl Ops for CudaOps {
             Act::Silu => 0,
             Act::Gelu => 1,
             Act::QuickGelu => 2,
+            Act::GeluTanh => 3,
         };
         self.elementwise(self.k.act, x, None, None, Some(kind))
     }
@@ -1574,6 +1544,162 @@ impl Ops for CudaOps {
             })
             .collect::<Result<_>>()?;
         self.gather(x, &rows, c)
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, w: &CudaTensor, eps: f32) -> Result<CudaTensor> {
+        let (rows, cols) = Self::rows_cols(x)?;
+        ensure!(w.shape == [cols], "rms_norm: weight {:?} is not [{cols}]", w.shape);
+        self.bind()?;
+        let y = self.alloc(&x.shape)?;
+        if rows == 0 {
+            return Ok(y);
+        }
+        let (xp, wp, yp, r, c) = (x.ptr(), w.ptr(), y.ptr(), rows as i64, cols as i64);
+        let blocks = (rows * 32).div_ceil(THREADS as usize) as u32;
+        // SAFETY: one warp a row; arguments match the kernel.
+        unsafe {
+            self.k.rms_norm.launch(
+                &self.stream,
+                blocks,
+                THREADS,
+                &mut [arg(&xp), arg(&wp), arg(&yp), arg(&r), arg(&c), arg(&eps)],
+            )?;
+        }
+        Ok(y)
+    }
+
+    fn mul(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        ensure!(a.shape == b.shape, "mul: shapes {:?} and {:?} differ", a.shape, b.shape);
+        self.elementwise(self.k.mul, a, Some(b), None, None)
+    }
+
+    fn narrow(&self, x: &CudaTensor, dim: usize, start: usize, len: usize) -> Result<CudaTensor> {
+        ensure!(dim < x.shape.len(), "narrow: dimension {dim} of a {}-d tensor", x.shape.len());
+        ensure!(
+            start.checked_add(len).is_some_and(|e| e <= x.shape[dim]),
+            "narrow: {start}..{start}+{len} is outside dimension {dim} of {:?}",
+            x.shape
+        );
+        self.bind()?;
+        let mut shape = x.shape.clone();
+        shape[dim] = len;
+        let y = self.alloc(&shape)?;
+        let outer: usize = x.shape[..dim].iter().product();
+        let inner: usize = x.shape[dim + 1..].iter().product();
+        let (xp, yp) = (x.ptr(), y.ptr());
+        let (o, row, l, off) = (outer as i64, (x.shape[dim] * inner) as i64, (len * inner) as i64, (start * inner) as i64);
+        self.run(self.k.narrow, y.numel(), &mut [arg(&xp), arg(&yp), arg(&o), arg(&row), arg(&l), arg(&off)])?;
+        Ok(y)
+    }
+
+    fn permute(&self, x: &CudaTensor, perm: &[usize]) -> Result<CudaTensor> {
+        super::cpu::check_perm(&x.shape, perm)?;
+        self.bind()?;
+        let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
+        let y = self.alloc(&shape)?;
+        let mut in_strides = vec![1usize; x.shape.len()];
+        for i in (0..x.shape.len().saturating_sub(1)).rev() {
+            in_strides[i] = in_strides[i + 1] * x.shape[i + 1];
+        }
+        let mut p = NnPermute { dims: [1; 6], strides: [0; 6], rank: perm.len() as i32 };
+        for (k, &src) in perm.iter().enumerate() {
+            p.dims[k] = shape[k] as i64;
+            p.strides[k] = in_strides[src] as i64;
+        }
+        let (xp, yp, n) = (x.ptr(), y.ptr(), y.numel() as i64);
+        self.run(self.k.permute, y.numel(), &mut [arg(&xp), arg(&yp), arg(&n), arg(&p)])?;
+        Ok(y)
+    }
+
+    fn modulate(&self, x: &CudaTensor, shift: &CudaTensor, scale: &CudaTensor) -> Result<CudaTensor> {
+        ensure!(x.shape.len() == 3, "modulate: x {:?} is not [B, N, C]", x.shape);
+        let (b, n, c) = (x.shape[0], x.shape[1], x.shape[2]);
+        ensure!(shift.shape == [b, c], "modulate: shift {:?} is not [{b}, {c}]", shift.shape);
+        ensure!(scale.shape == [b, c], "modulate: scale {:?} is not [{b}, {c}]", scale.shape);
+        self.bind()?;
+        let y = self.alloc(&x.shape)?;
+        let (xp, sh, sc, yp) = (x.ptr(), shift.ptr(), scale.ptr(), y.ptr());
+        let (total, tokens, cols) = (y.numel() as i64, n as i64, c as i64);
+        self.run(
+            self.k.modulate,
+            y.numel(),
+            &mut [arg(&xp), arg(&sh), arg(&sc), arg(&yp), arg(&total), arg(&tokens), arg(&cols)],
+        )?;
+        Ok(y)
+    }
+
+    fn gated_add(&self, x: &CudaTensor, gate: &CudaTensor, y: &CudaTensor) -> Result<CudaTensor> {
+        ensure!(x.shape.len() == 3, "gated_add: x {:?} is not [B, N, C]", x.shape);
+        ensure!(y.shape == x.shape, "gated_add: y {:?} differs from x {:?}", y.shape, x.shape);
+        let (b, n, c) = (x.shape[0], x.shape[1], x.shape[2]);
+        ensure!(gate.shape == [b, c], "gated_add: gate {:?} is not [{b}, {c}]", gate.shape);
+        self.bind()?;
+        let out = self.alloc(&x.shape)?;
+        let (xp, gp, yp, op) = (x.ptr(), gate.ptr(), y.ptr(), out.ptr());
+        let (total, tokens, cols) = (out.numel() as i64, n as i64, c as i64);
+        self.run(
+            self.k.gated_add,
+            out.numel(),
+            &mut [arg(&xp), arg(&gp), arg(&yp), arg(&op), arg(&total), arg(&tokens), arg(&cols)],
+        )?;
+        Ok(out)
+    }
+
+    fn rope(&self, x: &CudaTensor, cos: &CudaTensor, sin: &CudaTensor, heads: usize) -> Result<CudaTensor> {
+        ensure!(x.shape.len() == 3, "rope: x {:?} is not [B, N, heads*D]", x.shape);
+        let (n, width) = (x.shape[1], x.shape[2]);
+        ensure!(heads > 0 && width % heads == 0, "rope: width {width} does not split into {heads} heads");
+        let d = width / heads;
+        ensure!(d % 2 == 0, "rope: head dimension {d} is odd");
+        let half = d / 2;
+        ensure!(cos.shape == [n, half], "rope: cos {:?} is not [{n}, {half}]", cos.shape);
+        ensure!(sin.shape == [n, half], "rope: sin {:?} is not [{n}, {half}]", sin.shape);
+        self.bind()?;
+        let y = self.alloc(&x.shape)?;
+        let pairs = y.numel() / 2;
+        let (xp, cp, sp, yp) = (x.ptr(), cos.ptr(), sin.ptr(), y.ptr());
+        let (pi, ti, hi, hf) = (pairs as i64, n as i64, heads as i32, half as i32);
+        self.run(
+            self.k.rope,
+            pairs,
+            &mut [arg(&xp), arg(&cp), arg(&sp), arg(&yp), arg(&pi), arg(&ti), arg(&hi), arg(&hf)],
+        )?;
+        Ok(y)
+    }
+
+    fn attention_biased(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        heads: usize,
+        bias: &CudaTensor,
+        scale: f32,
+    ) -> Result<CudaTensor> {
+        ensure!(
+            q.shape.len() == 3 && k.shape.len() == 3,
+            "attention_biased: q {:?}, k {:?} must be [B, N, H*D]",
+            q.shape,
+            k.shape
+        );
+        ensure!(k.shape == v.shape, "attention_biased: k {:?} and v {:?} differ", k.shape, v.shape);
+        let (b, nq, hd) = (q.shape[0], q.shape[1], q.shape[2]);
+        let nk = k.shape[1];
+        ensure!(k.shape[0] == b && k.shape[2] == hd, "attention_biased: q {:?} against k {:?}", q.shape, k.shape);
+        ensure!(heads > 0 && hd % heads == 0, "attention_biased: {hd} channels in {heads} heads");
+        ensure!(nk > 0, "attention_biased: no keys");
+        ensure!(
+            bias.shape == [heads, nq, nk],
+            "attention_biased: bias {:?} is not [{heads}, {nq}, {nk}]",
+            bias.shape
+        );
+        self.bind()?;
+        let out = self.alloc(&q.shape)?;
+        if out.numel() == 0 {
+            return Ok(out);
+        }
+        self.attention_unfused(q, k, v, heads, false, scale, Some(bias), &out)?;
+        Ok(out)
     }
 
     fn observers_reset(&self, specs: &[ObserverSpec], steps: usize) -> Result<()> {
@@ -1786,6 +1912,107 @@ impl CudaOps {
             )?
         };
         Ok(y)
+    }
+
+    /// Attention through materialised scores (cuBLAS GEMMs, f32 scores, bf16
+    /// probabilities), in chunks of at most `attention_bytes` of score buffers:
+    /// `softmax(alpha * q k^T [+ bias[h]]) v` into `out`. Shapes checked by the callers.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_unfused(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        heads: usize,
+        causal: bool,
+        alpha: f32,
+        bias: Option<&CudaTensor>,
+        out: &CudaTensor,
+    ) -> Result<()> {
+        let (b, nq, hd) = (q.shape[0], q.shape[1], q.shape[2]);
+        let nk = k.shape[1];
+        let d = hd / heads;
+        let row_bytes = nk * 6;
+        let max_rows = (self.attention_bytes.load(Ordering::Relaxed) / row_bytes).max(1);
+        let (hc, qc) = if nq <= max_rows { ((max_rows / nq).clamp(1, heads), nq) } else { (1, max_rows) };
+        let scores = self.pool.alloc(hc * qc * nk * 4)?;
+        let probs = self.pool.alloc(hc * qc * nk * 2)?;
+        let threads = nk.div_ceil(8).next_power_of_two().clamp(32, 256) as u32;
+        let (sp, pp) = (scores.ptr(), probs.ptr());
+        for bi in 0..b {
+            for h0 in (0..heads).step_by(hc) {
+                let hn = hc.min(heads - h0);
+                for q0 in (0..nq).step_by(qc) {
+                    let qn = qc.min(nq - q0);
+                    // Scores, column-major: S^T (nk x qn) = K_h (as D x nk)^T * Q_h (D x qn).
+                    self.gemm_batched(&Gemm {
+                        trans_a: true,
+                        trans_b: false,
+                        m: nk,
+                        n: qn,
+                        k: d,
+                        a: k.ptr() + ((bi * nk * hd + h0 * d) * 2) as u64,
+                        lda: hd,
+                        stride_a: d,
+                        b: q.ptr() + (((bi * nq + q0) * hd + h0 * d) * 2) as u64,
+                        ldb: hd,
+                        stride_b: d,
+                        c: sp,
+                        ldc: nk,
+                        stride_c: qn * nk,
+                        c_f32: true,
+                        batch: hn,
+                        alpha,
+                    })?;
+                    let (cols, qrows, q0i, causal_i) = (nk as i64, qn as i64, q0 as i64, causal as i32);
+                    if let Some(bias) = bias {
+                        let bp = bias.ptr() + (((h0 * nq + q0) * nk) * 2) as u64;
+                        let pitch = (nq * nk) as i64;
+                        // SAFETY: one block a row of the hn * qn rows just written; the bias
+                        // holds [heads, nq, nk] (checked by the caller).
+                        unsafe {
+                            self.k.softmax_bias.launch(
+                                &self.stream,
+                                (hn * qn) as u32,
+                                threads,
+                                &mut [arg(&sp), arg(&bp), arg(&pp), arg(&cols), arg(&qrows), arg(&pitch)],
+                            )?;
+                        }
+                    } else {
+                        // SAFETY: one block a row of the hn * qn rows just written.
+                        unsafe {
+                            self.k.softmax.launch(
+                                &self.stream,
+                                (hn * qn) as u32,
+                                threads,
+                                &mut [arg(&sp), arg(&pp), arg(&cols), arg(&qrows), arg(&q0i), arg(&causal_i)],
+                            )?;
+                        }
+                    }
+                    // Output, column-major: O_h^T (D x qn, ld H*D) = V_h^T (D x nk) * P^T (nk x qn).
+                    self.gemm_batched(&Gemm {
+                        trans_a: false,
+                        trans_b: false,
+                        m: d,
+                        n: qn,
+                        k: nk,
+                        a: v.ptr() + ((bi * nk * hd + h0 * d) * 2) as u64,
+                        lda: hd,
+                        stride_a: d,
+                        b: pp,
+                        ldb: nk,
+                        stride_b: qn * nk,
+                        c: out.ptr() + (((bi * nq + q0) * hd + h0 * d) * 2) as u64,
+                        ldc: hd,
+                        stride_c: d,
+                        c_f32: false,
+                        batch: hn,
+                        alpha: 1.0,
+                    })?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Rows `idx` of `src` viewed as `[*, cols]` -> `[idx.len(), cols]`.

@@ -27,6 +27,10 @@ pub enum Act {
     Gelu,
     /// `x * sigmoid(1.702 x)`, CLIP-L's activation.
     QuickGelu,
+    /// GELU's tanh approximation, `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`:
+    /// PyTorch's `gelu(approximate="tanh")`, as the FLUX and SD3 MLPs and T5 v1.1's
+    /// gated-gelu use it.
+    GeluTanh,
 }
 
 /// How a module input is quantized-dequantized in the fake-quantized forward,
@@ -153,6 +157,39 @@ pub trait Ops {
     fn embedding(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor>;
     /// `x [B, N, C]`, one token index per batch row -> `[B, C]` (pooled text output).
     fn select_tokens(&self, x: &Self::Tensor, index: &[usize]) -> Result<Self::Tensor>;
+
+    // ---- Diffusion-transformer and T5 operations. ----
+
+    /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * w` (`w` has the
+    /// last dimension's length). FLUX's and SD3.5's q/k norms, T5's `T5LayerNorm`.
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
+    /// `a * b`, same shapes.
+    fn mul(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Elements `start .. start + len` of dimension `dim` (a copy).
+    fn narrow(&self, x: &Self::Tensor, dim: usize, start: usize, len: usize) -> Result<Self::Tensor>;
+    /// Dimensions reordered (a copy): output dim `i` is input dim `perm[i]`; up to 6 dimensions.
+    fn permute(&self, x: &Self::Tensor, perm: &[usize]) -> Result<Self::Tensor>;
+    /// adaLN modulation: `x [B, N, C] * (1 + scale [B, C]) + shift [B, C]`, broadcast over N.
+    fn modulate(&self, x: &Self::Tensor, shift: &Self::Tensor, scale: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Gated residual: `x [B, N, C] + gate [B, C] * y [B, N, C]`, broadcast over N.
+    fn gated_add(&self, x: &Self::Tensor, gate: &Self::Tensor, y: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Rotary position embedding of `x [B, N, heads*D]`, each head rotated the same
+    /// way: adjacent pairs `(x[2i], x[2i+1])` of a head become
+    /// `(cos[n,i]*x0 - sin[n,i]*x1, sin[n,i]*x0 + cos[n,i]*x1)` with `cos`, `sin`
+    /// `[N, D/2]` (BFL FLUX's `apply_rope`).
+    fn rope(&self, x: &Self::Tensor, cos: &Self::Tensor, sin: &Self::Tensor, heads: usize) -> Result<Self::Tensor>;
+    /// Attention with an additive score bias and an explicit softmax scale:
+    /// `softmax(scale * q k^T + bias[h]) v` per head, `bias [heads, Nq, Nk]` shared
+    /// by every batch row (T5's relative position bias; T5 uses `scale` = 1).
+    fn attention_biased(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        heads: usize,
+        bias: &Self::Tensor,
+        scale: f32,
+    ) -> Result<Self::Tensor>;
 
     /// Sets up `specs.len()` observer slots with `steps` step buckets each, zeroed.
     fn observers_reset(&self, specs: &[ObserverSpec], steps: usize) -> Result<()>;
