@@ -226,7 +226,7 @@ def forward(model, fam, inputs, dtype, device):
         return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
-def run_reference(checkpoint, inputs_path, output, dtype_name, device_name):
+def run_reference(checkpoint, inputs_path, output, dtype_name, device_name, repeat=0):
     dtype, device = DTYPES[dtype_name], torch.device(device_name)
     if dtype == torch.float32:
         # TF32 matmuls (10-bit mantissa) would make an "f32" reference ~1e-3 off.
@@ -240,10 +240,22 @@ def run_reference(checkpoint, inputs_path, output, dtype_name, device_name):
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(repeat):
+        t1 = time.perf_counter()
+        forward(model, fam, inputs, dtype, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t1)
+    times.sort()
     out = out.float().cpu().contiguous()
     save_file({"out": out}, output)
     r = {"what": f"diffusers {fam} forward", "checkpoint": checkpoint, "device": str(device), "dtype": dtype_name,
          "shape": list(out.shape), "seconds_first_call": round(dt, 4),
+         "median_seconds": round(times[len(times) // 2], 4) if times else None,
+         "peak_device_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
          "out_rms": out.pow(2).mean().sqrt().item(), "non_finite": int((~torch.isfinite(out)).sum())}
     del model
     if device.type == "cuda":
@@ -252,7 +264,7 @@ def run_reference(checkpoint, inputs_path, output, dtype_name, device_name):
 
 
 def cmd_run(a):
-    print(json.dumps(run_reference(a.checkpoint, a.inputs, a.output, a.dtype, a.device)))
+    print(json.dumps(run_reference(a.checkpoint, a.inputs, a.output, a.dtype, a.device, a.repeat)))
 
 
 def rel_l2(a, b):
@@ -324,6 +336,7 @@ def main():
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--repeat", type=int, default=0, help="timed calls after the first (median reported)")
     p.set_defaults(f=cmd_run)
 
     p = sub.add_parser("all", help="inputs, diffusers bf16/f32, host cuda/cpu, and the distances")

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# On the GPU machine: the DiT kernels' GPU tests, the host's SD3/FLUX forward
+# against diffusers (correctness, scripts/dit_reference.py), the 1024² step time
+# of both, and a calibrated FP8 FLUX.1-dev run. Binaries are built on a Rust
+# machine and carried in $QS_DEVICE_DIR (default .device) as dit-bins.tar.xz:
+#
+#   cargo build --release --bin run-recipe
+#   cargo test --release -p quantsmith --test nn_gpu_dit --no-run    # note the binary
+#   mkdir -p .device/dit && strip -o .device/dit/run-recipe target/release/run-recipe \
+#     && strip -o .device/dit/nn_gpu_dit target/release/deps/nn_gpu_dit-<hash> \
+#     && tar -C .device/dit -cJf .device/dit-bins.tar.xz run-recipe nn_gpu_dit
+#   bash scripts/device-wheels.sh download
+#   # device tool: carry [".device/dit-bins.tar.xz", ".device/wheels"]; command:
+#   bash scripts/dit-device.sh [tests] [flux] [sd3] [calib]
+set -uo pipefail
+D=${QS_DEVICE_DIR:-.device}
+W=${WORK:-/tmp/qs}
+O=${OUT:-$W/out}
+mkdir -p "$W/bin" "$O"
+tar -C "$W/bin" -xJf "$D/dit-bins.tar.xz"
+RR=$W/bin/run-recipe
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+bash scripts/device-wheels.sh install diffusers >"$O/wheels.log" 2>&1 && export PYTHONPATH=/tmp/site
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$O/gpu.txt"
+step() { echo "== $*" | tee -a "$O/steps.log"; timeout "${STEP_TIMEOUT:-400}" "$@"; }
+want() { [ $# -eq 0 ] || [[ " $* " == *" $1 "* ]]; }
+ARGS=" $* "
+has() { [ -z "${ARGS// /}" ] || [[ "$ARGS" == *" $1 "* ]]; }
+
+if has tests; then
+  QUANTSMITH_REQUIRE_GPU=1 QUANTSMITH_REQUIRE_NVRTC=1 step "$W/bin/nn_gpu_dit" --test-threads 1 2>&1 | tail -40 | tee "$O/nn_gpu_dit.log"
+fi
+ref() {  # family-variant, synth args...
+  local name=$1; shift
+  local c=$W/$name.safetensors
+  step "$RR" synth "$@" --scale full --init conditioned -o "$c" || return
+  step python3 scripts/dit_reference.py all "$c" --host "$RR" --work "$W/ref-$name" 2>&1 | tail -30 | tee "$O/ref-$name.txt"
+  # The 1024² step (batch 1; FLUX: 512 T5 tokens, SD3: 154), host bf16 vs diffusers bf16.
+  local tokens=512; [ "${name%%-*}" = sd3 ] && tokens=154
+  step python3 scripts/dit_reference.py make-inputs "$c" -o "$W/$name-1024.safetensors" --latent 128 --tokens $tokens
+  step "$RR" forward "$c" --inputs "$W/$name-1024.safetensors" --out "$W/$name-1024-ours.safetensors" --device cuda --repeat 5 | tee "$O/step-$name-host.json"
+  step python3 scripts/dit_reference.py run "$c" --inputs "$W/$name-1024.safetensors" -o "$W/$name-1024-ref.safetensors" --dtype bf16 --repeat 5 2>&1 | tail -5 | tee "$O/step-$name-diffusers.txt"
+}
+has sd3 && ref sd3-large sd3 --variant 3.5-large
+has flux && ref flux-dev flux
+if has calib; then
+  c=$W/flux-dev.safetensors
+  [ -f "$c" ] || step "$RR" synth flux --scale full --init conditioned -o "$c"
+  step /usr/bin/time -v "$RR" run "$c" -o "$W/flux-fp8.safetensors" --set format=fp8 --set calib-steps=16 --set calib-samples=1 \
+    --device cuda --eval-inputs 6 --report "$O/calib-flux-fp8.json" 2>&1 | grep -v "^\s*\(Page\|Voluntary\|Involuntary\|Swaps\|File\|Socket\|Signals\|Average\|Exit\|Minor\|Major\|Percent\|System\|User\)" | tail -30 | tee "$O/calib-flux-fp8.txt"
+  rm -f "$W/flux-fp8.safetensors"
+fi
+ls -la "$O"
