@@ -409,3 +409,25 @@ fn cuda_bf16_matches_cpu() {
     println!("T5 CUDA bf16 vs CPU f32: relative L2 {rel:.2e}");
     assert!(rel < 1e-2, "relative L2 {rel:e}");
 }
+
+/// Against transformers' `T5EncoderModel` (`scripts/t5_reference.py` writes the
+/// reference): f32 within 1e-5 of the output's scale. Skips unless
+/// `QUANTSMITH_T5_MODEL` and `QUANTSMITH_T5_REFERENCE` name the files.
+#[test]
+fn matches_transformers() {
+    let (Some(model), Some(reference)) = (std::env::var_os("QUANTSMITH_T5_MODEL"), std::env::var_os("QUANTSMITH_T5_REFERENCE")) else {
+        println!("SKIPPED matches_transformers: set QUANTSMITH_T5_MODEL and QUANTSMITH_T5_REFERENCE (scripts/t5_reference.py)");
+        return;
+    };
+    let bytes = std::fs::read(&reference).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids_view = st.tensor("ids").unwrap();
+    let [b, n] = ids_view.shape()[..] else { panic!("ids shape {:?}", ids_view.shape()) };
+    let ids: Vec<u32> = ids_view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect();
+    let want: Vec<f64> = st.tensor("hidden").unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect();
+    let file = EncoderFile::open(std::path::Path::new(&model)).unwrap();
+    let ops = CpuOps::new();
+    let got = ops.to_f32(&T5Encoder::load(&file, "").unwrap().encode(&ops, &T5Tokens { ids, len: n }, &InputHooks::none()).unwrap()).unwrap();
+    assert_eq!(got.len(), want.len(), "{b} x {n} tokens");
+    assert_close(&got, &want, 1e-5, "T5 vs transformers");
+}
