@@ -714,29 +714,42 @@ fn condition_unet(name: &str, shape: &[usize], init: Init) -> Init {
 /// [`SynthInit::Conditioned`]'s change to an SD3 / FLUX tensor's default init
 /// (original names).
 ///
-/// The default init gives adaLN modulations of std ~0.5 to 1 (from `SiLU(c)` of
-/// RMS ~0.5 through 1/sqrt(fan-in) rows with outlier columns), so `1 + scale`
-/// ranges over 0..2 and every gate passes its branch at full size: the streams
-/// grow block after block and bf16 rounding compounds. Trained DiTs start from
-/// zero-initialised modulations (adaLN-Zero, DiT section 3.2) and stay near them:
-/// here every modulation Linear's weight is scaled by 0.1 (its outputs std
-/// ~0.05 to 0.1, biases stay at std 0.02), so `1 + scale` ~ 1 and gated
-/// branches are ~0.1 of their size against an O(1) stream. The layers that
-/// produce q and k (`qkv`, FLUX's `linear1`) get plain 1/sqrt(fan-in) rows
-/// without outlier columns, so that on the RMS-1 modulated LayerNorm output
-/// logits have std ~1 where there is no qk norm (SD3-medium), and q and k are
-/// not dominated by a few channels where there is.
+/// Measured on the tiny models with bf16 activations emulated on the CPU
+/// (`models::mmdit::conditioned_tests`): the default init moves SD3-medium's
+/// output by 70% in bf16 (SD3.5 and FLUX: ~1%, their qk norms bound the
+/// logits that the outlier columns would blow up). Its adaLN modulations have std ~0.5 to 1, so `1 + scale` spans
+/// 0..2 and every gate passes its branch at full size, and the outlier columns
+/// (8 to 20 times, 1 of 64 input columns at tiny width) make every Linear
+/// amplify: the random network is chaotic and bf16 rounding compounds. Trained
+/// DiTs start from zero modulations (adaLN-Zero, DiT section 3.2) and stay near
+/// them. Here:
+/// - modulation Linears (`adaLN_modulation.1`, `*_mod.lin`, `modulation.lin`):
+///   the same draws times 0.1, so `1 + scale` ~ 1 and gates ~ 0.05 to 0.1;
+/// - the last Linear of each residual branch (`attn.proj`, `attn2.proj`,
+///   `mlp.fc2`; FLUX's `*_attn.proj`, `*_mlp.2`, `linear2`): the same draws
+///   (outlier columns kept) times 0.3;
+/// - every other Linear weight: plain rows at the default std, without outlier
+///   columns, and the producers of q and k (`qkv`, FLUX's `linear1`) at
+///   1/sqrt(fan-in), so logits have std ~1 on the RMS-1 modulated LayerNorm
+///   output where there is no qk norm (SD3-medium).
+///
+/// bf16 then moves the tiny models' output by about 1% (0.6% with every branch
+/// and modulation near zero: the floor of rounding the embeddings, the stream and
+/// the final layer).
 fn condition_dit(name: &str, shape: &[usize], init: Init) -> Init {
     const MODULATION: [&str; 3] = [".adaLN_modulation.1.weight", "_mod.lin.weight", ".modulation.lin.weight"];
+    const BRANCH_OUTPUTS: [&str; 6] =
+        [".attn.proj.weight", ".attn2.proj.weight", ".mlp.fc2.weight", "_attn.proj.weight", "_mlp.2.weight", ".linear2.weight"];
     const QK_PRODUCERS: [&str; 2] = [".qkv.weight", ".linear1.weight"];
-    if QK_PRODUCERS.iter().any(|s| name.ends_with(s)) && shape.len() == 2 {
-        return Init::Linear { std: 1.0 / (shape[1] as f32).sqrt(), outliers: false };
-    }
-    match init {
-        Init::Linear { std, outliers } if MODULATION.iter().any(|s| name.ends_with(s)) => {
-            Init::Linear { std: std * 0.1, outliers }
-        }
-        other => other,
+    let Init::Linear { std, outliers } = init else { return init };
+    if QK_PRODUCERS.iter().any(|s| name.ends_with(s)) {
+        Init::Linear { std: 1.0 / (shape[1] as f32).sqrt(), outliers: false }
+    } else if MODULATION.iter().any(|s| name.ends_with(s)) {
+        Init::Linear { std: std * 0.1, outliers }
+    } else if BRANCH_OUTPUTS.iter().any(|s| name.ends_with(s)) {
+        Init::Linear { std: std * 0.3, outliers }
+    } else {
+        Init::Linear { std, outliers: false }
     }
 }
 

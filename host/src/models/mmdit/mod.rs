@@ -667,3 +667,7 @@ fn mlp_embed<O: Ops>(ops: &O, hooks: &InputHooks, m: &[Linear<O::Tensor>; 2], x:
 #[cfg(test)]
 #[path = "tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "conditioned_tests.rs"]
+mod conditioned_tests;

@@ -144,4 +144,4 @@ pub fn open(path: &std::path::Path) -> Result<(EncoderFile, Vec<DetectedEncoder>
 
 #[cfg(test)]
 #[path = "detect_tests.rs"]
-mod tests;
+pub(crate) mod tests;

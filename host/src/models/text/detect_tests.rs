@@ -15,7 +15,7 @@ use crate::nn::cpu::CpuOps;
 type Tensors = Vec<(String, Dtype, Vec<usize>, Vec<f32>)>;
 
 /// A random HF-layout CLIP tower under `prefix` (ending in `text_model.`).
-fn hf_clip(seed: u64, prefix: &str, width: usize, layers: usize, projection: bool) -> Tensors {
+pub(crate) fn hf_clip(seed: u64, prefix: &str, width: usize, layers: usize, projection: bool) -> Tensors {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut out: Tensors = Vec::new();
     let mut put = |key: String, shape: Vec<usize>, center: f32, spread: f32| {
@@ -23,7 +23,7 @@ fn hf_clip(seed: u64, prefix: &str, width: usize, layers: usize, projection: boo
         out.push((key, Dtype::F32, shape, (0..n).map(|_| center + spread * (rng.random::<f32>() * 2.0 - 1.0)).collect()));
     };
     let (w, mlp) = (width, 2 * width);
-    put(format!("{prefix}embeddings.token_embedding.weight"), vec![50, w], 0.0, 1.0);
+    put(format!("{prefix}embeddings.token_embedding.weight"), vec![600, w], 0.0, 1.0);
     put(format!("{prefix}embeddings.position_embedding.weight"), vec![CONTEXT_LENGTH, w], 0.0, 0.5);
     for i in 0..layers {
         let l = format!("{prefix}encoder.layers.{i}.");
@@ -40,12 +40,12 @@ fn hf_clip(seed: u64, prefix: &str, width: usize, layers: usize, projection: boo
     put(format!("{prefix}final_layer_norm.bias"), vec![w], 0.0, 0.2);
     if projection {
         let outer = prefix.strip_suffix("text_model.").unwrap();
-        put(format!("{outer}text_projection.weight"), vec![w + 2, w], 0.0, 0.5);
+        put(format!("{outer}text_projection.weight"), vec![w, w], 0.0, 0.5);
     }
     out
 }
 
-fn t5_tensors(prefix: &str) -> Tensors {
+pub(crate) fn t5_tensors(prefix: &str) -> Tensors {
     let m = random_t5(11, prefix, TINY);
     m.0.keys().map(|k| (k.clone(), Dtype::F32, m.0[k].0.clone(), m.get(k))).collect()
 }
@@ -160,9 +160,9 @@ fn hf_clip_g_pools_through_its_projection() {
     let dir = tempfile::tempdir().unwrap();
     let file = file_of(&dir, "clip_g.safetensors", &hf_clip(6, "text_model.", 8, 2, true));
     let g = HfClip::load(&file, "text_model.", HfTower::ClipG).unwrap();
-    assert_eq!((g.config().projection, g.config().act), (Some(10), crate::nn::Act::Gelu));
+    assert_eq!((g.config().projection, g.config().act), (Some(8), crate::nn::Act::Gelu));
     let (hidden, pooled) = g.encode(&ops, &tokens(2), &InputHooks::none()).unwrap();
-    assert_eq!((ops.shape(&hidden), ops.shape(&pooled)), (vec![2, CONTEXT_LENGTH, 8], vec![2, 10]));
+    assert_eq!((ops.shape(&hidden), ops.shape(&pooled)), (vec![2, CONTEXT_LENGTH, 8], vec![2, 8]));
     // Without its projection it is refused as OpenCLIP-G.
     let bare = file_of(&dir, "bare.safetensors", &hf_clip(6, "text_model.", 8, 2, false));
     let e = format!("{:#}", HfClip::load(&bare, "text_model.", HfTower::ClipG).err().unwrap());

@@ -380,3 +380,54 @@ fn plain_fp8_embedding_nan_codes_read_as_zero() {
     assert!(got.iter().all(|v| v.is_finite()));
     assert_close(&got, &naive_t5(&decoded, "", TINY, &t.ids, 4), 1e-5, "plain FP8 T5 vs naive");
 }
+
+/// CUDA bf16 against CPU f32 on a small T5 with T5-XXL's head width (64), at
+/// 300 tokens (FLUX's minimum is 256): relative L2 within 1e-2. Skips without a
+/// GPU (fails instead when `QUANTSMITH_REQUIRE_GPU` is set).
+#[test]
+fn cuda_bf16_matches_cpu() {
+    let cuda = match crate::nn::cuda::CudaOps::new(0) {
+        Ok(c) => c,
+        Err(e) => {
+            if std::env::var_os("QUANTSMITH_REQUIRE_GPU").is_some() {
+                panic!("QUANTSMITH_REQUIRE_GPU is set but CUDA cannot start: {e:#}");
+            }
+            println!("SKIPPED cuda_bf16_matches_cpu: no usable CUDA GPU ({e:#})");
+            return;
+        }
+    };
+    let dims = Dims { vocab: 300, d_model: 128, heads: 2, d_kv: 64, d_ff: 256, layers: 3 };
+    let m = random_t5(12, "", dims);
+    let t = tokens(13, dims.vocab, 2, 300);
+    let enc = T5Encoder::load(&m, "").unwrap();
+    let cpu = CpuOps::new();
+    let want = cpu.to_f32(&enc.encode(&cpu, &t, &InputHooks::none()).unwrap()).unwrap();
+    let got = cuda.to_f32(&enc.encode(&cuda, &t, &InputHooks::none()).unwrap()).unwrap();
+    let num: f64 = got.iter().zip(&want).map(|(g, w)| ((g - w) as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
+    let rel = (num / den).sqrt();
+    println!("T5 CUDA bf16 vs CPU f32: relative L2 {rel:.2e}");
+    assert!(rel < 1e-2, "relative L2 {rel:e}");
+}
+
+/// Against transformers' `T5EncoderModel` (`scripts/t5_reference.py` writes the
+/// reference): f32 within 1e-5 of the output's scale. Skips unless
+/// `QUANTSMITH_T5_MODEL` and `QUANTSMITH_T5_REFERENCE` name the files.
+#[test]
+fn matches_transformers() {
+    let (Some(model), Some(reference)) = (std::env::var_os("QUANTSMITH_T5_MODEL"), std::env::var_os("QUANTSMITH_T5_REFERENCE")) else {
+        println!("SKIPPED matches_transformers: set QUANTSMITH_T5_MODEL and QUANTSMITH_T5_REFERENCE (scripts/t5_reference.py)");
+        return;
+    };
+    let bytes = std::fs::read(&reference).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids_view = st.tensor("ids").unwrap();
+    let [b, n] = ids_view.shape()[..] else { panic!("ids shape {:?}", ids_view.shape()) };
+    let ids: Vec<u32> = ids_view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect();
+    let want: Vec<f64> = st.tensor("hidden").unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect();
+    let file = EncoderFile::open(std::path::Path::new(&model)).unwrap();
+    let ops = CpuOps::new();
+    let got = ops.to_f32(&T5Encoder::load(&file, "").unwrap().encode(&ops, &T5Tokens { ids, len: n }, &InputHooks::none()).unwrap()).unwrap();
+    assert_eq!(got.len(), want.len(), "{b} x {n} tokens");
+    assert_close(&got, &want, 1e-5, "T5 vs transformers");
+}
