@@ -52,7 +52,8 @@ enum Command {
     Run(RunArgs),
     /// Write a synthetic checkpoint with the exact tensor layout of a real model.
     Synth {
-        /// sd15, sdxl, sd3 or flux.
+        /// sd15, sdxl, sd3 or flux; or a standalone text encoder as ComfyUI keeps
+        /// them: clip-l, clip-g or t5xxl (F16, or --variant fp8-scaled for T5).
         family: String,
         /// tiny (same keys, narrow layers, a few MB) or full (real size).
         #[arg(long, default_value = "tiny")]
@@ -302,6 +303,9 @@ fn dispatch(command: Command) -> Result<()> {
             init,
             output,
         } => {
+            if let Some(kind) = text_encoder_kind(&family) {
+                return synth_text_encoder(kind, &scale, seed, variant.as_deref(), &output);
+            }
             let mut opts = synth_options(&family, &scale, seed, variant, full_checkpoint)?;
             opts.init =
                 quantsmith::synth::SynthInit::parse(&init).map_err(|e| bad(format!("{e:#}")))?;
@@ -357,6 +361,38 @@ fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `synth clip-l|clip-g|t5xxl`.
+fn text_encoder_kind(name: &str) -> Option<quantsmith::models::text::synth_text::SynthEncoder> {
+    use quantsmith::models::text::synth_text::SynthEncoder;
+    match name.trim().to_ascii_lowercase().as_str() {
+        "clip-l" | "clip_l" => Some(SynthEncoder::ClipL),
+        "clip-g" | "clip_g" => Some(SynthEncoder::ClipG),
+        "t5xxl" | "t5" => Some(SynthEncoder::T5Xxl),
+        _ => None,
+    }
+}
+
+fn synth_text_encoder(
+    kind: quantsmith::models::text::synth_text::SynthEncoder,
+    scale: &str,
+    seed: u64,
+    variant: Option<&str>,
+    output: &Path,
+) -> Result<()> {
+    let full = match Scale::parse(scale).map_err(|e| bad(format!("{e:#}")))? {
+        Scale::Full => true,
+        _ => false,
+    };
+    let scaled_fp8 = match variant {
+        None | Some("fp16") => false,
+        Some("fp8-scaled") => true,
+        Some(v) => return Err(bad(format!("unknown text-encoder variant {v:?} (fp16, or fp8-scaled for t5xxl)"))),
+    };
+    let bytes = quantsmith::models::text::synth_text::write(output, kind, full, safetensors::Dtype::F16, scaled_fp8, seed).map_err(|e| bad(format!("{e:#}")))?;
+    println!("wrote {} ({})", output.display(), human_bytes(bytes));
+    Ok(())
 }
 
 fn synth_options(
