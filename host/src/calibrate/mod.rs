@@ -150,7 +150,7 @@ pub fn run(
 ) -> Result<Outcome> {
     if let Some(reason) = skip_reason(opts, plan, family, recipe) {
         if opts.mode == CalibrateMode::On {
-            bail!(crate::pipeline::Refused(format!("--calibrate on: cannot calibrate: {reason}")));
+            bail!(crate::error::Refused(format!("--calibrate on: cannot calibrate: {reason}")));
         }
         tracing::info!("no activation calibration: {reason}");
         return Ok(Outcome::Skipped(reason));
@@ -169,7 +169,7 @@ pub fn run(
         .collect();
     // A bad --calib-data file is bad input, refused before any model is loaded.
     let calib_data = match &opts.calib_data {
-        Some(p) => Some((p.clone(), session::calib_data_rows(p).map_err(|e| crate::pipeline::Refused(format!("{e:#}")))?)),
+        Some(p) => Some((p.clone(), session::calib_data_rows(p).map_err(|e| crate::error::Refused(format!("{e:#}")))?)),
         None => None,
     };
     let inputs = SessionInputs {
@@ -226,7 +226,7 @@ where
         Ok(Some(s)) => s,
         Ok(None) => {
             if opts.mode == CalibrateMode::On {
-                bail!(crate::pipeline::Refused(format!("--calibrate on: recipe {} chose not to calibrate", recipe.name())));
+                bail!(crate::error::Refused(format!("--calibrate on: recipe {} chose not to calibrate", recipe.name())));
             }
             tracing::info!("recipe {} chose not to calibrate", recipe.name());
             return Ok(Outcome::Skipped(format!("recipe {} chose not to calibrate", recipe.name())));
@@ -388,7 +388,7 @@ fn forward_with<O: Ops>(
         let need = |name: &str| get(name)?.with_context(|| format!("{} has no `{name}` tensor", inputs.display()));
         Ok((need("x")?, need("timesteps")?, need("context")?, get("y")?))
     };
-    let ((xs, xv), (_, tv), (cs, cv), y) = read().map_err(|e| crate::pipeline::Refused(format!("{e:#}")))?;
+    let ((xs, xv), (_, tv), (cs, cv), y) = read().map_err(|e| crate::error::Refused(format!("{e:#}")))?;
 
     let src: &dyn WeightSource = ckpt;
     let cfg = UnetConfig::from_source(src, ckpt.prefix())?;
