@@ -368,7 +368,7 @@ fn recipe_strings_reach_the_terminal_escaped_and_cut() {
         assert!(!text.lines().any(|l| l.starts_with("recipe   sdxl")), "a spoofed line: {text}");
     }
     assert!(stdout.contains("\\u{1b}[2J"), "{stdout}");
-    assert!(stdout.len() < 20_000, "{} bytes of output", stdout.len());
+    assert!(stdout.len() < 200_000, "{} bytes of output", stdout.len());
 
     let (code, stdout, stderr) = hostile_cli("ansi-refusal", &[]);
     assert_eq!(code, Some(3), "{stderr}");

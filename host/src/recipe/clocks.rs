@@ -33,16 +33,18 @@ pub(super) fn add_to_linker(linker: &mut Linker<State>) -> anyhow::Result<()> {
     clock.func_wrap("subscribe-duration", |mut store: StoreContextMut<'_, State>, (nanos,): (u64,)| {
         let s = store.data_mut();
         s.slept = s.slept.saturating_add(Duration::from_nanos(nanos));
+        // Past the budget: stopped here, as the epoch callback would at its next tick.
+        if s.slept >= s.budget {
+            return Err(wasmtime::Error::new(wasmtime::Trap::Interrupt));
+        }
         let ready = s.table.push(Ready)?;
         Ok((subscribe(&mut s.table, ready)?,))
     })?;
     // An absolute instant: its distance is unknown here, so it is charged as
     // a wait past any budget (no recipe has a reason to wait for a moment).
     clock.func_wrap("subscribe-instant", |mut store: StoreContextMut<'_, State>, (_when,): (u64,)| {
-        let s = store.data_mut();
-        s.slept = Duration::MAX;
-        let ready = s.table.push(Ready)?;
-        Ok((subscribe(&mut s.table, ready)?,))
+        store.data_mut().slept = Duration::MAX;
+        Err::<(wasmtime::component::Resource<wasmtime_wasi::p2::DynPollable>,), _>(wasmtime::Error::new(wasmtime::Trap::Interrupt))
     })?;
     linker.allow_shadowing(false);
     Ok(())

@@ -106,6 +106,8 @@ pub(super) struct State {
     pub(super) host_time: Duration,
     /// Time the recipe asked to sleep (recipe::clocks): charged, never waited.
     pub(super) slept: Duration,
+    /// The call's time budget (SandboxLimits::timeout).
+    pub(super) budget: Duration,
     limits: TotalMemoryLimiter,
     pub(super) ctx: Option<Arc<HostContext>>,
     pub(super) params: Vec<(String, super::wit::ParamValue)>,
@@ -356,7 +358,7 @@ impl LoadedRecipe {
             .socket_addr_check(|_, _| Box::pin(async { false }))
             .build();
         let limits = TotalMemoryLimiter { limit: self.limits.memory_bytes, used: 0 };
-        let state = State { wasi, table: ResourceTable::new(), calib, host_time: Duration::ZERO, slept: Duration::ZERO, limits, ctx, params, recipe: recipe.clone() };
+        let state = State { wasi, table: ResourceTable::new(), calib, host_time: Duration::ZERO, slept: Duration::ZERO, budget: self.limits.timeout, limits, ctx, params, recipe: recipe.clone() };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         // The budget is the recipe's own time: time inside host calls (forward
