@@ -19,7 +19,7 @@ sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
 sync; rm -f "$work/copy.safetensors"
 sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
 /usr/bin/time -f "run-recipe ($format, $device): %e s, peak RSS %M KiB" \
-  "$bin" run "$src" -o "$work/out.safetensors" --set "format=$format" --device "$device" --quiet --report "$work/report.json"
+  "$bin" run "$src" -o "$work/out.safetensors" --force --set "format=$format" --device "$device" --quiet --report "$work/report.json"
 sync
 echo "output: $(( $(stat -c %s "$work/out.safetensors") / 1000000 )) MB"
 rm -f "$work/out.safetensors"

@@ -43,7 +43,7 @@ done
 
 if [ -f "$W/sdxl.safetensors" ] && [ -z "${NO_CALIB:-}" ]; then
   # 16 steps x 1 sample at 1024²: 16 UNet calls on a CFG batch of 2, as ModelOpt's 16 calibration calls.
-  step "$RR" run "$W/sdxl.safetensors" -o "$W/sdxl-fp8.safetensors" --device cuda -q \
+  step "$RR" run "$W/sdxl.safetensors" --force -o "$W/sdxl-fp8.safetensors" --device cuda -q \
     --set calib-steps=16 --set calib-samples=1 --report "$O/sdxl-calib-report.json" 2>&1 | tee "$O/sdxl-calib.txt"
   step "$RR" check "$W/sdxl.safetensors" "$W/sdxl-fp8.safetensors" 2>&1 | tail -3 | tee -a "$O/sdxl-calib.txt"
 fi

@@ -8,7 +8,8 @@
 #   cargo test --release -p quantsmith --test nn_gpu_dit --no-run    # note the binary
 #   mkdir -p .device/dit && strip -o .device/dit/run-recipe target/release/run-recipe \
 #     && strip -o .device/dit/nn_gpu_dit target/release/deps/nn_gpu_dit-<hash> \
-#     && tar -C .device/dit -cJf .device/dit-bins.tar.xz run-recipe nn_gpu_dit
+#     && strip -o .device/dit/libtests target/release/deps/quantsmith-<hash> \
+#     && tar -C .device/dit -cJf .device/dit-bins.tar.xz run-recipe nn_gpu_dit libtests
 #   bash scripts/device-wheels.sh download
 #   # device tool: carry [".device/dit-bins.tar.xz", ".device/wheels"]; command:
 #   bash scripts/dit-device.sh [tests] [flux] [sd3] [calib]
@@ -30,6 +31,7 @@ has() { [ -z "${ARGS// /}" ] || [[ "$ARGS" == *" $1 "* ]]; }
 
 if has tests; then
   QUANTSMITH_REQUIRE_GPU=1 QUANTSMITH_REQUIRE_NVRTC=1 step "$W/bin/nn_gpu_dit" --test-threads 1 2>&1 | tail -40 | tee "$O/nn_gpu_dit.log"
+  QUANTSMITH_REQUIRE_GPU=1 step "$W/bin/libtests" models::text::t5::tests::cuda_bf16_matches_cpu --nocapture 2>&1 | tail -10 | tee "$O/t5_gpu.log"
 fi
 ref() {  # family-variant, synth args...
   local name=$1; shift

@@ -59,7 +59,7 @@ if [ "$E2E" = 1 ]; then
     for fmt in fp8 nvfp4; do
         for dev in cuda cpu; do
             t env RUST_LOG=warn,quantsmith::gpu=info "$D"/run-recipe run $W/flux.safetensors --recipe flux --set format=$fmt \
-                --device $dev -q -o $W/out.safetensors --report $OUT/e2e-$fmt-$dev.json
+                --device $dev -q --force -o $W/out.safetensors --report $OUT/e2e-$fmt-$dev.json
             t sync
             ls -l $W/out.safetensors
             rm -f $W/out.safetensors

@@ -19,7 +19,7 @@ c=$W/sdxl.safetensors
 run() {
   local name=$1; shift
   echo "== $name: $*" | tee -a "$O/summary.txt"
-  /usr/bin/time -f "%e s wall, %M KB peak RSS" timeout 420 "$RR" run "$c" -o "$W/$name.safetensors" --device cuda --calibrate on \
+  /usr/bin/time -f "%e s wall, %M KB peak RSS" timeout 420 "$RR" run "$c" --force -o "$W/$name.safetensors" --device cuda --calibrate on \
     --eval-inputs "$EVAL" $CALIB "$@" --report "$O/$name.json" 2>&1 | grep -E "^(calib|eval|smooth|wrote|error)|wall|Error|error" | tee -a "$O/summary.txt"
   "$RR" check "$c" "$W/$name.safetensors" 2>&1 | tail -1 | tee -a "$O/summary.txt"
   rm -f "$W/$name.safetensors"

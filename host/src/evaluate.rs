@@ -44,7 +44,11 @@ pub struct OutputCheck {
 /// applied to the source first: folded norms and rows must equal the source's
 /// divided by the factors exactly, smoothed layers must quantize `W * s`.
 pub fn check_output(source: &Checkpoint, output: &Path) -> Result<OutputCheck> {
-    let bytes = std::fs::read(output).with_context(|| format!("cannot read {}", output.display()))?;
+    crate::checkpoint::require_regular_file(output)?;
+    let file = std::fs::File::open(output).with_context(|| format!("cannot read {}", output.display()))?;
+    // SAFETY: a read-only map, as for inputs (checkpoint::Checkpoint::open): pages
+    // stream from the file and can be dropped, so checking a file larger than memory works.
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot read {}", output.display()))?;
     let out = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("output is not valid safetensors: {e}"))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{e}"))?;
     let header_meta = meta.metadata().clone().unwrap_or_default();
@@ -113,8 +117,12 @@ pub fn check_output(source: &Checkpoint, output: &Path) -> Result<OutputCheck> {
         if spec.format.changes_shape() {
             ensure!(!probes.iter().any(|p| p.matches(local)), "layer {layer} is probed by ComfyUI and must keep its logical shape");
         }
-        let src = source.get(&format!("{layer}.weight")).unwrap();
-        let dtype = SourceDtype::from_safetensors(src.dtype).ok_or_else(|| anyhow!("{layer}: source dtype"))?;
+        // The module table may know the layer's weight under another key than `<layer>.weight`.
+        let src = source
+            .get(&format!("{layer}.weight"))
+            .ok_or_else(|| anyhow!("quantized layer {layer}: the source has no tensor {layer}.weight to compare it with"))?;
+        let dtype = SourceDtype::from_safetensors(src.dtype).ok_or_else(|| anyhow!("{layer}: the source weight has dtype {:?}, not a float one", src.dtype))?;
+        ensure!(src.shape.len() == 2, "{layer}: the source weight has shape {:?}, not [out, in]", src.shape);
         let (rows, cols) = (src.shape[0], src.shape[1]);
         let imp = spec.implementation();
         let mut stored = Vec::new();

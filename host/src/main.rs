@@ -9,18 +9,22 @@ use clap::{Args, Parser, Subcommand};
 use quantsmith::backend::DeviceChoice;
 use quantsmith::calibrate::session::SessionLimits;
 use quantsmith::calibrate::{CalibrateMode, CalibrationOptions};
-use quantsmith::checkpoint::CheckpointError;
 use quantsmith::convert::Layout;
-use quantsmith::pipeline::{self, Refused, RunOptions, RunReport};
-use quantsmith::recipe::params::{ParamError, RawParams, kind_name, value_to_json};
-use quantsmith::recipe::{PRESETS, RecipeError, RecipeRuntime, RecipeSource, SandboxLimits};
+use quantsmith::error::{BadInput, EXIT_INTERNAL, Usage};
+use quantsmith::pipeline::{self, RunOptions, RunReport};
+use quantsmith::recipe::params::{RawParams, kind_name, value_to_json};
+use quantsmith::recipe::{PRESETS, RecipeRuntime, RecipeSource, SandboxLimits};
+use quantsmith::text::sanitize;
+
+/// Recipe and checkpoint strings for the terminal; sources already cut them to
+/// text::MAX_PRINTED, so this bound only catches what they missed.
+fn untrusted(s: &str) -> String {
+    sanitize(s, 2 * quantsmith::text::MAX_PRINTED)
+}
 use quantsmith::synth::{self, Family, Scale, SynthOptions};
 
-/// Exit codes: 0 success, 1 internal failure, 2 usage, 3 bad input (file,
-/// parameters, a checkpoint the recipe refuses), 4 the recipe misbehaved.
-const EXIT_INTERNAL: u8 = 1;
-const EXIT_BAD_INPUT: u8 = 3;
-const EXIT_RECIPE: u8 = 4;
+#[path = "cli/checks.rs"]
+mod checks;
 
 #[derive(Parser)]
 #[command(name = "run-recipe", version, about = "Quantize diffusion checkpoints (SD1.5, SDXL, SD3, FLUX.1) into files ComfyUI loads as they are", long_about = None)]
@@ -100,9 +104,9 @@ enum Command {
         /// cpu, cuda or cuda:N (auto = cuda when usable).
         #[arg(long, default_value = "auto")]
         device: String,
-        /// Timed repetitions after the first pass (prints median seconds).
-        #[arg(long, default_value_t = 0)]
-        repeat: usize,
+        /// Timed repetitions after the first pass (prints median seconds; at most 10000).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+        repeat: u32,
         /// Observe every Linear input, as calibration does (measures the observers' cost).
         #[arg(long)]
         observe: bool,
@@ -118,26 +122,42 @@ enum Command {
 
 #[derive(Args, Clone)]
 struct SandboxArgs {
-    /// CPU budget of one recipe call, in seconds.
-    #[arg(long, default_value_t = 10.0)]
+    /// CPU budget of one recipe call, in seconds (0.01 to 86400).
+    #[arg(long, default_value_t = 10.0, value_parser = parse_timeout)]
     recipe_timeout: f64,
-    /// Memory limit of a recipe, in MiB.
-    #[arg(long, default_value_t = 256)]
-    recipe_memory: usize,
+    /// Memory limit of a recipe, in MiB (1 to 4096: a recipe's memory is 32-bit).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=MAX_RECIPE_MEMORY_MIB))]
+    recipe_memory: u32,
+}
+
+/// Largest `--recipe-timeout`: a day; anything longer is a typo, and
+/// `Duration::from_secs_f64` panics on values past `u64::MAX` seconds.
+const MAX_RECIPE_TIMEOUT_S: f64 = 86_400.0;
+/// Largest `--recipe-memory` in MiB: a wasm32 memory cannot grow past 4 GiB.
+const MAX_RECIPE_MEMORY_MIB: i64 = 4096;
+
+/// `--recipe-timeout`: a finite number of seconds in range (clap turns an `Err` into exit 2).
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(v.is_finite() && (0.01..=MAX_RECIPE_TIMEOUT_S).contains(&v)) {
+        return Err(format!("must be between 0.01 and {MAX_RECIPE_TIMEOUT_S} seconds, got {s}"));
+    }
+    Ok(v)
+}
+
+/// `--eval-resolution`: 0 (the family's native size) or 64..=4096 in steps of 64, as the recipes' `resolution`.
+fn parse_eval_resolution(s: &str) -> Result<u32, String> {
+    let v: u32 = s.trim().parse().map_err(|_| format!("{s:?} is not a whole number of pixels"))?;
+    if v != 0 && !((64..=4096).contains(&v) && v % 64 == 0) {
+        return Err(format!("must be 0 (native) or a multiple of 64 from 64 to 4096, got {v}"));
+    }
+    Ok(v)
 }
 
 impl SandboxArgs {
     fn limits(&self) -> Result<SandboxLimits> {
-        anyhow::ensure!(
-            self.recipe_timeout > 0.0 && self.recipe_timeout.is_finite(),
-            "--recipe-timeout must be positive"
-        );
-        anyhow::ensure!(
-            self.recipe_memory >= 1,
-            "--recipe-memory must be at least 1 MiB"
-        );
         Ok(SandboxLimits {
-            memory_bytes: self.recipe_memory << 20,
+            memory_bytes: (self.recipe_memory as usize) << 20,
             timeout: Duration::from_secs_f64(self.recipe_timeout),
         })
     }
@@ -167,15 +187,15 @@ struct CalibrationArgs {
     /// (and `pooled` [N, P] for SDXL (1280), SD3 (2048) and FLUX (768)).
     #[arg(long)]
     calib_data: Option<PathBuf>,
-    /// Held-out inputs for the fake-quantized evaluation in the report (0 = skip it).
-    #[arg(long, default_value_t = 3)]
-    eval_inputs: usize,
-    /// Resolution of the evaluation in pixels (default: the family's native one).
-    #[arg(long, default_value_t = 0)]
+    /// Held-out inputs for the fake-quantized evaluation in the report (0 = skip it; at most 1024).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=1024))]
+    eval_inputs: u32,
+    /// Resolution of the evaluation in pixels (default 0: the family's native one; else 64..4096, a multiple of 64).
+    #[arg(long, default_value_t = 0, value_parser = parse_eval_resolution)]
     eval_resolution: u32,
-    /// Most forward passes a recipe may ask for.
-    #[arg(long, default_value_t = 8192)]
-    calib_max_forwards: usize,
+    /// Most forward passes a recipe may ask for (1 to 1000000).
+    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    calib_max_forwards: u32,
 }
 
 impl CalibrationArgs {
@@ -187,10 +207,10 @@ impl CalibrationArgs {
             text_encoders: self.text_encoders.clone(),
             t5_tokenizer: self.t5_tokenizer.clone(),
             calib_data: self.calib_data.clone(),
-            eval_inputs: self.eval_inputs,
+            eval_inputs: self.eval_inputs as usize,
             eval_resolution: self.eval_resolution,
             limits: SessionLimits {
-                max_forwards: self.calib_max_forwards,
+                max_forwards: self.calib_max_forwards as usize,
                 ..SessionLimits::default()
             },
         }
@@ -226,6 +246,9 @@ struct RunArgs {
     /// Write a JSON run report here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Replace an existing output file (and report).
+    #[arg(long)]
+    force: bool,
     /// No progress bar.
     #[arg(short, long)]
     quiet: bool,
@@ -241,6 +264,8 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    checks::install_signal_handlers();
+    install_panic_hook();
     let cli = Cli::parse();
     let default = match cli.verbose {
         0 => "warn",
@@ -252,47 +277,73 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(checks::colour_allowed())
         .with_target(false)
         .init();
 
-    match dispatch(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(exit_code(&e))
+    // A panic is a bug: the hook has said where; leave nothing behind and exit 1, never 101.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dispatch(cli.command))) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            quantsmith::checkpoint::writer::remove_temporaries();
+            // Errors quote recipes and file headers: never raw control characters.
+            eprintln!("error: {}", quantsmith::text::sanitize_lines(&format!("{e:#}"), 4000, 200));
+            ExitCode::from(quantsmith::error::exit_code(&e))
+        }
+        Err(_) => {
+            quantsmith::checkpoint::writer::remove_temporaries();
+            ExitCode::from(EXIT_INTERNAL)
         }
     }
 }
 
-fn exit_code(e: &anyhow::Error) -> u8 {
-    for cause in e.chain() {
-        if cause.is::<RecipeError>() {
-            return EXIT_RECIPE;
+/// One message for a panic, naming it a bug; silent for a closed pipe.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        if msg.contains("Broken pipe") || quantsmith::error::panic_is_caught() {
+            return;
         }
-        if cause.is::<CheckpointError>()
-            || cause.is::<ParamError>()
-            || cause.is::<Refused>()
-            || cause.is::<BadInput>()
-        {
-            return EXIT_BAD_INPUT;
-        }
-    }
-    EXIT_INTERNAL
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!(
+            "error: internal error: {}{at}\nThis is a bug in Quantsmith; please report it with the command that caused it.",
+            quantsmith::text::sanitize(&msg, 2000)
+        );
+    }));
 }
-
-/// A problem with what the user gave us (paths, options).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct BadInput(String);
 
 fn bad(msg: impl Into<String>) -> anyhow::Error {
     BadInput(msg.into()).into()
 }
 
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    Usage(msg.into()).into()
+}
+
 fn dispatch(command: Command) -> Result<()> {
+    // Test hook for the panic guard (tests/cli_exit_codes.rs): a bug, simulated.
+    if std::env::var_os("QUANTSMITH_TEST_PANIC").is_some() {
+        panic!("QUANTSMITH_TEST_PANIC is set");
+    }
     match command {
-        Command::Inspect { model, sandbox } => inspect(&model, sandbox.limits()?),
-        Command::Recipes { recipe, sandbox } => recipes(recipe.as_deref(), sandbox.limits()?),
+        Command::Inspect { model, sandbox } => {
+            checks::input_file("the model", &model)?;
+            inspect(&model, sandbox.limits()?)
+        }
+        Command::Recipes { recipe, sandbox } => {
+            if let Some(r) = &recipe {
+                checks::recipe_file(r)?;
+            }
+            recipes(recipe.as_deref(), sandbox.limits()?)
+        }
         Command::Run(args) => run(args),
         Command::Synth {
             family,
@@ -307,6 +358,7 @@ fn dispatch(command: Command) -> Result<()> {
                 return synth_text_encoder(kind, &scale, seed, variant.as_deref(), &output);
             }
             let mut opts = synth_options(&family, &scale, seed, variant, full_checkpoint)?;
+            checks::output_path("-o", &output, None, true)?;
             opts.init =
                 quantsmith::synth::SynthInit::parse(&init).map_err(|e| bad(format!("{e:#}")))?;
             let pb = progress_bar(!matches!(opts.scale, Scale::Tiny));
@@ -337,14 +389,20 @@ fn dispatch(command: Command) -> Result<()> {
             repeat,
             observe,
         } => {
-            let device: DeviceChoice = device.parse().map_err(bad)?;
+            let device: DeviceChoice = device.parse().map_err(usage)?;
+            checks::output_path("--out", &out, Some(&model), true)?;
+            checks::input_file("the model", &model)?;
+            checks::input_file("--inputs", &inputs)?;
+            checks::device(device)?;
             let r = quantsmith::calibrate::forward_file(
-                &model, &inputs, &out, device, repeat, observe,
+                &model, &inputs, &out, device, repeat as usize, observe,
             )?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
         Command::Check { source, output } => {
+            checks::input_file("the source", &source)?;
+            checks::input_file("the output", &output)?;
             let src = quantsmith::checkpoint::Checkpoint::open(&source)?;
             let check = quantsmith::evaluate::check_output(&src, &output)
                 .map_err(|e| bad(format!("{} fails the check: {e:#}", output.display())))?;
@@ -510,7 +568,7 @@ fn recipes(which: Option<&str>, limits: SandboxLimits) -> Result<()> {
     for source in sources {
         let r = runtime.load(&source)?;
         let i = &r.info;
-        println!("{} {}  [{}]", i.name, i.version, source.label());
+        println!("{} {}  [{}]", i.name, i.version, untrusted(&source.label()));
         println!("  {}", i.description);
         println!(
             "  families: {}   formats: {}",
@@ -523,15 +581,15 @@ fn recipes(which: Option<&str>, limits: SandboxLimits) -> Result<()> {
             let allowed = if p.allowed.is_empty() {
                 String::new()
             } else {
-                format!(" [{}]", p.allowed.join("|"))
+                format!(" [{}]", untrusted(&p.allowed.join("|")))
             };
             println!(
                 "    {:<16} {}{} (default {})  {}",
-                p.name,
+                untrusted(&p.name),
                 kind_name(p.kind),
                 allowed,
-                value_to_json(&p.default),
-                p.help
+                untrusted(&value_to_json(&p.default).to_string()),
+                untrusted(&p.help)
             );
         }
         println!();
@@ -540,18 +598,41 @@ fn recipes(which: Option<&str>, limits: SandboxLimits) -> Result<()> {
 }
 
 fn run(args: RunArgs) -> Result<()> {
+    // Everything the command line names is checked before a weight is read.
+    checks::set_values(&args.set)?;
+    let device: DeviceChoice = args.device.parse().map_err(usage)?;
+    if let Some(out) = &args.output {
+        if !args.dry_run {
+            checks::output_path("-o", out, Some(&args.model), args.force)?;
+        }
+    }
+    if let Some(report) = &args.report {
+        checks::output_path("--report", report, Some(&args.model), args.force)?;
+        if args.output.as_deref().is_some_and(|o| o == report.as_path()) {
+            return Err(usage("--report and -o name the same file"));
+        }
+    }
+    checks::input_file("the model", &args.model)?;
+    checks::recipe_file(&args.recipe)?;
+    if let Some(p) = &args.calibration.calib_data {
+        checks::input_file("--calib-data", p)?;
+    }
+    if let Some(p) = &args.calibration.clip_vocab {
+        if !p.is_dir() {
+            return Err(bad(format!("--clip-vocab {} is not a folder (it should hold vocab.json and merges.txt)", p.display())));
+        }
+    }
     let mut params = RawParams::default();
     for pair in &args.set {
-        params.set(pair).map_err(bad)?;
+        params.set(pair).map_err(usage)?;
     }
     if let Some(path) = &args.config {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+        let text = checks::read_config(path)?;
         params
             .load_toml(&text, &path.display().to_string())
             .map_err(bad)?;
     }
-    let device: DeviceChoice = args.device.parse().map_err(bad)?;
+    checks::device(device)?;
     let opts = RunOptions {
         input: args.model.clone(),
         output: args.output.clone(),
@@ -564,13 +645,32 @@ fn run(args: RunArgs) -> Result<()> {
         limits: args.sandbox.limits()?,
         progress: !args.quiet,
         calibration: args.calibration.options(device),
+        replace_output: args.force,
     };
     let report = pipeline::run(&opts)?;
     if let Some(path) = &args.report {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+        write_replacing(path, serde_json::to_string_pretty(&report)?.as_bytes())
             .with_context(|| format!("cannot write the report {}", path.display()))?;
     }
     print_report(&report);
+    Ok(())
+}
+
+/// Writes a small file through a temporary renamed into place, so an interrupted
+/// write never leaves half a report.
+fn write_replacing(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new().prefix(".quantsmith-").suffix(".partial").tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644));
+    }
+    tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }
 
@@ -584,7 +684,7 @@ fn print_report(r: &RunReport) {
         r.detection.family, r.detection.variant, r.detection.confidence
     );
     for w in &r.warnings {
-        println!("warning  {w}");
+        println!("warning  {}", untrusted(w));
     }
     if r.dry_run {
         println!(
@@ -594,7 +694,7 @@ fn print_report(r: &RunReport) {
         for l in &r.layers {
             println!(
                 "{:<60} {:<8} {:>14} {:>12} {:>12}",
-                l.layer,
+                untrusted(&l.layer),
                 l.format.as_deref().unwrap_or("-"),
                 format!("{}x{}", l.shape[0], l.shape[1]),
                 human_bytes(l.bytes_before),
@@ -637,11 +737,11 @@ fn print_report(r: &RunReport) {
     if let Some((l, e)) = worst {
         println!(
             "error    worst layer {}: relative L2 {:.4}, cosine {:.6}",
-            l.layer, e.relative_l2, e.cosine
+            untrusted(&l.layer), e.relative_l2, e.cosine
         );
     }
     for n in &r.notes {
-        println!("note     {n}");
+        println!("note     {}", untrusted(n));
     }
     if let Some(u) = &r.uncalibrated_fp8 {
         println!("fp8      {}", u.describe());
@@ -736,6 +836,9 @@ fn print_check(check: &quantsmith::evaluate::OutputCheck) {
 }
 
 fn demo(family: &str, format: &str, dir: &Path) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(usage(format!("--dir {} is not a folder", dir.display())));
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let input = dir.join(format!("{family}-tiny.safetensors"));
     let output = dir.join(format!("{family}-tiny.{format}.safetensors"));
@@ -771,6 +874,8 @@ fn demo(family: &str, format: &str, dir: &Path) -> Result<()> {
         verify: true,
         limits: SandboxLimits::default(),
         progress: false,
+        // `demo` owns its folder: running it again replaces its own outputs.
+        replace_output: true,
         calibration: CalibrationOptions {
             mode: if calibrate {
                 CalibrateMode::On
@@ -783,9 +888,9 @@ fn demo(family: &str, format: &str, dir: &Path) -> Result<()> {
         },
     };
     let report = pipeline::run(&opts)?;
-    std::fs::write(
-        dir.join("report.json"),
-        serde_json::to_string_pretty(&report)?,
+    write_replacing(
+        &dir.join("report.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     println!(
         "2. quantized with the built-in {} preset:",

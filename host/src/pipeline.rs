@@ -17,10 +17,7 @@ use crate::recipe::params::{RawParams, value_to_json};
 use crate::recipe::wit::{Detection, ParamValue};
 use crate::recipe::{HostContext, LoadedRecipe, PRESETS, RecipeError, RecipeRuntime, RecipeSource, SandboxLimits};
 
-/// The checkpoint is not one the recipe accepts (wrong family, unsupported variant).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Refused(pub String);
+pub use crate::error::Refused;
 
 /// Options of `run-recipe run`.
 #[derive(Clone, Debug)]
@@ -37,6 +34,8 @@ pub struct RunOptions {
     pub limits: SandboxLimits,
     pub progress: bool,
     pub calibration: crate::calibrate::CalibrationOptions,
+    /// Replace an existing output file (`--force`); otherwise it is refused before any work.
+    pub replace_output: bool,
 }
 
 /// The recipe that ran, for reports and metadata.
@@ -209,6 +208,9 @@ pub fn default_output(input: &Path, params: &[(String, ParamValue)]) -> PathBuf 
 
 /// Runs the whole job.
 pub fn run(opts: &RunOptions) -> Result<RunReport> {
+    if let (Some(output), false) = (&opts.output, opts.dry_run) {
+        check_output_path("output", output, Some(&opts.input), opts.replace_output)?;
+    }
     let ctx = open_context(&opts.input)?;
     let runtime = RecipeRuntime::new(opts.limits)?;
     let recipe = choose_recipe(&runtime, &ctx, opts.recipe.as_deref())?;
@@ -271,9 +273,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
     }
 
     let output = opts.output.clone().unwrap_or_else(|| default_output(&opts.input, &params));
-    if same_file(&output, &opts.input) {
-        bail!(Refused(format!("the output {} is the input file; choose another path with -o", output.display())));
-    }
+    check_output_path("output", &output, Some(&opts.input), opts.replace_output)?;
     let (calibration, uncalibrated_why) = match crate::calibrate::run(&ctx, &recipe, &params, &detection.family, &detection.variant, &resolved, &opts.calibration)? {
         crate::calibrate::Outcome::Calibrated(c) => (Some(c), "the calibration walk did not reach them".to_string()),
         crate::calibrate::Outcome::Skipped(reason) => {
@@ -359,6 +359,50 @@ fn fill_layer_totals(report: &mut RunReport, layers: Vec<LayerReport>) {
         report.totals.quantized_bytes_after += l.bytes_after;
     }
     report.layers = layers;
+}
+
+/// Checks an output path before any work: not a directory, FIFO or device, not
+/// `input`, in an existing folder this process can write, and not an existing
+/// file unless `replace`.
+pub fn check_output_path(flag: &str, path: &Path, input: Option<&Path>, replace: bool) -> Result<(), crate::error::Usage> {
+    use std::os::unix::fs::FileTypeExt;
+    let u = |m: String| crate::error::Usage(m);
+    let shown = path.display();
+    if let Ok(meta) = std::fs::metadata(path) {
+        let t = meta.file_type();
+        if t.is_dir() {
+            return Err(u(format!("{flag} {shown} is a directory; name a file inside it")));
+        }
+        if !t.is_file() {
+            let what = if t.is_fifo() { "a FIFO" } else if t.is_char_device() || t.is_block_device() { "a device" } else { "not a regular file" };
+            return Err(u(format!("{flag} {shown} is {what}; refusing to replace it")));
+        }
+        if input.is_some_and(|i| same_file(path, i)) {
+            return Err(u(format!("the output {shown} is the input file; choose another path with -o")));
+        }
+        if !replace {
+            return Err(u(format!("{flag} {shown} already exists; pass --force to replace it")));
+        }
+    }
+    if path.file_name().is_none() {
+        return Err(u(format!("{flag} {shown} names no file")));
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(u(format!("{flag} {shown}: {} is not a folder", dir.display()))),
+        Err(_) => return Err(u(format!("{flag} {shown}: the folder {} does not exist", dir.display()))),
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| u(format!("{flag} {shown}: the path holds a NUL byte")))?;
+    // SAFETY: a NUL-terminated path living across the call.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        return Err(u(format!("{flag} {shown}: cannot write into the folder {}", dir.display())));
+    }
+    Ok(())
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {

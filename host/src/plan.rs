@@ -4,7 +4,7 @@
 //! (`<module>.weight_quantizer`, `<module>.input_quantizer`), later rules win,
 //! and they act only on the modules the recipe unwrapped as quantizable.
 
-use globset::{GlobBuilder, GlobMatcher};
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use serde::Serialize;
 
 use crate::checkpoint::Checkpoint;
@@ -23,11 +23,17 @@ pub fn probe_patterns() -> Vec<QuantizerPattern> {
     PROBE_LAYERS.iter().map(|p| QuantizerPattern::new(p).expect("probe patterns are well formed")).collect()
 }
 
+/// Longest pattern accepted, in bytes. Module paths stay under 200 bytes; longer
+/// patterns only serve to make globset's regex compile slow or fail.
+pub const MAX_PATTERN_LEN: usize = 1024;
+
 /// A shell wildcard (`*` crosses dots, `?`, `[qkv]`, `[!x]`) over quantizer names.
 #[derive(Clone, Debug)]
 pub struct QuantizerPattern {
     raw: String,
-    matcher: GlobMatcher,
+    /// A set of one glob: unlike `Glob::compile_matcher`, which panics when the
+    /// regex grows past its size limit, building a set reports that as an error.
+    matcher: GlobSet,
 }
 
 impl QuantizerPattern {
@@ -35,12 +41,21 @@ impl QuantizerPattern {
         if pattern.is_empty() {
             return Err("empty pattern".into());
         }
+        if pattern.len() > MAX_PATTERN_LEN {
+            return Err(format!(
+                "pattern of {} bytes is longer than the {MAX_PATTERN_LEN} allowed: {}",
+                pattern.len(),
+                crate::text::sanitize(pattern, 60)
+            ));
+        }
+        let shown = || crate::text::sanitize(pattern, 200);
         let glob = GlobBuilder::new(pattern)
             .literal_separator(false)
             .backslash_escape(true)
             .build()
-            .map_err(|e| format!("malformed pattern {pattern:?}: {}", e.kind()))?;
-        Ok(QuantizerPattern { raw: pattern.to_string(), matcher: glob.compile_matcher() })
+            .map_err(|e| format!("malformed pattern \"{}\": {}", shown(), e.kind()))?;
+        let matcher = GlobSetBuilder::new().add(glob).build().map_err(|e| format!("pattern \"{}\" is too complex: {}", shown(), e.kind()))?;
+        Ok(QuantizerPattern { raw: pattern.to_string(), matcher })
     }
 
     pub fn as_str(&self) -> &str {
@@ -135,9 +150,27 @@ fn check_rule(i: usize, r: &wit::QuantizerRule) -> Result<Option<QuantSpec>, Str
     Ok(Some(QuantSpec { format, per_channel }))
 }
 
+/// Most rules a plan may hold: real plans have tens; each rule costs a glob
+/// compile and a match against every module.
+pub const MAX_RULES: usize = 10_000;
+/// Most `quantizable` entries a plan may hold.
+pub const MAX_QUANTIZABLE: usize = 100_000;
+/// Most notes kept from a plan (each already cut to crate::text::MAX_PRINTED).
+pub const MAX_NOTES: usize = 100;
+
 /// Resolves and validates a recipe's plan.
 pub fn resolve(plan: &wit::QuantPlan, modules: &ModuleTable, ckpt: &Checkpoint) -> Result<ResolvedPlan, String> {
     let mut warnings = Vec::new();
+    if plan.rules.len() > MAX_RULES {
+        return Err(format!("{} rules; a plan may hold at most {MAX_RULES}", plan.rules.len()));
+    }
+    if plan.quantizable.len() > MAX_QUANTIZABLE {
+        return Err(format!("{} quantizable entries; a plan may hold at most {MAX_QUANTIZABLE}", plan.quantizable.len()));
+    }
+    let mut notes: Vec<String> = plan.notes.iter().take(MAX_NOTES).map(|n| crate::text::untrusted(n)).collect();
+    if plan.notes.len() > MAX_NOTES {
+        notes.push(format!("({} more notes not shown)", plan.notes.len() - MAX_NOTES));
+    }
 
     // 1. Which modules are quantizable layers.
     let mut quantizable = vec![false; modules.len()];
@@ -203,8 +236,13 @@ pub fn resolve(plan: &wit::QuantPlan, modules: &ModuleTable, ckpt: &Checkpoint) 
                 input_rules_warned = true;
             }
         }
-        let weight_key = m.weight_key.as_deref().expect("linear modules have a weight");
-        let entry = ckpt.get(weight_key).expect("module keys come from the checkpoint");
+        let Some(weight_key) = m.weight_key.as_deref() else { continue };
+        let Some(entry) = ckpt.get(weight_key) else { continue };
+        if decision.0.is_some() && !weight_key.ends_with(".weight") {
+            // ComfyUI looks for `<layer>.weight`; a layer stored under another suffix stays as it is.
+            warnings.push(format!("layer {} stores its weight as {weight_key}, not .weight; left unquantized", m.path));
+            decision = (None, None);
+        }
         let dtype = SourceDtype::from_safetensors(entry.dtype);
         if let Some(spec) = decision.0 {
             if dtype.is_none() {
@@ -228,7 +266,7 @@ pub fn resolve(plan: &wit::QuantPlan, modules: &ModuleTable, ckpt: &Checkpoint) 
             rule: decision.1,
         });
     }
-    Ok(ResolvedPlan { layers, warnings, notes: plan.notes.clone() })
+    Ok(ResolvedPlan { layers, warnings, notes })
 }
 
 #[cfg(test)]
@@ -246,6 +284,19 @@ mod tests {
         assert!(QuantizerPattern::new("[unclosed").is_err());
         assert!(QuantizerPattern::new("out.2.weight_quantizer").unwrap().is_literal());
         assert!(!QuantizerPattern::new("out.*").unwrap().is_literal());
+    }
+
+    /// Long or regex-heavy patterns are errors, never globset's panic.
+    #[test]
+    fn oversized_patterns_are_errors() {
+        let long = "a*".repeat(MAX_PATTERN_LEN);
+        assert!(QuantizerPattern::new(&long).unwrap_err().contains("longer than the 1024 allowed"));
+        assert!(QuantizerPattern::new(&"x".repeat(1 << 20)).is_err());
+        // Within the length cap, but past globset's regex size limit.
+        let heavy = "[\\u{0}-\\u{10ffff}]?".repeat(MAX_PATTERN_LEN / 20);
+        let _ = QuantizerPattern::new(&heavy);
+        let classes = "{a,b,c,d,e,f,g,h}".repeat(MAX_PATTERN_LEN / 17);
+        let _ = QuantizerPattern::new(&classes);
     }
 
     fn rule(enable: bool, format: Option<wit::QuantFormat>, axis: Option<i32>, block: Option<u32>) -> wit::QuantizerRule {

@@ -47,6 +47,7 @@ pub fn options(input: &Path, output: &Path, recipe: Option<&str>, sets: &[&str])
         progress: false,
         // Calibration has its own tests (tests/calibration.rs); elsewhere it would only cost time.
         calibration: CalibrationOptions { mode: CalibrateMode::Off, ..Default::default() },
+        replace_output: true,
     }
 }
 

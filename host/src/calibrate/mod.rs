@@ -154,7 +154,7 @@ pub fn run(
 ) -> Result<Outcome> {
     if let Some(reason) = skip_reason(opts, plan, family, recipe) {
         if opts.mode == CalibrateMode::On {
-            bail!(crate::pipeline::Refused(format!("--calibrate on: cannot calibrate: {reason}")));
+            bail!(crate::error::Refused(format!("--calibrate on: cannot calibrate: {reason}")));
         }
         tracing::info!("no activation calibration: {reason}");
         return Ok(Outcome::Skipped(reason));
@@ -173,12 +173,12 @@ pub fn run(
         .collect();
     // A bad --calib-data file is bad input, refused before any model is loaded.
     let calib_data = match &opts.calib_data {
-        Some(p) => Some((p.clone(), session::calib_data_rows(p).map_err(|e| crate::pipeline::Refused(format!("{e:#}")))?)),
+        Some(p) => Some((p.clone(), session::calib_data_rows(p).map_err(|e| crate::error::Refused(format!("{e:#}")))?)),
         None => None,
     };
     // Text encoders and tokenizers of the wrong kind or that do not parse are bad
     // input too, refused before the model is loaded.
-    let text = session::DitTextInputs::open(&arch, &opts.text_encoders, opts.t5_tokenizer.as_deref()).map_err(|e| crate::pipeline::Refused(format!("{e:#}")))?;
+    let text = session::DitTextInputs::open(&arch, &opts.text_encoders, opts.t5_tokenizer.as_deref()).map_err(|e| crate::error::Refused(format!("{e:#}")))?;
     for note in text.iter().flat_map(|t| &t.notes) {
         tracing::warn!("{note}");
     }
@@ -236,7 +236,7 @@ where
         Ok(Some(s)) => s,
         Ok(None) => {
             if opts.mode == CalibrateMode::On {
-                bail!(crate::pipeline::Refused(format!("--calibrate on: recipe {} chose not to calibrate", recipe.name())));
+                bail!(crate::error::Refused(format!("--calibrate on: recipe {} chose not to calibrate", recipe.name())));
             }
             tracing::info!("recipe {} chose not to calibrate", recipe.name());
             return Ok(Outcome::Skipped(format!("recipe {} chose not to calibrate", recipe.name())));
@@ -420,7 +420,7 @@ fn forward_with<O: Ops>(
     use crate::models::unet::{Unet, UnetConfig};
     use crate::models::{InputHook, InputHooks, WeightSource};
     // A missing or malformed inputs file is bad input (exit 3), not a failure.
-    let inp = read_forward_inputs(inputs).map_err(|e| crate::pipeline::Refused(format!("{e:#}")))?;
+    let inp = read_forward_inputs(inputs).map_err(|e| crate::error::Refused(format!("{e:#}")))?;
 
     let src: &dyn WeightSource = ckpt;
     let prefix = ckpt.prefix();
@@ -448,17 +448,17 @@ fn forward_with<O: Ops>(
         match &model {
             ForwardModel::Unet(m) => m.forward(&ops, &x, tv, &context, y.as_ref(), hooks),
             ForwardModel::Flux(m) => {
-                let y = y.as_ref().ok_or_else(|| crate::pipeline::Refused(format!("{} has no `y` tensor (FLUX's pooled CLIP-L vector)", inputs.display())))?;
+                let y = y.as_ref().ok_or_else(|| crate::error::Refused(format!("{} has no `y` tensor (FLUX's pooled CLIP-L vector)", inputs.display())))?;
                 if m.config().guidance_embed != inp.guidance.is_some() {
                     let need = if m.config().guidance_embed { "needs a `guidance` tensor (FLUX-dev)" } else { "takes no `guidance` tensor (FLUX-schnell)" };
-                    return Err(crate::pipeline::Refused(format!("{}: this model {need}", inputs.display())).into());
+                    return Err(crate::error::Refused(format!("{}: this model {need}", inputs.display())).into());
                 }
                 m.forward(&ops, &x, tv, &context, y, inp.guidance.as_deref(), hooks)
             }
             ForwardModel::Mmdit(m) => {
-                let y = y.as_ref().ok_or_else(|| crate::pipeline::Refused(format!("{} has no `y` tensor (SD3's pooled CLIP-L ‖ CLIP-G vector)", inputs.display())))?;
+                let y = y.as_ref().ok_or_else(|| crate::error::Refused(format!("{} has no `y` tensor (SD3's pooled CLIP-L ‖ CLIP-G vector)", inputs.display())))?;
                 if inp.guidance.is_some() {
-                    return Err(crate::pipeline::Refused(format!("{}: SD3 takes no `guidance` tensor", inputs.display())).into());
+                    return Err(crate::error::Refused(format!("{}: SD3 takes no `guidance` tensor", inputs.display())).into());
                 }
                 m.forward(&ops, &x, tv, &context, y, hooks)
             }

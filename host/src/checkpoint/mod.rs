@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::{Dtype, SafeTensors};
 
+/// Longest tensor name accepted: real checkpoints stay under 200 bytes; names are
+/// echoed into plans, patterns and messages, so a megabyte one is refused here.
+pub const MAX_TENSOR_NAME: usize = 1024;
+
 /// The prefix of the diffusion model inside a full single-file checkpoint.
 pub const DIFFUSION_PREFIX: &str = "model.diffusion_model.";
 
@@ -85,6 +89,94 @@ pub enum CheckpointError {
     AlreadyQuantized { path: PathBuf, key: String },
     #[error("{path} holds no diffusion model tensors")]
     NoDiffusionModel { path: PathBuf },
+    /// Not a safetensors checkpoint at all, recognised: what it is and what to do.
+    #[error("{path} is {what}. {advice}")]
+    Recognised { path: PathBuf, what: String, advice: String },
+}
+
+const SINGLE_FILE_ADVICE: &str = "Quantsmith reads one single-file .safetensors checkpoint in the original layout \
+    (the file ComfyUI loads from models/checkpoints or models/diffusion_models)";
+
+fn recognised(path: &Path, what: impl Into<String>, advice: impl Into<String>) -> CheckpointError {
+    CheckpointError::Recognised { path: path.to_path_buf(), what: what.into(), advice: advice.into() }
+}
+
+/// Refuses anything but a regular file (directories are named for what they
+/// hold; a FIFO or a device would hang or never end), before it is opened.
+pub fn require_regular_file(path: &Path) -> Result<(), CheckpointError> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path).map_err(|source| CheckpointError::Open { path: path.to_path_buf(), source })?;
+    let t = meta.file_type();
+    if t.is_file() {
+        return Ok(());
+    }
+    if t.is_dir() {
+        return Err(describe_folder(path));
+    }
+    let what = if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    };
+    Err(recognised(path, what, "Give the path of a regular file"))
+}
+
+/// What a folder given as a checkpoint is: a diffusers pipeline or model folder, or just a folder.
+fn describe_folder(path: &Path) -> CheckpointError {
+    let has = |name: &str| path.join(name).is_file();
+    let names: Vec<String> = std::fs::read_dir(path)
+        .map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str().map(String::from)).take(10_000).collect())
+        .unwrap_or_default();
+    let diffusers_weights = names.iter().any(|n| n.starts_with("diffusion_pytorch_model") && n.ends_with(".safetensors"));
+    let convert = "convert it to the original single-file layout first (diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py \
+        and its SDXL/SD3/FLUX counterparts), or download the single-file release of the model";
+    if has("model_index.json") {
+        return recognised(path, "a diffusers pipeline folder (it has model_index.json)", format!("{SINGLE_FILE_ADVICE}; {convert}"));
+    }
+    if has("config.json") && diffusers_weights {
+        return recognised(path, "a diffusers model folder (config.json and diffusion_pytorch_model*.safetensors)", format!("{SINGLE_FILE_ADVICE}; {convert}"));
+    }
+    let single: Vec<&String> = names.iter().filter(|n| n.ends_with(".safetensors")).collect();
+    let hint = match single.as_slice() {
+        [one] => format!("; it holds {}: pass that file", crate::text::sanitize(one, 200)),
+        _ => String::new(),
+    };
+    recognised(path, "a folder", format!("{SINGLE_FILE_ADVICE}{hint}"))
+}
+
+/// Names a file that is not safetensors from its first bytes, if it is a kind users meet.
+fn sniff(path: &Path, head: &[u8]) -> Option<CheckpointError> {
+    if head.starts_with(b"GGUF") {
+        return Some(recognised(
+            path,
+            "a GGUF file (a model already quantized for llama.cpp / ComfyUI-GGUF)",
+            format!("{SINGLE_FILE_ADVICE}: quantize the original bf16/fp16 .safetensors release instead"),
+        ));
+    }
+    let pickle_advice = format!(
+        "Pickle files can run code when loaded, so Quantsmith never opens them. {SINGLE_FILE_ADVICE}: download the .safetensors release \
+         of the model, or convert this file to safetensors on a machine you trust"
+    );
+    if head.starts_with(b"PK\x03\x04") {
+        return Some(recognised(path, "a PyTorch checkpoint (.ckpt/.pt/.pth: a zip holding a pickle)", pickle_advice));
+    }
+    if head.len() >= 2 && head[0] == 0x80 && (2..=5).contains(&head[1]) {
+        return Some(recognised(path, "a Python pickle (a legacy PyTorch .ckpt/.pt/.bin)", pickle_advice));
+    }
+    None
+}
+
+/// A key of a language model (transformers' names), if the tensors look like one.
+fn language_model_key<'a>(keys: &[&'a str]) -> Option<&'a str> {
+    keys.iter().copied().find(|k| {
+        let parts: Vec<&str> = k.split('.').collect();
+        let numbered_layer = parts.windows(3).any(|w| matches!(w[0], "layers" | "h" | "layer") && w[1].parse::<u32>().is_ok() && matches!(w[2], "self_attn" | "attn" | "mlp" | "attention" | "feed_forward"));
+        numbered_layer || k.ends_with("embed_tokens.weight") || *k == "lm_head.weight"
+    })
 }
 
 /// A memory-mapped safetensors checkpoint.
@@ -106,11 +198,12 @@ impl Checkpoint {
     /// Maps and validates a checkpoint: header bounds, dtypes, contiguous non-overlapping
     /// offsets covering the file exactly (safetensors' own validation), then the layout.
     pub fn open(path: &Path) -> Result<Checkpoint, CheckpointError> {
+        require_regular_file(path)?;
         let file = File::open(path).map_err(|source| CheckpointError::Open { path: path.to_path_buf(), source })?;
         // SAFETY: the map is read-only; a file truncated under us by another process
         // can fault, the same contract every safetensors reader accepts.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|source| CheckpointError::Open { path: path.to_path_buf(), source })?;
-        let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| corrupt(path, describe_error(&e)))?;
+        let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| sniff(path, &mmap[..mmap.len().min(16)]).unwrap_or_else(|| corrupt(path, describe_error(&e))))?;
         let data_start = 8 + header_len;
 
         let mut raw: Vec<(String, Dtype, Vec<usize>, (usize, usize))> = meta
@@ -118,7 +211,12 @@ impl Checkpoint {
             .into_iter()
             .map(|(k, info)| (k, info.dtype, info.shape.clone(), info.data_offsets))
             .collect();
-        raw.sort_by_key(|t| t.3);
+        // File order; zero-size tensors share an offset, so the name breaks ties
+        // (safetensors hands the header over as a HashMap, in random order).
+        raw.sort_by(|a, b| a.3.cmp(&b.3).then_with(|| a.0.cmp(&b.0)));
+        if let Some(t) = raw.iter().find(|t| t.0.len() > MAX_TENSOR_NAME) {
+            return Err(corrupt(path, format!("a tensor name is {} bytes long (at most {MAX_TENSOR_NAME}): {}...", t.0.len(), crate::text::sanitize(&t.0, 80))));
+        }
 
         let full = raw.iter().any(|t| t.0.starts_with(DIFFUSION_PREFIX));
         let prefix = if full { DIFFUSION_PREFIX.to_string() } else { String::new() };
@@ -145,6 +243,13 @@ impl Checkpoint {
         let original = ["input_blocks.0.0.weight", "joint_blocks.0.context_block.attn.qkv.weight", "double_blocks.0.img_attn.norm.key_norm.scale"];
         let has_original = original.iter().any(|k| dm.contains(k));
         if !has_original {
+            if let Some(key) = language_model_key(&dm) {
+                return Err(recognised(
+                    path,
+                    &format!("a language model or text encoder, not a diffusion model (found `{}`)", crate::text::sanitize(key, 200)),
+                    "Quantsmith quantizes diffusion models (SD1.5, SDXL, SD3/3.5, FLUX.1); for language models use an LLM quantizer",
+                ));
+            }
             let diffusers_probe = ["conv_in.weight", "time_text_embed.timestep_embedder.linear_1.weight", "x_embedder.weight", "pos_embed.proj.weight"];
             if let Some(key) = diffusers_probe.iter().find(|k| dm.contains(k)).or_else(|| {
                 ["down_blocks.0.", "transformer_blocks.0.", "single_transformer_blocks.0."]
@@ -159,6 +264,13 @@ impl Checkpoint {
         }
         if self.metadata.contains_key("_quantization_metadata") {
             return Err(CheckpointError::AlreadyQuantized { path: path.clone(), key: "__metadata__._quantization_metadata".into() });
+        }
+        // Plain FP8 checkpoints: weights cast to fp8 with no scales.
+        if let Some(t) = self.diffusion_tensors().find(|t| t.key.ends_with(".weight") && t.shape.len() == 2 && matches!(t.dtype, Dtype::F8_E4M3 | Dtype::F8_E5M2)) {
+            return Err(CheckpointError::AlreadyQuantized { path: path.clone(), key: format!("{} stored as {:?}", t.key, t.dtype) });
+        }
+        if let Some(t) = self.diffusion_tensors().find(|t| t.key.ends_with(".weight") && t.elements() == 0) {
+            return Err(corrupt(path, format!("weight {} is empty (shape {:?})", t.key, t.shape)));
         }
         Ok(())
     }

@@ -86,7 +86,7 @@ pub fn join_sources(sources: &[(&str, &str)]) -> String {
 /// panics on first use when it is absent, so ask this first).
 pub fn nvrtc_available() -> bool {
     // SAFETY: only tries to dlopen the candidate names.
-    std::panic::catch_unwind(|| unsafe { nvrtc_sys::is_culib_present() }).unwrap_or(false)
+    crate::error::catching(|| unsafe { nvrtc_sys::is_culib_present() }).unwrap_or(false)
 }
 
 /// NVRTC's version, `(major, minor)`.
@@ -98,7 +98,7 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
     }
     let (mut major, mut minor) = (0, 0);
     // SAFETY: two out-pointers to live integers.
-    let r = std::panic::catch_unwind(move || {
+    let r = crate::error::catching(move || {
         unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) }.result().map(|_| (major, minor))
     });
     match r {

@@ -29,7 +29,7 @@ pub const DEFAULT_SLOTS: usize = 4;
 /// Whether the CUDA driver library (`libcuda.so`) can be loaded.
 pub fn driver_available() -> bool {
     // SAFETY: only tries to dlopen the candidate names.
-    std::panic::catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false)
+    crate::error::catching(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false)
 }
 
 /// Whether NVRTC (`libnvrtc.so`) can be loaded.
@@ -40,7 +40,7 @@ pub fn nvrtc_available() -> bool {
 /// Runs `f`, turning a panic inside cudarc (a library or symbol missing, e.g.
 /// from an old driver) into an error. Both CUDA backends start through it.
 pub(crate) fn no_panic<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+    match crate::error::catching(f) {
         Ok(r) => r,
         Err(p) => {
             let msg = p
@@ -58,7 +58,7 @@ pub fn device_count() -> Result<usize> {
     if !driver_available() {
         bail!("no CUDA driver found (libcuda.so is not loadable)");
     }
-    let r = std::panic::catch_unwind(|| -> Result<usize> {
+    let r = crate::error::catching(|| -> Result<usize> {
         cudarc::driver::result::init().map_err(|e| driver::err("cuInit", e))?;
         let n = cudarc::driver::result::device::get_count().map_err(|e| driver::err("cuDeviceGetCount", e))?;
         Ok(n.max(0) as usize)

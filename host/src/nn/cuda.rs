@@ -134,12 +134,12 @@ pub fn compile(target: Target) -> Result<Compiled> {
 
 fn cublas_loadable() -> bool {
     // SAFETY: only tries to dlopen the candidate names.
-    std::panic::catch_unwind(|| unsafe { blas::is_culib_present() && lt::is_culib_present() }).unwrap_or(false)
+    crate::error::catching(|| unsafe { blas::is_culib_present() && lt::is_culib_present() }).unwrap_or(false)
 }
 
 fn cudnn_loadable() -> bool {
     // SAFETY: only tries to dlopen the candidate names.
-    std::panic::catch_unwind(|| unsafe { dnn::is_culib_present() }).unwrap_or(false)
+    crate::error::catching(|| unsafe { dnn::is_culib_present() }).unwrap_or(false)
 }
 
 // ---------------------------------------------------------------------------

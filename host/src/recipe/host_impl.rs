@@ -124,7 +124,7 @@ impl Host for State {
 
     fn log(&mut self, level: LogLevel, message: String) {
         // Bounded: a recipe cannot flood the terminal with one call.
-        let message: String = message.chars().take(4096).collect();
+        let message = crate::text::untrusted(&message);
         let recipe = &self.recipe;
         match level {
             LogLevel::Trace => tracing::trace!(target: "recipe", recipe = %recipe, "{message}"),

@@ -5,6 +5,7 @@
 //! per call (an instance that trapped cannot be re-entered).
 
 mod calibration_impl;
+mod clocks;
 mod host_impl;
 pub mod params;
 mod runtime;

@@ -16,6 +16,7 @@ use super::{PRESETS, RecipeSource, RecipeV0Pre, WIT_VERSION};
 use crate::calibrate::session::CalibSession;
 use crate::checkpoint::Checkpoint;
 use crate::modules::ModuleTable;
+use crate::text::untrusted;
 
 /// CPU and memory budget of one recipe call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,6 +104,10 @@ pub(super) struct State {
     pub(super) calib: Option<Box<dyn CalibSession>>,
     /// Time spent inside host calls, which the recipe's CPU budget does not count.
     pub(super) host_time: Duration,
+    /// Time the recipe asked to sleep (recipe::clocks): charged, never waited.
+    pub(super) slept: Duration,
+    /// The call's time budget (SandboxLimits::timeout).
+    pub(super) budget: Duration,
     limits: TotalMemoryLimiter,
     pub(super) ctx: Option<Arc<HostContext>>,
     pub(super) params: Vec<(String, super::wit::ParamValue)>,
@@ -164,6 +169,7 @@ impl RecipeRuntime {
         };
         let mut linker = Linker::<State>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        super::clocks::add_to_linker(&mut linker)?;
         super::RecipeV0::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
         super::calibrating::quantsmith::recipe::calibration::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
         super::calibrating::quantsmith::recipe::smoothing::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
@@ -212,6 +218,15 @@ impl RecipeRuntime {
         if info.name.trim().is_empty() {
             return Err(RecipeError::Invalid { recipe: label, message: "describe returned an empty name".into() });
         }
+        // Shown to the user as they are: escaped and cut (crate::text).
+        let info = RecipeInfo {
+            name: untrusted(&info.name),
+            version: untrusted(&info.version),
+            description: untrusted(&info.description),
+            families: info.families.iter().map(|f| untrusted(f)).collect(),
+            formats: info.formats.iter().map(|f| untrusted(f)).collect(),
+            ..info
+        };
         loaded.info = info;
         Ok(loaded)
     }
@@ -270,13 +285,21 @@ impl LoadedRecipe {
     }
 
     /// The recipe's verdict on a checkpoint: `Ok(Err(reason))` when it declines.
+    /// Its strings come back escaped and cut (crate::text), ready to print.
     pub fn detect(&self, ctx: &Arc<HostContext>, params: Vec<(String, super::wit::ParamValue)>) -> Result<Result<Detection, String>, RecipeError> {
-        self.call("detect", Some(ctx.clone()), params, |s| self.pre.instantiate(&mut *s)?.quantsmith_recipe_recipe().call_detect(s))
+        let r = self.call("detect", Some(ctx.clone()), params, |s| self.pre.instantiate(&mut *s)?.quantsmith_recipe_recipe().call_detect(s))?;
+        Ok(match r {
+            Ok(d) => Ok(Detection { family: untrusted(&d.family), variant: untrusted(&d.variant), reason: untrusted(&d.reason), ..d }),
+            Err(reason) => Err(untrusted(&reason)),
+        })
     }
 
     /// The recipe's plan: `Ok(Err(reason))` when it refuses.
+    /// A refusal comes back escaped and cut (crate::text), ready to print; the
+    /// plan's notes are, by plan::resolve.
     pub fn plan(&self, ctx: &Arc<HostContext>, params: Vec<(String, super::wit::ParamValue)>) -> Result<Result<QuantPlan, String>, RecipeError> {
-        self.call("plan", Some(ctx.clone()), params, |s| self.pre.instantiate(&mut *s)?.quantsmith_recipe_recipe().call_plan(s))
+        let r = self.call("plan", Some(ctx.clone()), params, |s| self.pre.instantiate(&mut *s)?.quantsmith_recipe_recipe().call_plan(s))?;
+        Ok(r.map_err(|reason| untrusted(&reason)))
     }
 
     /// Whether the recipe exports `calibrate` (contract 0.1.1 and later).
@@ -336,7 +359,7 @@ impl LoadedRecipe {
             .socket_addr_check(|_, _| Box::pin(async { false }))
             .build();
         let limits = TotalMemoryLimiter { limit: self.limits.memory_bytes, used: 0 };
-        let state = State { wasi, table: ResourceTable::new(), calib, host_time: Duration::ZERO, limits, ctx, params, recipe: recipe.clone() };
+        let state = State { wasi, table: ResourceTable::new(), calib, host_time: Duration::ZERO, slept: Duration::ZERO, budget: self.limits.timeout, limits, ctx, params, recipe: recipe.clone() };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         // The budget is the recipe's own time: time inside host calls (forward
@@ -345,14 +368,14 @@ impl LoadedRecipe {
         let budget = self.limits.timeout;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |ctx| {
-            if started.elapsed().saturating_sub(ctx.data().host_time) < budget {
+            if started.elapsed().saturating_sub(ctx.data().host_time).saturating_add(ctx.data().slept) < budget {
                 Ok(wasmtime::UpdateDeadline::Continue(1))
             } else {
                 Err(wasmtime::Error::new(Trap::Interrupt))
             }
         });
         let result = f(&mut store);
-        let elapsed = started.elapsed().saturating_sub(store.data().host_time);
+        let elapsed = started.elapsed().saturating_sub(store.data().host_time).saturating_add(store.data().slept).min(Duration::from_secs(u32::MAX as u64));
         let result = result.map_err(|e| {
             let output = String::from_utf8_lossy(&stderr.contents()).trim().to_string();
             classify_failure(e, recipe, call, self.limits, elapsed, output)
@@ -384,7 +407,7 @@ fn classify_failure(e: wasmtime::Error, recipe: String, call: &'static str, limi
         let tail: Vec<&str> = output.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
         reason.push_str(&format!("; its output: {}", tail.join(" | ")));
     }
-    RecipeError::Trap { recipe, call, reason }
+    RecipeError::Trap { recipe, call, reason: untrusted(&reason) }
 }
 
 #[cfg(test)]
