@@ -31,13 +31,14 @@ has() { [ -z "${ARGS// /}" ] || [[ "$ARGS" == *" $1 "* ]]; }
 
 if has tests; then
   QUANTSMITH_REQUIRE_GPU=1 QUANTSMITH_REQUIRE_NVRTC=1 step "$W/bin/nn_gpu_dit" --test-threads 1 2>&1 | tail -40 | tee "$O/nn_gpu_dit.log"
-  QUANTSMITH_REQUIRE_GPU=1 step "$W/bin/libtests" models::text::t5::tests::cuda_bf16_matches_cpu --nocapture 2>&1 | tail -10 | tee "$O/t5_gpu.log"
+  QUANTSMITH_REQUIRE_GPU=1 step "$W/bin/libtests" models::text::t5::tests::cuda_bf16_matches_cpu --nocapture > "$O/t5_gpu.log" 2>&1; tail -25 "$O/t5_gpu.log"
 fi
 ref() {  # family-variant, synth args...
   local name=$1; shift
   local c=$W/$name.safetensors
   step "$RR" synth "$@" --scale full --init conditioned -o "$c" || return
-  step python3 scripts/dit_reference.py all "$c" --host "$RR" --work "$W/ref-$name" 2>&1 | tail -30 | tee "$O/ref-$name.txt"
+  step python3 scripts/dit_reference.py all "$c" --host "$RR" --work "$W/ref-$name" > "$O/ref-$name.txt" 2>&1
+  grep -i -E "rel|pass|l2|error|Traceback" "$O/ref-$name.txt" | head -30
   # The 1024² step (batch 1; FLUX: 512 T5 tokens, SD3: 154), host bf16 vs diffusers bf16.
   local tokens=512; [ "${name%%-*}" = sd3 ] && tokens=154
   step python3 scripts/dit_reference.py make-inputs "$c" -o "$W/$name-1024.safetensors" --latent 128 --tokens $tokens
