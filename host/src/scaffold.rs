@@ -171,7 +171,7 @@ The recipe is the single file `target/wasm32-wasip2/release/{wasm}.wasm`.
     run-recipe check {family}-tiny.safetensors out.safetensors
 
 `quantsmith-recipe-sdk/` is a vendored copy of the SDK and `quantsmith-recipe-sdk/wit/`
-the contract it speaks (`quantsmith:recipe@0.1.2`); see the SDK's rustdoc
+the contract it speaks (`quantsmith:recipe@0.1.3`); see the SDK's rustdoc
 (`cargo doc -p quantsmith-recipe-sdk --open`).
 "#,
         wasm = name.replace('-', "_")
