@@ -161,3 +161,25 @@ fn forward_refuses_malformed_inputs_with_exit_code_3() {
     assert_eq!(code, Some(3), "{stderr}");
     assert!(stderr.contains("has no `x` tensor"), "{stderr}");
 }
+
+#[test]
+fn a_tensor_comfyui_cannot_load_is_refused_not_passed_through() {
+    // An F8_E8M0 tensor beside the model would pass through byte for byte and make
+    // the output unloadable in ComfyUI: refused (exit 3) before anything is written.
+    let dir = tempfile::tempdir().unwrap();
+    let good = synth_tiny(dir.path(), "sd15");
+    let bytes = std::fs::read(&good).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let scales = [127u8, 128, 126, 127];
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.iter().map(|(n, v)| (n.to_string(), v)).collect();
+    tensors.push(("extra.block_scales".into(), safetensors::tensor::TensorView::new(safetensors::Dtype::F8_E8M0, vec![4], &scales).unwrap()));
+    let input = dir.path().join("with-e8m0.safetensors");
+    safetensors::serialize_to_file(tensors, meta.metadata().clone(), &input).unwrap();
+    let output = dir.path().join("out.safetensors");
+    let err = run(&input, &output, None, &["format=fp8"]).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(err.chain().any(|c| c.is::<quantsmith::error::Refused>()), "bad input (exit 3): {msg}");
+    assert!(msg.contains("extra.block_scales") && msg.contains("F8_E8M0"), "{msg}");
+    assert_no_output(dir.path(), &output);
+}

@@ -261,6 +261,15 @@ pub fn convert(ckpt: &Checkpoint, plan: &ResolvedPlan, backend: &dyn Backend, op
     let started = Instant::now();
     let items = build_items(ckpt, plan, opts.layout, &opts.input_scales, &opts.smoothing, opts.uncalibrated_fp8)?;
     let planned_tensors = planned(&items, opts.layout);
+    // A tensor passed through in a dtype ComfyUI cannot load would make the whole
+    // output unloadable: refused before anything is written.
+    if let Some(t) = planned_tensors.iter().find(|t| !crate::evaluate::COMFY_DTYPES.contains(&t.dtype)) {
+        return Err(crate::error::Refused(format!(
+            "tensor {} is stored as {:?}, which ComfyUI does not load; this tool passes it through unchanged, so the output would not load either",
+            t.name, t.dtype
+        ))
+        .into());
+    }
     let mut metadata: HashMap<String, String> = ckpt.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     metadata.extend(opts.metadata.clone());
     if opts.layout == Layout::Comfy && plan.quantized().next().is_some() {

@@ -122,6 +122,9 @@ pub struct StreamingWriter {
 
 /// The header bytes (length prefix excluded): `__metadata__` with sorted keys, then
 /// the tensors in plan order, padded with spaces to 8 bytes as the reference writer does.
+/// The largest header safetensors readers load.
+pub const MAX_HEADER_BYTES: usize = 100_000_000;
+
 pub fn header_bytes(planned: &[PlannedTensor], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
     let mut offset = 0usize;
     let mut infos = Vec::with_capacity(planned.len());
@@ -148,6 +151,14 @@ pub fn header_bytes(planned: &[PlannedTensor], metadata: &BTreeMap<String, Strin
     let mut header = serde_json::to_vec(&root)?;
     let pad = (8 - header.len() % 8) % 8;
     header.extend(std::iter::repeat_n(b' ', pad));
+    // safetensors readers (ComfyUI's included) refuse larger headers.
+    if header.len() > MAX_HEADER_BYTES {
+        return Err(crate::error::Refused(format!(
+            "the output's header would be {} bytes, over the {MAX_HEADER_BYTES} safetensors readers accept (too many tensors or too long names or metadata)",
+            header.len()
+        ))
+        .into());
+    }
     Ok(header)
 }
 
@@ -332,6 +343,16 @@ mod tests {
     }
 
     /// The header is a function of its inputs: metadata sorted by key, tensors in plan order.
+    #[test]
+    fn a_header_over_the_safetensors_limit_is_refused() {
+        let meta: BTreeMap<String, String> = [("huge".to_string(), "x".repeat(MAX_HEADER_BYTES))].into_iter().collect();
+        let err = header_bytes(&[t("a", &[2])], &meta).unwrap_err();
+        assert!(err.is::<crate::error::Refused>(), "{err:#}");
+        assert!(format!("{err:#}").contains("safetensors readers accept"), "{err:#}");
+        let small: BTreeMap<String, String> = [("k".to_string(), "v".repeat(1000))].into_iter().collect();
+        assert!(header_bytes(&[t("a", &[2])], &small).is_ok());
+    }
+
     #[test]
     fn header_bytes_are_ordered() {
         let meta: BTreeMap<String, String> = [("b", "2"), ("a", "1"), ("c", "3")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
