@@ -211,7 +211,8 @@ impl CalibrationPlan {
     }
 
     /// Negative and positive conditioning of sample `i`.
-    fn conditioning(&self, source: Source, info: &host::CalibrationInfo, i: u32) -> Result<(Conditioning, Conditioning), String> {
+    /// Sample `i`'s negative (only when `cfg`: FLUX samples without one) and positive conditioning.
+    fn conditioning(&self, source: Source, info: &host::CalibrationInfo, i: u32, cfg: bool) -> Result<(Option<Conditioning>, Conditioning), String> {
         let (w, h) = (self.resolution, self.resolution);
         let random = |seed: u64| ConditioningSource::Random(RandomConditioning { count: 1, seed, spread: 1.0 });
         let neg_seed = self.seed.wrapping_mul(0x9E37_79B9).wrapping_add(2 * i as u64 + 1);
@@ -227,7 +228,8 @@ impl CalibrationPlan {
             }
             _ => (random(neg_seed), random(pos_seed)),
         };
-        Ok((host::new_conditioning(&neg, w, h)?, host::new_conditioning(&pos, w, h)?))
+        let neg = if cfg { Some(host::new_conditioning(&neg, w, h)?) } else { None };
+        Ok((neg, host::new_conditioning(&pos, w, h)?))
     }
 
     /// Walks `samples` Euler trajectories of `steps` steps with CFG and returns
@@ -245,11 +247,11 @@ impl CalibrationPlan {
         let sigmas = &sched.sigmas;
         let channels = info.latent_channels as u64;
         for i in 0..self.samples {
-            let (neg, pos) = self.conditioning(source, &info, i)?;
+            let (neg, pos) = self.conditioning(source, &info, i, sampling.classifier_free_guidance)?;
             // FLUX samples one conditioning, its guidance an input of the model;
             // every other family batches negative and positive for CFG.
-            let cond = if sampling.classifier_free_guidance {
-                host::concat_conditioning(&[&neg, &pos])?
+            let cond = if let Some(neg) = &neg {
+                host::concat_conditioning(&[neg, &pos])?
             } else if sampling.distilled_guidance.is_some() {
                 sampling::with_guidance(&pos, self.guidance)?
             } else {
