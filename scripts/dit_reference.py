@@ -203,28 +203,33 @@ def cmd_make_inputs(a):
 
 
 def forward(model, fam, inputs, dtype, device):
+    with torch.inference_mode():
+        return call(model, fam, inputs, dtype, device)
+
+
+def call(model, fam, inputs, dtype, device):
+    """One forward call in whatever grad mode the caller holds (ModelOpt's
+    calibrators need no_grad, not inference_mode)."""
     x = inputs["x"].to(device, dtype)
     ctx = inputs["context"].to(device, dtype)
     y = inputs["y"].to(device, dtype)
     ts = inputs["timesteps"].to(device)
     b, c, h, w = x.shape
-    with torch.inference_mode():
-        if fam == "sd3":
-            return model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=ts,
-                         return_dict=False)[0]
-        # diffusers' FluxPipeline._pack_latents / _prepare_latent_image_ids / _unpack_latents
-        packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-        img_ids = torch.zeros(h // 2, w // 2, 3)
-        img_ids[..., 1] = torch.arange(h // 2)[:, None]
-        img_ids[..., 2] = torch.arange(w // 2)[None, :]
-        img_ids = img_ids.reshape(-1, 3).to(device, dtype)
-        txt_ids = torch.zeros(ctx.shape[1], 3, device=device, dtype=dtype)
-        g = inputs.get("guidance")
-        out = model(hidden_states=packed, encoder_hidden_states=ctx, pooled_projections=y, timestep=ts,
-                    img_ids=img_ids, txt_ids=txt_ids, guidance=None if g is None else g.to(device),
-                    return_dict=False)[0]
-        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
-
+    if fam == "sd3":
+        return model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=ts,
+                     return_dict=False)[0]
+    # diffusers' FluxPipeline._pack_latents / _prepare_latent_image_ids / _unpack_latents
+    packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+    img_ids = torch.zeros(h // 2, w // 2, 3)
+    img_ids[..., 1] = torch.arange(h // 2)[:, None]
+    img_ids[..., 2] = torch.arange(w // 2)[None, :]
+    img_ids = img_ids.reshape(-1, 3).to(device, dtype)
+    txt_ids = torch.zeros(ctx.shape[1], 3, device=device, dtype=dtype)
+    g = inputs.get("guidance")
+    out = model(hidden_states=packed, encoder_hidden_states=ctx, pooled_projections=y, timestep=ts,
+                img_ids=img_ids, txt_ids=txt_ids, guidance=None if g is None else g.to(device),
+                return_dict=False)[0]
+    return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 def run_reference(checkpoint, inputs_path, output, dtype_name, device_name, repeat=0):
     dtype, device = DTYPES[dtype_name], torch.device(device_name)

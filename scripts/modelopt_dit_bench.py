@@ -68,7 +68,7 @@ def main():
             for inp in batch:
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                forward_no_grad(m, fam, inp, dtype, dev)
+                D.call(m, fam, inp, dtype, dev)
                 torch.cuda.synchronize()
                 out.append(time.perf_counter() - t0)
         return out
@@ -98,28 +98,6 @@ def main():
         "peak_alloc_GiB": round(peak / 2**30, 2), "weights_GiB": round(weights / 2**30, 2),
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "modelopt": modelopt.__version__,
     }))
-
-
-def forward_no_grad(model, fam, inputs, dtype, device):
-    """dit_reference.forward's call, outside inference_mode (ModelOpt's calibrators
-    update their amax buffers afterwards, which inference tensors forbid); the
-    caller holds no_grad."""
-    x = inputs["x"].to(device, dtype)
-    ctx = inputs["context"].to(device, dtype)
-    y = inputs["y"].to(device, dtype)
-    ts = inputs["timesteps"].to(device)
-    b, c, h, w = x.shape
-    if fam == "sd3":
-        return model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=ts, return_dict=False)[0]
-    packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-    img_ids = torch.zeros(h // 2, w // 2, 3)
-    img_ids[..., 1] = torch.arange(h // 2)[:, None]
-    img_ids[..., 2] = torch.arange(w // 2)[None, :]
-    img_ids = img_ids.reshape(-1, 3).to(device, dtype)
-    txt_ids = torch.zeros(ctx.shape[1], 3, device=device, dtype=dtype)
-    g = inputs.get("guidance")
-    return model(hidden_states=packed, encoder_hidden_states=ctx, pooled_projections=y, timestep=ts,
-                 img_ids=img_ids, txt_ids=txt_ids, guidance=None if g is None else g.to(device), return_dict=False)[0]
 
 
 if __name__ == "__main__":
