@@ -231,6 +231,7 @@ def call(model, fam, inputs, dtype, device):
                 return_dict=False)[0]
     return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
+
 def run_reference(checkpoint, inputs_path, output, dtype_name, device_name, repeat=0):
     dtype, device = DTYPES[dtype_name], torch.device(device_name)
     if dtype == torch.float32:
