@@ -3,7 +3,10 @@
 //! pairs for SD3, distilled guidance for FLUX.1-dev, none for schnell) through
 //! the WIT 0.1.3 `sampling` interface, observed activations become static
 //! scales in the real output file, SmoothQuant folds into the adaLN modulation
-//! rows and V rows, and bad text-encoder inputs are refused before any work.
+//! rows and V rows, bad text-encoder inputs are refused before any work, and
+//! prompts run end to end (`run-recipe synth`, `run`, `check`) through
+//! `--text-encoder` files on tiny models whose text widths are the tiny
+//! encoders' (`synth --tiny-text`).
 
 mod common;
 
