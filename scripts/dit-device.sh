@@ -12,7 +12,7 @@
 #     && tar -C .device/dit -cJf .device/dit-bins.tar.xz run-recipe nn_gpu_dit libtests
 #   bash scripts/device-wheels.sh download
 #   # device tool: carry [".device/dit-bins.tar.xz", ".device/wheels"]; command:
-#   bash scripts/dit-device.sh [tests] [flux] [sd3] [calib]
+#   bash scripts/dit-device.sh [tests] [t5] [flux] [sd3] [calib]
 set -uo pipefail
 D=${QS_DEVICE_DIR:-.device}
 W=${WORK:-/tmp/qs}
@@ -32,6 +32,19 @@ has() { [ -z "${ARGS// /}" ] || [[ "$ARGS" == *" $1 "* ]]; }
 if has tests; then
   QUANTSMITH_REQUIRE_GPU=1 QUANTSMITH_REQUIRE_NVRTC=1 step "$W/bin/nn_gpu_dit" --test-threads 1 2>&1 | tail -40 | tee "$O/nn_gpu_dit.log"
   QUANTSMITH_REQUIRE_GPU=1 step "$W/bin/libtests" models::text::t5::tests::cuda_bf16_matches_cpu --nocapture > "$O/t5_gpu.log" 2>&1; tail -25 "$O/t5_gpu.log"
+fi
+if has t5; then
+  # T5 in bf16: transformers' f32 against our CPU f32 (1e-5), transformers' own bf16
+  # against its f32 (T5's sensitivity), our CUDA bf16 against transformers' f32 (no
+  # further than theirs), on cuda_bf16_matches_cpu's own weights and on a tiny T5-XXL.
+  QUANTSMITH_T5_DUMP=$W/t5-test.safetensors step "$W/bin/libtests" models::text::t5::tests::dump_bf16_test_model --exact --nocapture > "$O/t5-dump.log" 2>&1
+  step "$RR" synth t5xxl --scale tiny -o "$W/t5-tiny.safetensors" > /dev/null
+  for m in t5-test t5-tiny; do
+    step python3 scripts/t5_reference.py "$W/$m.safetensors" "$W/$m-ref.safetensors" --batch 2 --tokens 300 --bf16 2>&1 | tail -5 | tee "$O/$m-reference.txt"
+    QUANTSMITH_REQUIRE_GPU=1 QUANTSMITH_T5_MODEL=$W/$m.safetensors QUANTSMITH_T5_REFERENCE=$W/$m-ref.safetensors \
+      step "$W/bin/libtests" models::text::t5::tests::matches_transformers --exact --nocapture > "$O/$m-host.log" 2>&1
+    grep -E "relative L2|panicked|test result" "$O/$m-host.log"
+  done
 fi
 ref() {  # family-variant, synth args...
   local name=$1; shift

@@ -74,6 +74,11 @@ enum Command {
         /// behave like trained ones: bf16 moves their output little; for comparisons).
         #[arg(long, default_value = "default")]
         init: String,
+        /// sd3 and flux at tiny scale: text context and pooled widths of the tiny
+        /// synthetic text encoders (`synth clip-l|clip-g|t5xxl --scale tiny`) instead
+        /// of the real 4096 / 2048 / 768, so prompts run end to end on them.
+        #[arg(long)]
+        tiny_text: bool,
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -352,6 +357,7 @@ fn dispatch(command: Command) -> Result<()> {
             variant,
             full_checkpoint,
             init,
+            tiny_text,
             output,
         } => {
             if let Some(kind) = text_encoder_kind(&family) {
@@ -361,6 +367,10 @@ fn dispatch(command: Command) -> Result<()> {
             checks::output_path("-o", &output, None, true)?;
             opts.init =
                 quantsmith::synth::SynthInit::parse(&init).map_err(|e| bad(format!("{e:#}")))?;
+            opts.tiny_text = tiny_text;
+            if tiny_text && (opts.scale != Scale::Tiny || !matches!(opts.family, Family::Sd3 | Family::Flux)) {
+                return Err(usage("--tiny-text is for sd3 and flux at --scale tiny"));
+            }
             let pb = progress_bar(!matches!(opts.scale, Scale::Tiny));
             let summary = synth::write(&opts, &output, |done, total| {
                 pb.set_length(total);

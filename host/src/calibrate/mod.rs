@@ -160,6 +160,7 @@ pub fn run(
         return Ok(Outcome::Skipped(reason));
     }
     let arch = crate::models::arch::Architecture::of(family, variant)?;
+    let arch = crate::models::denoiser::with_text_widths(arch, ctx.checkpoint.as_ref(), ctx.checkpoint.prefix())?;
     let layers: Vec<&LayerDecision> = plan.quantized().collect();
     let observed: Vec<(String, ObserverSpec)> = layers
         .iter()
@@ -230,6 +231,7 @@ where
     let started = Instant::now();
     let device = ops.name();
     tracing::info!("calibrating on {device}: {} observed module inputs", inputs.observed.len());
+    let text_notes = inputs.text.as_ref().map(|t| t.describe()).unwrap_or_default();
     let session = Session::new(ops, inputs)?;
     let (result, session) = recipe.calibrate(ctx, params.to_vec(), Box::new(session))?;
     let settings: CalibrationSettings = match result {
@@ -332,7 +334,7 @@ where
     Ok(Outcome::Calibrated(Box::new(Calibration {
         input_scales,
         smoothing,
-        report: CalibrationReport { algorithm, device, seconds, session: stats, notes: settings.notes, layers: report_layers, smoothing: smoothing_report, eval },
+        report: CalibrationReport { algorithm, device, seconds, session: stats, notes: settings.notes.into_iter().chain(text_notes).collect(), layers: report_layers, smoothing: smoothing_report, eval },
     })))
 }
 
