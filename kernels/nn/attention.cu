@@ -1,12 +1,9 @@
 // Fused attention (FlashAttention-2 forward) on bf16 tensor cores.
 //
 // q [B, Nq, H*D], k/v [B, Nk, H*D] -> o [B, Nq, H*D]; softmax(QK^T / sqrt(D)) V
-// without materialising the scores: each block owns 16 x WARPS queries of one
-// (batch, head), WARPS warps of 16 query rows (4: nn_flash_attn_d<DP>, 8:
-// nn_flash_attn_d<DP>_w8, which shares each K/V tile among twice the queries),
-// and walks the keys in tiles of 64 with an online softmax in f32. The softmax
-// scale is folded into the exponent (exp2(s * scale_log2 - m * scale_log2), one
-// FMA), as FlashAttention-2 does. Products use mma.sync m16n8k16 (bf16 in,
+// without materialising the scores: each block owns 64 queries of one
+// (batch, head), four warps of 16 query rows, and walks the keys in tiles of
+// 64 with an online softmax in f32. Products use mma.sync m16n8k16 (bf16 in,
 // f32 accumulate); the probabilities enter the PV product as bf16, as they do
 // in the unfused path.
 //
@@ -15,6 +12,9 @@
 // tiles are double-streamed: V of a tile loads while QK^T runs, K of the next
 // while PV runs. The host picks the instance nn_flash_attn_d<DP>.
 
+#define FA_BQ 64
+#define FA_BK 64
+#define FA_THREADS 128
 
 QS_DEV void fa_mma(float c[4], const u32 a[4], const u32 b[2]) {
     asm volatile(
@@ -63,17 +63,9 @@ QS_DEV u32 fa_ld2(const u16* __restrict__ base, i64 row, int col, i64 rows, int 
 // One 64 x DP tile of K or V (rows k0.., head columns) into shared memory,
 // zero-filled past the last key and past D. D % 8 == 0 keeps every 16-byte
 // piece inside one row and aligned.
-// 2^x on the SFU (ex2.approx, flush-to-zero): the probabilities are rounded
-// to bf16 before they are used, far coarser than its 2 ulp.
-QS_DEV float fa_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
-template <int DP, int BK, int THREADS>
+template <int DP>
 QS_DEV void fa_load_tile(u16 (*dst)[DP + 8], const u16* __restrict__ src, i64 k0, i64 nk, int d, i64 ld) {
-    for (int i = threadIdx.x; i < BK * (DP / 8); i += THREADS) {
+    for (int i = threadIdx.x; i < FA_BK * (DP / 8); i += FA_THREADS) {
         const int row = i / (DP / 8);
         const int col = 8 * (i - row * (DP / 8));
         const bool valid = k0 + row < nk && col < d;
@@ -81,16 +73,11 @@ QS_DEV void fa_load_tile(u16 (*dst)[DP + 8], const u16* __restrict__ src, i64 k0
     }
 }
 
-// WARPS warps of MT x 16 query rows each; key tiles of BK. With MT = 2 every
-// K / V fragment read from shared memory feeds two MMAs per warp instead of one.
-template <int DP, int WARPS, int MT, int BK>
+template <int DP>
 QS_DEV void fa_forward(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, u16* __restrict__ o,
                        i64 nq, i64 nk, int heads, int d, float scale_log2, int causal) {
-    __shared__ __align__(16) u16 ks[BK][DP + 8];
-    __shared__ __align__(16) u16 vs[BK][DP + 8];
-    constexpr int WQ = 16 * MT;
-    constexpr int BQ = WQ * WARPS;
-    constexpr int THREADS = 32 * WARPS;
+    __shared__ __align__(16) u16 ks[FA_BK][DP + 8];
+    __shared__ __align__(16) u16 vs[FA_BK][DP + 8];
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2;
@@ -101,201 +88,155 @@ QS_DEV void fa_forward(const u16* __restrict__ q, const u16* __restrict__ k, con
     const u16* qb = q + (i64)b * nq * hd + (i64)h * d;
     const u16* kb = k + (i64)b * nk * hd + (i64)h * d;
     const u16* vb = v + (i64)b * nk * hd + (i64)h * d;
-    const i64 q0 = (i64)blockIdx.x * BQ;
-    const i64 wq0 = q0 + warp * WQ;
+    const i64 q0 = (i64)blockIdx.x * FA_BQ;
+    const i64 wq0 = q0 + warp * 16;
+    const i64 r0 = wq0 + g;
+    const i64 r1 = r0 + 8;
 
-    const i64 kend = causal ? min(nk, q0 + BQ) : nk;
-    fa_load_tile<DP, BK, THREADS>(ks, kb, 0, nk, d, hd);
+    const i64 kend = causal ? min(nk, q0 + FA_BQ) : nk;
+    fa_load_tile<DP>(ks, kb, 0, nk, d, hd);
     fa_cp_commit();
 
-    // Row g (and g + 8) of m-tile m is query wq0 + 16 m + g (+ 8).
-    u32 qf[MT][DP / 16][4];
+    u32 qf[DP / 16][4];
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-        const i64 r0 = wq0 + 16 * m + g;
-#pragma unroll
-        for (int kk = 0; kk < DP / 16; ++kk) {
-            qf[m][kk][0] = fa_ld2(qb, r0, kk * 16 + 2 * t, nq, d, hd);
-            qf[m][kk][1] = fa_ld2(qb, r0 + 8, kk * 16 + 2 * t, nq, d, hd);
-            qf[m][kk][2] = fa_ld2(qb, r0, kk * 16 + 2 * t + 8, nq, d, hd);
-            qf[m][kk][3] = fa_ld2(qb, r0 + 8, kk * 16 + 2 * t + 8, nq, d, hd);
-        }
+    for (int kk = 0; kk < DP / 16; ++kk) {
+        qf[kk][0] = fa_ld2(qb, r0, kk * 16 + 2 * t, nq, d, hd);
+        qf[kk][1] = fa_ld2(qb, r1, kk * 16 + 2 * t, nq, d, hd);
+        qf[kk][2] = fa_ld2(qb, r0, kk * 16 + 2 * t + 8, nq, d, hd);
+        qf[kk][3] = fa_ld2(qb, r1, kk * 16 + 2 * t + 8, nq, d, hd);
     }
 
-    float acc[MT][DP / 8][4];
-    float mrow[MT][2];
-    float lrow[MT][2];
+    float acc[DP / 8][4];
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-#pragma unroll
-        for (int n = 0; n < DP / 8; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.0f;
-        mrow[m][0] = mrow[m][1] = -3.402823466e38f;
-        lrow[m][0] = lrow[m][1] = 0.0f;
-    }
+    for (int n = 0; n < DP / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    float mrow[2] = {-3.402823466e38f, -3.402823466e38f};
+    float lrow[2] = {0.0f, 0.0f};
     // Shared-memory rows this lane addresses in ldmatrix (see fa_ldsm4).
     const int mi = lane >> 3;
     const int mr = lane & 7;
 
-    for (i64 k0 = 0; k0 < kend; k0 += BK) {
+    for (i64 k0 = 0; k0 < kend; k0 += FA_BK) {
         // V of this tile streams in while S is computed; K of the next while PV is.
-        fa_load_tile<DP, BK, THREADS>(vs, vb, k0, nk, d, hd);
+        fa_load_tile<DP>(vs, vb, k0, nk, d, hd);
         fa_cp_commit();
         fa_cp_wait<1>();
         __syncthreads();
 
-        // S = Q K^T for this warp's rows and the tile's BK keys.
-        float s[MT][BK / 8][4];
+        // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
+        float s[FA_BK / 8][4];
 #pragma unroll
-        for (int m = 0; m < MT; ++m) {
-#pragma unroll
-            for (int j = 0; j < BK / 8; ++j) s[m][j][0] = s[m][j][1] = s[m][j][2] = s[m][j][3] = 0.0f;
-        }
+        for (int j = 0; j < FA_BK / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < DP / 16; ++kk) {
 #pragma unroll
-            for (int j = 0; j < BK / 8; j += 2) {
+            for (int j = 0; j < FA_BK / 8; j += 2) {
                 u32 r[4];
                 fa_ldsm4(r, &ks[(j + (mi >> 1)) * 8 + mr][kk * 16 + (mi & 1) * 8]);
                 const u32 b0[2] = {r[0], r[1]};
                 const u32 b1[2] = {r[2], r[3]};
-#pragma unroll
-                for (int m = 0; m < MT; ++m) {
-                    fa_mma(s[m][j], qf[m][kk], b0);
-                    fa_mma(s[m][j + 1], qf[m][kk], b1);
-                }
+                fa_mma(s[j], qf[kk], b0);
+                fa_mma(s[j + 1], qf[kk], b1);
             }
         }
         __syncthreads();  // every warp is done with ks
-        if (k0 + BK < kend) fa_load_tile<DP, BK, THREADS>(ks, kb, k0 + BK, nk, d, hd);
+        if (k0 + FA_BK < kend) fa_load_tile<DP>(ks, kb, k0 + FA_BK, nk, d, hd);
         fa_cp_commit();
 
-        // Raw scores (the scale is folded into the exponent below); mask keys past
-        // the end (and, causal, after the query) only in the tiles that have such
-        // keys for this warp.
-        const bool masked = k0 + BK > nk || (causal && k0 + BK - 1 > wq0);
+        // Scale into log2 units; mask keys past the end (and, causal, after the
+        // query) only in the tiles that have such keys for this warp.
+        const bool masked = k0 + FA_BK > nk || (causal && k0 + FA_BK - 1 > wq0);
+        float mx[2] = {-3.402823466e38f, -3.402823466e38f};
 #pragma unroll
-        for (int m = 0; m < MT; ++m) {
-            const i64 r0 = wq0 + 16 * m + g;
-            float mx[2] = {-3.402823466e38f, -3.402823466e38f};
+        for (int j = 0; j < FA_BK / 8; ++j) {
 #pragma unroll
-            for (int j = 0; j < BK / 8; ++j) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float val = s[m][j][e];
-                    if (masked) {
-                        const i64 key = k0 + j * 8 + 2 * t + (e & 1);
-                        const i64 row = e < 2 ? r0 : r0 + 8;
-                        if (key >= nk || (causal && key > row)) val = -3.402823466e38f;
-                    }
-                    s[m][j][e] = val;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], val);
+            for (int e = 0; e < 4; ++e) {
+                float val = s[j][e] * scale_log2;
+                if (masked) {
+                    const i64 key = k0 + j * 8 + 2 * t + (e & 1);
+                    const i64 row = e < 2 ? r0 : r1;
+                    if (key >= nk || (causal && key > row)) val = -3.402823466e38f;
                 }
+                s[j][e] = val;
+                mx[e >> 1] = fmaxf(mx[e >> 1], val);
             }
-            float alpha[2];
+        }
+        float alpha[2];
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-                const float mnew = fmaxf(mrow[m][r], mx[r]);
-                // scale_log2 > 0, so the max of raw scores is the max of scaled ones.
-                alpha[r] = fa_exp2((mrow[m][r] - mnew) * scale_log2);
-                mrow[m][r] = mnew;
+        for (int r = 0; r < 2; ++r) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float mnew = fmaxf(mrow[r], mx[r]);
+            alpha[r] = exp2f(mrow[r] - mnew);
+            mrow[r] = mnew;
+        }
+        // Key 0 is never masked, so every row's max is finite from the first
+        // tile on and a masked score (-FLT_MAX) gives exp2 -> 0.
+        float ls[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int j = 0; j < FA_BK / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float p = exp2f(s[j][e] - mrow[e >> 1]);
+                s[j][e] = p;
+                ls[e >> 1] += p;
             }
-            // Key 0 is never masked, so every row's max is finite from the first
-            // tile on and a masked score (-FLT_MAX) gives exp2 -> 0.
-            const float mscaled[2] = {mrow[m][0] * scale_log2, mrow[m][1] * scale_log2};
-            float ls[2] = {0.0f, 0.0f};
+        }
 #pragma unroll
-            for (int j = 0; j < BK / 8; ++j) {
+        for (int r = 0; r < 2; ++r) lrow[r] = lrow[r] * alpha[r] + ls[r];
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float p = fa_exp2(fmaf(s[m][j][e], scale_log2, -mscaled[e >> 1]));
-                    s[m][j][e] = p;
-                    ls[e >> 1] += p;
-                }
-            }
-#pragma unroll
-            for (int r = 0; r < 2; ++r) lrow[m][r] = lrow[m][r] * alpha[r] + ls[r];
-#pragma unroll
-            for (int n = 0; n < DP / 8; ++n) {
-                acc[m][n][0] *= alpha[0];
-                acc[m][n][1] *= alpha[0];
-                acc[m][n][2] *= alpha[1];
-                acc[m][n][3] *= alpha[1];
-            }
+        for (int n = 0; n < DP / 8; ++n) {
+            acc[n][0] *= alpha[0];
+            acc[n][1] *= alpha[0];
+            acc[n][2] *= alpha[1];
+            acc[n][3] *= alpha[1];
         }
 
         fa_cp_wait<1>();
         __syncthreads();
         // O += P V: the score fragments of key tiles (2kk, 2kk+1) are the A fragment of k-step kk.
 #pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-            u32 pa[MT][4];
-#pragma unroll
-            for (int m = 0; m < MT; ++m) {
-                pa[m][0] = fa_pack(s[m][2 * kk][0], s[m][2 * kk][1]);
-                pa[m][1] = fa_pack(s[m][2 * kk][2], s[m][2 * kk][3]);
-                pa[m][2] = fa_pack(s[m][2 * kk + 1][0], s[m][2 * kk + 1][1]);
-                pa[m][3] = fa_pack(s[m][2 * kk + 1][2], s[m][2 * kk + 1][3]);
-            }
+        for (int kk = 0; kk < FA_BK / 16; ++kk) {
+            u32 pa[4];
+            pa[0] = fa_pack(s[2 * kk][0], s[2 * kk][1]);
+            pa[1] = fa_pack(s[2 * kk][2], s[2 * kk][3]);
+            pa[2] = fa_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[3] = fa_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
             for (int n = 0; n < DP / 8; n += 2) {
                 u32 r[4];
                 fa_ldsm4_t(r, &vs[kk * 16 + (mi & 1) * 8 + mr][(n + (mi >> 1)) * 8]);
                 const u32 b0[2] = {r[0], r[1]};
                 const u32 b1[2] = {r[2], r[3]};
-#pragma unroll
-                for (int m = 0; m < MT; ++m) {
-                    fa_mma(acc[m][n], pa[m], b0);
-                    fa_mma(acc[m][n + 1], pa[m], b1);
-                }
+                fa_mma(acc[n], pa, b0);
+                fa_mma(acc[n + 1], pa, b1);
             }
         }
         __syncthreads();  // every warp is done with vs
     }
     fa_cp_wait<0>();
 
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 1);
+        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 2);
+    }
+    const float inv0 = lrow[0] > 0.0f ? 1.0f / lrow[0] : 0.0f;
+    const float inv1 = lrow[1] > 0.0f ? 1.0f / lrow[1] : 0.0f;
     u16* ob = o + (i64)b * nq * hd + (i64)h * d;
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            lrow[m][r] += __shfl_xor_sync(0xffffffffu, lrow[m][r], 1);
-            lrow[m][r] += __shfl_xor_sync(0xffffffffu, lrow[m][r], 2);
-        }
-        const float inv0 = lrow[m][0] > 0.0f ? 1.0f / lrow[m][0] : 0.0f;
-        const float inv1 = lrow[m][1] > 0.0f ? 1.0f / lrow[m][1] : 0.0f;
-        const i64 r0 = wq0 + 16 * m + g;
-        const i64 r1 = r0 + 8;
-#pragma unroll
-        for (int n = 0; n < DP / 8; ++n) {
-            const int col = n * 8 + 2 * t;
-            if (col < d) {
-                if (r0 < nq) *reinterpret_cast<u32*>(ob + r0 * hd + col) = fa_pack(acc[m][n][0] * inv0, acc[m][n][1] * inv0);
-                if (r1 < nq) *reinterpret_cast<u32*>(ob + r1 * hd + col) = fa_pack(acc[m][n][2] * inv1, acc[m][n][3] * inv1);
-            }
+    for (int n = 0; n < DP / 8; ++n) {
+        const int col = n * 8 + 2 * t;
+        if (col < d) {
+            if (r0 < nq) *reinterpret_cast<u32*>(ob + r0 * hd + col) = fa_pack(acc[n][0] * inv0, acc[n][1] * inv0);
+            if (r1 < nq) *reinterpret_cast<u32*>(ob + r1 * hd + col) = fa_pack(acc[n][2] * inv1, acc[n][3] * inv1);
         }
     }
 }
 
 #define FA_INSTANCE(DP)                                                                                                \
-    extern "C" __global__ void __launch_bounds__(128) nn_flash_attn_d##DP(                                            \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) nn_flash_attn_d##DP(                                     \
         const u16* q, const u16* k, const u16* v, u16* o, i64 nq, i64 nk, int heads, int d, float scale_log2, int causal) { \
-        fa_forward<DP, 4, 1, 64>(q, k, v, o, nq, nk, heads, d, scale_log2, causal);                                    \
-    }
-
-// For the head widths of FLUX (128) and SD3 (64): 8 warps of 16 rows (128
-// queries a block, each K/V tile shared by twice the warps), and 4 warps of 32
-// rows over key tiles of 32 (128 queries a block, each fragment read from
-// shared memory used by two MMAs).
-#define FA_INSTANCE_WIDE(DP)                                                                                           \
-    extern "C" __global__ void __launch_bounds__(256) nn_flash_attn_d##DP##_w8(                                       \
-        const u16* q, const u16* k, const u16* v, u16* o, i64 nq, i64 nk, int heads, int d, float scale_log2, int causal) { \
-        fa_forward<DP, 8, 1, 64>(q, k, v, o, nq, nk, heads, d, scale_log2, causal);                                    \
-    }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) nn_flash_attn_d##DP##_m32(                                      \
-        const u16* q, const u16* k, const u16* v, u16* o, i64 nq, i64 nk, int heads, int d, float scale_log2, int causal) { \
-        fa_forward<DP, 4, 2, 32>(q, k, v, o, nq, nk, heads, d, scale_log2, causal);                                    \
+        fa_forward<DP>(q, k, v, o, nq, nk, heads, d, scale_log2, causal);                                              \
     }
 
 FA_INSTANCE(32)
@@ -304,5 +245,3 @@ FA_INSTANCE(64)
 FA_INSTANCE(80)
 FA_INSTANCE(96)
 FA_INSTANCE(128)
-FA_INSTANCE_WIDE(64)
-FA_INSTANCE_WIDE(128)

@@ -4,8 +4,8 @@
 //! - GEMMs: cuBLASLt for Linear (bias fused as the epilogue), cuBLAS strided
 //!   batched GEMMs for attention and the convolution fallback; bf16 in, f32 compute.
 //! - Attention: a fused FlashAttention-2 kernel (`kernels/nn/attention.cu`,
-//!   bf16 tensor-core MMAs, online softmax in f32; block shapes [`FlashBlock`])
-//!   for head dims up to 128 that are multiples of 8; otherwise `S = QK^T / sqrt(D)` in f32 by cuBLAS,
+//!   bf16 tensor-core MMAs, online softmax in f32) for head dims up to 128
+//!   that are multiples of 8; otherwise `S = QK^T / sqrt(D)` in f32 by cuBLAS,
 //!   a softmax kernel writing bf16 probabilities, and `O = PV` written straight
 //!   into `[B, Nq, H*D]`, heads and queries in chunks whose score buffers stay
 //!   under [`ATTENTION_SCORE_BYTES`].
@@ -89,10 +89,6 @@ pub const KERNEL_NAMES: &[&str] = &[
     "nn_flash_attn_d80",
     "nn_flash_attn_d96",
     "nn_flash_attn_d128",
-    "nn_flash_attn_d64_w8",
-    "nn_flash_attn_d128_w8",
-    "nn_flash_attn_d64_m32",
-    "nn_flash_attn_d128_m32",
     "nn_rms_norm",
     "nn_mul",
     "nn_permute",
@@ -687,9 +683,7 @@ struct Kernels {
     fq_mxfp8: Kernel,
     /// By [`FLASH_HEAD_DIMS`].
     flash: [Kernel; 6],
-    /// The [`FlashBlock::Warps8`] and [`FlashBlock::Rows32`] instances for padded head dims 64 and 128.
-    flash_w8: [Kernel; 2],
-    flash_m32: [Kernel; 2],
+
     rms_norm: Kernel,
     mul: Kernel,
     permute: Kernel,
@@ -737,8 +731,7 @@ impl Kernels {
                 m.kernel("nn_flash_attn_d96")?,
                 m.kernel("nn_flash_attn_d128")?,
             ],
-            flash_w8: [m.kernel("nn_flash_attn_d64_w8")?, m.kernel("nn_flash_attn_d128_w8")?],
-            flash_m32: [m.kernel("nn_flash_attn_d64_m32")?, m.kernel("nn_flash_attn_d128_m32")?],
+
             rms_norm: m.kernel("nn_rms_norm")?,
             mul: m.kernel("nn_mul")?,
             permute: m.kernel("nn_permute")?,
@@ -751,31 +744,6 @@ impl Kernels {
             qkv_heads: m.kernel("nn_qkv_heads")?,
             concat_act: m.kernel("nn_concat_act")?,
         })
-    }
-}
-
-/// How the fused attention kernel splits queries among a block's warps
-/// (kernels/nn/attention.cu; set with `QUANTSMITH_FLASH_BLOCK=w8` or `m32`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FlashBlock {
-    /// 4 warps of 16 query rows (64 queries a block); every head dim.
-    Warps4,
-    /// 8 warps of 16 rows (128 queries; each K/V tile shared by twice the warps).
-    Warps8,
-    /// 4 warps of 32 rows over key tiles of 32 (128 queries; each K/V fragment
-    /// feeds two MMAs).
-    Rows32,
-}
-
-impl FlashBlock {
-    pub const ALL: [FlashBlock; 3] = [FlashBlock::Warps4, FlashBlock::Warps8, FlashBlock::Rows32];
-
-    fn from_env() -> FlashBlock {
-        match std::env::var("QUANTSMITH_FLASH_BLOCK").as_deref() {
-            Ok("w8") => FlashBlock::Warps8,
-            Ok("m32") => FlashBlock::Rows32,
-            _ => FlashBlock::Warps4,
-        }
     }
 }
 
@@ -809,8 +777,6 @@ pub struct CudaOps {
     use_cudnn: AtomicBool,
     attention_bytes: AtomicUsize,
     use_flash: AtomicBool,
-    /// The fused-attention block shape, as a [`FlashBlock`] index.
-    flash_block: AtomicUsize,
     obs: Mutex<Observers>,
     profiler: Option<Mutex<OpProfiler>>,
     staging: Mutex<Staging>,
@@ -909,7 +875,6 @@ impl CudaOps {
             use_cudnn,
             attention_bytes: AtomicUsize::new(ATTENTION_SCORE_BYTES),
             use_flash: AtomicBool::new(std::env::var_os("QUANTSMITH_NO_FLASH_ATTENTION").is_none()),
-            flash_block: AtomicUsize::new(FlashBlock::from_env() as usize),
             obs: Mutex::new(Observers::default()),
             profiler: std::env::var_os("QUANTSMITH_PROFILE_OPS")
                 .is_some_and(|v| !v.is_empty() && v != "0")
@@ -950,12 +915,6 @@ impl CudaOps {
     /// of 8) and cuBLAS GEMMs around a softmax kernel (any head dim).
     pub fn set_flash_attention(&self, on: bool) {
         self.use_flash.store(on, Ordering::Relaxed);
-    }
-
-    /// The fused-attention block shape for padded head dims 64 and 128 (others
-    /// always run [`FlashBlock::Warps4`]).
-    pub fn set_flash_block(&self, block: FlashBlock) {
-        self.flash_block.store(block as usize, Ordering::Relaxed);
     }
 
     /// Waits for every queued operation (for timing).
@@ -1523,25 +1482,13 @@ impl Ops for CudaOps {
             let (nqi, nki, hi, di) = (nq as i64, nk as i64, heads as i32, d as i32);
             let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
             let causal_i = causal as i32;
-            let wide = match FLASH_HEAD_DIMS[i] {
-                64 => Some(0),
-                128 => Some(1),
-                _ => None,
-            };
-            let block = FlashBlock::ALL[self.flash_block.load(Ordering::Relaxed)];
-            let (kernel, queries, threads) = match (block, wide) {
-                (FlashBlock::Warps8, Some(w)) => (self.k.flash_w8[w], 128, 256),
-                (FlashBlock::Rows32, Some(w)) => (self.k.flash_m32[w], 128, 128),
-                _ => (self.k.flash[i], 64, 128),
-            };
-            let grid = (nq.div_ceil(queries) as u32, (b * heads) as u32);
-            // SAFETY: one block of `threads` per `queries` queries of a (batch,
-            // head), as the instance is built; arguments match the kernel.
+            let grid = (nq.div_ceil(64) as u32, (b * heads) as u32);
+            // SAFETY: one block of 128 threads per 64 queries of a (batch, head); arguments match the kernel.
             unsafe {
-                kernel.launch_2d(
+                self.k.flash[i].launch_2d(
                     &self.stream,
                     grid,
-                    threads,
+                    128,
                     &mut [
                         arg(&qp),
                         arg(&kp),
