@@ -12,7 +12,7 @@
 #     && tar -C .device/dit -cJf .device/dit-bins.tar.xz run-recipe nn_gpu_dit libtests
 #   bash scripts/device-wheels.sh download
 #   # device tool: carry [".device/dit-bins.tar.xz", ".device/wheels"]; command:
-#   bash scripts/dit-device.sh [tests] [t5] [flux] [sd3] [calib]
+#   bash scripts/dit-device.sh [tests] [t5] [flux] [sd3] [profile] [calib]
 set -uo pipefail
 D=${QS_DEVICE_DIR:-.device}
 W=${WORK:-/tmp/qs}
@@ -60,6 +60,21 @@ ref() {  # family-variant, synth args...
 }
 has sd3 && ref sd3-large sd3 --variant 3.5-large
 has flux && ref flux-dev flux
+if has profile; then
+  # Step time, then the per-op device time table (QUANTSMITH_PROFILE_OPS=1,
+  # printed to stderr after the timing; events around every op, so its own
+  # median is a little slower than the plain run's).
+  for name in flux-dev sd3-large; do
+    c=$W/$name.safetensors; inp=$W/$name-1024.safetensors
+    tokens=512; synth=(flux); [ "${name%%-*}" = sd3 ] && { tokens=154; synth=(sd3 --variant 3.5-large); }
+    [ -f "$c" ] || step "$RR" synth "${synth[@]}" --scale full --init conditioned -o "$c" || continue
+    [ -f "$inp" ] || step python3 scripts/dit_reference.py make-inputs "$c" -o "$inp" --latent 128 --tokens $tokens || continue
+    step "$RR" forward "$c" --inputs "$inp" --out "$W/prof.safetensors" --device cuda --repeat 5 | tee "$O/step-$name-host.json"
+    QUANTSMITH_PROFILE_OPS=1 step "$RR" forward "$c" --inputs "$inp" --out "$W/prof.safetensors" \
+      --device cuda --repeat 3 2> "$O/profile-$name.txt" >/dev/null
+    grep -A40 "^op profile" "$O/profile-$name.txt"
+  done
+fi
 if has calib; then
   c=$W/flux-dev.safetensors
   [ -f "$c" ] || step "$RR" synth flux --scale full --init conditioned -o "$c"

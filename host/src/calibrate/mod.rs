@@ -300,10 +300,11 @@ where
     let smoothing_report = smooth::report(&smoothing, &channel_amax);
     let seconds = started.elapsed().as_secs_f64();
     tracing::info!(
-        "calibration: {} forward passes over {} steps in {:.1} s ({:.3} s per pass)",
+        "calibration: {} forward passes over {} steps in {:.1} s ({:.1} s loading the model, {:.3} s per pass)",
         stats.forwards,
         stats.steps.len(),
         seconds,
+        stats.load_seconds,
         stats.forward_seconds / stats.forwards as f64
     );
     // The evaluation runs on the same backend, after the recipe is done.
@@ -487,6 +488,8 @@ fn forward_with<O: Ops>(
     let out = run(&hooks)?;
     let values = ops.to_f32(&out)?;
     let first_seconds = started.elapsed().as_secs_f64();
+    // The op profile (QUANTSMITH_PROFILE_OPS=1 on CUDA) covers the timed passes only.
+    ops.profile_reset()?;
     let mut times = Vec::new();
     for _ in 0..repeat {
         let t0 = Instant::now();
@@ -496,6 +499,9 @@ fn forward_with<O: Ops>(
         times.push(t0.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
+    if let Some(table) = ops.profile_report()? {
+        eprintln!("op profile, {repeat} timed passes (device time between CUDA events around each op):\n{table}");
+    }
     let shape = ops.shape(&out);
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), &bytes)?;

@@ -135,7 +135,12 @@ pub struct SessionStats {
     pub samples: usize,
     /// Step buckets that received at least one forward pass.
     pub steps: Vec<usize>,
+    /// Host time in `denoise` calls. The device runs behind the host, so this is
+    /// the time to queue the passes plus whatever waiting the queue forced.
     pub forward_seconds: f64,
+    /// Loading the backbone onto the device and setting up the observers (part
+    /// of the calibration's wall time; ModelOpt's figure starts with the model loaded).
+    pub load_seconds: f64,
     pub peak_device_bytes: Option<u64>,
 }
 
@@ -261,6 +266,7 @@ pub struct Session<O: Ops> {
     samples: usize,
     steps: BTreeSet<usize>,
     forward_time: Duration,
+    load_time: Duration,
     smoothing_groups: Vec<smooth::Group>,
     smoothing: smooth::Smoothing,
     /// Real conditioning sources the recipe used (held-out inputs follow them).
@@ -278,6 +284,7 @@ where
 {
     /// Loads the backbone on `ops` and sets up the observers.
     pub fn new(ops: O, inputs: SessionInputs) -> Result<Session<O>> {
+        let started = Instant::now();
         let src: &dyn WeightSource = inputs.checkpoint.as_ref();
         let prefix = inputs.checkpoint.prefix().to_string();
         let model = Denoiser::load(&ops, src, &prefix, inputs.arch.clone()).context("loading the model for calibration")?;
@@ -312,6 +319,7 @@ where
             samples: 0,
             steps: BTreeSet::new(),
             forward_time: Duration::ZERO,
+            load_time: started.elapsed(),
             smoothing_groups,
             smoothing: smooth::Smoothing::default(),
             cond_sources: BTreeSet::new(),
@@ -758,6 +766,7 @@ where
             samples: self.samples,
             steps: self.steps.iter().copied().collect(),
             forward_seconds: self.forward_time.as_secs_f64(),
+            load_seconds: self.load_time.as_secs_f64(),
             peak_device_bytes: self.ops.peak_device_bytes(),
         }
     }
