@@ -426,7 +426,7 @@ fn attention_matches_reference() {
         (1, 200, 200, 2, 64, true, None), // causal over several key tiles
         (2, 70, 90, 3, 36, false, None),  // head dim not a multiple of 8
     ];
-    let paths = [Some(FlashVariant::Narrow), Some(FlashVariant::Wide), Some(FlashVariant::WideK32), None];
+    let paths = FlashVariant::ALL.map(Some).into_iter().chain([None]);
     for variant in paths {
         let flash = variant.is_some();
         o.set_flash_attention(flash);
@@ -887,7 +887,7 @@ fn timing_linear_conv_attention() {
     o.set_flash_attention(true);
     let qf = up(o, &[1, 4608, 3072], &randn(&mut rng, 4608 * 3072, 1.0));
     let qs = up(o, &[1, 4250, 38 * 64], &randn(&mut rng, 4250 * 38 * 64, 1.0));
-    for variant in [FlashVariant::Narrow, FlashVariant::Wide, FlashVariant::WideK32] {
+    for variant in FlashVariant::ALL {
         o.set_flash_variant(variant);
         time(&format!("attention FLUX 1x4608x4608, 24 heads x 128 (fused {variant:?})"), 4.0 * 24.0 * 4608.0 * 4608.0 * 128.0, &|| {
             let _ = o.attention(&qf, &qf, &qf, 24, false).unwrap();

@@ -272,7 +272,7 @@ fn fused_attention_at_dit_sizes() {
     let mut rng = StdRng::seed_from_u64(15);
     o.set_flash_attention(true);
     for (variant, &(n, heads, d)) in
-        [FlashVariant::Narrow, FlashVariant::Wide, FlashVariant::WideK32].into_iter().flat_map(|v| [(v, &(4608, 2, 128)), (v, &(4250, 2, 64))])
+        FlashVariant::ALL.into_iter().flat_map(|v| [(v, &(4608, 2, 128)), (v, &(4250, 2, 64))])
     {
         o.set_flash_variant(variant);
         let w = heads * d;

@@ -23,10 +23,14 @@ QS_DEV void fa_mma(float c[4], const u32 a[4], const u32 b[2]) {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-QS_DEV u32 fa_smem(const void* p) {
-    u32 r;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
-    return r;
+QS_DEV u32 fa_smem(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// 2^x in one MUFU op (flushes denormal results to zero, which the softmax
+// sums cannot tell apart).
+QS_DEV float fa_ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
 }
 
 // Four 8x8 b16 matrices; thread i addresses row i % 8 of matrix i / 8.
@@ -142,15 +146,16 @@ QS_DEV void fa_forward(const u16* __restrict__ q, const u16* __restrict__ k, con
         if (k0 + FA_BK < kend) fa_load_tile<DP>(ks, kb, k0 + FA_BK, nk, d, hd);
         fa_cp_commit();
 
-        // Scale into log2 units; mask keys past the end (and, causal, after the
-        // query) only in the tiles that have such keys for this warp.
+        // Mask keys past the end (and, causal, after the query) only in the
+        // tiles that have such keys for this warp; the scale into log2 units is
+        // folded into the exponent's FMA (the row max scales with it, scale > 0).
         const bool masked = k0 + FA_BK > nk || (causal && k0 + FA_BK - 1 > wq0);
         float mx[2] = {-3.402823466e38f, -3.402823466e38f};
 #pragma unroll
         for (int j = 0; j < FA_BK / 8; ++j) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                float val = s[j][e] * scale_log2;
+                float val = s[j][e];
                 if (masked) {
                     const i64 key = k0 + j * 8 + 2 * t + (e & 1);
                     const i64 row = e < 2 ? r0 : r1;
@@ -165,8 +170,8 @@ QS_DEV void fa_forward(const u16* __restrict__ q, const u16* __restrict__ k, con
         for (int r = 0; r < 2; ++r) {
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            const float mnew = fmaxf(mrow[r], mx[r]);
-            alpha[r] = exp2f(mrow[r] - mnew);
+            const float mnew = fmaxf(mrow[r], mx[r] * scale_log2);
+            alpha[r] = fa_ex2(mrow[r] - mnew);
             mrow[r] = mnew;
         }
         // Key 0 is never masked, so every row's max is finite from the first
@@ -176,7 +181,7 @@ QS_DEV void fa_forward(const u16* __restrict__ q, const u16* __restrict__ k, con
         for (int j = 0; j < FA_BK / 8; ++j) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const float p = exp2f(s[j][e] - mrow[e >> 1]);
+                const float p = fa_ex2(fmaf(s[j][e], scale_log2, -mrow[e >> 1]));
                 s[j][e] = p;
                 ls[e >> 1] += p;
             }
@@ -353,7 +358,7 @@ QS_DEV void fw_forward(const u16* __restrict__ q, const u16* __restrict__ k, con
             for (int j = 0; j < BK / 8; ++j) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    float val = s[m][j][e] * scale_log2;
+                    float val = s[m][j][e];
                     if (masked) {
                         const i64 key = k0 + j * 8 + 2 * t + (e & 1);
                         const i64 row = e < 2 ? r0 : r0 + 8;
@@ -368,8 +373,8 @@ QS_DEV void fw_forward(const u16* __restrict__ q, const u16* __restrict__ k, con
             for (int r = 0; r < 2; ++r) {
                 mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
                 mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-                const float mnew = fmaxf(mrow[m][r], mx[r]);
-                alpha[r] = exp2f(mrow[m][r] - mnew);
+                const float mnew = fmaxf(mrow[m][r], mx[r] * scale_log2);
+                alpha[r] = fa_ex2(mrow[m][r] - mnew);
                 mrow[m][r] = mnew;
             }
             // Key 0 is never masked (see fa_forward), so exp2 of a masked score is 0.
@@ -378,7 +383,7 @@ QS_DEV void fw_forward(const u16* __restrict__ q, const u16* __restrict__ k, con
             for (int j = 0; j < BK / 8; ++j) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const float p = exp2f(s[m][j][e] - mrow[m][e >> 1]);
+                    const float p = fa_ex2(fmaf(s[m][j][e], scale_log2, -mrow[m][e >> 1]));
                     s[m][j][e] = p;
                     ls[e >> 1] += p;
                 }
@@ -452,12 +457,21 @@ QS_DEV void fw_forward(const u16* __restrict__ q, const u16* __restrict__ k, con
         fa_forward<DP>(q, k, v, o, nq, nk, heads, d, scale_log2, causal);                                              \
     }
 
+// The same with a register cap for MB resident blocks per multiprocessor.
+#define FA_INSTANCE_MB(DP, MB)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, MB) nn_flash_attn_d##DP##_b##MB(                         \
+        const u16* q, const u16* k, const u16* v, u16* o, i64 nq, i64 nk, int heads, int d, float scale_log2, int causal) { \
+        fa_forward<DP>(q, k, v, o, nq, nk, heads, d, scale_log2, causal);                                              \
+    }
+
 FA_INSTANCE(32)
 FA_INSTANCE(48)
 FA_INSTANCE(64)
 FA_INSTANCE(80)
 FA_INSTANCE(96)
 FA_INSTANCE(128)
+FA_INSTANCE_MB(64, 4)
+FA_INSTANCE_MB(128, 3)
 
 // Dynamic shared memory: (128 + 2 * BK) rows of DP + 8 bf16 (fw_smem_bytes on the host).
 #define FW_INSTANCE(DP, BK)                                                                                            \
