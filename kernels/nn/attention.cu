@@ -56,7 +56,13 @@ QS_DEV void fa_cp_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N>
 QS_DEV void fa_cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
-QS_DEV u32 fa_pack(float lo, float hi) { return (u32)qs_f32_to_bf16(lo) | ((u32)qs_f32_to_bf16(hi) << 16); }
+// Two floats to a bf16 pair in one instruction (round to nearest even, as
+// qs_f32_to_bf16 for every non-NaN value; probabilities are never NaN).
+QS_DEV u32 fa_pack(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
 
 // A bf16 pair of row `row` at even column `col` (zero outside the matrix).
 QS_DEV u32 fa_ld2(const u16* __restrict__ base, i64 row, int col, i64 rows, int d, i64 ld) {
@@ -67,14 +73,36 @@ QS_DEV u32 fa_ld2(const u16* __restrict__ base, i64 row, int col, i64 rows, int 
 // One 64 x DP tile of K or V (rows k0.., head columns) into shared memory,
 // zero-filled past the last key and past D. D % 8 == 0 keeps every 16-byte
 // piece inside one row and aligned.
+// ROWS x DP rows (from row r0, head columns) into shared memory with rows of
+// DP + 8, zero-filled past the last row and past D. D % 8 == 0 keeps every
+// 16-byte piece inside one row and aligned. When the block's threads tile a
+// row evenly, each thread keeps one column and walks rows (no division).
+template <int ROWS, int DP>
+QS_DEV void fa_load_rows(u16* dst, const u16* __restrict__ src, i64 r0, i64 nrows, int d, i64 ld) {
+    constexpr int PIECES = DP / 8;
+    if constexpr (FA_THREADS % PIECES == 0) {
+        constexpr int STEP = FA_THREADS / PIECES;
+        const int col = 8 * (threadIdx.x % PIECES);
+        const bool col_ok = col < d;
+        const u16* p = src + (r0 + threadIdx.x / PIECES) * ld + col;
+#pragma unroll
+        for (int row = threadIdx.x / PIECES; row < ROWS; row += STEP, p += STEP * ld) {
+            const bool valid = col_ok && r0 + row < nrows;
+            fa_cp16(dst + row * (DP + 8) + col, valid ? p : src, valid);
+        }
+    } else {
+        for (int i = threadIdx.x; i < ROWS * PIECES; i += FA_THREADS) {
+            const int row = i / PIECES;
+            const int col = 8 * (i - row * PIECES);
+            const bool valid = r0 + row < nrows && col < d;
+            fa_cp16(dst + row * (DP + 8) + col, valid ? src + (r0 + row) * ld + col : src, valid);
+        }
+    }
+}
+
 template <int DP>
 QS_DEV void fa_load_tile(u16 (*dst)[DP + 8], const u16* __restrict__ src, i64 k0, i64 nk, int d, i64 ld) {
-    for (int i = threadIdx.x; i < FA_BK * (DP / 8); i += FA_THREADS) {
-        const int row = i / (DP / 8);
-        const int col = 8 * (i - row * (DP / 8));
-        const bool valid = k0 + row < nk && col < d;
-        fa_cp16(&dst[row][col], valid ? src + (k0 + row) * ld + col : src, valid);
-    }
+    fa_load_rows<FA_BK, DP>(&dst[0][0], src, k0, nk, d, ld);
 }
 
 template <int DP>
@@ -247,16 +275,6 @@ QS_DEV void fa_forward(const u16* __restrict__ q, const u16* __restrict__ k, con
 // registers otherwise. BK is the key tile (32 or 64 rows).
 #define FW_BQ 128
 
-template <int ROWS, int DP>
-QS_DEV void fw_load_rows(u16* dst, const u16* __restrict__ src, i64 r0, i64 nrows, int d, i64 ld) {
-    for (int i = threadIdx.x; i < ROWS * (DP / 8); i += FA_THREADS) {
-        const int row = i / (DP / 8);
-        const int col = 8 * (i - row * (DP / 8));
-        const bool valid = r0 + row < nrows && col < d;
-        fa_cp16(dst + row * (DP + 8) + col, valid ? src + (r0 + row) * ld + col : src, valid);
-    }
-}
-
 template <int DP, int BK>
 QS_DEV void fw_forward(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, u16* __restrict__ o,
                        i64 nq, i64 nk, int heads, int d, float scale_log2, int causal) {
@@ -282,8 +300,8 @@ QS_DEV void fw_forward(const u16* __restrict__ q, const u16* __restrict__ k, con
     const i64 wq0 = q0 + warp * 32;
     const i64 kend = causal ? min(nk, q0 + FW_BQ) : nk;
 
-    fw_load_rows<FW_BQ, DP>(qs, qb, q0, nq, d, hd);
-    fw_load_rows<BK, DP>(ks, kb, 0, nk, d, hd);
+    fa_load_rows<FW_BQ, DP>(qs, qb, q0, nq, d, hd);
+    fa_load_rows<BK, DP>(ks, kb, 0, nk, d, hd);
     fa_cp_commit();
 
     // A fragments of this warp's two m-tiles: matrix mi covers rows (mi & 1) * 8
@@ -304,7 +322,7 @@ QS_DEV void fw_forward(const u16* __restrict__ q, const u16* __restrict__ k, con
     }
 
     for (i64 k0 = 0; k0 < kend; k0 += BK) {
-        fw_load_rows<BK, DP>(vs, vb, k0, nk, d, hd);
+        fa_load_rows<BK, DP>(vs, vb, k0, nk, d, hd);
         fa_cp_commit();
         fa_cp_wait<1>();
         __syncthreads();
@@ -346,7 +364,7 @@ QS_DEV void fw_forward(const u16* __restrict__ q, const u16* __restrict__ k, con
             }
         }
         __syncthreads();  // every warp is done with ks
-        if (k0 + BK < kend) fw_load_rows<BK, DP>(ks, kb, k0 + BK, nk, d, hd);
+        if (k0 + BK < kend) fa_load_rows<BK, DP>(ks, kb, k0 + BK, nk, d, hd);
         fa_cp_commit();
 
 #pragma unroll
