@@ -11,7 +11,7 @@ mod common;
 
 use std::sync::OnceLock;
 
-use quantsmith::nn::cuda::{self as nncuda, CudaOps};
+use quantsmith::nn::cuda::{self as nncuda, CudaOps, FlashVariant};
 use quantsmith::nn::{Act, Ops};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -272,7 +272,10 @@ fn fused_attention_at_dit_sizes() {
     let Some((o, _g)) = gpu() else { return };
     let mut rng = StdRng::seed_from_u64(15);
     o.set_flash_attention(true);
-    for &(n, heads, d) in &[(4608, 2, 128), (4250, 2, 64)] {
+    for (variant, &(n, heads, d)) in
+        FlashVariant::ALL.into_iter().flat_map(|v| [(v, &(4608, 2, 128)), (v, &(4250, 2, 64))])
+    {
+        o.set_flash_variant(variant);
         let w = heads * d;
         let q = randn(&mut rng, n * w, 1.0);
         let k = randn(&mut rng, n * w, 1.0);
@@ -280,8 +283,9 @@ fn fused_attention_at_dit_sizes() {
         let y = o.attention(&up(o, &[1, n, w], &q), &up(o, &[1, n, w], &k), &up(o, &[1, n, w], &v), heads, false).unwrap();
         let rows: Vec<usize> = vec![0, 1, 63, 64, 511, 512, 2047, 4095, n - 65, n - 1];
         let want = ref_attention_rows(&q, &k, &v, None, (1, n, n, heads, d), 1.0 / (d as f64).sqrt(), &rows);
-        close(&format!("fused attention n{n} h{heads} d{d}"), &pick_rows(&down(o, &y), 1, n, w, &rows), &want);
+        close(&format!("fused attention {variant:?} n{n} h{heads} d{d}"), &pick_rows(&down(o, &y), 1, n, w, &rows), &want);
     }
+    o.set_flash_variant(FlashVariant::DEFAULT);
 }
 
 /// FLUX (a 2 + 2 block model of FLUX's head width 128, random weights written

@@ -89,6 +89,16 @@ pub const KERNEL_NAMES: &[&str] = &[
     "nn_flash_attn_d80",
     "nn_flash_attn_d96",
     "nn_flash_attn_d128",
+    "nn_flash_attn_d64_b4",
+    "nn_flash_attn_d128_b3",
+    "nn_flash_attn_wide_d32_k64",
+    "nn_flash_attn_wide_d48_k64",
+    "nn_flash_attn_wide_d64_k64",
+    "nn_flash_attn_wide_d80_k64",
+    "nn_flash_attn_wide_d96_k64",
+    "nn_flash_attn_wide_d128_k64",
+    "nn_flash_attn_wide_d64_k32",
+    "nn_flash_attn_wide_d128_k32",
     "nn_rms_norm",
     "nn_mul",
     "nn_permute",
@@ -106,6 +116,42 @@ pub const KERNEL_NAMES: &[&str] = &[
 /// default): only the fake-quantization kernels must match the CPU bit for
 /// bit, and they use the `_rn` intrinsics, which are never contracted.
 pub const COMPILE_OPTIONS: &[&str] = &["--std=c++17"];
+
+/// Which fused-attention kernel runs (`QUANTSMITH_FLASH_VARIANT`: `narrow`,
+/// `narrow-capped`, `wide` or `wide-k32`; unset: [`FlashVariant::DEFAULT`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashVariant {
+    /// 64 queries per block, one 16-row tile per warp.
+    Narrow,
+    /// 128 queries per block, two 16-row tiles per warp, 64-key tiles.
+    Wide,
+    /// As `Wide` with 32-key tiles (head dims 64 and 128; `Wide` elsewhere).
+    WideK32,
+    /// As `Narrow`, registers capped for more resident blocks (head dims 64 and 128).
+    NarrowCapped,
+}
+
+impl FlashVariant {
+    pub const DEFAULT: FlashVariant = FlashVariant::Wide;
+    pub const ALL: [FlashVariant; 4] =
+        [FlashVariant::Narrow, FlashVariant::Wide, FlashVariant::WideK32, FlashVariant::NarrowCapped];
+
+    fn from_env() -> FlashVariant {
+        match std::env::var("QUANTSMITH_FLASH_VARIANT").as_deref() {
+            Ok("narrow") => FlashVariant::Narrow,
+            Ok("wide") => FlashVariant::Wide,
+            Ok("wide-k32") => FlashVariant::WideK32,
+            Ok("narrow-capped") => FlashVariant::NarrowCapped,
+            _ => FlashVariant::DEFAULT,
+        }
+    }
+}
+
+/// Dynamic shared memory of a wide fused-attention block: the 128-query tile and
+/// one key and one value tile, rows of `dp + 8` bf16.
+fn flash_wide_smem(dp: usize, key_tile: usize) -> u32 {
+    ((128 + 2 * key_tile) * (dp + 8) * 2) as u32
+}
 
 /// Upper bound on one attention chunk's score buffers (f32 scores + bf16 probabilities).
 pub const ATTENTION_SCORE_BYTES: usize = 1 << 30;
@@ -683,7 +729,12 @@ struct Kernels {
     fq_mxfp8: Kernel,
     /// By [`FLASH_HEAD_DIMS`].
     flash: [Kernel; 6],
-
+    /// The 64-query kernel capped for 4 (head dim 64) and 3 (128) blocks per multiprocessor.
+    flash_capped: [Kernel; 2],
+    /// The 128-query variant, by [`FLASH_HEAD_DIMS`], 64-key tiles.
+    flash_wide: [Kernel; 6],
+    /// The 128-query variant with 32-key tiles at head dims 64 and 128.
+    flash_wide_k32: [Kernel; 2],
     rms_norm: Kernel,
     mul: Kernel,
     permute: Kernel,
@@ -731,7 +782,16 @@ impl Kernels {
                 m.kernel("nn_flash_attn_d96")?,
                 m.kernel("nn_flash_attn_d128")?,
             ],
-
+            flash_capped: [m.kernel("nn_flash_attn_d64_b4")?, m.kernel("nn_flash_attn_d128_b3")?],
+            flash_wide: [
+                m.kernel("nn_flash_attn_wide_d32_k64")?,
+                m.kernel("nn_flash_attn_wide_d48_k64")?,
+                m.kernel("nn_flash_attn_wide_d64_k64")?,
+                m.kernel("nn_flash_attn_wide_d80_k64")?,
+                m.kernel("nn_flash_attn_wide_d96_k64")?,
+                m.kernel("nn_flash_attn_wide_d128_k64")?,
+            ],
+            flash_wide_k32: [m.kernel("nn_flash_attn_wide_d64_k32")?, m.kernel("nn_flash_attn_wide_d128_k32")?],
             rms_norm: m.kernel("nn_rms_norm")?,
             mul: m.kernel("nn_mul")?,
             permute: m.kernel("nn_permute")?,
@@ -777,6 +837,8 @@ pub struct CudaOps {
     use_cudnn: AtomicBool,
     attention_bytes: AtomicUsize,
     use_flash: AtomicBool,
+    /// A [`FlashVariant`] as its index in `FlashVariant::ALL`.
+    flash_variant: AtomicUsize,
     obs: Mutex<Observers>,
     profiler: Option<Mutex<OpProfiler>>,
     staging: Mutex<Staging>,
@@ -834,6 +896,12 @@ impl CudaOps {
             .with_context(|| format!("compiling the forward-pass kernels for sm_{}{}", cc.0, cc.1))?;
         let module = Module::load(&ctx, &compiled.image).context("loading the forward-pass kernels")?;
         let k = Kernels::load(&module)?;
+        for (kernel, &dp) in k.flash_wide.iter().zip(&FLASH_HEAD_DIMS) {
+            kernel.set_max_dynamic_shared(flash_wide_smem(dp, 64))?;
+        }
+        for (kernel, dp) in k.flash_wide_k32.iter().zip([64, 128]) {
+            kernel.set_max_dynamic_shared(flash_wide_smem(dp, 32))?;
+        }
         let stats = Arc::new(MemStats::default());
         let pool = Arc::new(Pool { ctx: ctx.clone(), stats: stats.clone(), free: Mutex::new(HashMap::new()) });
         let stream = Stream::new(&ctx)?;
@@ -875,6 +943,7 @@ impl CudaOps {
             use_cudnn,
             attention_bytes: AtomicUsize::new(ATTENTION_SCORE_BYTES),
             use_flash: AtomicBool::new(std::env::var_os("QUANTSMITH_NO_FLASH_ATTENTION").is_none()),
+            flash_variant: AtomicUsize::new(FlashVariant::ALL.iter().position(|&v| v == FlashVariant::from_env()).unwrap_or(0)),
             obs: Mutex::new(Observers::default()),
             profiler: std::env::var_os("QUANTSMITH_PROFILE_OPS")
                 .is_some_and(|v| !v.is_empty() && v != "0")
@@ -915,6 +984,17 @@ impl CudaOps {
     /// of 8) and cuBLAS GEMMs around a softmax kernel (any head dim).
     pub fn set_flash_attention(&self, on: bool) {
         self.use_flash.store(on, Ordering::Relaxed);
+    }
+
+    /// Picks the fused-attention kernel (tests run each against the reference).
+    pub fn set_flash_variant(&self, variant: FlashVariant) {
+        let i = FlashVariant::ALL.iter().position(|&v| v == variant).unwrap_or(0);
+        self.flash_variant.store(i, Ordering::Relaxed);
+    }
+
+    /// The fused-attention kernel in use.
+    pub fn flash_variant(&self) -> FlashVariant {
+        FlashVariant::ALL[self.flash_variant.load(Ordering::Relaxed)]
     }
 
     /// Waits for every queued operation (for timing).
@@ -1482,13 +1562,24 @@ impl Ops for CudaOps {
             let (nqi, nki, hi, di) = (nq as i64, nk as i64, heads as i32, d as i32);
             let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
             let causal_i = causal as i32;
-            let grid = (nq.div_ceil(64) as u32, (b * heads) as u32);
-            // SAFETY: one block of 128 threads per 64 queries of a (batch, head); arguments match the kernel.
+            let dp = FLASH_HEAD_DIMS[i];
+            let (kernel, queries, smem) = match self.flash_variant() {
+                FlashVariant::NarrowCapped if dp == 64 || dp == 128 => (&self.k.flash_capped[usize::from(dp == 128)], 64, 0),
+                FlashVariant::Narrow | FlashVariant::NarrowCapped => (&self.k.flash[i], 64, 0),
+                FlashVariant::WideK32 if dp == 64 || dp == 128 => {
+                    (&self.k.flash_wide_k32[usize::from(dp == 128)], 128, flash_wide_smem(dp, 32))
+                }
+                FlashVariant::Wide | FlashVariant::WideK32 => (&self.k.flash_wide[i], 128, flash_wide_smem(dp, 64)),
+            };
+            let grid = (nq.div_ceil(queries) as u32, (b * heads) as u32);
+            // SAFETY: one block of 128 threads per `queries` queries of a (batch, head),
+            // with the dynamic shared memory its variant declares; arguments match the kernel.
             unsafe {
-                self.k.flash[i].launch_2d(
+                kernel.launch_2d_shared(
                     &self.stream,
                     grid,
                     128,
+                    smem,
                     &mut [
                         arg(&qp),
                         arg(&kp),
