@@ -47,7 +47,7 @@ compare() {  # name, synth args...
   tail -4 "$O/compare-$name.log"
   python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); e=r["relative_l2"]
 print(json.dumps({k: [round(v["mean"], 5), round(v["se"], 5)] for k, v in e.items()}))
-print(json.dumps({k: r.get(k) for k in ("ours_minus_modelopt_same_layers", "ours_minus_modelopt_preset", "layers", "wall_s", "peak_alloc_GiB")}))' "$O/compare-$name.json"
+print(json.dumps({k: r.get(k) for k in ("ours_minus_modelopt_fused_scales", "ours_minus_modelopt_same_layers", "ours_minus_modelopt_preset", "layers", "wall_s", "peak_alloc_GiB")}))' "$O/compare-$name.json"
   rm -f "$c" "$q"
 }
 if has compare; then

@@ -29,9 +29,17 @@ conversion, on the same K held-out inputs:
   SD3 3.0), random N(0,1) conditioning with the host's token counts (FLUX 256, SD3 154),
   FLUX-dev guidance 3.5 as a model input, SD3 CFG pairs (batch 2) at 4.5. Evaluated twice:
   `modelopt_preset` with the exclusions modelopt_dit_bench.py applies (for FLUX its
-  `proj_out` pattern also keeps every single block's `proj_out` = `linear2` in bf16),
+  `proj_out` pattern also keeps every single block's `proj_out` = `linear2` in bf16; the
+  preset also fake-quantizes the inputs of the LayerNorms, which ComfyUI never does),
   and `modelopt_same_layers` with weight and input quantizers on exactly the diffusers
-  Linears our file quantizes (like for like).
+  Linears our file quantizes and nothing else (like for like), and `modelopt_fused_scales`,
+  the same with each split part's weight amax raised to its fused tensor's (ModelOpt
+  scales to_q, to_k, to_v and proj_mlp separately, which the fused layout ComfyUI loads
+  cannot store: this is what a ComfyUI file from ModelOpt's calibration could carry).
+  On a tiny SD3 in f32 our emulation given ModelOpt's own amax as `input_scale` matched
+  `modelopt_fused_scales` to 2e-7, which checks the emulation. `modelopt_all_disabled`
+  (every quantizer off) is the control: ModelOpt's module wrappers alone should leave
+  the reference's output as it was.
 
 Held-out inputs: K seeded N(0,1) latents and conditioning (seeds disjoint from the
 walk's), at the K sigmas of a K-step walk on the same schedule (1.0 down), FLUX
@@ -52,6 +60,7 @@ Needs torch, safetensors, diffusers, and nvidia-modelopt unless --no-modelopt
 """
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -118,10 +127,6 @@ SD3_TOP = {
     "final_layer.linear": ["proj_out"],
     "final_layer.adaLN_modulation.1": ["norm_out.linear"],
 }
-# diffusers stores the final adaLN's (shift, scale) halves as (scale, shift)
-SWAPPED = {"final_layer.adaLN_modulation.1"}
-
-
 def diffusers_targets(fam, layer):
     """The diffusers Linears fed by original Linear `layer` (None: not in the table)."""
     parts = layer.split(".")
@@ -139,21 +144,22 @@ def diffusers_targets(fam, layer):
 
 
 def check_targets(layer, mods, original_weight, converted):
-    """Each diffusers part must hold its rows of the original weight, in order, all of them."""
-    w = original_weight
-    if layer in SWAPPED:
-        w = torch.cat(w.chunk(2, dim=0)[::-1])
+    """Each diffusers part must hold its rows of the original weight, in order, all of
+    them. A single part may hold them with its two halves swapped: diffusers'
+    AdaLayerNormContinuous takes (scale, shift) where SAI and BFL store (shift, scale)
+    (the final layer, and SD3's last context block), which leaves the input unchanged."""
     row = 0
     for m in mods:
         part = converted.get(m + ".weight")
         if part is None:
             sys.exit(f"mapping table: {layer} -> {m}, but diffusers' conversion has no {m}.weight")
         n = part.shape[0]
-        if not torch.equal(part, w[row:row + n]):
+        rows = original_weight[row:row + n]
+        if not (torch.equal(part, rows) or len(mods) == 1 and torch.equal(part, torch.cat(rows.chunk(2)[::-1]))):
             sys.exit(f"mapping table: {m}.weight is not rows {row}..{row + n} of {layer}.weight")
         row += n
-    if row != w.shape[0]:
-        sys.exit(f"mapping table: {mods} cover {row} of the {w.shape[0]} rows of {layer}.weight")
+    if row != original_weight.shape[0]:
+        sys.exit(f"mapping table: {mods} cover {row} of the {original_weight.shape[0]} rows of {layer}.weight")
 
 
 def read_ours(path, dtype):
@@ -309,7 +315,7 @@ def free(device):
         torch.cuda.empty_cache()
 
 
-def modelopt_phase(model, fam, cfg, a, dtype, device, inputs, refs, ours_modules, res):
+def modelopt_phase(model, fam, cfg, a, dtype, device, inputs, refs, ours_modules, groups, res):
     import modelopt
     import modelopt.torch.quantization as mtq
 
@@ -336,20 +342,40 @@ def modelopt_phase(model, fam, cfg, a, dtype, device, inputs, refs, ours_modules
         return sorted(n for n, m in model.named_modules()
                       if getattr(m, "weight_quantizer", None) is not None and m.weight_quantizer.is_enabled)
 
-    mtq.disable_quantizer(model, lambda n: n.rsplit(".", 1)[-1] in M.ATTENTION_QUANTIZERS)
+    # control: every quantizer off, so only ModelOpt's module wrappers differ from the reference
+    mtq.disable_quantizer(model, lambda n: True)
+    res["relative_l2"]["modelopt_all_disabled"] = errors(outputs(model, fam, inputs, dtype, device), refs)
     # like for like: weight and input quantizers on exactly the Linears our file quantizes
-    mtq.disable_quantizer(model, lambda n: module_of(n) is not None and module_of(n) not in ours_modules)
+    # (attention quantizers stay off, as modelopt_dit_bench turns them off)
     mtq.enable_quantizer(model, lambda n: module_of(n) in ours_modules)
     same = enabled_modules()
     if set(same) != ours_modules:
         sys.exit(f"ModelOpt like-for-like: {len(same)} quantized Linears, ours {len(ours_modules)}")
     res["relative_l2"]["modelopt_same_layers"] = errors(outputs(model, fam, inputs, dtype, device), refs)
+    # ModelOpt gives each split part (to_q, to_k, to_v, proj_mlp) its own weight amax; a
+    # fused original tensor has one weight_scale. The same with the parts' largest amax:
+    # what a ComfyUI file could carry from ModelOpt's calibration.
+    modules = dict(model.named_modules())
+    saved = {}
+    for parts in groups:
+        top = max(modules[p].weight_quantizer.amax for p in parts)
+        for p in parts:
+            saved[p] = modules[p].weight_quantizer.amax.clone()
+            modules[p].weight_quantizer.amax = top.clone()
+    res["relative_l2"]["modelopt_fused_scales"] = errors(outputs(model, fam, inputs, dtype, device), refs)
+    for p, amax in saved.items():
+        modules[p].weight_quantizer.amax = amax
     # ModelOpt's own choice: all of its preset, less what modelopt_dit_bench keeps in bf16
     mtq.enable_quantizer(model, lambda n: module_of(n) is not None)
     mtq.disable_quantizer(model, lambda n: B.HIGH_PRECISION.match(n) is not None)
     preset = enabled_modules()
+    # the preset also fake-quantizes the inputs of modules without weights (LayerNorms)
+    input_only = sorted(n for n, m in model.named_modules()
+                        if getattr(m, "input_quantizer", None) is not None and m.input_quantizer.is_enabled
+                        and (getattr(m, "weight_quantizer", None) is None or not m.weight_quantizer.is_enabled))
     res["relative_l2"]["modelopt_preset"] = errors(outputs(model, fam, inputs, dtype, device), refs)
     res["layers"]["modelopt_preset_quantized"] = len(preset)
+    res["layers"]["modelopt_preset_input_only"] = {"count": len(input_only), "first": input_only[:4]}
     res["layers"]["modelopt_preset_not_ours"] = sorted(set(preset) - ours_modules)[:8]
     res["layers"]["ours_not_modelopt_preset"] = len(ours_modules - set(preset))
 
@@ -384,7 +410,7 @@ def main():
     Model, fam_c, cfg, converted = D.convert_state(ours_sd)
     if fam_c != fam:
         sys.exit("family changed in conversion")
-    plan, unmapped = {}, []
+    plan, unmapped, groups = {}, [], []
     for layer, how in ours_layers.items():
         mods = diffusers_targets(fam, layer)
         if mods is None:
@@ -393,6 +419,8 @@ def main():
         check_targets(layer, mods, ours_sd[layer + ".weight"], converted)
         for m in mods:
             plan[m] = how
+        if len(mods) > 1:
+            groups.append(mods)
     if unmapped:
         sys.exit(f"quantized layers without a diffusers mapping (no hook): {unmapped[:8]}")
     ours_modules = set(plan)
@@ -433,7 +461,9 @@ def main():
         res["modelopt_calibration"] = {"steps": a.calib_steps, "tokens": a.calib_tokens,
                                        "walk": "Euler from noise, random N(0,1) conditioning" +
                                                (", CFG pairs at 4.5" if fam == "sd3" else ", guidance 3.5")}
-        modelopt_phase(model, fam, cfg, a, dtype, device, inputs, refs, ours_modules, res)
+        # ModelOpt prints progress on stdout, which is this script's JSON
+        with contextlib.redirect_stdout(sys.stderr):
+            modelopt_phase(model, fam, cfg, a, dtype, device, inputs, refs, ours_modules, groups, res)
     del model
     free(device)
 
@@ -454,6 +484,7 @@ def main():
     e = res["relative_l2"]
     if "modelopt_same_layers" in e:
         res["ours_minus_modelopt_same_layers"] = verdict(e["ours"], e["modelopt_same_layers"])
+        res["ours_minus_modelopt_fused_scales"] = verdict(e["ours"], e["modelopt_fused_scales"])
         res["ours_minus_modelopt_preset"] = verdict(e["ours"], e["modelopt_preset"])
     res["wall_s"] = round(time.perf_counter() - t_start, 1)
     if device.type == "cuda":
