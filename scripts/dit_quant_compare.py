@@ -47,7 +47,9 @@ guidance 3.5, batch 1, `--tokens` text tokens. Each model's error on input i is 
 relative L2 of its output against the reference's; the JSON gives mean and standard
 error over inputs, the paired difference ours - ModelOpt (mean, SE) and the verdict
 "ours no worse within 2 SE": mean difference <= 2 SE. `ours_weights_only` (dequantized
-weights, activations unquantized) is there for context.
+weights, activations unquantized) is there for context, and `input_scale_ours_over_modelopt`
+(our `input_scale` over ModelOpt's amax / 448, per original layer) says whether the two
+walks saw activations of the same size.
 
 The emulation rounds the dequantized weight and input to the model dtype before a
 `--dtype` matmul, as ModelOpt's fake quantization does; ComfyUI's FP8 matmul multiplies
@@ -315,7 +317,7 @@ def free(device):
         torch.cuda.empty_cache()
 
 
-def modelopt_phase(model, fam, cfg, a, dtype, device, inputs, refs, ours_modules, groups, res):
+def modelopt_phase(model, fam, cfg, a, dtype, device, inputs, refs, ours_inputs, groups, res):
     import modelopt
     import modelopt.torch.quantization as mtq
 
@@ -333,6 +335,7 @@ def modelopt_phase(model, fam, cfg, a, dtype, device, inputs, refs, ours_modules
     res["modelopt"] = {"version": modelopt.__version__, "calibration_calls": sum(calls),
                        "quantize_s": round(time.perf_counter() - t0, 2)}
     weight_or_input = ("weight_quantizer", "input_quantizer")
+    ours_modules = {m for _, mods in ours_inputs.values() for m in mods}
 
     def module_of(qname):
         mod, _, leaf = qname.rpartition(".")
@@ -342,6 +345,16 @@ def modelopt_phase(model, fam, cfg, a, dtype, device, inputs, refs, ours_modules
         return sorted(n for n, m in model.named_modules()
                       if getattr(m, "weight_quantizer", None) is not None and m.weight_quantizer.is_enabled)
 
+    # our static scales against ModelOpt's (amax / 448) on the same layers: where a verdict
+    # goes against us, this says whether our walk saw larger or smaller activations
+    modules = dict(model.named_modules())
+    ratios = sorted((how["input_scale"] / (float(modules[mods[0]].input_quantizer.amax) / FP8_MAX), layer)
+                    for layer, (how, mods) in ours_inputs.items() if how["input_scale"] is not None)
+    if ratios:
+        res["input_scale_ours_over_modelopt"] = {
+            "median": ratios[len(ratios) // 2][0], "min": list(ratios[0]), "max": list(ratios[-1]),
+            "above_1.25": sum(1 for r, _ in ratios if r > 1.25), "below_0.8": sum(1 for r, _ in ratios if r < 0.8),
+            "layers": len(ratios)}
     # control: every quantizer off, so only ModelOpt's module wrappers differ from the reference
     mtq.disable_quantizer(model, lambda n: True)
     res["relative_l2"]["modelopt_all_disabled"] = errors(outputs(model, fam, inputs, dtype, device), refs)
@@ -355,7 +368,6 @@ def modelopt_phase(model, fam, cfg, a, dtype, device, inputs, refs, ours_modules
     # ModelOpt gives each split part (to_q, to_k, to_v, proj_mlp) its own weight amax; a
     # fused original tensor has one weight_scale. The same with the parts' largest amax:
     # what a ComfyUI file could carry from ModelOpt's calibration.
-    modules = dict(model.named_modules())
     saved = {}
     for parts in groups:
         top = max(modules[p].weight_quantizer.amax for p in parts)
@@ -410,7 +422,7 @@ def main():
     Model, fam_c, cfg, converted = D.convert_state(ours_sd)
     if fam_c != fam:
         sys.exit("family changed in conversion")
-    plan, unmapped, groups = {}, [], []
+    plan, unmapped, groups, ours_inputs = {}, [], [], {}
     for layer, how in ours_layers.items():
         mods = diffusers_targets(fam, layer)
         if mods is None:
@@ -419,6 +431,7 @@ def main():
         check_targets(layer, mods, ours_sd[layer + ".weight"], converted)
         for m in mods:
             plan[m] = how
+        ours_inputs[layer] = (how, mods)
         if len(mods) > 1:
             groups.append(mods)
     if unmapped:
@@ -463,7 +476,7 @@ def main():
                                                (", CFG pairs at 4.5" if fam == "sd3" else ", guidance 3.5")}
         # ModelOpt prints progress on stdout, which is this script's JSON
         with contextlib.redirect_stdout(sys.stderr):
-            modelopt_phase(model, fam, cfg, a, dtype, device, inputs, refs, ours_modules, groups, res)
+            modelopt_phase(model, fam, cfg, a, dtype, device, inputs, refs, ours_inputs, groups, res)
     del model
     free(device)
 
