@@ -57,8 +57,10 @@ the e4m3 values exactly and scales afterwards. The difference is one bf16 roundi
 (2^-9 relative) per operand, far below FP8's own error.
 
 Needs torch, safetensors, diffusers, and nvidia-modelopt unless --no-modelopt
-(scripts/device-wheels.sh carries them to the GPU machine). --device cpu --dtype f32
---no-modelopt runs the reference and ours paths on a tiny SD3 here.
+(scripts/device-wheels.sh carries them to the GPU machine). On a machine without a GPU,
+`--device cpu --dtype f32 --latent 32 --held-out 4 --calib-steps 4` runs every path on a
+tiny SD3 (`run-recipe synth sd3`, then `run ... --set format=fp8 --calibrate on --device cpu
+--set resolution=256`) in a few minutes.
 """
 
 import argparse
