@@ -489,7 +489,9 @@ FA_INSTANCE(80)
 FA_INSTANCE(96)
 FA_INSTANCE(128)
 FA_INSTANCE_MB(64, 4)
+FA_INSTANCE_MB(64, 6)
 FA_INSTANCE_MB(128, 3)
+FA_INSTANCE_MB(128, 4)
 
 // Dynamic shared memory: (128 + 2 * BK) rows of DP + 8 bf16 (fw_smem_bytes on the host).
 #define FW_INSTANCE(DP, BK)                                                                                            \

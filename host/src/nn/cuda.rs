@@ -90,7 +90,9 @@ pub const KERNEL_NAMES: &[&str] = &[
     "nn_flash_attn_d96",
     "nn_flash_attn_d128",
     "nn_flash_attn_d64_b4",
+    "nn_flash_attn_d64_b6",
     "nn_flash_attn_d128_b3",
+    "nn_flash_attn_d128_b4",
     "nn_flash_attn_wide_d32_k64",
     "nn_flash_attn_wide_d48_k64",
     "nn_flash_attn_wide_d64_k64",
@@ -118,7 +120,7 @@ pub const KERNEL_NAMES: &[&str] = &[
 pub const COMPILE_OPTIONS: &[&str] = &["--std=c++17"];
 
 /// Which fused-attention kernel runs (`QUANTSMITH_FLASH_VARIANT`: `narrow`,
-/// `narrow-capped`, `wide` or `wide-k32`; unset: [`FlashVariant::DEFAULT`]).
+/// `narrow-capped`, `narrow-capped-more`, `wide` or `wide-k32`; unset: [`FlashVariant::DEFAULT`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashVariant {
     /// 64 queries per block, one 16-row tile per warp.
@@ -129,12 +131,19 @@ pub enum FlashVariant {
     WideK32,
     /// As `Narrow`, registers capped for more resident blocks (head dims 64 and 128).
     NarrowCapped,
+    /// As `NarrowCapped`, capped harder (6 blocks at head dim 64, 4 at 128).
+    NarrowCappedMore,
 }
 
 impl FlashVariant {
     pub const DEFAULT: FlashVariant = FlashVariant::Wide;
-    pub const ALL: [FlashVariant; 4] =
-        [FlashVariant::Narrow, FlashVariant::Wide, FlashVariant::WideK32, FlashVariant::NarrowCapped];
+    pub const ALL: [FlashVariant; 5] = [
+        FlashVariant::Narrow,
+        FlashVariant::Wide,
+        FlashVariant::WideK32,
+        FlashVariant::NarrowCapped,
+        FlashVariant::NarrowCappedMore,
+    ];
 
     fn from_env() -> FlashVariant {
         match std::env::var("QUANTSMITH_FLASH_VARIANT").as_deref() {
@@ -142,6 +151,7 @@ impl FlashVariant {
             Ok("wide") => FlashVariant::Wide,
             Ok("wide-k32") => FlashVariant::WideK32,
             Ok("narrow-capped") => FlashVariant::NarrowCapped,
+            Ok("narrow-capped-more") => FlashVariant::NarrowCappedMore,
             _ => FlashVariant::DEFAULT,
         }
     }
@@ -729,8 +739,9 @@ struct Kernels {
     fq_mxfp8: Kernel,
     /// By [`FLASH_HEAD_DIMS`].
     flash: [Kernel; 6],
-    /// The 64-query kernel capped for 4 (head dim 64) and 3 (128) blocks per multiprocessor.
-    flash_capped: [Kernel; 2],
+    /// The 64-query kernel with registers capped for more resident blocks:
+    /// [d64 x 4, d128 x 3] and [d64 x 6, d128 x 4] blocks per multiprocessor.
+    flash_capped: [[Kernel; 2]; 2],
     /// The 128-query variant, by [`FLASH_HEAD_DIMS`], 64-key tiles.
     flash_wide: [Kernel; 6],
     /// The 128-query variant with 32-key tiles at head dims 64 and 128.
@@ -782,7 +793,10 @@ impl Kernels {
                 m.kernel("nn_flash_attn_d96")?,
                 m.kernel("nn_flash_attn_d128")?,
             ],
-            flash_capped: [m.kernel("nn_flash_attn_d64_b4")?, m.kernel("nn_flash_attn_d128_b3")?],
+            flash_capped: [
+                [m.kernel("nn_flash_attn_d64_b4")?, m.kernel("nn_flash_attn_d128_b3")?],
+                [m.kernel("nn_flash_attn_d64_b6")?, m.kernel("nn_flash_attn_d128_b4")?],
+            ],
             flash_wide: [
                 m.kernel("nn_flash_attn_wide_d32_k64")?,
                 m.kernel("nn_flash_attn_wide_d48_k64")?,
@@ -1564,8 +1578,11 @@ impl Ops for CudaOps {
             let causal_i = causal as i32;
             let dp = FLASH_HEAD_DIMS[i];
             let (kernel, queries, smem) = match self.flash_variant() {
-                FlashVariant::NarrowCapped if dp == 64 || dp == 128 => (&self.k.flash_capped[usize::from(dp == 128)], 64, 0),
-                FlashVariant::Narrow | FlashVariant::NarrowCapped => (&self.k.flash[i], 64, 0),
+                FlashVariant::NarrowCapped if dp == 64 || dp == 128 => (&self.k.flash_capped[0][usize::from(dp == 128)], 64, 0),
+                FlashVariant::NarrowCappedMore if dp == 64 || dp == 128 => {
+                    (&self.k.flash_capped[1][usize::from(dp == 128)], 64, 0)
+                }
+                FlashVariant::Narrow | FlashVariant::NarrowCapped | FlashVariant::NarrowCappedMore => (&self.k.flash[i], 64, 0),
                 FlashVariant::WideK32 if dp == 64 || dp == 128 => {
                     (&self.k.flash_wide_k32[usize::from(dp == 128)], 128, flash_wide_smem(dp, 32))
                 }
