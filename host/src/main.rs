@@ -559,7 +559,10 @@ fn inspect(model: &Path, limits: SandboxLimits) -> Result<()> {
 fn recipes(which: Option<&str>, limits: SandboxLimits) -> Result<()> {
     let runtime = RecipeRuntime::new(limits)?;
     let sources: Vec<RecipeSource> = match which {
-        Some(w) => vec![RecipeSource::parse(w).map_err(bad)?],
+        Some(w) => {
+            checks::recipe_file(w)?;
+            vec![RecipeSource::parse(w).map_err(bad)?]
+        }
         None => PRESETS
             .iter()
             .map(|p| RecipeSource::Builtin(p.name))
@@ -632,6 +635,7 @@ fn run(args: RunArgs) -> Result<()> {
             .load_toml(&text, &path.display().to_string())
             .map_err(bad)?;
     }
+    checks::layout(args.layout, &params)?;
     checks::device(device)?;
     let opts = RunOptions {
         input: args.model.clone(),
