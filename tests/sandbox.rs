@@ -217,3 +217,24 @@ fn a_recipe_declaring_too_many_parameters_is_refused() {
     assert!(stderr.contains("at most 256"), "{stderr}");
     assert!(!output.exists());
 }
+
+/// The caps on what a plan may hold, at the host's check of recipe output: more
+/// rules or quantizable entries than allowed are refused before any is compiled.
+#[test]
+fn plan_caps_are_refusals() {
+    use quantsmith::plan::{MAX_QUANTIZABLE, MAX_RULES, resolve};
+    use quantsmith::recipe::wit::{QuantFormat, QuantPlan, QuantizerRule};
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = quantsmith::checkpoint::Checkpoint::open(&synth_tiny(dir.path(), "sd15")).unwrap();
+    let modules = quantsmith::modules::ModuleTable::build(&ckpt);
+    let rule = QuantizerRule { pattern: "*".into(), enable: true, format: Some(QuantFormat::Fp8), axis: None, block_size: None };
+    let plan = QuantPlan { quantizable: vec!["*".into(); MAX_QUANTIZABLE + 1], rules: vec![rule.clone()], notes: vec![] };
+    assert!(resolve(&plan, &modules, &ckpt).unwrap_err().contains("at most 100000"));
+    let plan = QuantPlan { quantizable: vec!["*".into()], rules: vec![rule; MAX_RULES + 1], notes: vec![] };
+    assert!(resolve(&plan, &modules, &ckpt).unwrap_err().contains("at most 10000"));
+    // Notes are kept, escaped and cut, up to a count; the rest are counted.
+    let plan = QuantPlan { quantizable: vec!["*".into()], rules: vec![], notes: vec!["\u{1b}[2J".into(); 1000] };
+    let r = resolve(&plan, &modules, &ckpt).unwrap();
+    assert_eq!(r.notes.len(), quantsmith::plan::MAX_NOTES + 1);
+    assert!(r.notes.iter().all(|n| !n.contains('\u{1b}')));
+}
