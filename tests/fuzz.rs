@@ -248,6 +248,45 @@ fn safetensors_reader() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// `check` on a mutated converted file: the output side of the reader (a
+/// converted file is as untrusted as any download). Never a panic.
+fn check_converted(dir: &Path, source: &Checkpoint, bytes: &[u8]) -> Result<(), String> {
+    let path = dir.join("converted-case.safetensors");
+    std::fs::write(&path, bytes).map_err(|e| format!("cannot write the case: {e}"))?;
+    catch_unwind(AssertUnwindSafe(|| {
+        let _ = quantsmith::evaluate::check_output(source, &path);
+    }))
+    .map_err(|p| format!("panic in check: {}", panic_text(&p)))
+}
+
+#[test]
+fn checked_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = common::synth_tiny(dir.path(), "sd15");
+    let source = Checkpoint::open(&input).unwrap();
+    let mut failures = Vec::new();
+    for format in ["fp8", "nvfp4"] {
+        let output = dir.path().join(format!("{format}.safetensors"));
+        common::run(&input, &output, Some("sd15"), &[&format!("format={format}")]).unwrap();
+        let base = std::fs::read(&output).unwrap();
+        check_converted(dir.path(), &source, &base).expect("the converted file checks");
+        for path in corpus_files("checked") {
+            let bytes = std::fs::read(&path).unwrap();
+            if let Err(why) = check_converted(dir.path(), &source, &bytes) {
+                failures.push(format!("corpus {}: {why}", path.display()));
+            }
+        }
+        for i in 0..cases(150) {
+            let seed = base_seed().wrapping_add(i);
+            let bytes = mutate_checkpoint(&mut Gen::new(seed), &base);
+            if let Err(why) = check_converted(dir.path(), &source, &bytes) {
+                failures.push(keep("checked", &format!("{format}-seed-{seed}.safetensors"), &bytes, &why));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 // ---- (b) the plan / WIT boundary ----------------------------------------
 
 /// Pieces of patterns: real module names, glob syntax (balanced or not), and
