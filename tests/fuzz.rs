@@ -16,7 +16,8 @@
 //! A failing case is written to `tests/fuzz-corpus/<target>/` (commit it) and
 //! fails the test; every file there is replayed on each run before the random
 //! cases. `QUANTSMITH_FUZZ_CASES` multiplies the case counts and
-//! `QUANTSMITH_FUZZ_SEED` moves the seeds, for longer runs by hand. The default
+//! `QUANTSMITH_FUZZ_SEED` moves the seeds, for longer runs by hand
+//! (`QUANTSMITH_FUZZ_VERBOSE=1` prints each argv's exit code). The default
 //! counts keep the three targets well under a minute on two cores.
 //! docs/fuzzing.md lists what the fuzzer found and how each was fixed.
 
@@ -522,6 +523,7 @@ impl Files {
             "{DIR}" => s(&self.dir),
             "{FIFO}" => s(&self.fifo),
             "{OUT}" => s(&self.out),
+            "{MISSING}/x" => format!("{}/x", s(&self.missing)),
             "{TOML}" => s(&self.toml),
             other => other.to_string(),
         }
@@ -540,30 +542,103 @@ const VALUES: &[&str] = &[
     "4097", "18446744073709551616", "", " ", "\u{1b}[2J", "\u{202e}", "tiny", "clip-l",
 ];
 
+/// Values that fit each flag, so that most argv get past clap into the checks
+/// (a random value from VALUES is used the rest of the time).
+fn fitting_value(g: &mut Gen, flag: &str) -> Option<&'static str> {
+    Some(match flag {
+        "-o" | "--output" | "--out" | "--report" => *g.pick(&["{OUT}", "{DIR}", "{MISSING}/x", "{TINY}", "{FIFO}"]),
+        "--recipe" => *g.pick(&["sd15", "sdxl", "auto", "{GARBAGE}", "{FIFO}", "x.wasm"]),
+        "--set" => *g.pick(&["format=nvfp4", "format=mxfp8", "format=int8", "format=fp8", "uncalibrated-fp8=fast", "exclude=*attn*", "calib-steps=2"]),
+        "--config" | "--inputs" | "--calib-data" | "--text-encoder" | "--t5-tokenizer" => *g.pick(&["{TOML}", "{TINY}", "{GARBAGE}", "{FIFO}", "{DIR}"]),
+        "--clip-vocab" => *g.pick(&["{DIR}", "{TINY}", "{MISSING}"]),
+        "--layout" => *g.pick(&["comfy", "comfy-legacy"]),
+        "--device" => *g.pick(&["cpu", "auto", "cuda", "cuda:1"]),
+        "--calibrate" => *g.pick(&["off", "auto", "on"]),
+        "--eval-inputs" | "--eval-resolution" | "--calib-max-forwards" | "--repeat" | "--seed" => *g.pick(&["0", "1", "64", "4096", "1000000"]),
+        "--recipe-timeout" => *g.pick(&["0.01", "0.5", "10", "86400"]),
+        "--recipe-memory" => *g.pick(&["1", "64", "4096"]),
+        "--scale" => "tiny",
+        "--variant" => *g.pick(&["schnell", "inpaint", "refiner", "3.5-large"]),
+        _ => return None,
+    })
+}
+
+/// The flags each subcommand takes (picked most of the time, so that argv get
+/// past clap), its positionals, and where they may point.
+fn command_flags(command: &str) -> (&'static [&'static str], usize) {
+    const SANDBOX: &[&str] = &["--recipe-timeout", "--recipe-memory"];
+    match command {
+        "run" => (
+            &[
+                "-o", "--recipe", "--set", "--set", "--config", "--layout", "--device", "--verify", "--report", "--force", "--quiet", "--calibrate", "--clip-vocab",
+                "--text-encoder", "--t5-tokenizer", "--calib-data", "--eval-inputs", "--eval-resolution", "--calib-max-forwards", "--recipe-timeout",
+                "--recipe-memory",
+            ],
+            1,
+        ),
+        "inspect" => (SANDBOX, 1),
+        "recipes" => (&["--recipe", "--recipe-timeout", "--recipe-memory"], 0),
+        "check" => (&[], 2),
+        "synth" => (&["-o", "--scale", "--seed", "--variant", "--full-checkpoint"], 1),
+        "forward" => (&["--inputs", "--out", "--device", "--repeat"], 1),
+        _ => (&[], 1),
+    }
+}
+
 fn random_argv(g: &mut Gen) -> Vec<String> {
-    let mut argv = vec![g.pick(COMMANDS).to_string()];
+    let command = *g.pick(COMMANDS);
+    let mut argv = vec![command.to_string()];
     if g.chance(6) {
         argv.insert(0, "-v".into());
     }
-    // A positional first, most of the time.
-    if !g.chance(5) {
-        argv.push(g.pick(&["{TINY}", "{GARBAGE}", "{MISSING}", "{DIR}", "{FIFO}", "sd15"]).to_string());
+    let (flags, positionals) = command_flags(command);
+    // Its positionals, most of the time.
+    for _ in 0..positionals {
+        if !g.chance(6) {
+            let pool: &[&str] = if command == "synth" { &["sd15", "sdxl", "flux", "sd3", "clip-l", "t5xxl", "bogus"] } else { &["{TINY}", "{TINY}", "{GARBAGE}", "{MISSING}", "{DIR}", "{FIFO}"] };
+            argv.push(g.pick(pool).to_string());
+        }
     }
-    for _ in 0..g.below(7) {
-        match g.below(5) {
+    for _ in 0..g.below(6) {
+        match g.below(8) {
             0 => argv.push(g.pick(VALUES).to_string()),
             1 if g.chance(4) => argv.push(format!("--set=exclude={}", "a*".repeat(g.below(400)))),
             _ => {
-                argv.push(g.pick(FLAGS).to_string());
-                if !g.chance(4) {
-                    argv.push(g.pick(VALUES).to_string());
+                let flag = if flags.is_empty() || g.chance(8) { *g.pick(FLAGS) } else { *g.pick(flags) };
+                argv.push(flag.to_string());
+                if matches!(flag, "--dry-run" | "--verify" | "--force" | "--quiet" | "--full-checkpoint" | "--" | "-") {
+                    continue;
+                }
+                match fitting_value(g, flag) {
+                    Some(v) if !g.chance(6) => argv.push(v.to_string()),
+                    _ if !g.chance(4) => argv.push(g.pick(VALUES).to_string()),
+                    _ => {}
                 }
             }
         }
     }
     // A run that gets past every check converts the tiny model: keep it to a dry run.
-    if argv.iter().any(|a| a == "run") && argv.iter().any(|a| a == "{TINY}") {
+    if command == "run" && argv.iter().any(|a| a == "{TINY}") {
         argv.push("--dry-run".into());
+    }
+    // `synth` writes only tiny files, and only into the case's folder.
+    if command == "synth" {
+        let mut kept = Vec::new();
+        let mut skip = false;
+        for a in argv.drain(..) {
+            if std::mem::take(&mut skip) {
+                continue;
+            }
+            skip = a == "--scale";
+            if a != "--scale" && a != "--full-checkpoint" {
+                kept.push(a);
+            }
+        }
+        argv = kept;
+        if !argv.iter().any(|a| a == "-o") && !g.chance(4) {
+            argv.extend(["-o".into(), "{OUT}".into()]);
+        }
+        argv.extend(["--scale".into(), "tiny".into()]);
     }
     argv
 }
@@ -603,6 +678,9 @@ fn run_argv(files: &Files, cwd: &Path, argv: &[String]) -> Result<(), String> {
     let stderr = String::from_utf8_lossy(&reader.join().unwrap()).into_owned();
     let _ = std::fs::remove_file(&files.out);
     let tail: String = stderr.chars().rev().take(600).collect::<Vec<_>>().into_iter().rev().collect();
+    if std::env::var_os("QUANTSMITH_FUZZ_VERBOSE").is_some() {
+        println!("exit {:?} {argv:?}", status.code());
+    }
     match status.code() {
         _ if stderr.contains("panicked") || stderr.contains("internal error") => Err(format!("a panic: {tail}")),
         Some(0 | 2 | 3 | 4) => Ok(()),
