@@ -133,6 +133,8 @@ fn exit_3_bad_input() {
         (vec!["run", s(&input), "-o", s(&out), "--set", "format=int4"], "int4"),
         (vec!["run", s(&input), "-o", s(&out), "--recipe", "sdxl"], "does not accept"),
         (vec!["run", s(&input), "-o", s(&out), "--config", s(&absent_toml)], "absent.toml"),
+        // Found by tests/fuzz.rs: exit 1 before.
+        (vec!["synth", "sd3", "--variant", "inpaint", "-o", s(&out)], "unknown variant `inpaint` for sd3"),
     ];
     for (args, expect) in &cases {
         let (code, stderr) = rr(args, &[]);
