@@ -6,7 +6,7 @@ use std::{env, fs, path::PathBuf, process::Command};
 /// Guest packages compiled into components. Presets are embedded in the binary;
 /// fixtures are only handed to the tests (via `QUANTSMITH_FIXTURES_DIR`).
 const PRESETS: &[&str] = &["sd15", "sdxl", "sd3", "flux"];
-const FIXTURES: &[&str] = &["hostile", "unknown-format", "mixed-example", "contract-0-1-0", "contract-0-1-1", "contract-0-1-2"];
+const FIXTURES: &[&str] = &["hostile", "many-params", "unknown-format", "mixed-example", "contract-0-1-0", "contract-0-1-1", "contract-0-1-2"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());

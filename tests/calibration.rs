@@ -430,6 +430,24 @@ fn a_looping_calibration_is_stopped_by_the_cpu_budget() {
     );
 }
 
+/// Host work a calibration asks for counts against the recipe's budget: a loop
+/// of cheap requests (randn, schedule, read-back) that keeps the host busy is
+/// refused once the 2 s budget is used up and ends as a timeout of `calibrate`,
+/// however the recipe handles the refusal. Only forward passes are not charged.
+#[test]
+fn host_work_a_calibration_asks_for_counts_against_its_budget() {
+    let started = std::time::Instant::now();
+    let err = hostile("calib-host-loop", SessionLimits::default());
+    let elapsed = started.elapsed();
+    let msg = format!("{err:#}");
+    let e = err.chain().find_map(|c| c.downcast_ref::<quantsmith::recipe::RecipeError>()).unwrap_or_else(|| panic!("not a recipe error: {msg}"));
+    assert!(matches!(e, quantsmith::recipe::RecipeError::Timeout { call: "calibrate", .. }), "{msg}");
+    assert!(msg.contains("CPU budget") && msg.contains("host work"), "{msg}");
+    assert_eq!(quantsmith::error::exit_code(&err), quantsmith::error::EXIT_RECIPE);
+    // Generous: it ends near its budget instead of after 200,000 rounds.
+    assert!(elapsed < std::time::Duration::from_secs(60), "took {elapsed:?}");
+}
+
 #[test]
 fn tensor_size_and_live_memory_are_bounded() {
     let err = hostile("calib-huge-tensor", SessionLimits::default());

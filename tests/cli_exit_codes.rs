@@ -133,6 +133,8 @@ fn exit_3_bad_input() {
         (vec!["run", s(&input), "-o", s(&out), "--set", "format=int4"], "int4"),
         (vec!["run", s(&input), "-o", s(&out), "--recipe", "sdxl"], "does not accept"),
         (vec!["run", s(&input), "-o", s(&out), "--config", s(&absent_toml)], "absent.toml"),
+        // Found by tests/fuzz.rs: exit 1 before.
+        (vec!["synth", "sd3", "--variant", "inpaint", "-o", s(&out)], "unknown variant `inpaint` for sd3"),
     ];
     for (args, expect) in &cases {
         let (code, stderr) = rr(args, &[]);
@@ -172,4 +174,76 @@ fn demo_runs_twice() {
         let (code, stderr) = rr(&["demo", "--family", "sd15", "--format", "int8", "--dir", s(&demo)], &[]);
         assert_eq!(code, Some(0), "{stderr}");
     }
+}
+
+/// 2: a `--layout` that cannot store the formats asked for, one case per refused
+/// combination, each before the model is read: with `--set`/`--config` the input
+/// is garbage (reading it would be exit 3), and a recipe whose plan mixes formats
+/// is refused once its plan is known, before calibration or conversion.
+#[test]
+fn exit_2_layout_and_format_that_cannot_be_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let garbage = d.join("garbage.safetensors");
+    std::fs::write(&garbage, b"not a checkpoint at all").unwrap();
+    let out = d.join("o.safetensors");
+    let config = d.join("nvfp4.toml");
+    std::fs::write(&config, "format = \"nvfp4\"\n").unwrap();
+    let legacy = ["--layout", "comfy-legacy"];
+    for format in ["int8", "nvfp4", "mxfp8"] {
+        let set = format!("format={format}");
+        let mut args = vec!["run", s(&garbage), "-o", s(&out), "--set", &set];
+        args.extend(legacy);
+        let (code, stderr) = rr(&args, &[]);
+        assert_eq!(code, Some(2), "{format}: {stderr}");
+        assert!(stderr.contains("comfy-legacy stores FP8 only") && stderr.contains(format), "{format}: {stderr}");
+        assert!(!out.exists());
+    }
+    let mut args = vec!["run", s(&garbage), "-o", s(&out), "--config", s(&config)];
+    args.extend(legacy);
+    let (code, stderr) = rr(&args, &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("FP8 only, not nvfp4"), "{stderr}");
+    // FP8 with the legacy layout is what it is for: not refused by this check.
+    let mut args = vec!["run", s(&garbage), "-o", s(&out), "--set", "format=fp8"];
+    args.extend(legacy);
+    assert_eq!(rr(&args, &[]).0, Some(3), "the garbage input is what fails");
+
+    // A recipe without a `format` parameter whose plan puts NVFP4 in some blocks.
+    let flux = synth_tiny(d, "flux");
+    let mixed = fixture("mixed-example");
+    let mut args = vec!["run", s(&flux), "-o", s(&out), "--recipe", s(&mixed), "--set", "middle-fraction=1", "--device", "cpu"];
+    args.extend(legacy);
+    let (code, stderr) = rr(&args, &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("comfy-legacy stores FP8 only") && stderr.contains("nvfp4"), "{stderr}");
+    assert_no_output(d, &out);
+}
+
+/// 3: MXFP8 of a bf16 value at 248·2^120 (bf16 0x7F78) rounds to 2^128: the file
+/// would load as infinity, so the run refuses it and writes nothing (it used to
+/// exit 0 with a file `check` rejects). formats::mxfp8 has the hand-checked vector.
+#[test]
+fn exit_3_mxfp8_value_that_would_dequantize_to_infinity() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let input = synth_tiny(d, "sd15");
+    let key = "output_blocks.3.1.transformer_blocks.0.attn1.to_q.weight";
+    let ckpt = quantsmith::checkpoint::Checkpoint::open(&input).unwrap();
+    let victim = ckpt.get(key).unwrap().clone();
+    drop(ckpt);
+    assert_eq!(victim.dtype, safetensors::Dtype::BF16);
+    let mut bytes = std::fs::read(&input).unwrap();
+    let start = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize + victim.offsets.0;
+    bytes[start + 10..start + 12].copy_from_slice(&0x7F78u16.to_le_bytes());
+    let huge = d.join("huge.safetensors");
+    std::fs::write(&huge, &bytes).unwrap();
+    let out = d.join("o.safetensors");
+    let (code, stderr) = rr(&["run", s(&huge), "-o", s(&out), "--set", "format=mxfp8", "--device", "cpu", "--calibrate", "off", "--quiet"], &[]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(stderr.contains(key) && stderr.contains("infinity"), "{stderr}");
+    assert_no_output(d, &out);
+    // The same file in FP8 (per-tensor scale) is fine.
+    let (code, stderr) = rr(&["run", s(&huge), "-o", s(&out), "--set", "format=fp8", "--device", "cpu", "--calibrate", "off", "--quiet"], &[]);
+    assert_eq!(code, Some(0), "{stderr}");
 }

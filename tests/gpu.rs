@@ -419,6 +419,29 @@ fn non_finite_inputs_are_refused_like_the_cpu() {
     }
 }
 
+/// MXFP8 near the bf16 maximum (formats::mxfp8::OVERFLOW_AMAX): 247·2^120 is
+/// quantized the same bytes on both sides (code 240, scale 2^120); 248·2^120,
+/// which would dequantize to infinity, is refused by both with the same message.
+#[test]
+fn mxfp8_overflow_is_refused_like_the_cpu() {
+    let Some(b) = backend() else { return };
+    let spec = QuantSpec { format: QuantFormat::Mxfp8, per_channel: false };
+    let (r, c) = (33, 70);
+    for dtype in [SourceDtype::BF16, SourceDtype::F32] {
+        for (big, refused) in [(247.0 * 2f32.powi(120), false), (248.0 * 2f32.powi(120), true), (f32::from_bits(0x7F7F_0000), true)] {
+            let mut v: Vec<f32> = (0..r * c).map(|i| (i as f32 * 0.37).sin()).collect();
+            v[40] = big;
+            v[1000] = -big;
+            let bytes = encode(dtype, &v);
+            let w = WeightView { name: "blocks.1.mlp.weight", dtype, rows: r, cols: c, bytes: &bytes };
+            let g = b.quantize(spec, &w);
+            let cpu = CpuBackend.quantize(spec, &w);
+            assert_eq!(g.is_err(), refused, "{dtype:?} {big:e}");
+            same_result(&g, &cpu).unwrap_or_else(|e| panic!("{dtype:?} {big:e}: {e}"));
+        }
+    }
+}
+
 #[test]
 fn concurrent_callers_get_their_own_results() {
     let Some(b) = backend() else { return };

@@ -232,6 +232,50 @@ fn sigkill_mid_write_leaves_nothing_visible_and_the_next_run_cleans_up() {
     assert!(partials(dir.path()).is_empty(), "the next run removes the orphan: {:?}", partials(dir.path()));
 }
 
+/// Kill and rerun: `run` killed (SIGKILL) while writing its output, then the very
+/// same command again (no `--force`: nothing was left to replace) gives exit 0
+/// and the same bytes as an uninterrupted run, with O_TMPFILE and with the
+/// named-temporary fallback (whose orphan the rerun removes).
+#[test]
+fn sigkill_mid_run_then_the_same_command_gives_the_same_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = synth_tiny(dir.path(), "sd15");
+    let reference = dir.path().join("reference.safetensors");
+    let args = |out: &Path| -> Vec<String> { ["run", s(&input), "-o", s(out), "--device", "cpu", "--quiet"].iter().map(|a| a.to_string()).collect() };
+    let out = Command::new(EXE).args(args(&reference)).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let want = std::fs::read(&reference).unwrap();
+    for named in [false, true] {
+        let work = tempfile::tempdir().unwrap();
+        let target = work.path().join("out.safetensors");
+        let marker = work.path().join("paused.marker");
+        let mut cmd = Command::new(EXE);
+        cmd.args(args(&target)).env("QUANTSMITH_TEST_PAUSE_WRITER", &marker);
+        if named {
+            cmd.env("QUANTSMITH_NO_TMPFILE", "1");
+        }
+        let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let start = Instant::now();
+        while !marker.exists() {
+            assert!(start.elapsed() < Duration::from_secs(300), "the writer never paused");
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("run ended before pausing: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: signalling our own child by its id.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGKILL) }, 0);
+        child.wait().unwrap();
+        assert!(!target.exists(), "named={named}");
+        assert_eq!(partials(work.path()).len(), usize::from(named), "named={named}: {:?}", partials(work.path()));
+
+        let out = Command::new(EXE).args(args(&target)).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "rerun, named={named}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(std::fs::read(&target).unwrap() == want, "the rerun's bytes differ from an uninterrupted run's (named={named})");
+        assert!(partials(work.path()).is_empty(), "named={named}: {:?}", partials(work.path()));
+    }
+}
+
 // ---- 5. inputs recognised with advice ---------------------------------------
 
 fn run_input(path: &Path, out_dir: &Path) -> (Option<i32>, String) {

@@ -180,3 +180,61 @@ fn formats_the_host_does_not_know_are_refused_at_load() {
     assert!(matches!(err, RecipeError::Load { .. }), "{msg}");
     assert!(msg.contains("unknown-format.wasm") && msg.contains("contract"), "{msg}");
 }
+
+/// The host's check of a plan is host work the recipe asked for: a plan that
+/// spends most of its 1 s budget and then hands over 99,999 distinct wildcards
+/// (each a glob compile and a match against every module) is stopped as a
+/// timeout of `plan`, not checked for as long as that takes.
+#[test]
+fn checking_a_huge_plan_counts_against_the_budget() {
+    let (dir, result, output, elapsed) = hostile("many-quantizable");
+    let (e, msg) = recipe_error(result);
+    assert!(matches!(e, RecipeError::Timeout { call: "plan", .. }), "{msg}");
+    // Generous: the point is that it ends, near its budget, not after every pattern.
+    assert!(elapsed < Duration::from_secs(30), "took {elapsed:?}");
+    assert_no_output(dir.path(), &output);
+}
+
+/// 160,000 declared parameters (a minute of quadratic checking before): refused
+/// at load by the parameter cap, as a recipe error (exit 4 from the CLI).
+#[test]
+fn a_recipe_declaring_too_many_parameters_is_refused() {
+    let runtime = RecipeRuntime::new(SandboxLimits::default()).unwrap();
+    let err = runtime.load(&RecipeSource::File(fixture("many-params"))).err().expect("160,000 parameters are refused");
+    let msg = err.to_string();
+    assert!(matches!(err, RecipeError::Invalid { .. }), "{msg}");
+    assert!(msg.contains("160000 parameters") && msg.contains("at most 256"), "{msg}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let input = synth_tiny(dir.path(), "sd15");
+    let output = dir.path().join("out.safetensors");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_run-recipe"))
+        .args(["run", input.to_str().unwrap(), "-o", output.to_str().unwrap(), "--recipe", fixture("many-params").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("at most 256"), "{stderr}");
+    assert!(!output.exists());
+}
+
+/// The caps on what a plan may hold, at the host's check of recipe output: more
+/// rules or quantizable entries than allowed are refused before any is compiled.
+#[test]
+fn plan_caps_are_refusals() {
+    use quantsmith::plan::{MAX_QUANTIZABLE, MAX_RULES, resolve};
+    use quantsmith::recipe::wit::{QuantFormat, QuantPlan, QuantizerRule};
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = quantsmith::checkpoint::Checkpoint::open(&synth_tiny(dir.path(), "sd15")).unwrap();
+    let modules = quantsmith::modules::ModuleTable::build(&ckpt);
+    let rule = QuantizerRule { pattern: "*".into(), enable: true, format: Some(QuantFormat::Fp8), axis: None, block_size: None };
+    let plan = QuantPlan { quantizable: vec!["*".into(); MAX_QUANTIZABLE + 1], rules: vec![rule.clone()], notes: vec![] };
+    assert!(resolve(&plan, &modules, &ckpt).unwrap_err().contains("at most 100000"));
+    let plan = QuantPlan { quantizable: vec!["*".into()], rules: vec![rule; MAX_RULES + 1], notes: vec![] };
+    assert!(resolve(&plan, &modules, &ckpt).unwrap_err().contains("at most 10000"));
+    // Notes are kept, escaped and cut, up to a count; the rest are counted.
+    let plan = QuantPlan { quantizable: vec!["*".into()], rules: vec![], notes: vec!["\u{1b}[2J".into(); 1000] };
+    let r = resolve(&plan, &modules, &ckpt).unwrap();
+    assert_eq!(r.notes.len(), quantsmith::plan::MAX_NOTES + 1);
+    assert!(r.notes.iter().all(|n| !n.contains('\u{1b}')));
+}

@@ -139,6 +139,32 @@ pub struct ConvertOptions {
     pub uncalibrated_fp8: UncalibratedFp8,
 }
 
+/// Whether `layout` can store every layer of `plan`, checked once the plan is
+/// known and before calibration or a weight is read (exit 2: the command line
+/// asked for a layout the recipe's formats do not fit).
+pub fn check_layout(plan: &ResolvedPlan, layout: Layout) -> Result<(), crate::error::Usage> {
+    if layout == Layout::ComfyLegacy {
+        if let Some(l) = plan.quantized().find(|l| l.spec.is_some_and(|s| s.format != QuantFormat::Fp8)) {
+            return Err(crate::error::Usage(format!(
+                "--layout comfy-legacy stores FP8 only, but the plan makes layer {} {}: use --layout comfy, or a plan of FP8 only (--set format=fp8)",
+                l.path,
+                l.spec.map(|s| s.format.name()).unwrap_or("-")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `layout` can store weights of the format named `format` (as the
+/// presets' `format` parameter names them); unknown names are the recipe's to refuse.
+pub fn check_layout_format(layout: Layout, format: &str) -> Result<(), crate::error::Usage> {
+    let format = format.trim();
+    if layout == Layout::ComfyLegacy && QuantFormat::ALL.iter().any(|f| *f != QuantFormat::Fp8 && f.name() == format) {
+        return Err(crate::error::Usage(format!("--layout comfy-legacy stores FP8 only, not {format}: use --layout comfy, or --set format=fp8")));
+    }
+    Ok(())
+}
+
 fn build_items<'a>(
     ckpt: &'a Checkpoint,
     plan: &'a ResolvedPlan,
@@ -149,10 +175,8 @@ fn build_items<'a>(
 ) -> Result<Vec<Item<'a>>> {
     let mut transforms = if smoothing.is_empty() { HashMap::new() } else { smoothing.transforms(&ModuleTable::build(ckpt))? };
     let mut items = Vec::with_capacity(ckpt.tensors().len() + plan.layers.len());
+    check_layout(plan, layout)?;
     if layout == Layout::ComfyLegacy {
-        if let Some(l) = plan.quantized().find(|l| l.spec.unwrap().format != QuantFormat::Fp8) {
-            return Err(anyhow!("--layout comfy-legacy stores FP8 only, but layer {} is {}", l.path, l.spec.unwrap().format.name()));
-        }
         items.push(Item::Bytes { name: format!("{}scaled_fp8", ckpt.prefix()), dtype: Dtype::F8_E4M3, shape: vec![0], data: vec![] });
     }
     for entry in ckpt.tensors() {

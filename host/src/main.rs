@@ -642,6 +642,7 @@ fn run(args: RunArgs) -> Result<()> {
             .load_toml(&text, &path.display().to_string())
             .map_err(bad)?;
     }
+    checks::layout(args.layout, &params)?;
     checks::device(device)?;
     let opts = RunOptions {
         input: args.model.clone(),

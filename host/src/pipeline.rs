@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -12,7 +13,7 @@ use crate::backend::DeviceChoice;
 use crate::checkpoint::Checkpoint;
 use crate::convert::{self, ConvertOptions, ConvertSummary, LayerReport, Layout, UncalibratedFp8};
 use crate::modules::ModuleTable;
-use crate::plan::{self, ResolvedPlan};
+use crate::plan::{self, PlanError, ResolvedPlan};
 use crate::recipe::params::{RawParams, value_to_json};
 use crate::recipe::wit::{Detection, ParamValue};
 use crate::recipe::{HostContext, LoadedRecipe, PRESETS, RecipeError, RecipeRuntime, RecipeSource, SandboxLimits};
@@ -222,12 +223,17 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         Err(reason) => bail!(Refused(format!("recipe {} does not accept {}: {reason}", recipe.name(), opts.input.display()))),
     };
     tracing::info!("{}: {} {} (confidence {:.2}): {}", recipe.name(), detection.family, detection.variant, detection.confidence, detection.reason);
+    // The plan call and the host's check of what it returned share one budget.
+    let plan_deadline = Instant::now() + opts.limits.timeout;
     let wit_plan = match recipe.plan(&ctx, params.clone())? {
         Ok(p) => p,
         Err(reason) => bail!(Refused(format!("recipe {} refused to plan {}: {reason}", recipe.name(), opts.input.display()))),
     };
-    let resolved: ResolvedPlan = plan::resolve(&wit_plan, &ctx.modules, &ctx.checkpoint)
-        .map_err(|message| RecipeError::Invalid { recipe: recipe.name().to_string(), message: format!("invalid plan: {message}") })?;
+    let resolved: ResolvedPlan = plan::resolve_by(&wit_plan, &ctx.modules, &ctx.checkpoint, Some(plan_deadline)).map_err(|e| match e {
+        PlanError::Invalid(message) => RecipeError::Invalid { recipe: recipe.name().to_string(), message: format!("invalid plan: {message}") },
+        PlanError::OutOfTime => RecipeError::Timeout { recipe: recipe.name().to_string(), call: "plan", secs: opts.limits.timeout.as_secs_f64() },
+    })?;
+    convert::check_layout(&resolved, opts.layout)?;
     for w in &resolved.warnings {
         tracing::warn!("{}: {w}", recipe.name());
     }

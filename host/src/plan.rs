@@ -158,14 +158,42 @@ pub const MAX_QUANTIZABLE: usize = 100_000;
 /// Most notes kept from a plan (each already cut to crate::text::MAX_PRINTED).
 pub const MAX_NOTES: usize = 100;
 
+/// Why a plan could not be resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanError {
+    /// The plan breaks a rule; the message says which.
+    Invalid(String),
+    /// Checking it ran past the deadline (the plan call's time budget).
+    OutOfTime,
+}
+
 /// Resolves and validates a recipe's plan.
 pub fn resolve(plan: &wit::QuantPlan, modules: &ModuleTable, ckpt: &Checkpoint) -> Result<ResolvedPlan, String> {
+    resolve_by(plan, modules, ckpt, None).map_err(|e| match e {
+        PlanError::Invalid(m) => m,
+        PlanError::OutOfTime => unreachable!("no deadline was given"),
+    })
+}
+
+/// [`resolve`], stopping with [`PlanError::OutOfTime`] once `deadline` passes: a
+/// plan within the caps can still ask for rules × modules glob matches, and that
+/// host work counts against the recipe's time budget like its own.
+pub fn resolve_by(plan: &wit::QuantPlan, modules: &ModuleTable, ckpt: &Checkpoint, deadline: Option<std::time::Instant>) -> Result<ResolvedPlan, PlanError> {
+    let in_time = || match deadline {
+        Some(d) if std::time::Instant::now() >= d => Err(PlanError::OutOfTime),
+        _ => Ok(()),
+    };
+    resolve_checked(plan, modules, ckpt, &in_time)
+}
+
+fn resolve_checked(plan: &wit::QuantPlan, modules: &ModuleTable, ckpt: &Checkpoint, in_time: &dyn Fn() -> Result<(), PlanError>) -> Result<ResolvedPlan, PlanError> {
+    use PlanError::Invalid;
     let mut warnings = Vec::new();
     if plan.rules.len() > MAX_RULES {
-        return Err(format!("{} rules; a plan may hold at most {MAX_RULES}", plan.rules.len()));
+        return Err(Invalid(format!("{} rules; a plan may hold at most {MAX_RULES}", plan.rules.len())));
     }
     if plan.quantizable.len() > MAX_QUANTIZABLE {
-        return Err(format!("{} quantizable entries; a plan may hold at most {MAX_QUANTIZABLE}", plan.quantizable.len()));
+        return Err(Invalid(format!("{} quantizable entries; a plan may hold at most {MAX_QUANTIZABLE}", plan.quantizable.len())));
     }
     let mut notes: Vec<String> = plan.notes.iter().take(MAX_NOTES).map(|n| crate::text::untrusted(n)).collect();
     if plan.notes.len() > MAX_NOTES {
@@ -175,7 +203,8 @@ pub fn resolve(plan: &wit::QuantPlan, modules: &ModuleTable, ckpt: &Checkpoint) 
     // 1. Which modules are quantizable layers.
     let mut quantizable = vec![false; modules.len()];
     for p in &plan.quantizable {
-        let pat = QuantizerPattern::new(p).map_err(|e| format!("quantizable: {e}"))?;
+        in_time()?;
+        let pat = QuantizerPattern::new(p).map_err(|e| Invalid(format!("quantizable: {e}")))?;
         let mut hit = false;
         for (i, m) in modules.iter().enumerate() {
             let matched = if pat.is_literal() { m.path == *p } else { pat.matches(&m.path) };
@@ -185,30 +214,31 @@ pub fn resolve(plan: &wit::QuantPlan, modules: &ModuleTable, ckpt: &Checkpoint) 
             hit = true;
             if m.kind != ModuleKind::Linear {
                 if pat.is_literal() {
-                    return Err(format!(
+                    return Err(Invalid(format!(
                         "module {} is a {} layer; ComfyUI's mixed-precision loader quantizes only Linear layers",
                         m.path,
                         m.kind.name()
-                    ));
+                    )));
                 }
                 continue;
             }
             quantizable[i] = true;
         }
         if !hit {
-            return Err(format!("quantizable {p:?} names no module of this checkpoint"));
+            return Err(Invalid(format!("quantizable {p:?} names no module of this checkpoint")));
         }
     }
 
     // 2. Rules: well-formed, allowed attributes, and naming something real.
     let mut rules = Vec::with_capacity(plan.rules.len());
     for (i, r) in plan.rules.iter().enumerate() {
-        let pat = QuantizerPattern::new(&r.pattern).map_err(|e| format!("rule {i}: {e}"))?;
-        let spec = check_rule(i, r)?;
+        in_time()?;
+        let pat = QuantizerPattern::new(&r.pattern).map_err(|e| Invalid(format!("rule {i}: {e}")))?;
+        let spec = check_rule(i, r).map_err(Invalid)?;
         let any = modules.iter().any(|m| pat.matches_module(&m.path));
         if !any {
             if pat.is_literal() {
-                return Err(format!("rule {i} names {:?}, which does not exist in this checkpoint", r.pattern));
+                return Err(Invalid(format!("rule {i} names {:?}, which does not exist in this checkpoint", r.pattern)));
             }
             warnings.push(format!("rule {i} ({:?}) matches no quantizer", r.pattern));
         }
@@ -224,6 +254,7 @@ pub fn resolve(plan: &wit::QuantPlan, modules: &ModuleTable, ckpt: &Checkpoint) 
         if !quantizable[i] {
             continue;
         }
+        in_time()?;
         let weight_q = format!("{}.weight_quantizer", m.path);
         let input_q = format!("{}.input_quantizer", m.path);
         let mut decision: (Option<QuantSpec>, Option<usize>) = (None, None);
@@ -246,14 +277,14 @@ pub fn resolve(plan: &wit::QuantPlan, modules: &ModuleTable, ckpt: &Checkpoint) 
         let dtype = SourceDtype::from_safetensors(entry.dtype);
         if let Some(spec) = decision.0 {
             if dtype.is_none() {
-                return Err(format!("layer {} has dtype {:?}; only F32, F16 and BF16 weights can be quantized", m.path, entry.dtype));
+                return Err(Invalid(format!("layer {} has dtype {:?}; only F32, F16 and BF16 weights can be quantized", m.path, entry.dtype)));
             }
             if spec.format.changes_shape() && probes.iter().any(|p| p.matches(&m.path)) {
-                return Err(format!(
+                return Err(Invalid(format!(
                     "layer {} is one ComfyUI reads to detect the model; it must keep its logical shape, so {} (packed/padded) is not allowed there: use fp8, int8 or leave it unquantized",
                     m.path,
                     spec.format.name()
-                ));
+                )));
             }
         }
         let key = weight_key.strip_suffix(".weight").unwrap_or(weight_key).to_string();

@@ -373,12 +373,13 @@ impl SynthOptions {
             None => Ok(variants[0]),
             Some(v) => {
                 let v = v.trim().to_ascii_lowercase();
+                // The user's value: bad input (exit 3), as an unknown family or scale is.
                 variants.iter().copied().find(|x| *x == v).ok_or_else(|| {
-                    anyhow!(
+                    anyhow::Error::new(crate::error::BadInput(format!(
                         "unknown variant `{v}` for {} (expected one of: {})",
                         self.family,
                         variants.join(", ")
-                    )
+                    )))
                 })
             }
         }

@@ -63,7 +63,10 @@ pub struct SessionLimits {
     pub max_tensor_elements: usize,
     /// Elements of all live tensors together.
     pub max_live_elements: usize,
-    /// `denoise` calls in the whole run.
+    /// `denoise` calls in the whole run; prompt encodings (text-encoder passes)
+    /// and `smooth` calls (a scan of the consumers' weights) count too. These
+    /// passes are the host work not charged to the recipe's time budget
+    /// (recipe::calibration_impl), so their number is bounded here.
     pub max_forwards: usize,
     /// Batch of one `denoise` call.
     pub max_batch: usize,
@@ -263,6 +266,11 @@ pub struct Session<O: Ops> {
     next_id: u32,
     live_elements: usize,
     forwards: usize,
+    /// Prompt conditionings and `smooth` calls, which share `max_forwards`.
+    other_passes: usize,
+    /// Per-input-channel weight maxima of smoothing consumers, by key: scanned
+    /// once, so a recipe searching alphas does not rescan the weights.
+    weight_amax: HashMap<String, Vec<f32>>,
     samples: usize,
     steps: BTreeSet<usize>,
     forward_time: Duration,
@@ -316,6 +324,8 @@ where
             next_id: 1,
             live_elements: 0,
             forwards: 0,
+            other_passes: 0,
+            weight_amax: HashMap::new(),
             samples: 0,
             steps: BTreeSet::new(),
             forward_time: Duration::ZERO,
@@ -438,6 +448,17 @@ where
             Backbone::Unet => self.unet_adm_channels().map(clip::pooled_width).unwrap_or(0),
             _ => self.model.arch().pooled_width.unwrap_or(0),
         }
+    }
+
+    /// Counts a prompt encoding or a `smooth` against `max_forwards`.
+    fn count_pass(&mut self) -> Result<()> {
+        let max = self.inputs.limits.max_forwards;
+        ensure!(
+            self.forwards + self.other_passes < max,
+            "the run's budget of {max} forward passes is used up (prompt encodings and smooth calls count as passes)"
+        );
+        self.other_passes += 1;
+        Ok(())
     }
 
     fn random_cond(&self, count: usize, seed: u64, spread: f32, width: u32, height: u32) -> Result<Cond<O::Tensor>> {
@@ -572,6 +593,7 @@ where
                 self.file_cond(start, count, width, height)?
             }
             CondSource::Prompts(p) => {
+                self.count_pass()?;
                 self.cond_sources.insert(HeldOut::Prompts);
                 self.prompt_cond(p, width, height)?
             }
@@ -652,7 +674,7 @@ where
 
     fn denoise(&mut self, x: u32, sigma: f32, cond: u32, step: usize) -> Result<u32> {
         let l = self.inputs.limits;
-        ensure!(self.forwards < l.max_forwards, "the run's budget of {} forward passes is used up", l.max_forwards);
+        ensure!(self.forwards + self.other_passes < l.max_forwards, "the run's budget of {} forward passes is used up", l.max_forwards);
         ensure!(step < l.max_steps, "step {step} is beyond the {} step buckets", l.max_steps);
         ensure!(sigma.is_finite() && sigma > 0.0, "sigma must be positive, got {sigma}");
         let started = Instant::now();
@@ -743,12 +765,17 @@ where
             }
         }
         ensure!(seen, "the inputs of {} have not been observed yet: run denoise first", group.consumers.join(", "));
+        self.count_pass()?;
         let ckpt = &self.inputs.checkpoint;
         let mut weight = vec![0f32; group.channels];
         for c in &group.consumers {
             let key = format!("{}{c}.weight", ckpt.prefix());
-            for (w, v) in weight.iter_mut().zip(smooth::weight_column_amax(ckpt, &key)?) {
-                *w = w.max(v);
+            if !self.weight_amax.contains_key(&key) {
+                let amax = smooth::weight_column_amax(ckpt, &key)?;
+                self.weight_amax.insert(key.clone(), amax);
+            }
+            for (w, v) in weight.iter_mut().zip(&self.weight_amax[&key]) {
+                *w = w.max(*v);
             }
         }
         let smoothed = smooth::Smoothed { factors: smooth::factors(&act, &weight, alpha), group, alpha };

@@ -46,6 +46,17 @@ pub fn set_values(sets: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `--layout` against the `format` parameter the presets take (from `--set` or
+/// `--config`): a combination the layout cannot store is a usage error before
+/// the model is opened. What a recipe plans without that parameter is checked
+/// once its plan is known (convert::check_layout), still before any weight is read.
+pub fn layout(layout: quantsmith::convert::Layout, params: &quantsmith::recipe::params::RawParams) -> Result<()> {
+    match params.text("format") {
+        Some(format) => quantsmith::convert::check_layout_format(layout, format).map_err(Into::into),
+        None => Ok(()),
+    }
+}
+
 /// `--config`: a regular file of at most [`MAX_CONFIG_BYTES`], read.
 pub fn read_config(path: &Path) -> Result<String> {
     input_file("--config", path)?;

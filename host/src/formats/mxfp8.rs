@@ -65,6 +65,30 @@ fn encode_row(x: &[f32], bmax: &mut [f32], scales: &mut [u8], out: &mut [u8]) {
     }
 }
 
+/// Smallest magnitude whose block dequantizes to infinity: 248·2^120. Such a
+/// block gets exponent 247 (scale 2^120, since bmax/448 > 2^119), and x/2^120 ≥ 248
+/// rounds to E4M3's 256 (248 is the tie between 240 and 256; ties go to the even
+/// code, 256), so code·scale = 2^128, past f32's (and bf16's) largest finite value.
+/// No other exponent choice helps: with three mantissa bits any scale rounds
+/// such a value to 2^128. Only bf16 and f32 sources reach it (f16 stops at 65504).
+pub const OVERFLOW_AMAX: f32 = 248.0 * (1u128 << 120) as f32;
+
+/// Refuses a tensor whose largest magnitude `amax` would dequantize to infinity
+/// ([`OVERFLOW_AMAX`]): such a file loads as inf weights, so it is bad input (exit
+/// 3), refused before anything is written. The CPU reference and the GPU backend
+/// (from the block maxima its kernel folds into the amax word) both call this.
+pub(crate) fn check_range(name: &str, amax: f32) -> Result<(), QuantError> {
+    if amax >= OVERFLOW_AMAX {
+        return Err(QuantError::Invalid {
+            name: name.to_string(),
+            reason: format!(
+                "holds {amax:e}, at or beyond {OVERFLOW_AMAX:e}, which MXFP8 rounds to 2^128 (infinity when dequantized); refusing to quantize it to mxfp8 (use fp8 or leave this layer unquantized)"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Padded data shape `(rows, cols)` and block columns.
 fn dims(rows: usize, cols: usize) -> (usize, usize, usize) {
     let (pr, pc) = (roundup(rows, B), roundup(cols, B));
@@ -72,7 +96,7 @@ fn dims(rows: usize, cols: usize) -> (usize, usize, usize) {
 }
 
 fn quantize_t<T: Src>(w: &WeightView<'_>) -> Result<Vec<StoredTensor>, QuantError> {
-    finite_amax::<T>(w)?;
+    check_range(w.name, T::to_f32(finite_amax::<T>(w)?))?;
     let (rows, cols) = (w.rows, w.cols);
     let (pr, pc, nb) = dims(rows, cols);
     let (sr, sc) = blocked_shape(pr, nb);
@@ -340,6 +364,37 @@ mod tests {
             bad[1].data.swap(blocked_index(3, c, 4), blocked_index(35, c, 4));
         }
         assert!(Mxfp8.verify(&w, &bad).is_err());
+    }
+
+    /// Hand-checked: bf16 0x7F77 is 1.9296875·2^127 = 247·2^120. Its block max
+    /// over 448 is 2^119.14, so e = 120 + 127 = 247 (0xF7); 247 lies 7 above E4M3's
+    /// 240 and 9 below 256, so the code is 240 = 1.875·2^7: exponent field 7 + 7 =
+    /// 0b1110, mantissa 0b111, code 0x77. 240·2^120 = 3.1901e38 is finite. One bf16
+    /// step up, 0x7F78 = 248·2^120 is the tie that rounds to 256: 2^128 = inf, so
+    /// it is refused, as is bf16's largest finite value 0x7F7F.
+    #[test]
+    fn values_near_the_bf16_maximum_never_dequantize_to_infinity() {
+        let bf16 = |bits: u16| f32::from_bits((bits as u32) << 16);
+        assert_eq!(bf16(0x7F77), 247.0 * 2f32.powi(120));
+        assert_eq!(bf16(0x7F78), OVERFLOW_AMAX);
+        let v = [bf16(0x7F77), -bf16(0x7F77), 0.0];
+        let out = quantize(SourceDtype::BF16, 1, 3, &v);
+        assert_eq!(&out[0].data[..3], &[0x77, 0xF7, 0x00], "codes: 240, -240 (sign bit | 0x77), 0");
+        assert_eq!(out[1].data[blocked_index(0, 0, 1)], 0xF7);
+        let dq = Mxfp8.dequantize(&out, 1, 3);
+        assert_eq!(dq[0], 240.0 * 2f32.powi(120));
+        assert!(dq.iter().all(|x| x.is_finite()));
+        for bits in [0x7F78u16, 0x7F7F, 0xFF7F] {
+            let bytes = bytes_of(SourceDtype::BF16, &[1.0, bf16(bits)]);
+            let w = WeightView { name: "double_blocks.0.img_mlp.0.weight", dtype: SourceDtype::BF16, rows: 1, cols: 2, bytes: &bytes };
+            let e = Mxfp8.quantize(&w).unwrap_err();
+            assert!(matches!(&e, QuantError::Invalid { name, reason } if name == "double_blocks.0.img_mlp.0.weight" && reason.contains("infinity")), "{e}");
+        }
+        // f32 just below the limit still quantizes (to code 240), finite.
+        let below = f32::from_bits(OVERFLOW_AMAX.to_bits() - 1);
+        let out = quantize(SourceDtype::F32, 1, 1, &[below]);
+        assert_eq!(out[0].data[0], 0x77);
+        assert!(Mxfp8.dequantize(&out, 1, 1)[0].is_finite());
     }
 
     #[test]

@@ -1,7 +1,12 @@
 //! The `quantsmith:recipe/calibration` host functions (contract 0.1.1): WIT
 //! resources map to the session's numbered handles; every error reaches the
-//! recipe as `err(message)` and is logged, and time spent here is excluded
-//! from the recipe's CPU budget.
+//! recipe as `err(message)` and is logged. Time spent here counts against the
+//! recipe's time budget, except passes over the model (`denoise`, prompts
+//! through the text encoders, `smooth`'s weight scan), whose number the
+//! session's `max_forwards` bounds instead; once the
+//! budget is used up every call is refused (State::check_deadline), and each
+//! call's work is capped by the session's limits (elements per tensor, steps,
+//! batch), so no single call runs unbounded.
 
 use std::time::Instant;
 
@@ -15,14 +20,30 @@ use crate::calibrate::schedule::Spacing;
 use crate::calibrate::session::{CalibSession, CondHandle, CondSource, TensorHandle};
 
 impl State {
-    /// Runs `f` on the session, timing it as host time.
+    /// Runs `f` on the session, unless the budget is used up; its time counts
+    /// against the budget (see [`State::forward`] for forward passes).
     fn session<R>(&mut self, what: &str, f: impl FnOnce(&mut dyn CalibSession) -> anyhow::Result<R>) -> Result<R, String> {
+        self.check_deadline(what)?;
+        self.run_session(what, f)
+    }
+
+    /// A pass over the model (forward, text encoding, smoothing's weight scan):
+    /// refused once the budget is used up, like any call, but its own time is
+    /// not charged (a real calibration runs minutes of them; their number is
+    /// capped by `SessionLimits::max_forwards`).
+    fn forward<R>(&mut self, what: &str, f: impl FnOnce(&mut dyn CalibSession) -> anyhow::Result<R>) -> Result<R, String> {
+        self.check_deadline(what)?;
         let started = Instant::now();
+        let result = self.run_session(what, f);
+        self.model_time += started.elapsed();
+        result
+    }
+
+    fn run_session<R>(&mut self, what: &str, f: impl FnOnce(&mut dyn CalibSession) -> anyhow::Result<R>) -> Result<R, String> {
         let result = match self.calib.as_deref_mut() {
             Some(s) => f(s).map_err(|e| format!("{what}: {e:#}")),
             None => Err(format!("{what}: calibration host calls are only available inside `calibrate`")),
         };
-        self.host_time += started.elapsed();
         if let Err(e) = &result {
             tracing::debug!("{}: {e}", self.recipe);
         }
@@ -139,7 +160,11 @@ impl Host for State {
             ConditioningSource::File(f) => CondSource::File { start: f.start as usize, count: f.count as usize },
             ConditioningSource::Prompts(p) => CondSource::Prompts(p),
         };
-        let id = self.session("conditioning", |s| s.conditioning(source, width, height))?;
+        // Prompts run the text encoders: a forward pass, counted as one.
+        let id = match source {
+            CondSource::Prompts(_) => self.forward("conditioning", |s| s.conditioning(source, width, height))?,
+            _ => self.session("conditioning", |s| s.conditioning(source, width, height))?,
+        };
         self.new_cond(id)
     }
 
@@ -186,7 +211,8 @@ impl Host for State {
 
     fn denoise(&mut self, x: Resource<TensorHandle>, sigma: f32, cond: Resource<CondHandle>, step: u32) -> Result<Resource<TensorHandle>, String> {
         let (x, cond) = (self.tensor_id(&x)?, self.cond_id(&cond)?);
-        self.tensor_op("denoise", |s| s.denoise(x, sigma, cond, step as usize))
+        let id = self.forward("denoise", |s| s.denoise(x, sigma, cond, step as usize))?;
+        self.new_tensor(id)
     }
 }
 
@@ -211,7 +237,8 @@ impl super::calibrating::smoothing_api::Host for State {
     }
 
     fn smooth(&mut self, producer: String, alpha: f32) -> Result<super::calibrating::smoothing_api::Smoothed, String> {
-        let (s, act) = self.session("smooth", |s| s.smooth(&producer, alpha))?;
+        // A scan of the consumers' weights: a pass like a forward (counted, not timed).
+        let (s, act) = self.forward("smooth", |s| s.smooth(&producer, alpha))?;
         let r = s.report(&act);
         Ok(super::calibrating::smoothing_api::Smoothed { min_factor: r.min_factor, max_factor: r.max_factor, amax_before: r.amax_before, amax_after: r.amax_after })
     }

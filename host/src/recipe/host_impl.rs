@@ -1,4 +1,7 @@
-//! The host functions a recipe may call (`quantsmith:recipe/host`).
+//! The host functions a recipe may call (`quantsmith:recipe/host`). Their time
+//! counts against the call's budget; the ones that scan data (`matching-modules`,
+//! `read-small`, `stats`) are refused once it is used up (State::check_deadline),
+//! the rest answer from the header in time bounded by the checkpoint's size.
 
 use safetensors::Dtype;
 
@@ -96,12 +99,14 @@ impl Host for State {
     }
 
     fn matching_modules(&mut self, pattern: String) -> Result<Vec<String>, String> {
+        self.check_deadline("matching-modules")?;
         let p = QuantizerPattern::new(&pattern)?;
         let Some(ctx) = &self.ctx else { return Ok(vec![]) };
         Ok(ctx.modules.iter().filter(|m| p.matches_module(&m.path)).map(|m| m.path.clone()).collect())
     }
 
     fn read_small(&mut self, name: String) -> Result<Vec<f32>, String> {
+        self.check_deadline("read-small")?;
         let ctx = self.ctx.as_ref().ok_or("no checkpoint during describe")?;
         let t = ctx.checkpoint.get_local(&name).ok_or_else(|| format!("no tensor {name:?}"))?;
         if t.elements() > SMALL_TENSOR_LIMIT {
@@ -112,6 +117,7 @@ impl Host for State {
     }
 
     fn stats(&mut self, name: String) -> Result<TensorStats, String> {
+        self.check_deadline("stats")?;
         let ctx = self.ctx.as_ref().ok_or("no checkpoint during describe")?;
         let t = ctx.checkpoint.get_local(&name).ok_or_else(|| format!("no tensor {name:?}"))?;
         let s = elements::stats(t.dtype, ctx.checkpoint.bytes(t)).ok_or_else(|| format!("tensor {name}: dtype {:?} has no statistics", t.dtype))?;

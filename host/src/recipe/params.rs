@@ -55,6 +55,16 @@ impl RawParams {
         Ok(())
     }
 
+    /// The value given for `key` as text (a `--set` value, or a TOML string), before
+    /// validation: for the checks made before a recipe is loaded.
+    pub fn text(&self, key: &str) -> Option<&str> {
+        match self.values.get(key)? {
+            RawValue::Text(s) => Some(s),
+            RawValue::Toml(toml::Value::String(s)) => Some(s),
+            RawValue::Toml(_) => None,
+        }
+    }
+
     /// Checks every value against `schema` and fills in defaults.
     pub fn validate(&self, recipe: &str, schema: &[ParamSpec]) -> Result<Vec<(String, ParamValue)>, ParamError> {
         let err = |message: String| ParamError { recipe: recipe.to_string(), message };
@@ -102,12 +112,39 @@ pub fn kind_name(kind: ParamKind) -> &'static str {
     }
 }
 
+/// Most parameters a recipe may declare (the presets take about twenty).
+pub const MAX_PARAMS: usize = 256;
+/// Longest parameter name, in bytes.
+pub const MAX_PARAM_NAME: usize = 64;
+/// Longest help text, text default or allowed value, in bytes.
+pub const MAX_PARAM_TEXT: usize = 4096;
+/// Most allowed values of one choice.
+pub const MAX_CHOICES: usize = 256;
+
 /// Checks that a recipe's own schema is coherent (defaults of the declared kind,
-/// choices with a non-empty list containing the default, unique names).
+/// choices with a non-empty list containing the default, unique names) and
+/// within the caps above, in time linear in its size: the schema comes from an
+/// untrusted recipe, and each cap is a refusal rather than host work without bound.
 pub fn check_schema(schema: &[ParamSpec]) -> Result<(), String> {
-    for (i, p) in schema.iter().enumerate() {
-        if p.name.is_empty() || schema[..i].iter().any(|q| q.name == p.name) {
-            return Err(format!("parameter name {:?} is empty or repeated", p.name));
+    if schema.len() > MAX_PARAMS {
+        return Err(format!("{} parameters; a recipe may declare at most {MAX_PARAMS}", schema.len()));
+    }
+    let mut names = std::collections::HashSet::with_capacity(schema.len());
+    for p in schema {
+        let shown = || crate::text::sanitize(&p.name, 60);
+        if p.name.len() > MAX_PARAM_NAME {
+            return Err(format!("parameter name \"{}\" is {} bytes; at most {MAX_PARAM_NAME} are allowed", shown(), p.name.len()));
+        }
+        if p.name.is_empty() || !names.insert(p.name.as_str()) {
+            return Err(format!("parameter name \"{}\" is empty or repeated", shown()));
+        }
+        if p.allowed.len() > MAX_CHOICES {
+            return Err(format!("parameter {}: {} allowed values; at most {MAX_CHOICES} are allowed", shown(), p.allowed.len()));
+        }
+        let default_len = if let ParamValue::Text(t) = &p.default { t.len() } else { 0 };
+        let longest = p.allowed.iter().map(|a| a.len()).chain([p.help.len(), default_len]).max().unwrap_or(0);
+        if longest > MAX_PARAM_TEXT {
+            return Err(format!("parameter {}: a help text, default or allowed value of {longest} bytes; at most {MAX_PARAM_TEXT} are allowed", shown()));
         }
         let ok = matches!(
             (p.kind, &p.default),
@@ -215,6 +252,32 @@ mod tests {
         assert!(RawParams::default().set("noequals").is_err());
         assert!(RawParams::default().load_toml("format = [1,2]", "x").is_err());
         assert!(RawParams::default().load_toml("= broken", "x").is_err());
+    }
+
+    #[test]
+    fn schema_caps_are_refusals() {
+        let spec = |name: String| ParamSpec { name, kind: ParamKind::Integer, default: ParamValue::Integer(0), allowed: vec![], help: String::new() };
+        let many: Vec<ParamSpec> = (0..MAX_PARAMS + 1).map(|i| spec(format!("p{i}"))).collect();
+        assert!(check_schema(&many).unwrap_err().contains("at most 256"));
+        assert!(check_schema(&many[..MAX_PARAMS]).is_ok());
+        // 160,000 parameters (the case): refused by the count, at once.
+        let huge: Vec<ParamSpec> = (0..160_000).map(|i| spec(format!("p{i}"))).collect();
+        assert!(check_schema(&huge).is_err());
+        let mut dup = many[..3].to_vec();
+        dup[2].name = "p0".into();
+        assert!(check_schema(&dup).unwrap_err().contains("repeated"));
+        assert!(check_schema(&[spec("n".repeat(65))]).unwrap_err().contains("at most 64"));
+        let mut long_help = spec("h".into());
+        long_help.help = "x".repeat(MAX_PARAM_TEXT + 1);
+        assert!(check_schema(&[long_help]).unwrap_err().contains("at most 4096"));
+        let mut choices = schema()[0].clone();
+        choices.allowed = (0..MAX_CHOICES + 1).map(|i| format!("c{i}")).collect();
+        choices.allowed[0] = "fp8".into();
+        assert!(check_schema(&[choices]).unwrap_err().contains("allowed values"));
+        let mut long_default = spec("t".into());
+        long_default.kind = ParamKind::Text;
+        long_default.default = ParamValue::Text("d".repeat(MAX_PARAM_TEXT + 1));
+        assert!(check_schema(&[long_default]).is_err());
     }
 
     #[test]

@@ -23,8 +23,10 @@ use crate::text::untrusted;
 pub struct SandboxLimits {
     /// Linear memory a recipe may grow to.
     pub memory_bytes: usize,
-    /// Wall-clock budget of one call (describe, detect, plan or calibrate), not
-    /// counting time spent inside host calls (forward passes).
+    /// Wall-clock budget of one call (describe, detect, plan or calibrate): the
+    /// recipe's own time, the time it asks to sleep, and the host work its
+    /// requests cost, except the forward passes of calibration (`denoise`,
+    /// prompt encoding), which `SessionLimits::max_forwards` bounds instead.
     pub timeout: Duration,
 }
 
@@ -47,7 +49,7 @@ pub enum RecipeError {
     Load { recipe: String, reason: String },
     #[error("recipe {recipe} was built against quantsmith:recipe@{found}; this host speaks quantsmith:recipe@{WIT_VERSION} (0.1.x). Rebuild it with a matching quantsmith-recipe-sdk")]
     Version { recipe: String, found: String },
-    #[error("recipe {recipe}: {call} exceeded its CPU budget of {secs:.1} s and was stopped (raise it with --recipe-timeout)")]
+    #[error("recipe {recipe}: {call} exceeded its CPU budget of {secs:.1} s (its own time and the host work it asked for) and was stopped (raise it with --recipe-timeout)")]
     Timeout { recipe: String, call: &'static str, secs: f64 },
     #[error("recipe {recipe}: {call} exceeded its memory limit of {mib} MiB and was stopped (raise it with --recipe-memory)")]
     Memory { recipe: String, call: &'static str, mib: usize },
@@ -102,8 +104,14 @@ pub(super) struct State {
     pub(super) table: ResourceTable,
     /// The calibration session, during a `calibrate` call only.
     pub(super) calib: Option<Box<dyn CalibSession>>,
-    /// Time spent inside host calls, which the recipe's CPU budget does not count.
-    pub(super) host_time: Duration,
+    /// When the call started.
+    pub(super) started: Instant,
+    /// Time spent in forward passes (recipe::calibration_impl), which the
+    /// budget does not count; every other host call counts.
+    pub(super) model_time: Duration,
+    /// A host call was refused because the budget was used up: the call ends
+    /// as a timeout whatever the recipe makes of the refusal.
+    pub(super) out_of_time: bool,
     /// Time the recipe asked to sleep (recipe::clocks): charged, never waited.
     pub(super) slept: Duration,
     /// The call's time budget (SandboxLimits::timeout).
@@ -112,6 +120,24 @@ pub(super) struct State {
     pub(super) ctx: Option<Arc<HostContext>>,
     pub(super) params: Vec<(String, super::wit::ParamValue)>,
     pub(super) recipe: String,
+}
+
+impl State {
+    /// The budget the call has used: wall-clock time less forward passes, plus sleeps.
+    pub(super) fn used(&self) -> Duration {
+        self.started.elapsed().saturating_sub(self.model_time).saturating_add(self.slept)
+    }
+
+    /// Refuses host work once the budget is used up (and marks the call as out of
+    /// time), so a recipe cannot keep the host busy past `--recipe-timeout` by
+    /// asking it for work in a loop.
+    pub(super) fn check_deadline(&mut self, what: &str) -> Result<(), String> {
+        if self.used() < self.budget {
+            return Ok(());
+        }
+        self.out_of_time = true;
+        Err(format!("{what}: refused: the recipe's time budget of {:.1} s is used up", self.budget.as_secs_f64()))
+    }
 }
 
 impl WasiView for State {
@@ -128,6 +154,12 @@ pub struct RecipeRuntime {
 }
 
 const TICK: Duration = Duration::from_millis(10);
+
+/// Most families or formats a recipe may list in `describe`.
+const MAX_LISTED: usize = 64;
+
+/// Largest recipe file read: the presets are under a megabyte.
+const MAX_RECIPE_BYTES: u64 = 256 << 20;
 
 fn cache_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("QUANTSMITH_CACHE_DIR") {
@@ -187,7 +219,15 @@ impl RecipeRuntime {
         let load_err = |reason: String| RecipeError::Load { recipe: label.clone(), reason };
         let bytes: Vec<u8> = match source {
             RecipeSource::Builtin(name) => PRESETS.iter().find(|p| p.name == *name).expect("preset").wasm.to_vec(),
-            RecipeSource::File(path) => std::fs::read(path).map_err(|e| load_err(format!("cannot read {}: {e}", path.display())))?,
+            RecipeSource::File(path) => {
+                // Never block on a FIFO or read a device without end, whichever command names it.
+                crate::checkpoint::require_regular_file(path).map_err(|e| load_err(format!("cannot read {}: {e}", path.display())))?;
+                let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+                if len > MAX_RECIPE_BYTES {
+                    return Err(load_err(format!("{} is {len} bytes; a recipe component is at most {MAX_RECIPE_BYTES}", path.display())));
+                }
+                std::fs::read(path).map_err(|e| load_err(format!("cannot read {}: {e}", path.display())))?
+            }
         };
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let component = Component::new(&self.engine, &bytes).map_err(|e| load_err(format!("not a valid WebAssembly component: {e:#}")))?;
@@ -215,6 +255,12 @@ impl RecipeRuntime {
         let pre = loaded.pre.clone();
         let info = loaded.call("describe", None, vec![], |s| pre.instantiate(&mut *s)?.quantsmith_recipe_recipe().call_describe(s))?;
         super::params::check_schema(&info.params).map_err(|m| RecipeError::Invalid { recipe: label.clone(), message: format!("describe returned an invalid parameter schema: {m}") })?;
+        if info.families.len() > MAX_LISTED || info.formats.len() > MAX_LISTED {
+            return Err(RecipeError::Invalid {
+                recipe: label,
+                message: format!("describe lists {} families and {} formats; at most {MAX_LISTED} each", info.families.len(), info.formats.len()),
+            });
+        }
         if info.name.trim().is_empty() {
             return Err(RecipeError::Invalid { recipe: label, message: "describe returned an empty name".into() });
         }
@@ -359,23 +405,42 @@ impl LoadedRecipe {
             .socket_addr_check(|_, _| Box::pin(async { false }))
             .build();
         let limits = TotalMemoryLimiter { limit: self.limits.memory_bytes, used: 0 };
-        let state = State { wasi, table: ResourceTable::new(), calib, host_time: Duration::ZERO, slept: Duration::ZERO, budget: self.limits.timeout, limits, ctx, params, recipe: recipe.clone() };
+        let state = State {
+            wasi,
+            table: ResourceTable::new(),
+            calib,
+            started: Instant::now(),
+            model_time: Duration::ZERO,
+            out_of_time: false,
+            slept: Duration::ZERO,
+            budget: self.limits.timeout,
+            limits,
+            ctx,
+            params,
+            recipe: recipe.clone(),
+        };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        // The budget is the recipe's own time: time inside host calls (forward
-        // passes during calibration) does not count against it.
-        let started = Instant::now();
+        // The budget covers the recipe's own time and the host work it asks for
+        // (State::used); forward passes are bounded by their count instead.
         let budget = self.limits.timeout;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |ctx| {
-            if started.elapsed().saturating_sub(ctx.data().host_time).saturating_add(ctx.data().slept) < budget {
+            if ctx.data().used() < budget {
                 Ok(wasmtime::UpdateDeadline::Continue(1))
             } else {
                 Err(wasmtime::Error::new(Trap::Interrupt))
             }
         });
         let result = f(&mut store);
-        let elapsed = started.elapsed().saturating_sub(store.data().host_time).saturating_add(store.data().slept).min(Duration::from_secs(u32::MAX as u64));
+        let elapsed = store.data().used().min(Duration::from_secs(u32::MAX as u64));
+        // A refused host call, or host work (lifting a huge result included) that
+        // ran past the budget, ends the call as a timeout even when the recipe
+        // handled the refusal and returned normally.
+        let result = match result {
+            Ok(_) if store.data().out_of_time || elapsed > budget => Err(wasmtime::Error::new(Trap::Interrupt)),
+            r => r,
+        };
         let result = result.map_err(|e| {
             let output = String::from_utf8_lossy(&stderr.contents()).trim().to_string();
             classify_failure(e, recipe, call, self.limits, elapsed, output)
