@@ -1,0 +1,119 @@
+//! `run-recipe synth`: a synthetic checkpoint with the exact tensor layout of a
+//! real model (tiny or full size), or a standalone text encoder.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use clap::Args;
+use quantsmith::synth::{self, Family, Scale, SynthOptions};
+
+use super::{bad, checks, human_bytes};
+
+#[derive(Args)]
+pub struct SynthArgs {
+    /// sd15, sdxl, sd3 or flux; or a standalone text encoder as ComfyUI keeps
+    /// them: clip-l, clip-g or t5xxl (F16, or --variant fp8-scaled for T5).
+    family: String,
+    /// tiny (same keys, narrow layers, a few MB) or full (real size).
+    #[arg(long, default_value = "tiny")]
+    scale: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// flux: schnell; sd15: inpaint; sdxl: refiner; sd3: 3.5-medium, 3.5-large.
+    #[arg(long)]
+    variant: Option<String>,
+    /// A full single-file checkpoint (model.diffusion_model. prefix, VAE and text encoder tensors).
+    #[arg(long)]
+    full_checkpoint: bool,
+    /// default (wide activation ranges, outlier columns) or conditioned (models that
+    /// behave like trained ones: bf16 moves their output little; for comparisons).
+    #[arg(long, default_value = "default")]
+    init: String,
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+pub fn run(args: SynthArgs) -> Result<()> {
+    let SynthArgs { family, scale, seed, variant, full_checkpoint, init, output } = args;
+    if let Some(kind) = text_encoder_kind(&family) {
+        return synth_text_encoder(kind, &scale, seed, variant.as_deref(), &output);
+    }
+    let mut opts = synth_options(&family, &scale, seed, variant, full_checkpoint)?;
+    checks::output_path("-o", &output, None, true)?;
+    opts.init =
+        quantsmith::synth::SynthInit::parse(&init).map_err(|e| bad(format!("{e:#}")))?;
+    let pb = progress_bar(!matches!(opts.scale, Scale::Tiny));
+    let summary = synth::write(&opts, &output, |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    })?;
+    pb.finish_and_clear();
+    println!(
+        "wrote {} ({} tensors, {} parameters, {})",
+        output.display(),
+        summary.tensors,
+        summary.params,
+        human_bytes(summary.bytes)
+    );
+    Ok(())
+}
+
+/// `synth clip-l|clip-g|t5xxl`.
+fn text_encoder_kind(name: &str) -> Option<quantsmith::models::text::synth_text::SynthEncoder> {
+    use quantsmith::models::text::synth_text::SynthEncoder;
+    match name.trim().to_ascii_lowercase().as_str() {
+        "clip-l" | "clip_l" => Some(SynthEncoder::ClipL),
+        "clip-g" | "clip_g" => Some(SynthEncoder::ClipG),
+        "t5xxl" | "t5" => Some(SynthEncoder::T5Xxl),
+        _ => None,
+    }
+}
+
+fn synth_text_encoder(
+    kind: quantsmith::models::text::synth_text::SynthEncoder,
+    scale: &str,
+    seed: u64,
+    variant: Option<&str>,
+    output: &Path,
+) -> Result<()> {
+    let full = match Scale::parse(scale).map_err(|e| bad(format!("{e:#}")))? {
+        Scale::Full => true,
+        _ => false,
+    };
+    let scaled_fp8 = match variant {
+        None | Some("fp16") => false,
+        Some("fp8-scaled") => true,
+        Some(v) => return Err(bad(format!("unknown text-encoder variant {v:?} (fp16, or fp8-scaled for t5xxl)"))),
+    };
+    let bytes = quantsmith::models::text::synth_text::write(output, kind, full, safetensors::Dtype::F16, scaled_fp8, seed).map_err(|e| bad(format!("{e:#}")))?;
+    println!("wrote {} ({})", output.display(), human_bytes(bytes));
+    Ok(())
+}
+
+/// Options for a synthetic diffusion model (also `demo`'s input).
+pub fn synth_options(
+    family: &str,
+    scale: &str,
+    seed: u64,
+    variant: Option<String>,
+    full_checkpoint: bool,
+) -> Result<SynthOptions> {
+    let family = Family::parse(family).map_err(|e| bad(format!("{e:#}")))?;
+    let scale = Scale::parse(scale).map_err(|e| bad(format!("{e:#}")))?;
+    Ok(SynthOptions {
+        scale,
+        seed,
+        variant,
+        full_checkpoint,
+        ..SynthOptions::new(family)
+    })
+}
+
+fn progress_bar(visible: bool) -> indicatif::ProgressBar {
+    if !visible {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, eta {eta})").unwrap());
+    pb
+}
