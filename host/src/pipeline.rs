@@ -13,6 +13,7 @@ use crate::checkpoint::Checkpoint;
 use crate::convert::{self, ConvertOptions, ConvertSummary, LayerReport, Layout, UncalibratedFp8};
 use crate::modules::ModuleTable;
 use crate::plan::{self, ResolvedPlan};
+use crate::progress::{Progress, Unit};
 use crate::recipe::params::{RawParams, value_to_json};
 use crate::recipe::wit::{Detection, ParamValue};
 use crate::recipe::{HostContext, LoadedRecipe, PRESETS, RecipeError, RecipeRuntime, RecipeSource, SandboxLimits};
@@ -32,6 +33,7 @@ pub struct RunOptions {
     pub device: DeviceChoice,
     pub verify: bool,
     pub limits: SandboxLimits,
+    /// Progress of the write, the calibration and its evaluation on stderr (`progress`).
     pub progress: bool,
     pub calibration: crate::calibrate::CalibrationOptions,
     /// Replace an existing output file (`--force`); otherwise it is refused before any work.
@@ -228,8 +230,10 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
     };
     let resolved: ResolvedPlan = plan::resolve(&wit_plan, &ctx.modules, &ctx.checkpoint)
         .map_err(|message| RecipeError::Invalid { recipe: recipe.name().to_string(), message: format!("invalid plan: {message}") })?;
+    // The plan's warnings are printed once, as they arise: the run summary and
+    // the report keep them too, but the summary does not repeat them.
     for w in &resolved.warnings {
-        tracing::warn!("{}: {w}", recipe.name());
+        tracing::warn!("{}: {}", crate::text::sanitize(recipe.name(), crate::text::MAX_PRINTED), crate::text::sanitize(w, crate::text::MAX_PRINTED));
     }
 
     let recipe_report = RecipeReport {
@@ -274,7 +278,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
 
     let output = opts.output.clone().unwrap_or_else(|| default_output(&opts.input, &params));
     check_output_path("output", &output, Some(&opts.input), opts.replace_output)?;
-    let (calibration, uncalibrated_why) = match crate::calibrate::run(&ctx, &recipe, &params, &detection.family, &detection.variant, &resolved, &opts.calibration)? {
+    let (calibration, uncalibrated_why) = match crate::calibrate::run(&ctx, &recipe, &params, &detection.family, &detection.variant, &resolved, &opts.calibration, opts.progress)? {
         crate::calibrate::Outcome::Calibrated(c) => (Some(c), "the calibration walk did not reach them".to_string()),
         crate::calibrate::Outcome::Skipped(reason) => {
             report.notes.push(format!("no activation calibration: {reason}"));
@@ -313,16 +317,9 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         metadata.insert("quantsmith.calibration".into(), summary.to_string());
     }
 
-    let progress = if opts.progress {
-        let pb = indicatif::ProgressBar::new(ctx.checkpoint.file_len() as u64);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, eta {eta})")
-                .unwrap(),
-        );
-        Some(pb)
-    } else {
-        None
-    };
+    // Counted in source tensor bytes, as the conversion reports them.
+    let tensor_bytes = ctx.checkpoint.tensors().iter().map(|t| t.byte_len() as u64).sum();
+    let progress = opts.progress.then(|| Progress::start("write", Unit::Bytes, Some(tensor_bytes)));
     let summary: ConvertSummary = convert::convert(
         &ctx.checkpoint,
         &resolved,
@@ -340,7 +337,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
     )
     .with_context(|| format!("converting {}", opts.input.display()))?;
     if let Some(pb) = progress {
-        pb.finish_and_clear();
+        pb.finish();
     }
     report.output = Some(output.display().to_string());
     report.totals.output_bytes = summary.output_bytes;

@@ -31,6 +31,7 @@ use crate::formats::QuantFormat;
 use crate::modules::ModuleKind;
 use crate::nn::{ChannelAxis, ObserverSpec, Ops};
 use crate::plan::{LayerDecision, ResolvedPlan};
+use crate::progress::{Progress, Unit};
 use crate::recipe::calibrating::{Algorithm as WitAlgorithm, CalibrationSettings};
 use crate::recipe::wit::ParamValue;
 use crate::recipe::{HostContext, LoadedRecipe, RecipeError};
@@ -151,6 +152,7 @@ pub fn run(
     variant: &str,
     plan: &ResolvedPlan,
     opts: &CalibrationOptions,
+    progress: bool,
 ) -> Result<Outcome> {
     if let Some(reason) = skip_reason(opts, plan, family, recipe) {
         if opts.mode == CalibrateMode::On {
@@ -190,6 +192,13 @@ pub fn run(
         calib_data,
         observed,
         limits: opts.limits,
+        // The display starts when the model starts loading; its total comes from the
+        // recipe's walk (`schedule` x `calib-samples`), see `Session::schedule`.
+        progress: if progress { Progress::start("calibration", Unit::Items("forward passes"), None) } else { Progress::hidden() },
+        walks: params.iter().find(|(k, _)| k == "calib-samples").and_then(|(_, v)| match v {
+            ParamValue::Integer(n) => u64::try_from(*n).ok(),
+            _ => None,
+        }),
     };
     let cpu_skip = |why: String| -> Result<Outcome> {
         // `auto` never starts an hours-long CPU calibration of a real model.
@@ -230,8 +239,10 @@ where
     let started = Instant::now();
     let device = ops.name();
     tracing::info!("calibrating on {device}: {} observed module inputs", inputs.observed.len());
+    let progress = inputs.progress.clone();
     let session = Session::new(ops, inputs)?;
     let (result, session) = recipe.calibrate(ctx, params.to_vec(), Box::new(session))?;
+    progress.finish();
     let settings: CalibrationSettings = match result {
         Ok(Some(s)) => s,
         Ok(None) => {
@@ -310,6 +321,7 @@ where
         let session = *any.downcast::<Session<O>>().map_err(|_| anyhow::anyhow!("internal: session type"))?;
         let resolution = if opts.eval_resolution > 0 { opts.eval_resolution } else { session.info().native_resolution };
         let held_out = |i: usize| session.held_out_conditioning(i, resolution);
+        let progress = if progress.is_visible() { Progress::start("evaluation", Unit::Items("passes over held-out inputs"), None) } else { Progress::hidden() };
         let mut r = eval::evaluate(
             session.ops(),
             session.model(),
@@ -322,6 +334,7 @@ where
             opts.eval_inputs,
             resolution,
             0x5eed_e7a1,
+            &progress,
         )
         .context("evaluating the fake-quantized model")?;
         r.conditioning = Some(session.held_out_source());

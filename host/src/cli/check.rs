@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
+use quantsmith::progress::{Progress, Unit};
 
 use super::{bad, checks};
 
@@ -19,7 +20,8 @@ pub fn run(args: CheckArgs) -> Result<()> {
     checks::input_file("the source", &source)?;
     checks::input_file("the output", &output)?;
     let src = quantsmith::checkpoint::Checkpoint::open(&source)?;
-    let check = quantsmith::evaluate::check_output(&src, &output)
+    let progress = Progress::start("check", Unit::Items("tensors"), None);
+    let check = quantsmith::evaluate::check_output_with(&src, &output, &progress)
         .map_err(|e| bad(format!("{} fails the check: {e:#}", output.display())))?;
     print_check(&check);
     Ok(())

@@ -72,7 +72,8 @@ fn demo(family: &str, format: &str, dir: &Path) -> Result<()> {
         device: DeviceChoice::Auto,
         verify: true,
         limits: SandboxLimits::default(),
-        progress: false,
+        // Calibration on the CPU takes seconds: say how far it is.
+        progress: true,
         // `demo` owns its folder: running it again replaces its own outputs.
         replace_output: true,
         calibration: CalibrationOptions {

@@ -9,6 +9,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use quantsmith::error::{BadInput, Usage};
 use quantsmith::recipe::SandboxLimits;
+pub use quantsmith::text::human_bytes;
 use quantsmith::text::sanitize;
 
 mod check;
@@ -117,21 +118,6 @@ pub fn bad(msg: impl Into<String>) -> anyhow::Error {
 /// A usage error (exit 2).
 pub fn usage(msg: impl Into<String>) -> anyhow::Error {
     Usage(msg.into()).into()
-}
-
-pub fn human_bytes(b: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.2} {}", units[u])
-    }
 }
 
 /// Writes a small file through a temporary renamed into place, so an interrupted

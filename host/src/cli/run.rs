@@ -109,7 +109,7 @@ pub struct RunArgs {
     /// Replace an existing output file (and report).
     #[arg(long)]
     force: bool,
-    /// No progress bar.
+    /// No progress display (no bars on a terminal, no progress lines elsewhere).
     #[arg(short, long)]
     quiet: bool,
     #[command(flatten)]
@@ -186,9 +186,8 @@ pub fn print_report(r: &RunReport) {
         "model    {} {} (confidence {:.2})",
         r.detection.family, r.detection.variant, r.detection.confidence
     );
-    for w in &r.warnings {
-        println!("warning  {}", untrusted(w));
-    }
+    // The plan's warnings were printed on stderr when they arose (pipeline::run);
+    // the report keeps them, the summary does not repeat them.
     if r.dry_run {
         println!(
             "\n{:<60} {:<8} {:>14} {:>12} {:>12}",

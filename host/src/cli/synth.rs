@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
+use quantsmith::progress::{Progress, Unit};
 use quantsmith::synth::{self, Family, Scale, SynthOptions};
 
 use super::{bad, checks, human_bytes};
@@ -42,12 +43,15 @@ pub fn run(args: SynthArgs) -> Result<()> {
     checks::output_path("-o", &output, None, true)?;
     opts.init =
         quantsmith::synth::SynthInit::parse(&init).map_err(|e| bad(format!("{e:#}")))?;
-    let pb = progress_bar(!matches!(opts.scale, Scale::Tiny));
+    // A tiny model is written in a blink; a full-size one takes minutes.
+    let pb = if matches!(opts.scale, Scale::Tiny) { Progress::hidden() } else { Progress::start("synthesize", Unit::Bytes, None) };
     let summary = synth::write(&opts, &output, |done, total| {
-        pb.set_length(total);
+        if !pb.has_total() {
+            pb.set_total(total);
+        }
         pb.set_position(done);
     })?;
-    pb.finish_and_clear();
+    pb.finish();
     println!(
         "wrote {} ({} tensors, {} parameters, {})",
         output.display(),
@@ -107,13 +111,4 @@ pub fn synth_options(
         full_checkpoint,
         ..SynthOptions::new(family)
     })
-}
-
-fn progress_bar(visible: bool) -> indicatif::ProgressBar {
-    if !visible {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(0);
-    pb.set_style(indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, eta {eta})").unwrap());
-    pb
 }
