@@ -85,6 +85,27 @@ fn a_warning_is_printed_once() {
     assert!(report.contains("matches no quantizer"), "{report}");
 }
 
+/// Calibration that does not run shows no progress and says why once (in the
+/// note; the FP8 line refers to it rather than repeating it).
+#[test]
+fn a_skipped_calibration_says_why_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = synth_tiny(dir.path(), "sd15");
+    // Auto mode on the CPU: skipped (a real model would take hours there).
+    let out = dir.path().join("o.safetensors");
+    let (code, stdout, stderr) = rr(&["run", s(&input), "-o", s(&out), "--device", "cpu", "--set", "format=fp8"], &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains("calibration:"), "{stderr}");
+    assert_eq!(stdout.matches("calibrating on the CPU is slow").count(), 1, "{stdout}");
+    assert!(stdout.contains("note     no activation calibration: --device cpu"), "{stdout}");
+    assert!(stdout.contains("FP8 layers have no static activation scale (no calibration on this run"), "{stdout}");
+    // The plan of a dry run says the same once.
+    let (code, stdout, stderr) = rr(&["run", s(&input), "--dry-run", "--calibrate", "off", "--set", "format=fp8"], &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.matches("--calibrate off").count(), 1, "{stdout}");
+    assert!(stdout.contains("FP8 layers have no static activation scale (no calibration on this run"), "{stdout}");
+}
+
 /// A missing file says why once: not "No such file ...: No such file ...".
 #[test]
 fn a_missing_files_cause_is_printed_once() {

@@ -115,6 +115,10 @@ impl UncalibratedFp8Report {
     }
 }
 
+/// Why FP8 layers lack a scale when calibration did not run: the reason itself
+/// is in the report's notes ("no activation calibration: ..."), printed once.
+const NOT_CALIBRATED: &str = "no calibration on this run; the note says why";
+
 /// FP8 layers of `plan` without a scale in `input_scales`, if any (comfy layout only).
 fn uncalibrated_fp8(plan: &ResolvedPlan, layout: Layout, input_scales: &HashMap<String, f32>, policy: UncalibratedFp8, why: &str) -> Option<UncalibratedFp8Report> {
     if layout != Layout::Comfy {
@@ -265,7 +269,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
     if opts.dry_run {
         if let Some(reason) = crate::calibrate::skip_reason(&opts.calibration, &resolved, &detection.family, &recipe) {
             report.notes.push(format!("no activation calibration: {reason}"));
-            report.uncalibrated_fp8 = uncalibrated_fp8(&resolved, opts.layout, &HashMap::new(), fp8_policy, &reason);
+            report.uncalibrated_fp8 = uncalibrated_fp8(&resolved, opts.layout, &HashMap::new(), fp8_policy, NOT_CALIBRATED);
         } else {
             report.notes.push("a real run calibrates activation scales (FP8 input_scale / NVFP4 activation global scale)".into());
         }
@@ -282,7 +286,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         crate::calibrate::Outcome::Calibrated(c) => (Some(c), "the calibration walk did not reach them".to_string()),
         crate::calibrate::Outcome::Skipped(reason) => {
             report.notes.push(format!("no activation calibration: {reason}"));
-            (None, reason)
+            (None, NOT_CALIBRATED.to_string())
         }
     };
     let input_scales = calibration.as_ref().map(|c| c.input_scales.clone()).unwrap_or_default();

@@ -192,9 +192,8 @@ pub fn run(
         calib_data,
         observed,
         limits: opts.limits,
-        // The display starts when the model starts loading; its total comes from the
-        // recipe's walk (`schedule` x `calib-samples`), see `Session::schedule`.
-        progress: if progress { Progress::start("calibration", Unit::Items("forward passes"), None) } else { Progress::hidden() },
+        // Started by `with_backend` when calibration does run.
+        progress: Progress::hidden(),
         walks: params.iter().find(|(k, _)| k == "calib-samples").and_then(|(_, v)| match v {
             ParamValue::Integer(n) => u64::try_from(*n).ok(),
             _ => None,
@@ -208,17 +207,17 @@ pub fn run(
     };
     match opts.device {
         DeviceChoice::Cpu if opts.mode == CalibrateMode::Auto => cpu_skip("--device cpu".into()),
-        DeviceChoice::Cpu => with_backend(crate::nn::cpu::CpuOps::new(), ctx, recipe, params, &layers, inputs, opts),
+        DeviceChoice::Cpu => with_backend(crate::nn::cpu::CpuOps::new(), ctx, recipe, params, &layers, inputs, opts, progress),
         DeviceChoice::Cuda(n) => {
             let ops = crate::nn::cuda::CudaOps::new(n).with_context(|| format!("--device cuda:{n} cannot be used for calibration"))?;
-            with_backend(ops, ctx, recipe, params, &layers, inputs, opts)
+            with_backend(ops, ctx, recipe, params, &layers, inputs, opts, progress)
         }
         DeviceChoice::Auto => match crate::nn::cuda::CudaOps::new(0) {
-            Ok(ops) => with_backend(ops, ctx, recipe, params, &layers, inputs, opts),
+            Ok(ops) => with_backend(ops, ctx, recipe, params, &layers, inputs, opts, progress),
             Err(e) if opts.mode == CalibrateMode::Auto => cpu_skip(format!("no usable CUDA GPU ({e:#})")),
             Err(e) => {
                 tracing::warn!("calibrating on the CPU (no usable CUDA GPU: {e:#}); full-size models take a long time there");
-                with_backend(crate::nn::cpu::CpuOps::new(), ctx, recipe, params, &layers, inputs, opts)
+                with_backend(crate::nn::cpu::CpuOps::new(), ctx, recipe, params, &layers, inputs, opts, progress)
             }
         },
     }
@@ -230,8 +229,9 @@ fn with_backend<O: Ops + Send + 'static>(
     recipe: &LoadedRecipe,
     params: &[(String, ParamValue)],
     layers: &[&LayerDecision],
-    inputs: SessionInputs,
+    mut inputs: SessionInputs,
     opts: &CalibrationOptions,
+    progress: bool,
 ) -> Result<Outcome>
 where
     O::Tensor: Send,
@@ -239,6 +239,11 @@ where
     let started = Instant::now();
     let device = ops.name();
     tracing::info!("calibrating on {device}: {} observed module inputs", inputs.observed.len());
+    // The display starts as the model starts loading; its total comes from the
+    // recipe's walk (`schedule` x `calib-samples`), see `Session::schedule`.
+    if progress {
+        inputs.progress = Progress::start("calibration", Unit::Items("forward passes"), None);
+    }
     let progress = inputs.progress.clone();
     let session = Session::new(ops, inputs)?;
     let (result, session) = recipe.calibrate(ctx, params.to_vec(), Box::new(session))?;
