@@ -56,7 +56,7 @@ struct Lines {
 
 /// Whether stderr gets bars (a terminal that draws them) or plain lines.
 fn stderr_draws_bars() -> bool {
-    std::io::stderr().is_terminal() && std::env::var("TERM").map_or(true, |t| t != "dumb")
+    std::io::stderr().is_terminal() && std::env::var("TERM").ok().is_none_or(|t| t != "dumb")
 }
 
 impl Progress {
