@@ -29,7 +29,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| quantsmith::progress::StderrBesideBars)
         .with_ansi(checks::colour_allowed())
         .with_target(false)
         .init();

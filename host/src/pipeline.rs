@@ -182,7 +182,7 @@ pub fn detect_all(runtime: &RecipeRuntime, ctx: &Arc<HostContext>) -> Result<Vec
 pub fn choose_recipe(runtime: &RecipeRuntime, ctx: &Arc<HostContext>, name: Option<&str>) -> Result<LoadedRecipe> {
     match name {
         Some(name) if name != "auto" => {
-            let source = RecipeSource::parse(name).map_err(|e| Refused(e))?;
+            let source = RecipeSource::parse(name).map_err(Refused)?;
             Ok(runtime.load(&source)?)
         }
         _ => {

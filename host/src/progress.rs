@@ -13,7 +13,7 @@
 //! is hidden, which is what library callers and `--quiet` get.
 
 use std::io::{IsTerminal, Write};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Shortest time between two plain progress lines of a stage.
@@ -54,6 +54,31 @@ struct Lines {
     finished: bool,
 }
 
+/// Every bar of the process draws through this one, so that log lines can be
+/// written between redraws ([`StderrBesideBars`]) instead of through a bar.
+fn bars() -> &'static indicatif::MultiProgress {
+    static BARS: OnceLock<indicatif::MultiProgress> = OnceLock::new();
+    BARS.get_or_init(|| indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr()))
+}
+
+/// stderr for log lines: while a bar is drawn, it is cleared for the write and
+/// drawn again below the line (the logger's writer in `main.rs`).
+pub struct StderrBesideBars;
+
+impl Write for StderrBesideBars {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        bars().suspend(|| std::io::stderr().write(buf))
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        bars().suspend(|| std::io::stderr().write_all(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 /// Whether stderr gets bars (a terminal that draws them) or plain lines.
 fn stderr_draws_bars() -> bool {
     std::io::stderr().is_terminal() && std::env::var("TERM").ok().is_none_or(|t| t != "dumb")
@@ -68,7 +93,7 @@ impl Progress {
     /// A visible display for stage `name` on stderr; `total` may come later ([`Progress::set_total`]).
     pub fn start(name: &'static str, unit: Unit, total: Option<u64>) -> Progress {
         let display = if stderr_draws_bars() {
-            let pb = indicatif::ProgressBar::with_draw_target(total, indicatif::ProgressDrawTarget::stderr());
+            let pb = bars().add(indicatif::ProgressBar::with_draw_target(total, indicatif::ProgressDrawTarget::hidden()));
             pb.set_prefix(name);
             pb.set_style(bar_style(unit, total.is_some()));
             // Elapsed time and the spinner move while one step (a model load, a forward pass) takes long.
@@ -157,7 +182,10 @@ impl Progress {
     pub fn finish(&self) {
         let Some(s) = &self.0 else { return };
         match &s.display {
-            Display::Bar(pb) => pb.finish_and_clear(),
+            Display::Bar(pb) => {
+                pb.finish_and_clear();
+                bars().remove(pb);
+            }
             Display::Lines(lines) => {
                 let mut l = lines.lock().unwrap_or_else(|e| e.into_inner());
                 if !l.finished {
@@ -199,10 +227,10 @@ impl Lines {
     /// passed since the last line, or [`QUIET_INTERVAL`] passed in silence. The
     /// last tenth is left to the closing line ([`Progress::finish`]).
     fn due(&mut self, now: Instant) -> bool {
-        if let Some(t) = self.total {
-            if self.done > t {
-                self.total = Some(self.done);
-            }
+        if let Some(t) = self.total
+            && self.done > t
+        {
+            self.total = Some(self.done);
         }
         let reached = tenths(self.done, self.total);
         let since = now.saturating_duration_since(self.last);
@@ -248,17 +276,17 @@ pub fn format_line(stage: &str, unit: Unit, done: u64, total: Option<u64>, elaps
     }
     match total {
         Some(t) => {
-            let pct = if t > 0 { done.min(t) * 100 / t } else { 100 };
+            let pct = (done.min(t) * 100).checked_div(t).unwrap_or(100);
             s.push_str(&format!("{}/{}{noun} ({pct}%)", amount(done), amount(t)));
         }
         None => s.push_str(&format!("{}{noun}", amount(done))),
     }
     s.push_str(&format!(", {secs:.1} s elapsed"));
-    if what != "done" {
-        if let Some(t) = total.filter(|&t| done > 0 && done < t) {
-            let eta = secs * (t - done) as f64 / done as f64;
-            s.push_str(&format!(", eta {eta:.1} s"));
-        }
+    if what != "done"
+        && let Some(t) = total.filter(|&t| done > 0 && done < t)
+    {
+        let eta = secs * (t - done) as f64 / done as f64;
+        s.push_str(&format!(", eta {eta:.1} s"));
     }
     s
 }

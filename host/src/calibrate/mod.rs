@@ -144,6 +144,7 @@ pub fn skip_reason(opts: &CalibrationOptions, plan: &ResolvedPlan, family: &str,
 }
 
 /// Runs calibration (and the evaluation) or says why not; an error only for real failures.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     ctx: &Arc<HostContext>,
     recipe: &LoadedRecipe,
@@ -223,6 +224,7 @@ pub fn run(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn with_backend<O: Ops + Send + 'static>(
     ops: O,
     ctx: &Arc<HostContext>,

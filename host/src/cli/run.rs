@@ -17,7 +17,7 @@ use super::{SandboxArgs, bad, checks, human_bytes, untrusted, usage, write_repla
 /// `--eval-resolution`: 0 (the family's native size) or 64..=4096 in steps of 64, as the recipes' `resolution`.
 fn parse_eval_resolution(s: &str) -> Result<u32, String> {
     let v: u32 = s.trim().parse().map_err(|_| format!("{s:?} is not a whole number of pixels"))?;
-    if v != 0 && !((64..=4096).contains(&v) && v % 64 == 0) {
+    if v != 0 && !((64..=4096).contains(&v) && v.is_multiple_of(64)) {
         return Err(format!("must be 0 (native) or a multiple of 64 from 64 to 4096, got {v}"));
     }
     Ok(v)
@@ -122,10 +122,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     // Everything the command line names is checked before a weight is read.
     checks::set_values(&args.set)?;
     let device: DeviceChoice = args.device.parse().map_err(usage)?;
-    if let Some(out) = &args.output {
-        if !args.dry_run {
-            checks::output_path("-o", out, Some(&args.model), args.force)?;
-        }
+    if let Some(out) = &args.output
+        && !args.dry_run
+    {
+        checks::output_path("-o", out, Some(&args.model), args.force)?;
     }
     if let Some(report) = &args.report {
         checks::output_path("--report", report, Some(&args.model), args.force)?;
@@ -138,10 +138,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     if let Some(p) = &args.calibration.calib_data {
         checks::input_file("--calib-data", p)?;
     }
-    if let Some(p) = &args.calibration.clip_vocab {
-        if !p.is_dir() {
-            return Err(bad(format!("--clip-vocab {} is not a folder (it should hold vocab.json and merges.txt)", p.display())));
-        }
+    if let Some(p) = &args.calibration.clip_vocab
+        && !p.is_dir()
+    {
+        return Err(bad(format!("--clip-vocab {} is not a folder (it should hold vocab.json and merges.txt)", p.display())));
     }
     let mut params = RawParams::default();
     for pair in &args.set {

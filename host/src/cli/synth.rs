@@ -80,10 +80,7 @@ fn synth_text_encoder(
     variant: Option<&str>,
     output: &Path,
 ) -> Result<()> {
-    let full = match Scale::parse(scale).map_err(|e| bad(format!("{e:#}")))? {
-        Scale::Full => true,
-        _ => false,
-    };
+    let full = matches!(Scale::parse(scale).map_err(|e| bad(format!("{e:#}")))?, Scale::Full);
     let scaled_fp8 = match variant {
         None | Some("fp16") => false,
         Some("fp8-scaled") => true,
