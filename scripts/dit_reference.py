@@ -141,7 +141,13 @@ def converter(name):
 
 
 def build(path, dtype, device):
-    sd = load_state(path)
+    return build_state(load_state(path), dtype, device)
+
+
+def convert_state(sd):
+    """diffusers' model class, config and converted state dict for original-layout
+    tensors `sd` (prefix stripped). The converted tensors share storage with `sd`
+    where the conversion only renames or splits."""
     fam = family(sd)
     if fam == "flux":
         from diffusers import FluxTransformer2DModel as Model
@@ -155,8 +161,18 @@ def build(path, dtype, device):
 
         cfg = sd3_config(sd)
         convert = converter("convert_sd3_transformer_checkpoint_to_diffusers")
-    converted = convert({PREFIX + k: v for k, v in sd.items()})
-    del sd
+    # a new dict: the converters pop the keys they take
+    return Model, fam, cfg, convert({PREFIX + k: v for k, v in sd.items()})
+
+
+def build_state(sd, dtype, device):
+    """The diffusers model for original-layout tensors `sd` (consumed), on `device` in `dtype`."""
+    Model, fam, cfg, converted = convert_state(sd)
+    sd.clear()
+    return load_converted(Model, fam, cfg, converted, dtype, device)
+
+
+def load_converted(Model, fam, cfg, converted, dtype, device):
     with torch.device("meta"):
         model = Model(**cfg)
     # strict: any name diffusers' conversion leaves out or invents raises here

@@ -3,7 +3,10 @@
 //! pairs for SD3, distilled guidance for FLUX.1-dev, none for schnell) through
 //! the WIT 0.1.3 `sampling` interface, observed activations become static
 //! scales in the real output file, SmoothQuant folds into the adaLN modulation
-//! rows and V rows, and bad text-encoder inputs are refused before any work.
+//! rows and V rows, bad text-encoder inputs are refused before any work, and
+//! prompts run end to end (`run-recipe synth`, `run`, `check`) through
+//! `--text-encoder` files on tiny models whose text widths are the tiny
+//! encoders' (`synth --tiny-text`).
 
 mod common;
 
@@ -206,4 +209,78 @@ fn prompts_without_text_encoders_fail_with_a_hint() {
     let err = pipeline::run(&common::calib_options(&input, &output, Some("flux"), &["format=fp8", "calib-source=prompts"])).unwrap_err();
     assert!(format!("{err:#}").contains("--text-encoder"), "{err:#}");
     common::assert_no_output(dir.path(), &output);
+}
+
+const EXE: &str = env!("CARGO_BIN_EXE_run-recipe");
+
+/// Runs the CLI; panics with its output unless it exits 0. Returns stdout.
+fn cli(args: &[&std::ffi::OsStr]) -> String {
+    let out = std::process::Command::new(EXE).args(args).env("NO_COLOR", "1").output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
+    assert!(out.status.success(), "run-recipe {args:?} exited {:?}\nstdout: {stdout}\nstderr: {stderr}", out.status.code());
+    stdout
+}
+
+/// `run-recipe run` on a tiny DiT whose text widths are the tiny encoders'
+/// (`synth --tiny-text`), calibrating FP8 on the CPU once with prompts through
+/// `--text-encoder` files and once with random conditioning: the report names the
+/// encoders, the scales differ, and both outputs pass `run-recipe check`.
+fn prompts_run_through_text_encoder_files(family: &str, encoders: &[&str]) {
+    use std::ffi::OsStr;
+    let dir = tempfile::tempdir().unwrap();
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data");
+    let model = dir.path().join(format!("{family}.safetensors"));
+    cli(&["synth".as_ref(), family.as_ref(), "--scale".as_ref(), "tiny".as_ref(), "--tiny-text".as_ref(), "-o".as_ref(), model.as_os_str()]);
+    let mut text_args: Vec<std::ffi::OsString> = Vec::new();
+    for e in encoders {
+        let path = dir.path().join(format!("{e}.safetensors"));
+        cli(&["synth".as_ref(), e.as_ref(), "--scale".as_ref(), "tiny".as_ref(), "-o".as_ref(), path.as_os_str()]);
+        text_args.extend(["--text-encoder".into(), path.into_os_string()]);
+    }
+    text_args.extend(["--clip-vocab".into(), data.join("clip-vocab").into_os_string()]);
+    text_args.extend(["--t5-tokenizer".into(), data.join("t5_tokenizer_tiny.json").into_os_string()]);
+    text_args.extend(["--set".into(), "calib-source=prompts".into()]);
+    let run = |name: &str, extra: &[std::ffi::OsString]| -> (std::path::PathBuf, serde_json::Value) {
+        let out = dir.path().join(format!("{name}.safetensors"));
+        let report = dir.path().join(format!("{name}.json"));
+        let mut args: Vec<&OsStr> = vec!["run".as_ref(), model.as_os_str(), "-o".as_ref(), out.as_os_str(), "--report".as_ref(), report.as_os_str()];
+        for a in ["--recipe", family, "--device", "cpu", "--calibrate", "on", "--eval-inputs", "1", "--eval-resolution", "64", "-q"] {
+            args.push(a.as_ref());
+        }
+        for s in ["format=fp8", "calib-steps=2", "calib-samples=2", "resolution=64"] {
+            args.extend([OsStr::new("--set"), s.as_ref()]);
+        }
+        args.extend(extra.iter().map(|a| a.as_os_str()));
+        cli(&args);
+        let checked = cli(&["check".as_ref(), model.as_os_str(), out.as_os_str()]);
+        assert!(checked.starts_with("ok: "), "{checked}");
+        (out, serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap())
+    };
+    let (with_text, report) = run("prompts", &text_args);
+    let (random, random_report) = run("random", &["--set".into(), "calib-source=random".into()]);
+    let notes: Vec<&str> = report["calibration"]["notes"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    assert!(notes.iter().any(|n| n.ends_with("with prompts")), "{notes:?}");
+    let encoded_by = notes.iter().find(|n| n.starts_with("prompts are encoded by")).unwrap_or_else(|| panic!("{notes:?}"));
+    for e in encoders {
+        assert!(encoded_by.contains(&format!("{e}.safetensors")), "{encoded_by}");
+    }
+    assert_eq!(report["calibration"]["eval"]["conditioning"], "prompts");
+    assert_eq!(random_report["calibration"]["eval"]["conditioning"], "random");
+    // Both calibrated every FP8 layer; the scales came from different conditioning.
+    let src = Checkpoint::open(&model).unwrap();
+    let (a, b) = (check_output(&src, &with_text).unwrap().input_scales, check_output(&src, &random).unwrap().input_scales);
+    assert!(!a.is_empty() && a.keys().eq(b.keys()));
+    assert!(a.values().chain(b.values()).all(|s| s.is_finite() && *s > 0.0));
+    let differing = a.iter().filter(|(k, s)| ((*s - b[*k]) / b[*k]).abs() > 1e-3).count();
+    assert!(differing * 2 > a.len(), "only {differing} of {} input scales moved with the conditioning", a.len());
+}
+
+#[test]
+fn sd3_prompts_run_through_clip_l_clip_g_and_t5_files() {
+    prompts_run_through_text_encoder_files("sd3", &["clip-l", "clip-g", "t5xxl"]);
+}
+
+#[test]
+fn flux_prompts_run_through_clip_l_and_t5_files() {
+    prompts_run_through_text_encoder_files("flux", &["clip-l", "t5xxl"]);
 }

@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use quantsmith::formats::numerics::{e4m3_from_f32_sat, e4m3_to_f32, f32_to_bf16, f32_to_f16};
 use quantsmith::formats::{QuantFormat, QuantSpec, SourceDtype, WeightView};
 use quantsmith::gpu::kernels::Target;
-use quantsmith::nn::cuda::{self as nncuda, CudaOps};
+use quantsmith::nn::cuda::{self as nncuda, CudaOps, FlashVariant};
 use quantsmith::nn::{Act, ActQuant, ChannelAxis, ObserverSpec, Ops};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -426,8 +426,11 @@ fn attention_matches_reference() {
         (1, 200, 200, 2, 64, true, None), // causal over several key tiles
         (2, 70, 90, 3, 36, false, None),  // head dim not a multiple of 8
     ];
-    for flash in [true, false] {
+    let paths = FlashVariant::ALL.map(Some).into_iter().chain([None]);
+    for variant in paths {
+        let flash = variant.is_some();
         o.set_flash_attention(flash);
+        o.set_flash_variant(variant.unwrap_or(FlashVariant::DEFAULT));
         for &(b, nq, nk, heads, d, causal, chunk) in &cases {
             let hd = heads * d;
             let q = randn(&mut rng, b * nq * hd, 1.0);
@@ -439,7 +442,7 @@ fn attention_matches_reference() {
                 .unwrap();
             o.set_attention_chunk_bytes(nncuda::ATTENTION_SCORE_BYTES);
             assert_eq!(o.shape(&y), vec![b, nq, hd]);
-            let path = if flash && d % 8 == 0 && d <= 128 { "fused" } else { "cuBLAS" };
+            let path = if flash && d % 8 == 0 && d <= 128 { format!("fused {variant:?}") } else { "cuBLAS".to_string() };
             close(
                 &format!("attention {path} b{b} q{nq} k{nk} h{heads} d{d} causal={causal} chunk={chunk:?}"),
                 &down(o, &y),
@@ -448,6 +451,7 @@ fn attention_matches_reference() {
         }
     }
     o.set_flash_attention(true);
+    o.set_flash_variant(FlashVariant::DEFAULT);
 }
 
 #[test]
@@ -882,9 +886,17 @@ fn timing_linear_conv_attention() {
     }
     o.set_flash_attention(true);
     let qf = up(o, &[1, 4608, 3072], &randn(&mut rng, 4608 * 3072, 1.0));
-    time("attention FLUX 1x4608x4608, 24 heads x 128 (fused)", 4.0 * 24.0 * 4608.0 * 4608.0 * 128.0, &|| {
-        let _ = o.attention(&qf, &qf, &qf, 24, false).unwrap();
-    });
+    let qs = up(o, &[1, 4250, 38 * 64], &randn(&mut rng, 4250 * 38 * 64, 1.0));
+    for variant in FlashVariant::ALL {
+        o.set_flash_variant(variant);
+        time(&format!("attention FLUX 1x4608x4608, 24 heads x 128 (fused {variant:?})"), 4.0 * 24.0 * 4608.0 * 4608.0 * 128.0, &|| {
+            let _ = o.attention(&qf, &qf, &qf, 24, false).unwrap();
+        });
+        time(&format!("attention SD3.5-large 1x4250x4250, 38 heads x 64 (fused {variant:?})"), 4.0 * 38.0 * 4250.0 * 4250.0 * 64.0, &|| {
+            let _ = o.attention(&qs, &qs, &qs, 38, false).unwrap();
+        });
+    }
+    o.set_flash_variant(FlashVariant::DEFAULT);
     let gn_x = up(o, &[2, 320, 128, 128], &randn(&mut rng, 2 * 320 * 128 * 128, 1.0));
     let g = up(o, &[320], &vec![1.0; 320]);
     let s = time("group_norm", 0.0, &|| {

@@ -1,6 +1,7 @@
 //! The CUDA backend's diffusion-transformer and T5 operations (`rms_norm`,
 //! `mul`, `narrow`, `permute`, `modulate`, `gated_add`, `rope`,
-//! `attention_biased`, `Act::GeluTanh`) and its fused attention at FLUX and SD3
+//! `attention_biased`, `Act::GeluTanh`, the fused `ln_modulate`, `qkv_heads`,
+//! `concat_act`) and its fused attention at FLUX and SD3
 //! sizes, against f64 loops over the same bf16-rounded inputs the GPU sees
 //! (the pattern of tests/nn_gpu.rs, whose `nn_kernels_compile_with_nvrtc`
 //! also compiles these kernels). Without a GPU every test prints why and
@@ -10,7 +11,7 @@ mod common;
 
 use std::sync::OnceLock;
 
-use quantsmith::nn::cuda::{self as nncuda, CudaOps};
+use quantsmith::nn::cuda::{self as nncuda, CudaOps, FlashVariant};
 use quantsmith::nn::{Act, Ops};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -271,7 +272,10 @@ fn fused_attention_at_dit_sizes() {
     let Some((o, _g)) = gpu() else { return };
     let mut rng = StdRng::seed_from_u64(15);
     o.set_flash_attention(true);
-    for &(n, heads, d) in &[(4608, 2, 128), (4250, 2, 64)] {
+    for (variant, &(n, heads, d)) in
+        FlashVariant::ALL.into_iter().flat_map(|v| [(v, &(4608, 2, 128)), (v, &(4250, 2, 64))])
+    {
+        o.set_flash_variant(variant);
         let w = heads * d;
         let q = randn(&mut rng, n * w, 1.0);
         let k = randn(&mut rng, n * w, 1.0);
@@ -279,8 +283,9 @@ fn fused_attention_at_dit_sizes() {
         let y = o.attention(&up(o, &[1, n, w], &q), &up(o, &[1, n, w], &k), &up(o, &[1, n, w], &v), heads, false).unwrap();
         let rows: Vec<usize> = vec![0, 1, 63, 64, 511, 512, 2047, 4095, n - 65, n - 1];
         let want = ref_attention_rows(&q, &k, &v, None, (1, n, n, heads, d), 1.0 / (d as f64).sqrt(), &rows);
-        close(&format!("fused attention n{n} h{heads} d{d}"), &pick_rows(&down(o, &y), 1, n, w, &rows), &want);
+        close(&format!("fused attention {variant:?} n{n} h{heads} d{d}"), &pick_rows(&down(o, &y), 1, n, w, &rows), &want);
     }
+    o.set_flash_variant(FlashVariant::DEFAULT);
 }
 
 /// FLUX (a 2 + 2 block model of FLUX's head width 128, random weights written
@@ -333,28 +338,119 @@ fn flux_matches_cpu_ops() {
     let ckpt = Checkpoint::open(&path).unwrap();
     assert_eq!(FluxConfig::from_source(&ckpt, "").unwrap(), cfg);
 
-    let (b, t_len, hh, ww) = (2, 40, 16, 24);
-    let x = randn(&mut rng, b * 16 * hh * ww, 1.0);
-    let ctx = randn(&mut rng, b * t_len * 64, 1.0);
-    let y = randn(&mut rng, b * 32, 1.0);
-    fn run<O: Ops>(o: &O, ckpt: &Checkpoint, cfg: &FluxConfig, x: &[f32], ctx: &[f32], y: &[f32], dims: (usize, usize, usize, usize)) -> Vec<f32> {
-        let (b, t_len, hh, ww) = dims;
-        let flux = Flux::load(o, ckpt, "", cfg.clone()).unwrap();
-        let out = flux
-            .forward(
-                o,
-                &o.from_f32(&[b, 16, hh, ww], x).unwrap(),
-                &[0.5, 0.25],
-                &o.from_f32(&[b, t_len, 64], ctx).unwrap(),
-                &o.from_f32(&[b, 32], y).unwrap(),
-                Some(&[4.0, 2.0]),
-                &InputHooks::none(),
-            )
-            .unwrap();
-        o.to_f32(&out).unwrap()
+    // Batch 2, and batch 1, where narrow of tokens and adaLN chunks are views.
+    for (b, t_len, hh, ww) in [(2, 40, 16, 24), (1, 40, 16, 24)] {
+        let x = randn(&mut rng, b * 16 * hh * ww, 1.0);
+        let ctx = randn(&mut rng, b * t_len * 64, 1.0);
+        let y = randn(&mut rng, b * 32, 1.0);
+        fn run<O: Ops>(o: &O, ckpt: &Checkpoint, cfg: &FluxConfig, x: &[f32], ctx: &[f32], y: &[f32], dims: (usize, usize, usize, usize)) -> Vec<f32> {
+            let (b, t_len, hh, ww) = dims;
+            let flux = Flux::load(o, ckpt, "", cfg.clone()).unwrap();
+            let out = flux
+                .forward(
+                    o,
+                    &o.from_f32(&[b, 16, hh, ww], x).unwrap(),
+                    &[0.5, 0.25][..b],
+                    &o.from_f32(&[b, t_len, 64], ctx).unwrap(),
+                    &o.from_f32(&[b, 32], y).unwrap(),
+                    Some(&[4.0, 2.0][..b]),
+                    &InputHooks::none(),
+                )
+                .unwrap();
+            o.to_f32(&out).unwrap()
+        }
+        let want = run(&CpuOps::new(), &ckpt, &cfg, &x, &ctx, &y, (b, t_len, hh, ww));
+        let got = run(o, &ckpt, &cfg, &x, &ctx, &y, (b, t_len, hh, ww));
+        let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+        close(&format!("flux 2+2 blocks, batch {b}, 96 image + 40 text tokens (CpuOps)"), &got, &want);
     }
-    let want = run(&CpuOps::new(), &ckpt, &cfg, &x, &ctx, &y, (b, t_len, hh, ww));
-    let got = run(o, &ckpt, &cfg, &x, &ctx, &y, (b, t_len, hh, ww));
-    let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();
-    close("flux 2+2 blocks, 96 image + 40 text tokens (CpuOps)", &got, &want);
+}
+
+/// The fused DiT ops (`ln_modulate`, `qkv_heads`, `concat_act`) and narrow's
+/// views on the GPU against the CPU backend (f32, its own f64 tests in
+/// `nn::cpu_dit_tests`) on the same bf16-rounded inputs, at FLUX widths.
+#[test]
+fn fused_dit_ops_match_cpu_ops() {
+    use quantsmith::nn::QkvPart;
+    use quantsmith::nn::cpu::CpuOps;
+
+    let Some((o, _g)) = gpu() else { return };
+    let cpu = CpuOps::new();
+    let mut rng = StdRng::seed_from_u64(17);
+    let c_up = |shape: &[usize], v: &[f32]| cpu.from_f32(shape, v).unwrap();
+    let vs = |v: Vec<f32>| -> Vec<f64> { v.into_iter().map(|x| x as f64).collect() };
+
+    // ln_modulate: batch 2 (copied chunks) at 3072, and an odd width (fallback path).
+    for &(b, n, c) in &[(2usize, 77usize, 3072usize), (1, 33, 20)] {
+        let x: Vec<f32> = randn(&mut rng, b * n * c, 2.0).iter().map(|v| bf(v + 0.5)).collect();
+        let shift = randn(&mut rng, b * c, 1.0);
+        let scale = randn(&mut rng, b * c, 0.5);
+        let got = o.ln_modulate(&up(o, &[b, n, c], &x), &up(o, &[b, c], &shift), &up(o, &[b, c], &scale), 1e-6).unwrap();
+        let want = cpu.ln_modulate(&c_up(&[b, n, c], &x), &c_up(&[b, c], &shift), &c_up(&[b, c], &scale), 1e-6).unwrap();
+        close(&format!("ln_modulate {b}x{n}x{c}"), &down(o, &got), &vs(cpu.to_f32(&want).unwrap()));
+    }
+
+    // qkv_heads: a txt part (norms) and an img part with extra MLP columns (norms),
+    // joint RoPE, FLUX's head width; then SD3-like parts of head width 64 without norms.
+    for &(heads, d, rope, norms) in &[(3usize, 128usize, true, true), (4, 64, false, false)] {
+        let (b, n1, n2, extra) = (1, 24, 40, 64);
+        let w = heads * d;
+        let x1 = randn(&mut rng, b * n1 * 3 * w, 1.0);
+        let x2 = randn(&mut rng, b * n2 * (3 * w + extra), 1.0);
+        let (qn, kn) = (randn(&mut rng, d, 1.0), randn(&mut rng, d, 1.0));
+        let ang: Vec<f32> = (0..(n1 + n2) * d / 2).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let cos: Vec<f32> = ang.iter().map(|a| bf(a.cos())).collect();
+        let sin: Vec<f32> = ang.iter().map(|a| bf(a.sin())).collect();
+        let (g1, g2) = (up(o, &[b, n1, 3 * w], &x1), up(o, &[b, n2, 3 * w + extra], &x2));
+        let (gq, gk) = (up(o, &[d], &qn), up(o, &[d], &kn));
+        let (gc, gs) = (up(o, &[n1 + n2, d / 2], &cos), up(o, &[n1 + n2, d / 2], &sin));
+        let gparts = [
+            QkvPart { qkv: &g1, q_norm: norms.then_some(&gq), k_norm: norms.then_some(&gk) },
+            QkvPart { qkv: &g2, q_norm: norms.then_some(&gq), k_norm: norms.then_some(&gk) },
+        ];
+        let got = o.qkv_heads(&gparts, w, heads, 1e-6, rope.then_some((&gc, &gs))).unwrap();
+        let (c1, c2) = (c_up(&[b, n1, 3 * w], &x1), c_up(&[b, n2, 3 * w + extra], &x2));
+        let (cq, ck) = (c_up(&[d], &qn), c_up(&[d], &kn));
+        let (cc, cs) = (c_up(&[n1 + n2, d / 2], &cos), c_up(&[n1 + n2, d / 2], &sin));
+        let cparts = [
+            QkvPart { qkv: &c1, q_norm: norms.then_some(&cq), k_norm: norms.then_some(&ck) },
+            QkvPart { qkv: &c2, q_norm: norms.then_some(&cq), k_norm: norms.then_some(&ck) },
+        ];
+        let want = cpu.qkv_heads(&cparts, w, heads, 1e-6, rope.then_some((&cc, &cs))).unwrap();
+        for (name, (g, c)) in ["q", "k", "v"].iter().zip(got.iter().zip(&want)) {
+            assert_eq!(o.shape(g), cpu.shape(c));
+            close(&format!("qkv_heads {name} d{d}"), &down(o, g), &vs(cpu.to_f32(c).unwrap()));
+        }
+        // v is a copy: exact.
+        assert_eq!(down(o, &got[2]), cpu.to_f32(&want[2]).unwrap(), "qkv_heads v d{d} is not an exact copy");
+    }
+
+    // concat_act: FLUX single block's linear2 input (scaled down), and a width
+    // that is not a multiple of 8 (fallback path).
+    for &(rows, ac, xc, start, len) in &[(100usize, 256usize, 1792usize, 768usize, 1024usize), (7, 12, 40, 4, 20)] {
+        let a = randn(&mut rng, rows * ac, 1.0);
+        let x = randn(&mut rng, rows * xc, 2.0);
+        let got = o.concat_act(&up(o, &[1, rows, ac], &a), &up(o, &[1, rows, xc], &x), start, len, Act::GeluTanh).unwrap();
+        let want = cpu.concat_act(&c_up(&[1, rows, ac], &a), &c_up(&[1, rows, xc], &x), start, len, Act::GeluTanh).unwrap();
+        close(&format!("concat_act {rows}x({ac}+{len})"), &down(o, &got), &vs(cpu.to_f32(&want).unwrap()));
+    }
+
+    // narrow as a view (batch 1, 256-byte aligned start) feeding a Linear, a
+    // modulation (chunks of one [1, 3C] row) and a gated residual.
+    let (n, c) = (50, 256);
+    let x = randn(&mut rng, n * c, 1.0);
+    let m = randn(&mut rng, 3 * c, 0.5);
+    let wt = randn(&mut rng, c * c, 0.05);
+    let (gx, gm, gw) = (up(o, &[1, n, c], &x), up(o, &[1, 3 * c], &m), up(o, &[c, c], &wt));
+    let (cx, cm, cw) = (c_up(&[1, n, c], &x), c_up(&[1, 3 * c], &m), c_up(&[c, c], &wt));
+    let (g_tok, c_tok) = (o.narrow(&gx, 1, 8, 30).unwrap(), cpu.narrow(&cx, 1, 8, 30).unwrap());
+    assert_eq!(down(o, &g_tok), cpu.to_f32(&c_tok).unwrap(), "token view");
+    let chunk = |i: usize| (o.narrow(&gm, 1, i * c, c).unwrap(), cpu.narrow(&cm, 1, i * c, c).unwrap());
+    let ((g0, c0), (g1, c1), (g2, c2)) = (chunk(0), chunk(1), chunk(2));
+    // A view as a Linear input and as its bias, then modulation and gated residual with view chunks.
+    let g_lin = o.linear(&g_tok, &gw, Some(&g1)).unwrap();
+    let c_lin = cpu.linear(&c_tok, &cw, Some(&c1)).unwrap();
+    let g_out = o.gated_add(&o.ln_modulate(&g_lin, &g0, &g1, 1e-6).unwrap(), &g2, &g_tok).unwrap();
+    let c_out = cpu.gated_add(&cpu.ln_modulate(&c_lin, &c0, &c1, 1e-6).unwrap(), &c2, &c_tok).unwrap();
+    close("linear, ln_modulate, gated_add on views", &down(o, &g_out), &vs(cpu.to_f32(&c_out).unwrap()));
 }

@@ -44,6 +44,7 @@ use serde::Deserialize;
 
 use crate::checkpoint::DIFFUSION_PREFIX;
 use crate::checkpoint::writer::{PlannedTensor, StreamingWriter};
+use crate::models::text::synth_text::{TINY_CLIP_G_WIDTH, TINY_CLIP_L_WIDTH, TINY_T5_WIDTH};
 
 /// The metadata key that marks a synthetic checkpoint; its value is
 /// `family/variant/scale/seed[/init]`, e.g. `flux/dev/tiny/42` or
@@ -341,6 +342,13 @@ pub struct SynthOptions {
     pub full_checkpoint: bool,
     pub dtype: SynthDtype,
     pub init: SynthInit,
+    /// SD3 and FLUX at [`Scale::Tiny`] only: the text interface (SD3's context 4096
+    /// and pooled 2048, FLUX's `txt_in` 4096 and `vector_in` 768) takes the widths
+    /// of the tiny synthetic text encoders instead (T5 [`TINY_T5_WIDTH`], CLIP-L
+    /// [`TINY_CLIP_L_WIDTH`] ‖ OpenCLIP-G [`TINY_CLIP_G_WIDTH`]), so prompts run end
+    /// to end through `synth clip-l|clip-g|t5xxl --scale tiny` files in CI-sized
+    /// tests. Such a model is ours only: ComfyUI reads the real widths.
+    pub tiny_text: bool,
 }
 
 impl SynthOptions {
@@ -354,6 +362,7 @@ impl SynthOptions {
             full_checkpoint: false,
             dtype: SynthDtype::Bf16,
             init: SynthInit::Default,
+            tiny_text: false,
         }
     }
 
@@ -382,6 +391,9 @@ impl SynthOptions {
         let mut value = format!("{}/{v}/{}/{}", self.family, self.scale, self.seed);
         if self.init != SynthInit::Default {
             value = format!("{value}/{}", self.init);
+        }
+        if self.tiny_text {
+            value = format!("{value}/tiny-text");
         }
         Ok(HashMap::from([(METADATA_KEY.to_string(), value)]))
     }
@@ -515,9 +527,23 @@ struct Spec {
     init: Init,
 }
 
+/// The input width [`SynthOptions::tiny_text`] gives the text-interface Linear
+/// `name` (diffusion-model name), if it is one.
+fn tiny_text_width(family: Family, name: &str) -> Option<usize> {
+    match (family, name) {
+        (Family::Sd3, "context_embedder.weight") | (Family::Flux, "txt_in.weight") => Some(TINY_T5_WIDTH),
+        (Family::Sd3, "y_embedder.mlp.0.weight") => Some(TINY_CLIP_L_WIDTH + TINY_CLIP_G_WIDTH),
+        (Family::Flux, "vector_in.in_layer.weight") => Some(TINY_CLIP_L_WIDTH),
+        _ => None,
+    }
+}
+
 fn build(opts: &SynthOptions) -> Result<Vec<Spec>> {
     let family = opts.family;
     let variant = opts.resolved_variant()?;
+    if opts.tiny_text && (opts.scale != Scale::Tiny || !matches!(family, Family::Sd3 | Family::Flux)) {
+        bail!("tiny text widths are for tiny SD3 and FLUX models, not {} at {} scale", family, opts.scale);
+    }
     let mut m = manifest(family)?;
     // Layouts from the model code are already at the requested scale.
     let from_code = match (family, variant) {
@@ -541,6 +567,11 @@ fn build(opts: &SynthOptions) -> Result<Vec<Spec>> {
         }
         if shrink {
             shape = shape.into_iter().map(|d| family.shrink_dim(d)).collect();
+        }
+        if let Some(w) = tiny_text_width(family, &t.name).filter(|_| opts.tiny_text) {
+            if let Some(last) = shape.last_mut() {
+                *last = w;
+            }
         }
         let mut name = t.name;
         if family == Family::Flux {

@@ -883,3 +883,28 @@ fn sd35_variants() {
     o.variant = Some("3.5".into());
     assert!(plan(&o).unwrap_err().to_string().contains("medium, 3.5-medium, 3.5-large"));
 }
+
+#[test]
+fn tiny_text_narrows_only_the_text_interface() {
+    use crate::models::text::synth_text::{TINY_CLIP_G_WIDTH, TINY_CLIP_L_WIDTH, TINY_T5_WIDTH};
+    for (family, variant, inputs) in [
+        (Family::Sd3, "medium", [("context_embedder.weight", TINY_T5_WIDTH), ("y_embedder.mlp.0.weight", TINY_CLIP_L_WIDTH + TINY_CLIP_G_WIDTH)]),
+        (Family::Sd3, "3.5-large", [("context_embedder.weight", TINY_T5_WIDTH), ("y_embedder.mlp.0.weight", TINY_CLIP_L_WIDTH + TINY_CLIP_G_WIDTH)]),
+        (Family::Flux, "dev", [("txt_in.weight", TINY_T5_WIDTH), ("vector_in.in_layer.weight", TINY_CLIP_L_WIDTH)]),
+    ] {
+        let o = SynthOptions { variant: Some(variant.into()), ..opts(family, Scale::Tiny) };
+        let (plain, narrow) = (shapes(&o), shapes(&SynthOptions { tiny_text: true, ..o.clone() }));
+        assert_eq!(plain.len(), narrow.len());
+        for (name, shape) in &plain {
+            match inputs.iter().find(|(n, _)| n == name) {
+                Some(&(_, w)) => assert_eq!(narrow[name], vec![shape[0], w], "{family} {variant} {name}"),
+                None => assert_eq!(&narrow[name], shape, "{family} {variant} {name}"),
+            }
+        }
+        let metadata = SynthOptions { tiny_text: true, ..o }.metadata().unwrap();
+        assert!(metadata[METADATA_KEY].ends_with("/tiny-text"), "{metadata:?}");
+    }
+    for o in [SynthOptions { tiny_text: true, ..opts(Family::Sdxl, Scale::Tiny) }, SynthOptions { tiny_text: true, ..opts(Family::Flux, Scale::Full) }] {
+        assert!(plan(&o).unwrap_err().to_string().contains("tiny text widths are for tiny SD3 and FLUX"));
+    }
+}

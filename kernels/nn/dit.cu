@@ -62,6 +62,16 @@ nn_permute(const u16* __restrict__ x, u16* __restrict__ y, i64 n, NnPermute p) {
 // x viewed as [outer, dim * inner]: y[o, :] = x[o, start * inner .. (start + len) * inner] (narrow).
 extern "C" __global__ void __launch_bounds__(NN_THREADS)
 nn_narrow(const u16* __restrict__ x, u16* __restrict__ y, i64 outer, i64 src_row, i64 len, i64 off) {
+    if (((src_row | len | off) & 7) == 0) {
+        // 16-byte pieces (tensors start 256-byte aligned).
+        const i64 l8 = len >> 3;
+        const i64 n8 = outer * l8;
+        for (i64 i = NN_TID; i < n8; i += NN_STRIDE) {
+            const i64 r = i / l8;
+            reinterpret_cast<uint4*>(y)[i] = *reinterpret_cast<const uint4*>(x + r * src_row + off + ((i - r * l8) << 3));
+        }
+        return;
+    }
     const i64 n = outer * len;
     for (i64 i = NN_TID; i < n; i += NN_STRIDE) {
         const i64 r = i / len;
@@ -73,6 +83,20 @@ nn_narrow(const u16* __restrict__ x, u16* __restrict__ y, i64 outer, i64 src_row
 extern "C" __global__ void __launch_bounds__(NN_THREADS) nn_modulate(
     const u16* __restrict__ x, const u16* __restrict__ shift, const u16* __restrict__ scale, u16* __restrict__ y, i64 total,
     i64 tokens, i64 cols) {
+    if ((cols & 7) == 0) {
+        for (i64 ch = NN_TID; ch < (total >> 3); ch += NN_STRIDE) {
+            const i64 i = ch << 3;
+            const i64 bc = (i / (tokens * cols)) * cols + i % cols;
+            float v[8], sc[8], sh[8];
+            nn_load8(x, i, v);
+            nn_load8(scale, bc, sc);
+            nn_load8(shift, bc, sh);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) v[k] = v[k] * (1.0f + sc[k]) + sh[k];
+            nn_store8(y, i, v);
+        }
+        return;
+    }
     for (i64 i = NN_TID; i < total; i += NN_STRIDE) {
         const i64 c = i % cols;
         const i64 bc = (i / (tokens * cols)) * cols + c;
@@ -84,6 +108,20 @@ extern "C" __global__ void __launch_bounds__(NN_THREADS) nn_modulate(
 extern "C" __global__ void __launch_bounds__(NN_THREADS) nn_gated_add(
     const u16* __restrict__ x, const u16* __restrict__ gate, const u16* __restrict__ y, u16* __restrict__ out, i64 total,
     i64 tokens, i64 cols) {
+    if ((cols & 7) == 0) {
+        for (i64 ch = NN_TID; ch < (total >> 3); ch += NN_STRIDE) {
+            const i64 i = ch << 3;
+            const i64 bc = (i / (tokens * cols)) * cols + i % cols;
+            float u[8], g[8], v[8];
+            nn_load8(x, i, u);
+            nn_load8(gate, bc, g);
+            nn_load8(y, i, v);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) u[k] = u[k] + g[k] * v[k];
+            nn_store8(out, i, u);
+        }
+        return;
+    }
     for (i64 i = NN_TID; i < total; i += NN_STRIDE) {
         const i64 c = i % cols;
         const i64 bc = (i / (tokens * cols)) * cols + c;
@@ -128,4 +166,138 @@ extern "C" __global__ void __launch_bounds__(NN_THREADS) nn_softmax_bias(
     sum = nn_block_sum(sum, sh);
     const float inv = 1.0f / sum;
     for (i64 c = threadIdx.x; c < cols; c += blockDim.x) pr[c] = nn_bf(__expf(sr[c] + nn_ld(br, c) - m) * inv);
+}
+
+// ---------------------------------------------------------------------------
+// Fused diffusion-transformer ops (Ops::ln_modulate, qkv_heads, concat_act).
+// Each rounds to bf16 where the unfused kernels they replace stored bf16
+// (after the LayerNorm, after the RMSNorm), so results match the unfused CUDA
+// path up to reduction order.
+// ---------------------------------------------------------------------------
+
+// LayerNorm without affine, then adaLN modulation, one warp a row of x [B, N, C]
+// (C % 8 == 0): y = bf16(LN(x)) * (1 + scale[b]) + shift[b].
+extern "C" __global__ void __launch_bounds__(NN_THREADS) nn_ln_modulate(
+    const u16* __restrict__ x, const u16* __restrict__ shift, const u16* __restrict__ scale, u16* __restrict__ y, i64 rows,
+    i64 tokens, i64 cols, float eps) {
+    const i64 r = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    const u16* xr = x + r * cols;
+    float s = 0.0f;
+    for (i64 c = lane * 8; c < cols; c += 256) {
+        float v[8];
+        nn_load8(xr, c, v);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) s += v[k];
+    }
+    const float mean = nn_warp_sum(s) / (float)cols;
+    float q = 0.0f;
+    for (i64 c = lane * 8; c < cols; c += 256) {
+        float v[8];
+        nn_load8(xr, c, v);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) q += (v[k] - mean) * (v[k] - mean);
+    }
+    const float rstd = rsqrtf(nn_warp_sum(q) / (float)cols + eps);
+    const i64 bo = (r / tokens) * cols;
+    u16* yr = y + r * cols;
+    for (i64 c = lane * 8; c < cols; c += 256) {
+        float v[8], sc[8], sh[8];
+        nn_load8(xr, c, v);
+        nn_load8(scale, bo + c, sc);
+        nn_load8(shift, bo + c, sh);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) v[k] = qs_bf16_to_f32(nn_bf((v[k] - mean) * rstd)) * (1.0f + sc[k]) + sh[k];
+        nn_store8(yr, c, v);
+    }
+}
+
+// q, k, v of one part of a joint attention from its fused projection
+// src [B, n_part, ld] (q | k | v in the first 3 * heads * d columns). One warp a
+// (which, row, head), which 0 = q, 1 = k, 2 = v; the head goes to token
+// tok_off + t of the [B, n_total, heads * d] outputs. q and k: RMSNorm per head
+// with qw / kw (skipped when null), stored to bf16 as the rms_norm kernel does,
+// then RoPE on adjacent pairs with cos/sin [n_total, d / 2] (skipped when null).
+// d even and <= 256 (at most 4 pairs a lane).
+extern "C" __global__ void __launch_bounds__(NN_THREADS) nn_qkv_heads(
+    const u16* __restrict__ src, i64 ld, i64 rows, i64 n_part, i64 n_total, i64 tok_off, int heads, int d,
+    const u16* __restrict__ qw, const u16* __restrict__ kw, const u16* __restrict__ cs, const u16* __restrict__ sn,
+    float eps, u16* __restrict__ q, u16* __restrict__ k, u16* __restrict__ v) {
+    const i64 wid = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    const i64 per = rows * heads;
+    if (wid >= 3 * per) return;
+    const int which = (int)(wid / per);
+    const i64 rem = wid - which * per;
+    const i64 row = rem / heads;
+    const int h = (int)(rem - row * heads);
+    const i64 b = row / n_part;
+    const i64 n = tok_off + (row - b * n_part);
+    const i64 width = (i64)heads * d;
+    const int half = d >> 1;
+    const u32* xs = reinterpret_cast<const u32*>(src + row * ld + which * width + (i64)h * d);
+    u32* dst = reinterpret_cast<u32*>((which == 0 ? q : which == 1 ? k : v) + (b * n_total + n) * width + (i64)h * d);
+    if (which == 2) {
+        for (int p = lane; p < half; p += 32) dst[p] = xs[p];
+        return;
+    }
+    float x0[4], x1[4];
+    float ss = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int p = lane + 32 * i;
+        const u32 pair = p < half ? xs[p] : 0u;
+        x0[i] = qs_bf16_to_f32((u16)(pair & 0xffffu));
+        x1[i] = qs_bf16_to_f32((u16)(pair >> 16));
+        ss += x0[i] * x0[i] + x1[i] * x1[i];
+    }
+    const u16* w = which == 0 ? qw : kw;
+    if (w != nullptr) {
+        const float rstd = rsqrtf(nn_warp_sum(ss) / (float)d + eps);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int p = lane + 32 * i;
+            if (p < half) {
+                x0[i] = qs_bf16_to_f32(nn_bf(x0[i] * rstd * nn_ld(w, 2 * p)));
+                x1[i] = qs_bf16_to_f32(nn_bf(x1[i] * rstd * nn_ld(w, 2 * p + 1)));
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int p = lane + 32 * i;
+        if (p >= half) continue;
+        float y0 = x0[i], y1 = x1[i];
+        if (cs != nullptr) {
+            const float c = nn_ld(cs, n * half + p);
+            const float s = nn_ld(sn, n * half + p);
+            y0 = c * x0[i] - s * x1[i];
+            y1 = s * x0[i] + c * x1[i];
+        }
+        dst[p] = (u32)nn_bf(y0) | ((u32)nn_bf(y1) << 16);
+    }
+}
+
+// y [rows, a_cols + len] = [a[row, :], act(x[row, start .. start + len])], x
+// [rows, x_cols]; a_cols, x_cols, start and len multiples of 8.
+extern "C" __global__ void __launch_bounds__(NN_THREADS) nn_concat_act(
+    const u16* __restrict__ a, const u16* __restrict__ x, u16* __restrict__ y, i64 rows, i64 a_cols, i64 x_cols, i64 start,
+    i64 len, int kind) {
+    const i64 cols = a_cols + len;
+    const i64 c8 = cols >> 3;
+    const i64 n8 = rows * c8;
+    for (i64 i = NN_TID; i < n8; i += NN_STRIDE) {
+        const i64 r = i / c8;
+        const i64 c = (i - r * c8) << 3;
+        if (c < a_cols) {
+            reinterpret_cast<uint4*>(y)[i] = *reinterpret_cast<const uint4*>(a + r * a_cols + c);
+        } else {
+            float v[8];
+            nn_load8(x, r * x_cols + start + (c - a_cols), v);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) v[k] = nn_act1(v[k], kind);
+            nn_store8(y, r * cols + c, v);
+        }
+    }
 }

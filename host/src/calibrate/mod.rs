@@ -163,6 +163,7 @@ pub fn run(
         return Ok(Outcome::Skipped(reason));
     }
     let arch = crate::models::arch::Architecture::of(family, variant)?;
+    let arch = crate::models::denoiser::with_text_widths(arch, ctx.checkpoint.as_ref(), ctx.checkpoint.prefix())?;
     let layers: Vec<&LayerDecision> = plan.quantized().collect();
     let observed: Vec<(String, ObserverSpec)> = layers
         .iter()
@@ -241,6 +242,7 @@ where
     let started = Instant::now();
     let device = ops.name();
     tracing::info!("calibrating on {device}: {} observed module inputs", inputs.observed.len());
+    let text_notes = inputs.text.as_ref().map(|t| t.describe()).unwrap_or_default();
     // The display starts as the model starts loading; its total comes from the
     // recipe's walk (`schedule` x `calib-samples`), see `Session::schedule`.
     if progress {
@@ -316,10 +318,11 @@ where
     let smoothing_report = smooth::report(&smoothing, &channel_amax);
     let seconds = started.elapsed().as_secs_f64();
     tracing::info!(
-        "calibration: {} forward passes over {} steps in {:.1} s ({:.3} s per pass)",
+        "calibration: {} forward passes over {} steps in {:.1} s ({:.1} s loading the model, {:.3} s per pass)",
         stats.forwards,
         stats.steps.len(),
         seconds,
+        stats.load_seconds,
         stats.forward_seconds / stats.forwards as f64
     );
     // The evaluation runs on the same backend, after the recipe is done.
@@ -352,7 +355,7 @@ where
     Ok(Outcome::Calibrated(Box::new(Calibration {
         input_scales,
         smoothing,
-        report: CalibrationReport { algorithm, device, seconds, session: stats, notes: settings.notes, layers: report_layers, smoothing: smoothing_report, eval },
+        report: CalibrationReport { algorithm, device, seconds, session: stats, notes: settings.notes.into_iter().chain(text_notes).collect(), layers: report_layers, smoothing: smoothing_report, eval },
     })))
 }
 
@@ -505,6 +508,8 @@ fn forward_with<O: Ops>(
     let out = run(&hooks)?;
     let values = ops.to_f32(&out)?;
     let first_seconds = started.elapsed().as_secs_f64();
+    // The op profile (QUANTSMITH_PROFILE_OPS=1 on CUDA) covers the timed passes only.
+    ops.profile_reset()?;
     let mut times = Vec::new();
     for _ in 0..repeat {
         let t0 = Instant::now();
@@ -514,6 +519,9 @@ fn forward_with<O: Ops>(
         times.push(t0.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
+    if let Some(table) = ops.profile_report()? {
+        eprintln!("op profile, {repeat} timed passes (device time between CUDA events around each op):\n{table}");
+    }
     let shape = ops.shape(&out);
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), &bytes)?;

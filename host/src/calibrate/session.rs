@@ -17,9 +17,10 @@ use crate::checkpoint::Checkpoint;
 use crate::models::clip::{self, SizeConditioning, TextEncoders, TextFamily};
 use crate::models::tokenizer::ClipTokenizer;
 use crate::models::arch::{Architecture, Backbone, TextStack};
-use crate::models::text::conditioning::{FLUX_WIDTHS, SD3_WIDTHS, TextWidths};
+use crate::models::text::conditioning::TextWidths;
 use crate::models::text::detect::EncoderKind;
 use crate::models::text::stack::{DitText, TextFiles};
+use crate::models::text::t5_tokenizer::{FLUX_MIN_TOKENS, SD3_MIN_TOKENS};
 use crate::models::text::t5_tokenizer::T5Tokenizer;
 use crate::models::denoiser::{Conditioning, Denoiser, Network};
 use crate::models::{InputHooks, WeightSource};
@@ -134,7 +135,12 @@ pub struct SessionStats {
     pub samples: usize,
     /// Step buckets that received at least one forward pass.
     pub steps: Vec<usize>,
+    /// Host time in `denoise` calls. The device runs behind the host, so this is
+    /// the time to queue the passes plus whatever waiting the queue forced.
     pub forward_seconds: f64,
+    /// Loading the backbone onto the device and setting up the observers (part
+    /// of the calibration's wall time; ModelOpt's figure starts with the model loaded).
+    pub load_seconds: f64,
     pub peak_device_bytes: Option<u64>,
 }
 
@@ -208,21 +214,40 @@ pub struct DitTextInputs {
 }
 
 impl DitTextInputs {
-    /// `None` when no file was given. Every error names the file.
+    /// `None` when no file was given. Every error names the file. The widths the
+    /// encoders must have are `arch`'s, read from the model's weights
+    /// ([`crate::models::denoiser::with_text_widths`]).
     pub fn open(arch: &Architecture, files: &[PathBuf], t5_tokenizer: Option<&std::path::Path>) -> Result<Option<DitTextInputs>> {
-        let (stack, widths) = match arch.text {
-            TextStack::Sd3 => (DitText::Sd3, SD3_WIDTHS),
-            TextStack::Flux => (DitText::Flux, FLUX_WIDTHS),
+        let stack = match arch.text {
+            TextStack::Sd3 => DitText::Sd3,
+            TextStack::Flux => DitText::Flux,
             _ if files.is_empty() && t5_tokenizer.is_none() => return Ok(None),
             _ => bail!("--text-encoder and --t5-tokenizer are for SD3/3.5 and FLUX; {} keeps its text encoders in the checkpoint (use --clip-vocab)", arch.family),
         };
+        let pooled = arch.pooled_width.with_context(|| format!("internal: {} has no pooled width", arch.family))?;
         let t5_tokenizer = t5_tokenizer.map(T5Tokenizer::from_file).transpose()?;
-        if files.is_empty() {
-            return Ok(t5_tokenizer.is_some().then(|| DitTextInputs { files: TextFiles::open(&[]).expect("no files"), stack, widths, t5_tokenizer, notes: vec![] }));
+        if files.is_empty() && t5_tokenizer.is_none() {
+            return Ok(None);
         }
         let files = TextFiles::open(files)?;
+        let widths = files.widths(stack, arch.context_width, pooled)?;
         let notes = files.check(stack, widths)?;
         Ok(Some(DitTextInputs { files, stack, widths, t5_tokenizer, notes }))
+    }
+
+    /// For the report: which encoder of which file encodes the prompts, and which
+    /// ones are missing (zeros in their place).
+    pub fn describe(&self) -> Vec<String> {
+        let found: Vec<String> = [EncoderKind::ClipL, EncoderKind::ClipG, EncoderKind::T5]
+            .into_iter()
+            .filter_map(|k| self.files.get(k).map(|(f, e)| format!("{} ({} wide) from {}", k.name(), e.width, f.path().display())))
+            .collect();
+        let mut notes = Vec::new();
+        if !found.is_empty() {
+            notes.push(format!("prompts are encoded by {}", found.join(", ")));
+        }
+        notes.extend(self.notes.iter().cloned());
+        notes
     }
 
     fn has_encoders(&self) -> bool {
@@ -246,6 +271,7 @@ pub struct Session<O: Ops> {
     samples: usize,
     steps: BTreeSet<usize>,
     forward_time: Duration,
+    load_time: Duration,
     smoothing_groups: Vec<smooth::Group>,
     smoothing: smooth::Smoothing,
     /// Real conditioning sources the recipe used (held-out inputs follow them).
@@ -263,6 +289,7 @@ where
 {
     /// Loads the backbone on `ops` and sets up the observers.
     pub fn new(ops: O, inputs: SessionInputs) -> Result<Session<O>> {
+        let started = Instant::now();
         let src: &dyn WeightSource = inputs.checkpoint.as_ref();
         let prefix = inputs.checkpoint.prefix().to_string();
         let model = Denoiser::load(&ops, src, &prefix, inputs.arch.clone()).context("loading the model for calibration")?;
@@ -297,6 +324,7 @@ where
             samples: 0,
             steps: BTreeSet::new(),
             forward_time: Duration::ZERO,
+            load_time: started.elapsed(),
             smoothing_groups,
             smoothing: smooth::Smoothing::default(),
             cond_sources: BTreeSet::new(),
@@ -471,8 +499,8 @@ where
             })?;
             // T5 pads to ComfyUI's minimum: 77 tokens for SD3, 256 for FLUX.
             let t5_min = match text.stack {
-                DitText::Sd3 => 77,
-                DitText::Flux => 256,
+                DitText::Sd3 => SD3_MIN_TOKENS,
+                DitText::Flux => FLUX_MIN_TOKENS,
             };
             let c = text.files.encode(&self.ops, text.stack, text.widths, self.tokenizer.as_ref(), text.t5_tokenizer.as_ref(), t5_min, &prompts, &InputHooks::none())?;
             return Ok(Conditioning { context: c.context, y: Some(c.pooled), batch: prompts.len(), guidance: self.default_guidance(prompts.len()) });
@@ -750,6 +778,7 @@ where
             samples: self.samples,
             steps: self.steps.iter().copied().collect(),
             forward_seconds: self.forward_time.as_secs_f64(),
+            load_seconds: self.load_time.as_secs_f64(),
             peak_device_bytes: self.ops.peak_device_bytes(),
         }
     }

@@ -8,7 +8,7 @@ use clap::Args;
 use quantsmith::progress::{Progress, Unit};
 use quantsmith::synth::{self, Family, Scale, SynthOptions};
 
-use super::{bad, checks, human_bytes};
+use super::{bad, checks, human_bytes, usage};
 
 #[derive(Args)]
 pub struct SynthArgs {
@@ -30,12 +30,17 @@ pub struct SynthArgs {
     /// behave like trained ones: bf16 moves their output little; for comparisons).
     #[arg(long, default_value = "default")]
     init: String,
+    /// sd3 and flux at tiny scale: text context and pooled widths of the tiny
+    /// synthetic text encoders (`synth clip-l|clip-g|t5xxl --scale tiny`) instead
+    /// of the real 4096 / 2048 / 768, so prompts run end to end on them.
+    #[arg(long)]
+    tiny_text: bool,
     #[arg(short, long)]
     output: PathBuf,
 }
 
 pub fn run(args: SynthArgs) -> Result<()> {
-    let SynthArgs { family, scale, seed, variant, full_checkpoint, init, output } = args;
+    let SynthArgs { family, scale, seed, variant, full_checkpoint, init, tiny_text, output } = args;
     if let Some(kind) = text_encoder_kind(&family) {
         return synth_text_encoder(kind, &scale, seed, variant.as_deref(), &output);
     }
@@ -43,6 +48,10 @@ pub fn run(args: SynthArgs) -> Result<()> {
     checks::output_path("-o", &output, None, true)?;
     opts.init =
         quantsmith::synth::SynthInit::parse(&init).map_err(|e| bad(format!("{e:#}")))?;
+    opts.tiny_text = tiny_text;
+    if tiny_text && (opts.scale != Scale::Tiny || !matches!(opts.family, Family::Sd3 | Family::Flux)) {
+        return Err(usage("--tiny-text is for sd3 and flux at --scale tiny"));
+    }
     // A tiny model is written in a blink; a full-size one takes minutes.
     let pb = if matches!(opts.scale, Scale::Tiny) { Progress::hidden() } else { Progress::start("synthesize", Unit::Bytes, None) };
     let summary = synth::write(&opts, &output, |done, total| {

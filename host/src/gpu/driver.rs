@@ -376,6 +376,27 @@ impl Kernel {
             .map_err(|e| err("cuLaunchKernel", e))
     }
 
+    /// Launches a 2-D grid on `stream` with `dynamic_shared` bytes of dynamic
+    /// shared memory per block (beyond 48 KB after [`Kernel::set_max_dynamic_shared`]).
+    ///
+    /// # Safety
+    /// As [`Kernel::launch`].
+    pub unsafe fn launch_2d_shared(
+        &self,
+        stream: &Stream,
+        grid: (u32, u32),
+        block: u32,
+        dynamic_shared: u32,
+        args: &mut [Arg],
+    ) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 {
+            return Ok(());
+        }
+        // SAFETY: caller's contract.
+        unsafe { cu::launch_kernel(self.raw, (grid.0, grid.1, 1), (block, 1, 1), dynamic_shared, stream.raw(), args) }
+            .map_err(|e| err("cuLaunchKernel", e))
+    }
+
     /// Launches on `stream`; `args` point at values matching the kernel's
     /// parameters in order and type.
     ///

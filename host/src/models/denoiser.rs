@@ -36,6 +36,27 @@ pub fn backbone_available(backbone: Backbone) -> bool {
     matches!(backbone, Backbone::Unet | Backbone::Mmdit | Backbone::Flux)
 }
 
+/// `arch` with the text widths of the diffusion transformer stored under `prefix`
+/// (context and pooled widths, read from its weight shapes without loading them).
+/// The real models' are the architecture's own (4096, and 2048 for SD3 or 768 for
+/// FLUX); tiny test models ([`crate::synth::SynthOptions::tiny_text`]) take
+/// narrower ones, and the text encoders, random and file conditioning follow them.
+/// UNets keep theirs.
+pub fn with_text_widths(mut arch: Architecture, src: &dyn WeightSource, prefix: &str) -> Result<Architecture> {
+    match arch.backbone {
+        Backbone::Unet => {}
+        Backbone::Mmdit => {
+            let cfg = MmditConfig::from_source(src, prefix)?;
+            (arch.context_width, arch.pooled_width) = (cfg.context_dim, Some(cfg.adm_in_channels));
+        }
+        Backbone::Flux => {
+            let cfg = FluxConfig::from_source(src, prefix)?;
+            (arch.context_width, arch.pooled_width) = (cfg.context_in_dim, Some(cfg.vec_in_dim));
+        }
+    }
+    Ok(arch)
+}
+
 /// The network behind a denoiser.
 pub enum Network<O: Ops> {
     Unet(Unet<O>),
@@ -51,8 +72,9 @@ pub struct Denoiser<O: Ops> {
 }
 
 impl<O: Ops> Denoiser<O> {
-    /// Reads the network's configuration from `src` under `prefix` and uploads its weights.
-    pub fn load(ops: &O, src: &dyn WeightSource, prefix: &str, arch: Architecture) -> Result<Denoiser<O>> {
+    /// Reads the network's configuration from `src` under `prefix` and uploads its
+    /// weights. A diffusion transformer's text widths are its weights' ([`with_text_widths`]).
+    pub fn load(ops: &O, src: &dyn WeightSource, prefix: &str, mut arch: Architecture) -> Result<Denoiser<O>> {
         let net = match arch.backbone {
             Backbone::Unet => {
                 let cfg = UnetConfig::from_source(src, prefix)?;
@@ -60,6 +82,7 @@ impl<O: Ops> Denoiser<O> {
             }
             Backbone::Mmdit => {
                 let cfg = MmditConfig::from_source(src, prefix)?;
+                (arch.context_width, arch.pooled_width) = (cfg.context_dim, Some(cfg.adm_in_channels));
                 Network::Mmdit(Mmdit::load(ops, src, prefix, cfg).context("loading the MMDiT")?)
             }
             Backbone::Flux => {
@@ -70,6 +93,7 @@ impl<O: Ops> Denoiser<O> {
                     if cfg.guidance_embed { "has" } else { "lacks" },
                     arch.variant
                 );
+                (arch.context_width, arch.pooled_width) = (cfg.context_in_dim, Some(cfg.vec_in_dim));
                 Network::Flux(Flux::load(ops, src, prefix, cfg).context("loading FLUX")?)
             }
         };

@@ -7,6 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 
 use super::*;
+use crate::nn::QkvPart;
 
 fn t(ops: &CpuOps, shape: &[usize], v: &[f32]) -> Tensor {
     ops.from_f32(shape, v).unwrap()
@@ -338,4 +339,138 @@ fn gelu_tanh_matches_reference() {
     let erf = ops.to_f32(&ops.act(&t(&ops, &[1], &[-3.0]), Act::Gelu).unwrap()).unwrap();
     let tanh = ops.to_f32(&ops.act(&t(&ops, &[1], &[-3.0]), Act::GeluTanh).unwrap()).unwrap();
     assert!((erf[0] - tanh[0]).abs() > 3e-4, "{erf:?} vs {tanh:?}");
+}
+
+// ---- fused DiT ops (defaults composed of primitives) ---------------------------
+
+fn ref_ln_modulate(x: &[f32], shift: &[f32], scale: &[f32], b: usize, n: usize, c: usize, eps: f32) -> Vec<f64> {
+    let mut y = vec![0f64; b * n * c];
+    for bi in 0..b {
+        for ni in 0..n {
+            let row = &x[(bi * n + ni) * c..(bi * n + ni + 1) * c];
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+            let r = 1.0 / (var + eps as f64).sqrt();
+            for ci in 0..c {
+                let norm = (row[ci] as f64 - mean) * r;
+                y[(bi * n + ni) * c + ci] = norm * (1.0 + scale[bi * c + ci] as f64) + shift[bi * c + ci] as f64;
+            }
+        }
+    }
+    y
+}
+
+#[test]
+fn ln_modulate_matches_reference() {
+    let ops = CpuOps::new();
+    let mut rng = StdRng::seed_from_u64(21);
+    let (b, n, c) = (2, 5, 24);
+    let x: Vec<f32> = randn(&mut rng, b * n * c).iter().map(|v| v * 3.0 + 1.5).collect();
+    let (shift, scale) = (randn(&mut rng, b * c), randn(&mut rng, b * c));
+    let y = ops
+        .ln_modulate(&t(&ops, &[b, n, c], &x), &t(&ops, &[b, c], &shift), &t(&ops, &[b, c], &scale), 1e-6)
+        .unwrap();
+    close("ln_modulate", &ops.to_f32(&y).unwrap(), &ref_ln_modulate(&x, &shift, &scale, b, n, c, 1e-6));
+}
+
+/// q, k, v of `parts` (each `(x [b, n_p, cols], q/k norm scales)`) joined along
+/// the tokens, normed per head and rotated, from the `Ops::qkv_heads` contract.
+#[allow(clippy::type_complexity)]
+fn ref_qkv_heads(
+    parts: &[(&[f32], usize, usize, Option<(&[f32], &[f32])>)],
+    b: usize,
+    heads: usize,
+    d: usize,
+    eps: f32,
+    rope: Option<(&[f32], &[f32])>,
+) -> [Vec<f64>; 3] {
+    let w = heads * d;
+    let total: usize = parts.iter().map(|p| p.1).sum();
+    let mut out = [vec![0f64; b * total * w], vec![0f64; b * total * w], vec![0f64; b * total * w]];
+    for bi in 0..b {
+        let mut tok = 0;
+        for &(x, n, cols, norms) in parts {
+            for ni in 0..n {
+                for (j, o) in out.iter_mut().enumerate() {
+                    for h in 0..heads {
+                        let src = &x[(bi * n + ni) * cols + j * w + h * d..][..d];
+                        let mut v: Vec<f64> = src.iter().map(|&e| e as f64).collect();
+                        if let (Some((qn, kn)), true) = (norms, j < 2) {
+                            let s = if j == 0 { qn } else { kn };
+                            let ms = v.iter().map(|e| e * e).sum::<f64>() / d as f64;
+                            let r = 1.0 / (ms + eps as f64).sqrt();
+                            v.iter_mut().zip(s).for_each(|(e, &s)| *e *= r * s as f64);
+                        }
+                        if let (Some((cos, sin)), true) = (rope, j < 2) {
+                            for i in 0..d / 2 {
+                                let (c, s) = (cos[(tok + ni) * d / 2 + i] as f64, sin[(tok + ni) * d / 2 + i] as f64);
+                                let (x0, x1) = (v[2 * i], v[2 * i + 1]);
+                                v[2 * i] = c * x0 - s * x1;
+                                v[2 * i + 1] = s * x0 + c * x1;
+                            }
+                        }
+                        o[(bi * total + tok + ni) * w + h * d..][..d].copy_from_slice(&v);
+                    }
+                }
+            }
+            tok += n;
+        }
+    }
+    out
+}
+
+#[test]
+fn qkv_heads_matches_reference() {
+    let ops = CpuOps::new();
+    let mut rng = StdRng::seed_from_u64(22);
+    let (b, heads, d) = (2, 3, 8);
+    let w = heads * d;
+    // Part 1: 4 tokens of a plain qkv projection with norms; part 2: 6 tokens whose
+    // projection carries 16 more columns (FLUX's linear1), without norms.
+    let (n1, c1, n2, c2) = (4, 3 * w, 6, 3 * w + 16);
+    let x1 = randn(&mut rng, b * n1 * c1);
+    let x2 = randn(&mut rng, b * n2 * c2);
+    let (qn, kn) = (randn(&mut rng, d), randn(&mut rng, d));
+    let (cos, sin) = (randn(&mut rng, (n1 + n2) * d / 2), randn(&mut rng, (n1 + n2) * d / 2));
+    let (t1, t2) = (t(&ops, &[b, n1, c1], &x1), t(&ops, &[b, n2, c2], &x2));
+    let (tq, tk) = (t(&ops, &[d], &qn), t(&ops, &[d], &kn));
+    let (tc, ts) = (t(&ops, &[n1 + n2, d / 2], &cos), t(&ops, &[n1 + n2, d / 2], &sin));
+    let parts =
+        [QkvPart { qkv: &t1, q_norm: Some(&tq), k_norm: Some(&tk) }, QkvPart { qkv: &t2, q_norm: None, k_norm: None }];
+    for rope in [false, true] {
+        let r = rope.then_some((&tc, &ts));
+        let got = ops.qkv_heads(&parts, w, heads, 1e-6, r).unwrap();
+        let refs = [(&x1[..], n1, c1, Some((&qn[..], &kn[..]))), (&x2[..], n2, c2, None)];
+        let want = ref_qkv_heads(&refs, b, heads, d, 1e-6, rope.then_some((&cos[..], &sin[..])));
+        for (name, (g, w)) in ["q", "k", "v"].iter().zip(got.iter().zip(&want)) {
+            assert_eq!(ops.shape(g), [b, n1 + n2, heads * d]);
+            close(&format!("qkv_heads {name} (rope {rope})"), &ops.to_f32(g).unwrap(), w);
+        }
+    }
+    // One part, as FLUX single blocks and SD3's attn2 use it.
+    let got = ops.qkv_heads(&parts[..1], w, heads, 1e-6, None).unwrap();
+    let want = ref_qkv_heads(&[(&x1[..], n1, c1, Some((&qn[..], &kn[..])))], b, heads, d, 1e-6, None);
+    close("qkv_heads single part q", &ops.to_f32(&got[0]).unwrap(), &want[0]);
+    // A part narrower than q|k|v is refused.
+    let small = t(&ops, &[b, 2, 2 * w], &randn(&mut rng, b * 2 * 2 * w));
+    assert!(ops.qkv_heads(&[QkvPart { qkv: &small, q_norm: None, k_norm: None }], w, heads, 1e-6, None).is_err());
+}
+
+#[test]
+fn concat_act_matches_reference() {
+    let ops = CpuOps::new();
+    let mut rng = StdRng::seed_from_u64(23);
+    let (b, n, ac, xc, start, len) = (2, 3, 8, 40, 24, 16);
+    let a = randn(&mut rng, b * n * ac);
+    let x = randn(&mut rng, b * n * xc);
+    let y = ops.concat_act(&t(&ops, &[b, n, ac], &a), &t(&ops, &[b, n, xc], &x), start, len, Act::GeluTanh).unwrap();
+    assert_eq!(ops.shape(&y), [b, n, ac + len]);
+    let want: Vec<f64> = (0..b * n)
+        .flat_map(|r| {
+            let left = a[r * ac..(r + 1) * ac].iter().map(|&v| v as f64);
+            let right = x[r * xc + start..r * xc + start + len].iter().map(|&v| ref_gelu_tanh(v as f64));
+            left.chain(right).collect::<Vec<_>>()
+        })
+        .collect();
+    close("concat_act", &ops.to_f32(&y).unwrap(), &want);
 }

@@ -11,7 +11,11 @@
 //!   under [`ATTENTION_SCORE_BYTES`].
 //! - Convolutions: cuDNN 9 (NCHW bf16, f32 compute), or im2col + cuBLAS when
 //!   cuDNN cannot be loaded or refuses a shape (one log line, then the fallback for good).
-//! - Everything else: the NVRTC program `kernels/common.cuh` + `kernels/nn/*.cu`.
+//! - Everything else: the NVRTC program `kernels/common.cuh` + `kernels/nn/*.cu`,
+//!   including the fused DiT ops (`ln_modulate`, `qkv_heads`, `concat_act`).
+//!   `narrow` of one contiguous, 256-byte aligned range is a view, not a copy.
+//! - `QUANTSMITH_PROFILE_OPS=1`: per-op device time from CUDA events
+//!   ([`Ops::profile_report`]).
 //!
 //! Memory: plain `cuMemAlloc` buffers ([`DeviceBuffer`], counted in
 //! [`MemStats`]) kept in a size-bucketed free list, so the thousands of
@@ -37,7 +41,7 @@ use cudarc::cudnn::sys as dnn;
 use cudarc::driver::safe::CudaContext;
 use cudarc::driver::sys;
 
-use super::{Act, ActQuant, ChannelAxis, ObserverSpec, ObserverStats, Ops};
+use super::{Act, ActQuant, ChannelAxis, ObserverSpec, ObserverStats, Ops, QkvPart};
 use crate::formats::{SourceDtype, WeightView};
 use crate::gpu::driver::{self, Arg, DeviceBuffer, Event, Kernel, MemStats, Module, PinnedBuffer, Stream, arg};
 use crate::gpu::kernels::{self, Compiled, Target};
@@ -85,6 +89,16 @@ pub const KERNEL_NAMES: &[&str] = &[
     "nn_flash_attn_d80",
     "nn_flash_attn_d96",
     "nn_flash_attn_d128",
+    "nn_flash_attn_d64_b4",
+    "nn_flash_attn_d128_b3",
+    "nn_flash_attn_wide_d32_k64",
+    "nn_flash_attn_wide_d48_k64",
+    "nn_flash_attn_wide_d64_k64",
+    "nn_flash_attn_wide_d80_k64",
+    "nn_flash_attn_wide_d96_k64",
+    "nn_flash_attn_wide_d128_k64",
+    "nn_flash_attn_wide_d64_k32",
+    "nn_flash_attn_wide_d128_k32",
     "nn_rms_norm",
     "nn_mul",
     "nn_permute",
@@ -93,12 +107,51 @@ pub const KERNEL_NAMES: &[&str] = &[
     "nn_gated_add",
     "nn_rope",
     "nn_softmax_bias",
+    "nn_ln_modulate",
+    "nn_qkv_heads",
+    "nn_concat_act",
 ];
 
 /// NVRTC options besides the architecture. FMA contraction stays on (the
 /// default): only the fake-quantization kernels must match the CPU bit for
 /// bit, and they use the `_rn` intrinsics, which are never contracted.
 pub const COMPILE_OPTIONS: &[&str] = &["--std=c++17"];
+
+/// Which fused-attention kernel runs (`QUANTSMITH_FLASH_VARIANT`: `narrow`,
+/// `narrow-capped`, `wide` or `wide-k32`; unset: [`FlashVariant::DEFAULT`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashVariant {
+    /// 64 queries per block, one 16-row tile per warp.
+    Narrow,
+    /// 128 queries per block, two 16-row tiles per warp, 64-key tiles.
+    Wide,
+    /// As `Wide` with 32-key tiles (head dims 64 and 128; `Wide` elsewhere).
+    WideK32,
+    /// As `Narrow`, registers capped for more resident blocks (head dims 64 and 128).
+    NarrowCapped,
+}
+
+impl FlashVariant {
+    pub const DEFAULT: FlashVariant = FlashVariant::Wide;
+    pub const ALL: [FlashVariant; 4] =
+        [FlashVariant::Narrow, FlashVariant::Wide, FlashVariant::WideK32, FlashVariant::NarrowCapped];
+
+    fn from_env() -> FlashVariant {
+        match std::env::var("QUANTSMITH_FLASH_VARIANT").as_deref() {
+            Ok("narrow") => FlashVariant::Narrow,
+            Ok("wide") => FlashVariant::Wide,
+            Ok("wide-k32") => FlashVariant::WideK32,
+            Ok("narrow-capped") => FlashVariant::NarrowCapped,
+            _ => FlashVariant::DEFAULT,
+        }
+    }
+}
+
+/// Dynamic shared memory of a wide fused-attention block: the 128-query tile and
+/// one key and one value tile, rows of `dp + 8` bf16.
+fn flash_wide_smem(dp: usize, key_tile: usize) -> u32 {
+    ((128 + 2 * key_tile) * (dp + 8) * 2) as u32
+}
 
 /// Upper bound on one attention chunk's score buffers (f32 scores + bf16 probabilities).
 pub const ATTENTION_SCORE_BYTES: usize = 1 << 30;
@@ -198,10 +251,13 @@ impl Drop for Buf {
     }
 }
 
-/// A bf16 tensor on the device (row-major). Cloning shares the buffer.
+/// A bf16 tensor on the device (row-major). Cloning shares the buffer. A tensor
+/// may be a view of a contiguous range of another's buffer (`off` bytes in; see
+/// [`Ops::narrow`]): ops never write their inputs, so sharing is safe.
 #[derive(Clone)]
 pub struct CudaTensor {
     buf: Arc<Buf>,
+    off: usize,
     shape: Vec<usize>,
 }
 
@@ -213,7 +269,7 @@ impl CudaTensor {
         self.shape.iter().product()
     }
     fn ptr(&self) -> u64 {
-        self.buf.ptr()
+        self.buf.ptr() + self.off as u64
     }
 }
 
@@ -598,6 +654,52 @@ struct Observers {
 }
 
 // ---------------------------------------------------------------------------
+// Op profiler
+// ---------------------------------------------------------------------------
+
+/// With `QUANTSMITH_PROFILE_OPS=1`: a pair of CUDA events around every top-level
+/// [`Ops`] call, read back by [`Ops::profile_report`]. Device time between the
+/// events includes any gap the host leaves before the op's first launch, so ops
+/// that wait on the host (uploads, `to_f32`) show that wait too. Unset, the
+/// backend holds `None` and each op pays one branch.
+#[derive(Default)]
+struct OpProfiler {
+    /// Nesting of profiled calls (an op built from other ops is timed once, as itself).
+    depth: usize,
+    spare: Vec<Event>,
+    pending: Vec<(&'static str, Event, Event)>,
+    /// By op: calls and milliseconds, in first-seen order.
+    totals: Vec<(&'static str, u64, f64)>,
+}
+
+/// Closes one profiled call when dropped.
+struct ProfScope<'a> {
+    ops: &'a CudaOps,
+    name: &'static str,
+    start: Option<Event>,
+}
+
+impl Drop for ProfScope<'_> {
+    fn drop(&mut self) {
+        let Some(p) = &self.ops.profiler else { return };
+        let mut p = p.lock().unwrap();
+        p.depth -= 1;
+        if let Some(start) = self.start.take() {
+            let end = match p.spare.pop() {
+                Some(e) => e,
+                None => match Event::new(&self.ops.ctx) {
+                    Ok(e) => e,
+                    Err(_) => return,
+                },
+            };
+            if end.record(&self.ops.stream).is_ok() {
+                p.pending.push((self.name, start, end));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // The backend
 // ---------------------------------------------------------------------------
 
@@ -627,6 +729,12 @@ struct Kernels {
     fq_mxfp8: Kernel,
     /// By [`FLASH_HEAD_DIMS`].
     flash: [Kernel; 6],
+    /// The 64-query kernel capped for 4 (head dim 64) and 3 (128) blocks per multiprocessor.
+    flash_capped: [Kernel; 2],
+    /// The 128-query variant, by [`FLASH_HEAD_DIMS`], 64-key tiles.
+    flash_wide: [Kernel; 6],
+    /// The 128-query variant with 32-key tiles at head dims 64 and 128.
+    flash_wide_k32: [Kernel; 2],
     rms_norm: Kernel,
     mul: Kernel,
     permute: Kernel,
@@ -635,6 +743,9 @@ struct Kernels {
     gated_add: Kernel,
     rope: Kernel,
     softmax_bias: Kernel,
+    ln_modulate: Kernel,
+    qkv_heads: Kernel,
+    concat_act: Kernel,
 }
 
 impl Kernels {
@@ -671,6 +782,16 @@ impl Kernels {
                 m.kernel("nn_flash_attn_d96")?,
                 m.kernel("nn_flash_attn_d128")?,
             ],
+            flash_capped: [m.kernel("nn_flash_attn_d64_b4")?, m.kernel("nn_flash_attn_d128_b3")?],
+            flash_wide: [
+                m.kernel("nn_flash_attn_wide_d32_k64")?,
+                m.kernel("nn_flash_attn_wide_d48_k64")?,
+                m.kernel("nn_flash_attn_wide_d64_k64")?,
+                m.kernel("nn_flash_attn_wide_d80_k64")?,
+                m.kernel("nn_flash_attn_wide_d96_k64")?,
+                m.kernel("nn_flash_attn_wide_d128_k64")?,
+            ],
+            flash_wide_k32: [m.kernel("nn_flash_attn_wide_d64_k32")?, m.kernel("nn_flash_attn_wide_d128_k32")?],
             rms_norm: m.kernel("nn_rms_norm")?,
             mul: m.kernel("nn_mul")?,
             permute: m.kernel("nn_permute")?,
@@ -679,7 +800,20 @@ impl Kernels {
             gated_add: m.kernel("nn_gated_add")?,
             rope: m.kernel("nn_rope")?,
             softmax_bias: m.kernel("nn_softmax_bias")?,
+            ln_modulate: m.kernel("nn_ln_modulate")?,
+            qkv_heads: m.kernel("nn_qkv_heads")?,
+            concat_act: m.kernel("nn_concat_act")?,
         })
+    }
+}
+
+/// `nn_act`'s and `nn_concat_act`'s activation code (kernels/nn/ops.cu `NN_ACT_*`).
+fn act_kind(act: Act) -> i32 {
+    match act {
+        Act::Silu => 0,
+        Act::Gelu => 1,
+        Act::QuickGelu => 2,
+        Act::GeluTanh => 3,
     }
 }
 
@@ -703,7 +837,10 @@ pub struct CudaOps {
     use_cudnn: AtomicBool,
     attention_bytes: AtomicUsize,
     use_flash: AtomicBool,
+    /// A [`FlashVariant`] as its index in `FlashVariant::ALL`.
+    flash_variant: AtomicUsize,
     obs: Mutex<Observers>,
+    profiler: Option<Mutex<OpProfiler>>,
     staging: Mutex<Staging>,
     /// One u32 for the dynamic FP8 amax.
     amax_word: Buf,
@@ -759,6 +896,12 @@ impl CudaOps {
             .with_context(|| format!("compiling the forward-pass kernels for sm_{}{}", cc.0, cc.1))?;
         let module = Module::load(&ctx, &compiled.image).context("loading the forward-pass kernels")?;
         let k = Kernels::load(&module)?;
+        for (kernel, &dp) in k.flash_wide.iter().zip(&FLASH_HEAD_DIMS) {
+            kernel.set_max_dynamic_shared(flash_wide_smem(dp, 64))?;
+        }
+        for (kernel, dp) in k.flash_wide_k32.iter().zip([64, 128]) {
+            kernel.set_max_dynamic_shared(flash_wide_smem(dp, 32))?;
+        }
         let stats = Arc::new(MemStats::default());
         let pool = Arc::new(Pool { ctx: ctx.clone(), stats: stats.clone(), free: Mutex::new(HashMap::new()) });
         let stream = Stream::new(&ctx)?;
@@ -800,7 +943,11 @@ impl CudaOps {
             use_cudnn,
             attention_bytes: AtomicUsize::new(ATTENTION_SCORE_BYTES),
             use_flash: AtomicBool::new(std::env::var_os("QUANTSMITH_NO_FLASH_ATTENTION").is_none()),
+            flash_variant: AtomicUsize::new(FlashVariant::ALL.iter().position(|&v| v == FlashVariant::from_env()).unwrap_or(0)),
             obs: Mutex::new(Observers::default()),
+            profiler: std::env::var_os("QUANTSMITH_PROFILE_OPS")
+                .is_some_and(|v| !v.is_empty() && v != "0")
+                .then(|| Mutex::new(OpProfiler::default())),
             staging: Mutex::new(staging),
             amax_word,
             pool,
@@ -839,6 +986,17 @@ impl CudaOps {
         self.use_flash.store(on, Ordering::Relaxed);
     }
 
+    /// Picks the fused-attention kernel (tests run each against the reference).
+    pub fn set_flash_variant(&self, variant: FlashVariant) {
+        let i = FlashVariant::ALL.iter().position(|&v| v == variant).unwrap_or(0);
+        self.flash_variant.store(i, Ordering::Relaxed);
+    }
+
+    /// The fused-attention kernel in use.
+    pub fn flash_variant(&self) -> FlashVariant {
+        FlashVariant::ALL[self.flash_variant.load(Ordering::Relaxed)]
+    }
+
     /// Waits for every queued operation (for timing).
     pub fn synchronize(&self) -> Result<()> {
         self.bind()?;
@@ -851,7 +1009,7 @@ impl CudaOps {
 
     fn alloc(&self, shape: &[usize]) -> Result<CudaTensor> {
         let n: usize = shape.iter().product();
-        Ok(CudaTensor { buf: Arc::new(self.pool.alloc(n * 2)?), shape: shape.to_vec() })
+        Ok(CudaTensor { buf: Arc::new(self.pool.alloc(n * 2)?), off: 0, shape: shape.to_vec() })
     }
 
     fn blocks(&self, work_items: usize) -> u32 {
@@ -1094,6 +1252,7 @@ impl Ops for CudaOps {
     }
 
     fn from_f32(&self, shape: &[usize], data: &[f32]) -> Result<CudaTensor> {
+        let _p = self.prof("from_f32");
         let n: usize = shape.iter().product();
         ensure!(n == data.len(), "from_f32: shape {shape:?} holds {n} values, {} given", data.len());
         self.bind()?;
@@ -1104,6 +1263,7 @@ impl Ops for CudaOps {
     }
 
     fn weight(&self, shape: &[usize], view: &WeightView<'_>) -> Result<CudaTensor> {
+        let _p = self.prof("weight");
         let n: usize = shape.iter().product();
         ensure!(
             n == view.rows * view.cols,
@@ -1135,6 +1295,7 @@ impl Ops for CudaOps {
     }
 
     fn to_f32(&self, t: &CudaTensor) -> Result<Vec<f32>> {
+        let _p = self.prof("to_f32");
         self.bind()?;
         let n = t.numel();
         let mut bits = vec![0u16; n];
@@ -1153,10 +1314,11 @@ impl Ops for CudaOps {
     fn reshape(&self, t: &CudaTensor, shape: &[usize]) -> Result<CudaTensor> {
         let n: usize = shape.iter().product();
         ensure!(n == t.numel(), "reshape {:?} -> {shape:?}: element counts differ", t.shape);
-        Ok(CudaTensor { buf: t.buf.clone(), shape: shape.to_vec() })
+        Ok(CudaTensor { buf: t.buf.clone(), off: t.off, shape: shape.to_vec() })
     }
 
     fn linear(&self, x: &CudaTensor, w: &CudaTensor, b: Option<&CudaTensor>) -> Result<CudaTensor> {
+        let _p = self.prof("linear");
         ensure!(w.shape.len() == 2, "linear: weight shape {:?} is not [out, in]", w.shape);
         let (nout, kin) = (w.shape[0], w.shape[1]);
         let (m, k) = Self::rows_cols(x)?;
@@ -1246,6 +1408,7 @@ impl Ops for CudaOps {
         stride: usize,
         padding: usize,
     ) -> Result<CudaTensor> {
+        let _p = self.prof("conv2d");
         ensure!(
             x.shape.len() == 4 && w.shape.len() == 4,
             "conv2d: input {:?}, weight {:?} must be 4-D",
@@ -1294,6 +1457,7 @@ impl Ops for CudaOps {
         b: &CudaTensor,
         eps: f32,
     ) -> Result<CudaTensor> {
+        let _p = self.prof("group_norm");
         ensure!(x.shape.len() >= 2, "group_norm: input {:?} has no channel axis", x.shape);
         let (n, c) = (x.shape[0], x.shape[1]);
         ensure!(groups > 0 && c % groups == 0, "group_norm: {c} channels in {groups} groups");
@@ -1346,6 +1510,7 @@ impl Ops for CudaOps {
     }
 
     fn layer_norm(&self, x: &CudaTensor, w: &CudaTensor, b: &CudaTensor, eps: f32) -> Result<CudaTensor> {
+        let _p = self.prof("layer_norm");
         let (rows, cols) = Self::rows_cols(x)?;
         ensure!(w.numel() == cols && b.numel() == cols, "layer_norm: affine sizes for {cols} channels");
         self.bind()?;
@@ -1372,6 +1537,7 @@ impl Ops for CudaOps {
         heads: usize,
         causal: bool,
     ) -> Result<CudaTensor> {
+        let _p = self.prof("attention");
         ensure!(
             q.shape.len() == 3 && k.shape.len() == 3,
             "attention: q {:?}, k {:?} must be [B, N, H*D]",
@@ -1396,13 +1562,24 @@ impl Ops for CudaOps {
             let (nqi, nki, hi, di) = (nq as i64, nk as i64, heads as i32, d as i32);
             let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
             let causal_i = causal as i32;
-            let grid = (nq.div_ceil(64) as u32, (b * heads) as u32);
-            // SAFETY: one block of 128 threads per 64 queries of a (batch, head); arguments match the kernel.
+            let dp = FLASH_HEAD_DIMS[i];
+            let (kernel, queries, smem) = match self.flash_variant() {
+                FlashVariant::NarrowCapped if dp == 64 || dp == 128 => (&self.k.flash_capped[usize::from(dp == 128)], 64, 0),
+                FlashVariant::Narrow | FlashVariant::NarrowCapped => (&self.k.flash[i], 64, 0),
+                FlashVariant::WideK32 if dp == 64 || dp == 128 => {
+                    (&self.k.flash_wide_k32[usize::from(dp == 128)], 128, flash_wide_smem(dp, 32))
+                }
+                FlashVariant::Wide | FlashVariant::WideK32 => (&self.k.flash_wide[i], 128, flash_wide_smem(dp, 64)),
+            };
+            let grid = (nq.div_ceil(queries) as u32, (b * heads) as u32);
+            // SAFETY: one block of 128 threads per `queries` queries of a (batch, head),
+            // with the dynamic shared memory its variant declares; arguments match the kernel.
             unsafe {
-                self.k.flash[i].launch_2d(
+                kernel.launch_2d_shared(
                     &self.stream,
                     grid,
                     128,
+                    smem,
                     &mut [
                         arg(&qp),
                         arg(&kp),
@@ -1424,16 +1601,12 @@ impl Ops for CudaOps {
     }
 
     fn act(&self, x: &CudaTensor, act: Act) -> Result<CudaTensor> {
-        let kind: i32 = match act {
-            Act::Silu => 0,
-            Act::Gelu => 1,
-            Act::QuickGelu => 2,
-            Act::GeluTanh => 3,
-        };
-        self.elementwise(self.k.act, x, None, None, Some(kind))
+        let _p = self.prof("act");
+        self.elementwise(self.k.act, x, None, None, Some(act_kind(act)))
     }
 
     fn geglu(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        let _p = self.prof("geglu");
         let (rows, cols) = Self::rows_cols(x)?;
         ensure!(cols % 2 == 0, "geglu: odd last dimension in {:?}", x.shape);
         self.bind()?;
@@ -1446,15 +1619,18 @@ impl Ops for CudaOps {
     }
 
     fn add(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        let _p = self.prof("add");
         ensure!(a.shape == b.shape, "add: shapes {:?} and {:?} differ", a.shape, b.shape);
         self.elementwise(self.k.add, a, Some(b), None, None)
     }
 
     fn scale(&self, a: &CudaTensor, s: f32) -> Result<CudaTensor> {
+        let _p = self.prof("scale");
         self.elementwise(self.k.scale, a, None, Some(s), None)
     }
 
     fn add_channel_bias(&self, x: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        let _p = self.prof("add_channel_bias");
         ensure!(x.shape.len() >= 2, "add_channel_bias: input {:?} has no channel axis", x.shape);
         let (n, c) = (x.shape[0], x.shape[1]);
         ensure!(b.numel() == n * c, "add_channel_bias: bias {:?} for input {:?}", b.shape, x.shape);
@@ -1466,6 +1642,7 @@ impl Ops for CudaOps {
     }
 
     fn upsample_nearest2x(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        let _p = self.prof("upsample_nearest2x");
         ensure!(x.shape.len() == 4, "upsample_nearest2x: input {:?} is not NCHW", x.shape);
         self.bind()?;
         let (n, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
@@ -1476,6 +1653,7 @@ impl Ops for CudaOps {
     }
 
     fn concat(&self, xs: &[&CudaTensor], dim: usize) -> Result<CudaTensor> {
+        let _p = self.prof("concat");
         let first = xs.first().ok_or_else(|| anyhow!("concat of nothing"))?;
         let rank = first.shape.len();
         ensure!(dim < rank, "concat: dim {dim} of a rank-{rank} tensor");
@@ -1511,18 +1689,21 @@ impl Ops for CudaOps {
     }
 
     fn to_tokens(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        let _p = self.prof("to_tokens");
         ensure!(x.shape.len() == 4, "to_tokens: input {:?} is not NCHW", x.shape);
         let (n, c, hw) = (x.shape[0], x.shape[1], x.shape[2] * x.shape[3]);
         self.transpose(x, n, c, hw, &[n, hw, c])
     }
 
     fn from_tokens(&self, x: &CudaTensor, h: usize, w: usize) -> Result<CudaTensor> {
+        let _p = self.prof("from_tokens");
         ensure!(x.shape.len() == 3 && x.shape[1] == h * w, "from_tokens: input {:?} is not [N, {h}*{w}, C]", x.shape);
         let (n, c) = (x.shape[0], x.shape[2]);
         self.transpose(x, n, h * w, c, &[n, c, h, w])
     }
 
     fn embedding(&self, table: &CudaTensor, ids: &[u32]) -> Result<CudaTensor> {
+        let _p = self.prof("embedding");
         ensure!(table.shape.len() == 2, "embedding: table {:?} is not [V, C]", table.shape);
         let (v, c) = (table.shape[0], table.shape[1]);
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= v) {
@@ -1532,6 +1713,7 @@ impl Ops for CudaOps {
     }
 
     fn select_tokens(&self, x: &CudaTensor, index: &[usize]) -> Result<CudaTensor> {
+        let _p = self.prof("select_tokens");
         ensure!(x.shape.len() == 3, "select_tokens: input {:?} is not [B, N, C]", x.shape);
         let (b, n, c) = (x.shape[0], x.shape[1], x.shape[2]);
         ensure!(index.len() == b, "select_tokens: {} indices for batch {b}", index.len());
@@ -1547,6 +1729,7 @@ impl Ops for CudaOps {
     }
 
     fn rms_norm(&self, x: &CudaTensor, w: &CudaTensor, eps: f32) -> Result<CudaTensor> {
+        let _p = self.prof("rms_norm");
         let (rows, cols) = Self::rows_cols(x)?;
         ensure!(w.shape == [cols], "rms_norm: weight {:?} is not [{cols}]", w.shape);
         self.bind()?;
@@ -1569,23 +1752,32 @@ impl Ops for CudaOps {
     }
 
     fn mul(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        let _p = self.prof("mul");
         ensure!(a.shape == b.shape, "mul: shapes {:?} and {:?} differ", a.shape, b.shape);
         self.elementwise(self.k.mul, a, Some(b), None, None)
     }
 
     fn narrow(&self, x: &CudaTensor, dim: usize, start: usize, len: usize) -> Result<CudaTensor> {
+        let _p = self.prof("narrow");
         ensure!(dim < x.shape.len(), "narrow: dimension {dim} of a {}-d tensor", x.shape.len());
         ensure!(
             start.checked_add(len).is_some_and(|e| e <= x.shape[dim]),
             "narrow: {start}..{start}+{len} is outside dimension {dim} of {:?}",
             x.shape
         );
-        self.bind()?;
         let mut shape = x.shape.clone();
         shape[dim] = len;
-        let y = self.alloc(&shape)?;
         let outer: usize = x.shape[..dim].iter().product();
         let inner: usize = x.shape[dim + 1..].iter().product();
+        // One contiguous range (e.g. tokens of batch 1, adaLN chunks): a view, no copy,
+        // when it starts 256-byte aligned (what cuBLASLt's algorithms and the
+        // 16-byte vector loads of every kernel assume of a tensor).
+        let off_bytes = x.off + start * inner * 2;
+        if outer == 1 && off_bytes % 256 == 0 {
+            return Ok(CudaTensor { buf: x.buf.clone(), off: off_bytes, shape });
+        }
+        self.bind()?;
+        let y = self.alloc(&shape)?;
         let (xp, yp) = (x.ptr(), y.ptr());
         let (o, row, l, off) = (outer as i64, (x.shape[dim] * inner) as i64, (len * inner) as i64, (start * inner) as i64);
         self.run(self.k.narrow, y.numel(), &mut [arg(&xp), arg(&yp), arg(&o), arg(&row), arg(&l), arg(&off)])?;
@@ -1593,6 +1785,7 @@ impl Ops for CudaOps {
     }
 
     fn permute(&self, x: &CudaTensor, perm: &[usize]) -> Result<CudaTensor> {
+        let _p = self.prof("permute");
         super::cpu::check_perm(&x.shape, perm)?;
         self.bind()?;
         let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
@@ -1612,6 +1805,7 @@ impl Ops for CudaOps {
     }
 
     fn modulate(&self, x: &CudaTensor, shift: &CudaTensor, scale: &CudaTensor) -> Result<CudaTensor> {
+        let _p = self.prof("modulate");
         ensure!(x.shape.len() == 3, "modulate: x {:?} is not [B, N, C]", x.shape);
         let (b, n, c) = (x.shape[0], x.shape[1], x.shape[2]);
         ensure!(shift.shape == [b, c], "modulate: shift {:?} is not [{b}, {c}]", shift.shape);
@@ -1629,6 +1823,7 @@ impl Ops for CudaOps {
     }
 
     fn gated_add(&self, x: &CudaTensor, gate: &CudaTensor, y: &CudaTensor) -> Result<CudaTensor> {
+        let _p = self.prof("gated_add");
         ensure!(x.shape.len() == 3, "gated_add: x {:?} is not [B, N, C]", x.shape);
         ensure!(y.shape == x.shape, "gated_add: y {:?} differs from x {:?}", y.shape, x.shape);
         let (b, n, c) = (x.shape[0], x.shape[1], x.shape[2]);
@@ -1646,6 +1841,7 @@ impl Ops for CudaOps {
     }
 
     fn rope(&self, x: &CudaTensor, cos: &CudaTensor, sin: &CudaTensor, heads: usize) -> Result<CudaTensor> {
+        let _p = self.prof("rope");
         ensure!(x.shape.len() == 3, "rope: x {:?} is not [B, N, heads*D]", x.shape);
         let (n, width) = (x.shape[1], x.shape[2]);
         ensure!(heads > 0 && width % heads == 0, "rope: width {width} does not split into {heads} heads");
@@ -1676,6 +1872,7 @@ impl Ops for CudaOps {
         bias: &CudaTensor,
         scale: f32,
     ) -> Result<CudaTensor> {
+        let _p = self.prof("attention_biased");
         ensure!(
             q.shape.len() == 3 && k.shape.len() == 3,
             "attention_biased: q {:?}, k {:?} must be [B, N, H*D]",
@@ -1702,7 +1899,152 @@ impl Ops for CudaOps {
         Ok(out)
     }
 
+    fn ln_modulate(&self, x: &CudaTensor, shift: &CudaTensor, scale: &CudaTensor, eps: f32) -> Result<CudaTensor> {
+        let _p = self.prof("ln_modulate");
+        ensure!(x.shape.len() == 3, "ln_modulate: x {:?} is not [B, N, C]", x.shape);
+        let (b, n, c) = (x.shape[0], x.shape[1], x.shape[2]);
+        ensure!(shift.shape == [b, c], "ln_modulate: shift {:?} is not [{b}, {c}]", shift.shape);
+        ensure!(scale.shape == [b, c], "ln_modulate: scale {:?} is not [{b}, {c}]", scale.shape);
+        if c % 8 != 0 {
+            return super::composed::ln_modulate(self, x, shift, scale, eps);
+        }
+        self.bind()?;
+        let y = self.alloc(&x.shape)?;
+        let rows = b * n;
+        if rows == 0 {
+            return Ok(y);
+        }
+        let (xp, sh, sc, yp) = (x.ptr(), shift.ptr(), scale.ptr(), y.ptr());
+        let (r, t, ci) = (rows as i64, n as i64, c as i64);
+        let blocks = (rows * 32).div_ceil(THREADS as usize) as u32;
+        // SAFETY: one warp a row; arguments match the kernel; C % 8 == 0 and
+        // every tensor starts 256-byte aligned, so the 16-byte accesses are aligned.
+        unsafe {
+            self.k.ln_modulate.launch(
+                &self.stream,
+                blocks,
+                THREADS,
+                &mut [arg(&xp), arg(&sh), arg(&sc), arg(&yp), arg(&r), arg(&t), arg(&ci), arg(&eps)],
+            )?;
+        }
+        Ok(y)
+    }
+
+    fn qkv_heads(
+        &self,
+        parts: &[QkvPart<'_, CudaTensor>],
+        width: usize,
+        heads: usize,
+        eps: f32,
+        rope: Option<(&CudaTensor, &CudaTensor)>,
+    ) -> Result<[CudaTensor; 3]> {
+        let _p = self.prof("qkv_heads");
+        ensure!(!parts.is_empty(), "qkv_heads: no parts");
+        ensure!(heads > 0 && width % heads == 0, "qkv_heads: width {width} does not split into {heads} heads");
+        let d = width / heads;
+        if d % 2 != 0 || d > 256 {
+            return super::composed::qkv_heads(self, parts, width, heads, eps, rope);
+        }
+        let b = parts[0].qkv.shape.first().copied().unwrap_or(0);
+        let mut total = 0;
+        for p in parts {
+            let s = &p.qkv.shape;
+            ensure!(
+                s.len() == 3 && s[0] == b && s[2] >= 3 * width,
+                "qkv_heads: part {s:?} is not [{b}, N, >= 3 x {width}]"
+            );
+            for w in [p.q_norm, p.k_norm].into_iter().flatten() {
+                ensure!(w.shape == [d], "qkv_heads: norm {:?} is not [{d}]", w.shape);
+            }
+            total += s[1];
+        }
+        if let Some((cos, sin)) = rope {
+            ensure!(cos.shape == [total, d / 2], "qkv_heads: cos {:?} is not [{total}, {}]", cos.shape, d / 2);
+            ensure!(sin.shape == [total, d / 2], "qkv_heads: sin {:?} is not [{total}, {}]", sin.shape, d / 2);
+        }
+        self.bind()?;
+        let out = [self.alloc(&[b, total, width])?, self.alloc(&[b, total, width])?, self.alloc(&[b, total, width])?];
+        let (qp, kp, vp) = (out[0].ptr(), out[1].ptr(), out[2].ptr());
+        let (cp, sp) = rope.map_or((0u64, 0u64), |(c, s)| (c.ptr(), s.ptr()));
+        let (nt, hi, di) = (total as i64, heads as i32, d as i32);
+        let mut off = 0usize;
+        for p in parts {
+            let (n, ld) = (p.qkv.shape[1], p.qkv.shape[2]);
+            let rows = b * n;
+            if rows > 0 {
+                let (src, ldi, ri, ni, oi) = (p.qkv.ptr(), ld as i64, rows as i64, n as i64, off as i64);
+                let (qw, kw) = (p.q_norm.map_or(0u64, |w| w.ptr()), p.k_norm.map_or(0u64, |w| w.ptr()));
+                let blocks = (3 * rows * heads * 32).div_ceil(THREADS as usize);
+                ensure!(blocks <= i32::MAX as usize, "qkv_heads: {rows} rows x {heads} heads exceed the grid");
+                // SAFETY: one warp a (q/k/v, row, head); arguments match the kernel; the
+                // pair (u32) accesses are aligned: d, ld and every offset are even.
+                unsafe {
+                    self.k.qkv_heads.launch(
+                        &self.stream,
+                        blocks as u32,
+                        THREADS,
+                        &mut [
+                            arg(&src),
+                            arg(&ldi),
+                            arg(&ri),
+                            arg(&ni),
+                            arg(&nt),
+                            arg(&oi),
+                            arg(&hi),
+                            arg(&di),
+                            arg(&qw),
+                            arg(&kw),
+                            arg(&cp),
+                            arg(&sp),
+                            arg(&eps),
+                            arg(&qp),
+                            arg(&kp),
+                            arg(&vp),
+                        ],
+                    )?;
+                }
+            }
+            off += n;
+        }
+        Ok(out)
+    }
+
+    fn concat_act(&self, a: &CudaTensor, x: &CudaTensor, start: usize, len: usize, act: Act) -> Result<CudaTensor> {
+        let _p = self.prof("concat_act");
+        let (rows, xc) = Self::rows_cols(x)?;
+        let (arows, ac) = Self::rows_cols(a)?;
+        ensure!(
+            a.shape.len() == x.shape.len() && a.shape[..a.shape.len() - 1] == x.shape[..x.shape.len() - 1],
+            "concat_act: {:?} and {:?} differ before the last dimension",
+            a.shape,
+            x.shape
+        );
+        ensure!(
+            start.checked_add(len).is_some_and(|e| e <= xc),
+            "concat_act: {start}..{start}+{len} is outside the last dimension of {:?}",
+            x.shape
+        );
+        if (ac | xc | start | len) % 8 != 0 {
+            return super::composed::concat_act(self, a, x, start, len, act);
+        }
+        debug_assert_eq!(rows, arows);
+        self.bind()?;
+        let mut shape = a.shape.clone();
+        *shape.last_mut().unwrap() = ac + len;
+        let y = self.alloc(&shape)?;
+        let kind = act_kind(act);
+        let (ap, xp, yp) = (a.ptr(), x.ptr(), y.ptr());
+        let (r, aci, xci, st, l) = (rows as i64, ac as i64, xc as i64, start as i64, len as i64);
+        self.run(
+            self.k.concat_act,
+            y.numel() / 8,
+            &mut [arg(&ap), arg(&xp), arg(&yp), arg(&r), arg(&aci), arg(&xci), arg(&st), arg(&l), arg(&kind)],
+        )?;
+        Ok(y)
+    }
+
     fn observers_reset(&self, specs: &[ObserverSpec], steps: usize) -> Result<()> {
+        let _p = self.prof("observers_reset");
         ensure!(steps >= 1, "observers need at least one step bucket");
         self.bind()?;
         let mut chan_off = Vec::with_capacity(specs.len());
@@ -1728,6 +2070,7 @@ impl Ops for CudaOps {
     }
 
     fn observers_set_step(&self, step: usize) -> Result<()> {
+        let _p = self.prof("observers_set_step");
         let mut o = self.obs.lock().unwrap();
         ensure!(step < o.steps, "observer step {step} outside the {} buckets", o.steps);
         o.step = step;
@@ -1735,6 +2078,7 @@ impl Ops for CudaOps {
     }
 
     fn observe(&self, x: &CudaTensor, slot: usize) -> Result<()> {
+        let _p = self.prof("observe");
         let mut o = self.obs.lock().unwrap();
         let spec = o.specs.get(slot).cloned().ok_or_else(|| anyhow!("observer slot {slot} of {}", o.specs.len()))?;
         let base = o.buf.as_ref().expect("slots exist, so the buffer does").ptr();
@@ -1801,6 +2145,7 @@ impl Ops for CudaOps {
     }
 
     fn observers_read(&self) -> Result<Vec<ObserverStats>> {
+        let _p = self.prof("observers_read");
         let o = self.obs.lock().unwrap();
         let Some(buf) = o.buf.as_ref() else { return Ok(Vec::new()) };
         self.bind()?;
@@ -1825,6 +2170,7 @@ impl Ops for CudaOps {
     }
 
     fn fake_quant(&self, x: &CudaTensor, q: ActQuant) -> Result<CudaTensor> {
+        let _p = self.prof("fake_quant");
         let (rows, cols) = Self::rows_cols(x)?;
         self.bind()?;
         let y = self.alloc(&x.shape)?;
@@ -1881,6 +2227,35 @@ impl Ops for CudaOps {
     fn peak_device_bytes(&self) -> Option<u64> {
         Some(self.stats.peak())
     }
+
+    fn profile_reset(&self) -> Result<()> {
+        let Some(p) = &self.profiler else { return Ok(()) };
+        let mut p = p.lock().unwrap();
+        self.profile_harvest(&mut p)?;
+        p.totals.clear();
+        Ok(())
+    }
+
+    fn profile_report(&self) -> Result<Option<String>> {
+        let Some(p) = &self.profiler else { return Ok(None) };
+        let mut p = p.lock().unwrap();
+        self.profile_harvest(&mut p)?;
+        Ok(Some(profile_table(&p.totals)))
+    }
+}
+
+/// The op profile as a text table, largest total first: op, calls, total ms, share.
+fn profile_table(totals: &[(&'static str, u64, f64)]) -> String {
+    let mut rows = totals.to_vec();
+    rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let all: f64 = rows.iter().map(|r| r.2).sum();
+    let mut out = format!("{:<16} {:>8} {:>12} {:>7}\n", "op", "calls", "total ms", "share");
+    for (name, calls, ms) in &rows {
+        let share = if all > 0.0 { 100.0 * ms / all } else { 0.0 };
+        out += &format!("{name:<16} {calls:>8} {ms:>12.3} {share:>6.1}%\n");
+    }
+    out += &format!("{:<16} {:>8} {all:>12.3} {:>7}\n", "all", rows.iter().map(|r| r.1).sum::<u64>(), "100.0%");
+    out
 }
 
 impl Drop for CudaOps {
@@ -1892,6 +2267,41 @@ impl Drop for CudaOps {
 }
 
 impl CudaOps {
+    /// Opens a profiled call of op `name` (nothing without the op profiler).
+    fn prof(&self, name: &'static str) -> Option<ProfScope<'_>> {
+        let mut p = self.profiler.as_ref()?.lock().unwrap();
+        p.depth += 1;
+        let start = if p.depth == 1 {
+            let e = match p.spare.pop() {
+                Some(e) => Some(e),
+                None => Event::new(&self.ctx).ok(),
+            };
+            e.filter(|e| e.record(&self.stream).is_ok())
+        } else {
+            None
+        };
+        Some(ProfScope { ops: self, name, start })
+    }
+
+    /// Waits for the device and folds the recorded event pairs into the totals.
+    fn profile_harvest(&self, p: &mut OpProfiler) -> Result<()> {
+        self.bind()?;
+        self.stream.synchronize()?;
+        for (name, start, end) in std::mem::take(&mut p.pending) {
+            let ms = start.elapsed_ms(&end)? as f64;
+            match p.totals.iter_mut().find(|t| t.0 == name) {
+                Some(t) => {
+                    t.1 += 1;
+                    t.2 += ms;
+                }
+                None => p.totals.push((name, 1, ms)),
+            }
+            p.spare.push(start);
+            p.spare.push(end);
+        }
+        Ok(())
+    }
+
     /// `[B, R, C]` -> `[B, C, R]`, reshaped to `shape`.
     fn transpose(&self, x: &CudaTensor, b: usize, r: usize, c: usize, shape: &[usize]) -> Result<CudaTensor> {
         self.bind()?;

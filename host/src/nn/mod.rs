@@ -191,6 +191,40 @@ pub trait Ops {
         scale: f32,
     ) -> Result<Self::Tensor>;
 
+    // ---- Fused diffusion-transformer operations. Each default is the composition
+    // of the primitives above that the models used before the fused op existed,
+    // so a backend without an override (the CPU reference) computes exactly that. ----
+
+    /// LayerNorm without affine over the last dimension, then adaLN modulation:
+    /// `LN(x) * (1 + scale [B, C]) + shift [B, C]` for `x [B, N, C]` (the pre-attention
+    /// and pre-MLP norm of FLUX and SD3 blocks).
+    fn ln_modulate(&self, x: &Self::Tensor, shift: &Self::Tensor, scale: &Self::Tensor, eps: f32) -> Result<Self::Tensor> {
+        composed::ln_modulate(self, x, shift, scale, eps)
+    }
+
+    /// The q, k, v of one attention from fused projections: each part's `qkv
+    /// [B, N_p, >= 3 * width]` holds q, k and v in its first `3 * width` columns
+    /// (`width = heads * D`); q and k are RMS-normed per head (eps `eps`) where the
+    /// part has norms; the parts are joined along the tokens (in order); then, with
+    /// `rope = (cos, sin)` (`[sum N_p, D/2]`), q and k are rotated as [`Ops::rope`]
+    /// does. Returns `[q, k, v]`, each `[B, sum N_p, width]`.
+    fn qkv_heads(
+        &self,
+        parts: &[QkvPart<'_, Self::Tensor>],
+        width: usize,
+        heads: usize,
+        eps: f32,
+        rope: Option<(&Self::Tensor, &Self::Tensor)>,
+    ) -> Result<[Self::Tensor; 3]> {
+        composed::qkv_heads(self, parts, width, heads, eps, rope)
+    }
+
+    /// `concat([a, act(x[.., start .. start + len])], last dim)`: FLUX single
+    /// blocks' `linear2` input (attention output beside the MLP activation).
+    fn concat_act(&self, a: &Self::Tensor, x: &Self::Tensor, start: usize, len: usize, act: Act) -> Result<Self::Tensor> {
+        composed::concat_act(self, a, x, start, len, act)
+    }
+
     /// Sets up `specs.len()` observer slots with `steps` step buckets each, zeroed.
     fn observers_reset(&self, specs: &[ObserverSpec], steps: usize) -> Result<()>;
     /// Step bucket for the following `observe` calls (`< steps`).
@@ -204,5 +238,95 @@ pub trait Ops {
     /// Peak device bytes, for backends with a device.
     fn peak_device_bytes(&self) -> Option<u64> {
         None
+    }
+
+    /// Forgets the per-op timings gathered so far (backends with an op profiler).
+    fn profile_reset(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Per-op device time since the last [`Ops::profile_reset`], as a table, when
+    /// this backend profiles ops (CUDA with `QUANTSMITH_PROFILE_OPS=1`).
+    fn profile_report(&self) -> Result<Option<String>> {
+        Ok(None)
+    }
+}
+
+/// One input of [`Ops::qkv_heads`]: a fused q|k|v projection and its per-head norms.
+pub struct QkvPart<'a, T> {
+    pub qkv: &'a T,
+    pub q_norm: Option<&'a T>,
+    pub k_norm: Option<&'a T>,
+}
+
+/// The fused DiT ops of [`Ops`] composed of primitives: their default
+/// implementations, and the fallback of backends whose fused kernels do not
+/// cover a shape.
+pub mod composed {
+    use anyhow::{Result, anyhow, ensure};
+
+    use super::{Act, Ops, QkvPart};
+
+    pub fn ln_modulate<O: Ops + ?Sized>(
+        ops: &O,
+        x: &O::Tensor,
+        shift: &O::Tensor,
+        scale: &O::Tensor,
+        eps: f32,
+    ) -> Result<O::Tensor> {
+        let c = *ops.shape(x).last().ok_or_else(|| anyhow!("ln_modulate: scalar input"))?;
+        let ones = ops.from_f32(&[c], &vec![1.0; c])?;
+        let zeros = ops.from_f32(&[c], &vec![0.0; c])?;
+        ops.modulate(&ops.layer_norm(x, &ones, &zeros, eps)?, shift, scale)
+    }
+
+    pub fn qkv_heads<O: Ops + ?Sized>(
+        ops: &O,
+        parts: &[QkvPart<'_, O::Tensor>],
+        width: usize,
+        heads: usize,
+        eps: f32,
+        rope: Option<(&O::Tensor, &O::Tensor)>,
+    ) -> Result<[O::Tensor; 3]> {
+        ensure!(!parts.is_empty(), "qkv_heads: no parts");
+        ensure!(heads > 0 && width % heads == 0, "qkv_heads: width {width} does not split into {heads} heads");
+        let per_head = |t: &O::Tensor, w: &O::Tensor| -> Result<O::Tensor> {
+            let s = ops.shape(t);
+            let y = ops.rms_norm(&ops.reshape(t, &[s[0], s[1], heads, width / heads])?, w, eps)?;
+            ops.reshape(&y, &s)
+        };
+        let mut out: [Vec<O::Tensor>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+        for p in parts {
+            let s = ops.shape(p.qkv);
+            ensure!(s.len() == 3 && s[2] >= 3 * width, "qkv_heads: part {s:?} is not [B, N, >= 3 x {width}]");
+            for (j, norm) in [p.q_norm, p.k_norm, None].into_iter().enumerate() {
+                let t = ops.narrow(p.qkv, 2, j * width, width)?;
+                out[j].push(match norm {
+                    Some(w) => per_head(&t, w)?,
+                    None => t,
+                });
+            }
+        }
+        let [q, k, v] =
+            out.map(|ts| if ts.len() == 1 { Ok(ts[0].clone()) } else { ops.concat(&ts.iter().collect::<Vec<_>>(), 1) });
+        let (mut q, mut k, v) = (q?, k?, v?);
+        if let Some((cos, sin)) = rope {
+            q = ops.rope(&q, cos, sin, heads)?;
+            k = ops.rope(&k, cos, sin, heads)?;
+        }
+        Ok([q, k, v])
+    }
+
+    pub fn concat_act<O: Ops + ?Sized>(
+        ops: &O,
+        a: &O::Tensor,
+        x: &O::Tensor,
+        start: usize,
+        len: usize,
+        act: Act,
+    ) -> Result<O::Tensor> {
+        let dim = ops.shape(x).len().checked_sub(1).ok_or_else(|| anyhow!("concat_act: scalar input"))?;
+        let h = ops.act(&ops.narrow(x, dim, start, len)?, act)?;
+        ops.concat(&[a, &h], dim)
     }
 }

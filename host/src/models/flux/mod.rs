@@ -27,7 +27,7 @@ use anyhow::{Context, Result, bail, ensure};
 
 use super::unet::timestep_embedding;
 use super::{InputHooks, WeightSource};
-use crate::nn::{Act, ChannelAxis, ObserverSpec, Ops};
+use crate::nn::{Act, ChannelAxis, ObserverSpec, Ops, QkvPart};
 
 /// `nn.LayerNorm(..., elementwise_affine=False, eps=1e-6)` in every block.
 const LN_EPS: f32 = 1e-6;
@@ -284,9 +284,6 @@ pub struct Flux<O: Ops> {
     single: Vec<SingleBlock<O::Tensor>>,
     final_linear: Linear<O::Tensor>,
     final_modulation: Linear<O::Tensor>,
-    /// LayerNorm without affine: weight ones, bias zeros (`hidden` wide).
-    ln_ones: O::Tensor,
-    ln_zeros: O::Tensor,
 }
 
 impl<O: Ops> Flux<O> {
@@ -330,8 +327,6 @@ impl<O: Ops> Flux<O> {
             .collect::<Result<Vec<_>>>()?;
         let final_linear = l.linear("final_layer.linear", cfg.in_channels * PATCH * PATCH, h)?;
         let final_modulation = l.linear("final_layer.adaLN_modulation.1", 2 * h, h)?;
-        let ln_ones = ops.from_f32(&[h], &vec![1.0; h])?;
-        let ln_zeros = ops.from_f32(&[h], &vec![0.0; h])?;
         Ok(Flux {
             cfg,
             img_in,
@@ -343,8 +338,6 @@ impl<O: Ops> Flux<O> {
             single,
             final_linear,
             final_modulation,
-            ln_ones,
-            ln_zeros,
         })
     }
 
@@ -451,41 +444,41 @@ impl<O: Ops> Flux<O> {
         let sin = ops.from_f32(&[t_len + i_len, half], &sin)?;
         // Every modulation Linear starts with the same SiLU.
         let svec = ops.act(&vec, Act::Silu)?;
-        let rope = Rope { cos: &cos, sin: &sin };
+        let rope = Some((&cos, &sin));
+        let (hd, heads) = (cfg.hidden, cfg.heads);
 
         for blk in &self.double {
             let img_mod = linear(ops, hooks, &blk.img.modulation, &svec)?;
             let txt_mod = linear(ops, hooks, &blk.txt.modulation, &svec)?;
-            let (iq, ik, iv) = self.stream_qkv(ops, hooks, &blk.img, &img, &img_mod)?;
-            let (tq, tk, tv) = self.stream_qkv(ops, hooks, &blk.txt, &txt, &txt_mod)?;
-            let q = ops.concat(&[&tq, &iq], 1)?;
-            let k = ops.concat(&[&tk, &ik], 1)?;
-            let v = ops.concat(&[&tv, &iv], 1)?;
-            let attn = self.attention(ops, &q, &k, &v, &rope)?;
+            let iqkv = self.stream_qkv(ops, hooks, &blk.img, &img, &img_mod)?;
+            let tqkv = self.stream_qkv(ops, hooks, &blk.txt, &txt, &txt_mod)?;
+            // Joint sequence: text tokens first.
+            let parts = [blk.txt.qkv_part(&tqkv), blk.img.qkv_part(&iqkv)];
+            let [q, k, v] = ops.qkv_heads(&parts, hd, heads, RMS_EPS, rope)?;
+            let attn = ops.attention(&q, &k, &v, heads, false)?;
             let txt_attn = ops.narrow(&attn, 1, 0, t_len)?;
             let img_attn = ops.narrow(&attn, 1, t_len, i_len)?;
             img = self.stream_out(ops, hooks, &blk.img, &img, &img_attn, &img_mod)?;
             txt = self.stream_out(ops, hooks, &blk.txt, &txt, &txt_attn, &txt_mod)?;
         }
 
-        let hd = cfg.hidden;
         let mut x = ops.concat(&[&txt, &img], 1)?;
         for blk in &self.single {
             let m = linear(ops, hooks, &blk.modulation, &svec)?;
-            let xm = ops.modulate(&self.norm(ops, &x)?, &chunk(ops, &m, 0, hd)?, &chunk(ops, &m, 1, hd)?)?;
+            let xm = ops.ln_modulate(&x, &chunk(ops, &m, 0, hd)?, &chunk(ops, &m, 1, hd)?, LN_EPS)?;
             let l1 = linear(ops, hooks, &blk.linear1, &xm)?;
-            let q = ops.rms_norm_heads(&ops.narrow(&l1, 2, 0, hd)?, &blk.q_norm, cfg.heads)?;
-            let k = ops.rms_norm_heads(&ops.narrow(&l1, 2, hd, hd)?, &blk.k_norm, cfg.heads)?;
-            let v = ops.narrow(&l1, 2, 2 * hd, hd)?;
-            let mlp_h = ops.act(&ops.narrow(&l1, 2, 3 * hd, cfg.mlp_hidden)?, Act::GeluTanh)?;
-            let attn = self.attention(ops, &q, &k, &v, &rope)?;
-            let out = linear(ops, hooks, &blk.linear2, &ops.concat(&[&attn, &mlp_h], 2)?)?;
+            let part = QkvPart { qkv: &l1, q_norm: Some(&blk.q_norm), k_norm: Some(&blk.k_norm) };
+            let [q, k, v] = ops.qkv_heads(&[part], hd, heads, RMS_EPS, rope)?;
+            let attn = ops.attention(&q, &k, &v, heads, false)?;
+            // linear2 takes concat(attn, gelu_tanh(mlp part of linear1)).
+            let l2_in = ops.concat_act(&attn, &l1, 3 * hd, cfg.mlp_hidden, Act::GeluTanh)?;
+            let out = linear(ops, hooks, &blk.linear2, &l2_in)?;
             x = ops.gated_add(&x, &chunk(ops, &m, 2, hd)?, &out)?;
         }
         let img = ops.narrow(&x, 1, t_len, i_len)?;
 
         let m = linear(ops, hooks, &self.final_modulation, &svec)?;
-        let img = ops.modulate(&self.norm(ops, &img)?, &chunk(ops, &m, 0, hd)?, &chunk(ops, &m, 1, hd)?)?;
+        let img = ops.ln_modulate(&img, &chunk(ops, &m, 0, hd)?, &chunk(ops, &m, 1, hd)?, LN_EPS)?;
         let out = linear(ops, hooks, &self.final_linear, &img)?;
         // b (h w) (c ph pw) -> b c (h ph) (w pw)
         let out = ops.reshape(&out, &[b, h, w, c, PATCH, PATCH])?;
@@ -493,11 +486,7 @@ impl<O: Ops> Flux<O> {
         ops.reshape(&out, &[b, c, hh, ww])
     }
 
-    fn norm(&self, ops: &O, x: &O::Tensor) -> Result<O::Tensor> {
-        ops.layer_norm(x, &self.ln_ones, &self.ln_zeros, LN_EPS)
-    }
-
-    /// q, k (normed per head) and v of one stream of a double block.
+    /// The fused q|k|v projection of one stream of a double block.
     fn stream_qkv(
         &self,
         ops: &O,
@@ -505,13 +494,10 @@ impl<O: Ops> Flux<O> {
         s: &Stream<O::Tensor>,
         x: &O::Tensor,
         m: &O::Tensor,
-    ) -> Result<(O::Tensor, O::Tensor, O::Tensor)> {
+    ) -> Result<O::Tensor> {
         let hd = self.cfg.hidden;
-        let xm = ops.modulate(&self.norm(ops, x)?, &chunk(ops, m, 0, hd)?, &chunk(ops, m, 1, hd)?)?;
-        let qkv = linear(ops, hooks, &s.qkv, &xm)?;
-        let q = ops.rms_norm_heads(&ops.narrow(&qkv, 2, 0, hd)?, &s.q_norm, self.cfg.heads)?;
-        let k = ops.rms_norm_heads(&ops.narrow(&qkv, 2, hd, hd)?, &s.k_norm, self.cfg.heads)?;
-        Ok((q, k, ops.narrow(&qkv, 2, 2 * hd, hd)?))
+        let xm = ops.ln_modulate(x, &chunk(ops, m, 0, hd)?, &chunk(ops, m, 1, hd)?, LN_EPS)?;
+        linear(ops, hooks, &s.qkv, &xm)
     }
 
     /// The attention residual and the MLP residual of one stream of a double block.
@@ -527,35 +513,17 @@ impl<O: Ops> Flux<O> {
     ) -> Result<O::Tensor> {
         let hd = self.cfg.hidden;
         let x = ops.gated_add(x, &chunk(ops, m, 2, hd)?, &linear(ops, hooks, &s.proj, attn)?)?;
-        let xm = ops.modulate(&self.norm(ops, &x)?, &chunk(ops, m, 3, hd)?, &chunk(ops, m, 4, hd)?)?;
+        let xm = ops.ln_modulate(&x, &chunk(ops, m, 3, hd)?, &chunk(ops, m, 4, hd)?, LN_EPS)?;
         let hmid = ops.act(&linear(ops, hooks, &s.mlp0, &xm)?, Act::GeluTanh)?;
         ops.gated_add(&x, &chunk(ops, m, 5, hd)?, &linear(ops, hooks, &s.mlp2, &hmid)?)
     }
+}
 
-    fn attention(&self, ops: &O, q: &O::Tensor, k: &O::Tensor, v: &O::Tensor, pe: &Rope<'_, O>) -> Result<O::Tensor> {
-        let heads = self.cfg.heads;
-        let q = ops.rope(q, pe.cos, pe.sin, heads)?;
-        let k = ops.rope(k, pe.cos, pe.sin, heads)?;
-        ops.attention(&q, &k, v, heads, false)
+impl<T> Stream<T> {
+    fn qkv_part<'a>(&'a self, qkv: &'a T) -> QkvPart<'a, T> {
+        QkvPart { qkv, q_norm: Some(&self.q_norm), k_norm: Some(&self.k_norm) }
     }
 }
-
-struct Rope<'a, O: Ops> {
-    cos: &'a O::Tensor,
-    sin: &'a O::Tensor,
-}
-
-/// RMSNorm of each head of `[B, N, heads*D]` with the `[D]` scale.
-trait RmsHeads: Ops {
-    fn rms_norm_heads(&self, x: &Self::Tensor, w: &Self::Tensor, heads: usize) -> Result<Self::Tensor> {
-        let s = self.shape(x);
-        let (b, n, width) = (s[0], s[1], s[2]);
-        let y = self.rms_norm(&self.reshape(x, &[b, n, heads, width / heads])?, w, RMS_EPS)?;
-        self.reshape(&y, &[b, n, width])
-    }
-}
-
-impl<O: Ops> RmsHeads for O {}
 
 /// Part `i` of `m [B, k*width]` split into `width`-wide parts (`Modulation`'s chunk).
 fn chunk<O: Ops>(ops: &O, m: &O::Tensor, i: usize, width: usize) -> Result<O::Tensor> {

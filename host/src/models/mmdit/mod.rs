@@ -33,7 +33,7 @@ use anyhow::{Context, Result, anyhow, ensure};
 
 use super::unet::timestep_embedding;
 use super::{InputHooks, WeightSource};
-use crate::nn::{Act, ChannelAxis, ObserverSpec, Ops};
+use crate::nn::{Act, ChannelAxis, ObserverSpec, Ops, QkvPart};
 
 /// ComfyUI's fixed head width (`hidden_size = 64 * depth`, `num_heads = depth`).
 pub const HEAD_DIM: usize = 64;
@@ -294,6 +294,12 @@ struct Attention<T> {
     ln_qk: Option<(T, T)>,
 }
 
+impl<T> Attention<T> {
+    fn qkv_part<'a>(&'a self, qkv: &'a T) -> QkvPart<'a, T> {
+        QkvPart { qkv, q_norm: self.ln_qk.as_ref().map(|n| &n.0), k_norm: self.ln_qk.as_ref().map(|n| &n.1) }
+    }
+}
+
 struct Block<T> {
     ada_ln: Linear<T>,
     attn: Attention<T>,
@@ -379,9 +385,6 @@ pub struct Mmdit<O: Ops> {
     blocks: Vec<JointBlock<O::Tensor>>,
     final_ada_ln: Linear<O::Tensor>,
     final_linear: Linear<O::Tensor>,
-    /// Affine-free LayerNorm as ones and zeros of width `hidden`.
-    ones: O::Tensor,
-    zeros: O::Tensor,
 }
 
 impl<O: Ops> Mmdit<O> {
@@ -424,8 +427,6 @@ impl<O: Ops> Mmdit<O> {
             .collect::<Result<Vec<_>>>()?;
         let final_ada_ln = l.linear("final_layer.adaLN_modulation.1", 2 * h, h)?;
         let final_linear = l.linear("final_layer.linear", p * p * cfg.out_channels, h)?;
-        let ones = ops.from_f32(&[h], &vec![1.0; h])?;
-        let zeros = ops.from_f32(&[h], &vec![0.0; h])?;
         Ok(Mmdit {
             cfg,
             patch,
@@ -436,8 +437,6 @@ impl<O: Ops> Mmdit<O> {
             blocks,
             final_ada_ln,
             final_linear,
-            ones,
-            zeros,
         })
     }
 
@@ -545,17 +544,13 @@ impl<O: Ops> Mmdit<O> {
 
         let mods = linear(ops, hooks, &self.final_ada_ln, &c)?;
         let (shift, scale) = (ops.narrow(&mods, 1, 0, hid)?, ops.narrow(&mods, 1, hid, hid)?);
-        let out = ops.modulate(&self.norm(ops, &img)?, &shift, &scale)?;
+        let out = ops.ln_modulate(&img, &shift, &scale, NORM_EPS)?;
         let out = linear(ops, hooks, &self.final_linear, &out)?;
         // [B, h·w, p·p·c] as n h w p q c -> n c h p w q.
         let co = cfg.out_channels;
         let out = ops.reshape(&out, &[b, h, w, p, p, co])?;
         let out = ops.permute(&out, &[0, 5, 1, 3, 2, 4])?;
         ops.reshape(&out, &[b, co, h * p, w * p])
-    }
-
-    fn norm(&self, ops: &O, x: &O::Tensor) -> Result<O::Tensor> {
-        ops.layer_norm(x, &self.ones, &self.zeros, NORM_EPS)
     }
 
     /// `_block_mixing`: returns the new context (`None` after the pre-only
@@ -569,28 +564,32 @@ impl<O: Ops> Mmdit<O> {
         img: O::Tensor,
         c: &O::Tensor,
     ) -> Result<(Option<O::Tensor>, O::Tensor)> {
-        let heads = self.cfg.heads;
         let (cq, c_mods) = self.pre_attention(ops, hooks, &jb.context, &txt, c)?;
         let (xq, x_mods) = self.pre_attention(ops, hooks, &jb.x, &img, c)?;
         let n_txt = ops.shape(&txt)[1];
         let n_img = ops.shape(&img)[1];
-        let [q, k, v] = [0, 1, 2].map(|j| ops.concat(&[&cq[0][j], &xq[0][j]], 1));
-        let att = ops.attention(&q?, &k?, &v?, heads, false)?;
+        let (hid, heads) = (self.cfg.hidden, self.cfg.heads);
+        // Joint sequence: context tokens first.
+        let parts = [jb.context.attn.qkv_part(&cq[0]), jb.x.attn.qkv_part(&xq[0])];
+        let [q, k, v] = ops.qkv_heads(&parts, hid, heads, NORM_EPS, None)?;
+        let att = ops.attention(&q, &k, &v, heads, false)?;
         let (c_att, x_att) = (ops.narrow(&att, 1, 0, n_txt)?, ops.narrow(&att, 1, n_txt, n_img)?);
         let txt = match &jb.context.mlp {
             Some(_) => Some(self.post_attention(ops, hooks, &jb.context, txt, &c_att, None, &c_mods)?),
             None => None,
         };
-        let att2 = match xq.get(1) {
-            Some([q, k, v]) => Some(ops.attention(q, k, v, heads, false)?),
-            None => None,
+        let att2 = match (xq.get(1), &jb.x.attn2) {
+            (Some(qkv2), Some(a2)) => {
+                let [q, k, v] = ops.qkv_heads(&[a2.qkv_part(qkv2)], hid, heads, NORM_EPS, None)?;
+                Some(ops.attention(&q, &k, &v, heads, false)?)
+            }
+            _ => None,
         };
         let img = self.post_attention(ops, hooks, &jb.x, img, &x_att, att2.as_ref(), &x_mods)?;
         Ok((txt, img))
     }
 
-    /// adaLN chunks and the q, k, v of `attn` (and of `attn2` when present).
-    #[allow(clippy::type_complexity)]
+    /// adaLN chunks and the fused q|k|v projection of `attn` (and of `attn2` when present).
     fn pre_attention(
         &self,
         ops: &O,
@@ -598,35 +597,18 @@ impl<O: Ops> Mmdit<O> {
         b: &Block<O::Tensor>,
         x: &O::Tensor,
         c: &O::Tensor,
-    ) -> Result<(Vec<[O::Tensor; 3]>, Vec<O::Tensor>)> {
+    ) -> Result<(Vec<O::Tensor>, Vec<O::Tensor>)> {
         let hid = self.cfg.hidden;
         let mods = linear(ops, hooks, &b.ada_ln, c)?;
         let n = ops.shape(&mods)[1] / hid;
         let chunks = (0..n).map(|i| ops.narrow(&mods, 1, i * hid, hid)).collect::<Result<Vec<_>>>()?;
-        let normed = self.norm(ops, x)?;
-        let mut qkv = vec![self.qkv(ops, hooks, &b.attn, &ops.modulate(&normed, &chunks[0], &chunks[1])?)?];
+        let xm = ops.ln_modulate(x, &chunks[0], &chunks[1], NORM_EPS)?;
+        let mut qkv = vec![linear(ops, hooks, &b.attn.qkv, &xm)?];
         if let Some(a2) = &b.attn2 {
-            qkv.push(self.qkv(ops, hooks, a2, &ops.modulate(&normed, &chunks[6], &chunks[7])?)?);
+            let xm2 = ops.ln_modulate(x, &chunks[6], &chunks[7], NORM_EPS)?;
+            qkv.push(linear(ops, hooks, &a2.qkv, &xm2)?);
         }
         Ok((qkv, chunks))
-    }
-
-    fn qkv(&self, ops: &O, hooks: &InputHooks, a: &Attention<O::Tensor>, x: &O::Tensor) -> Result<[O::Tensor; 3]> {
-        let hid = self.cfg.hidden;
-        let t = linear(ops, hooks, &a.qkv, x)?;
-        let [q, k, v] = [0, 1, 2].map(|j| ops.narrow(&t, 2, j * hid, hid));
-        let (q, k, v) = (q?, k?, v?);
-        match &a.ln_qk {
-            None => Ok([q, k, v]),
-            Some((wq, wk)) => {
-                let s = ops.shape(&q);
-                let per_head = [s[0], s[1], self.cfg.heads, HEAD_DIM];
-                let norm = |t: &O::Tensor, w: &O::Tensor| -> Result<O::Tensor> {
-                    ops.reshape(&ops.rms_norm(&ops.reshape(t, &per_head)?, w, NORM_EPS)?, &s)
-                };
-                Ok([norm(&q, wq)?, norm(&k, wk)?, v])
-            }
-        }
     }
 
     /// Gated residual updates of one side; `att2` is the x-block's `attn2` output.
@@ -648,7 +630,7 @@ impl<O: Ops> Mmdit<O> {
             x = ops.gated_add(&x, &mods[8], &linear(ops, hooks, proj2, att2)?)?;
         }
         let (fc1, fc2) = b.mlp.as_ref().ok_or_else(|| anyhow!("internal: post-attention of a pre-only block"))?;
-        let h = ops.modulate(&self.norm(ops, &x)?, &mods[3], &mods[4])?;
+        let h = ops.ln_modulate(&x, &mods[3], &mods[4], NORM_EPS)?;
         let h = ops.act(&linear(ops, hooks, fc1, &h)?, Act::GeluTanh)?;
         ops.gated_add(&x, &mods[5], &linear(ops, hooks, fc2, &h)?)
     }

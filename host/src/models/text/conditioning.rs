@@ -10,7 +10,9 @@
 //! - context: CLIP-L ‖ CLIP-G on the feature axis (both cut to the shorter token
 //!   count), zero-padded to 4096 features (with CLIP-L missing, CLIP-G sits after
 //!   768 zero features), then T5-XXL's tokens appended on the sequence axis; no
-//!   CLIP at all: T5 alone; nothing at all: zeros `[B, 77, 4096]`;
+//!   CLIP at all: T5 alone; nothing at all: zeros `[B, 77, 4096]`. (4096, 768 and
+//!   1280 are the real widths; [`TextWidths`] carries the model's, read from its
+//!   weights, which tiny test models narrow.)
 //! - pooled: CLIP-L pooled (768) ‖ CLIP-G pooled (1280), a missing one as zeros.
 //!
 //! FLUX.1 (`FluxClipModel`): context = T5-XXL's last hidden state (after its final
@@ -22,7 +24,8 @@ use anyhow::{Result, bail, ensure};
 
 use crate::nn::Ops;
 
-/// Widths of the encoders' outputs a model takes (real: [`SD3_WIDTHS`], [`FLUX_WIDTHS`]).
+/// Widths of the encoders' outputs a model takes (real: [`SD3_WIDTHS`], [`FLUX_WIDTHS`];
+/// a model's own: [`crate::models::text::stack::TextFiles::widths`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TextWidths {
     pub clip_l: usize,

@@ -21,6 +21,15 @@ use crate::checkpoint::writer::{PlannedTensor, StreamingWriter};
 use crate::formats::numerics::e4m3_from_f32;
 use crate::models::text::file::{SCALED_FP8_MARKER, encode_values};
 
+/// Widths of the tiny encoders (`synth clip-l|clip-g|t5xxl --scale tiny`). T5's
+/// is wider than CLIP-L's and OpenCLIP-G's together, as T5-XXL's 4096 is wider
+/// than 768 + 1280: SD3 pads the joined CLIP states to T5's width, so tiny
+/// diffusion transformers built for these ([`crate::synth::SynthOptions::tiny_text`])
+/// run prompts end to end in CI-sized tests.
+pub const TINY_CLIP_L_WIDTH: usize = 64;
+pub const TINY_CLIP_G_WIDTH: usize = 128;
+pub const TINY_T5_WIDTH: usize = 256;
+
 /// Which encoder to write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SynthEncoder {
@@ -48,11 +57,11 @@ impl SynthEncoder {
     pub fn dims(self, full: bool) -> EncoderDims {
         match (self, full) {
             (SynthEncoder::ClipL, true) => EncoderDims { vocab: 49408, width: 768, layers: 12, mlp: 3072, heads: 12, positions: 77 },
-            (SynthEncoder::ClipL, false) => EncoderDims { vocab: 49408, width: 64, layers: 2, mlp: 128, heads: 1, positions: 77 },
+            (SynthEncoder::ClipL, false) => EncoderDims { vocab: 49408, width: TINY_CLIP_L_WIDTH, layers: 2, mlp: 128, heads: 1, positions: 77 },
             (SynthEncoder::ClipG, true) => EncoderDims { vocab: 49408, width: 1280, layers: 32, mlp: 5120, heads: 20, positions: 77 },
-            (SynthEncoder::ClipG, false) => EncoderDims { vocab: 49408, width: 128, layers: 3, mlp: 256, heads: 2, positions: 77 },
+            (SynthEncoder::ClipG, false) => EncoderDims { vocab: 49408, width: TINY_CLIP_G_WIDTH, layers: 3, mlp: 256, heads: 2, positions: 77 },
             (SynthEncoder::T5Xxl, true) => EncoderDims { vocab: 32128, width: 4096, layers: 24, mlp: 10240, heads: 64, positions: 32 },
-            (SynthEncoder::T5Xxl, false) => EncoderDims { vocab: 32128, width: 64, layers: 2, mlp: 128, heads: 4, positions: 32 },
+            (SynthEncoder::T5Xxl, false) => EncoderDims { vocab: 32128, width: TINY_T5_WIDTH, layers: 2, mlp: 256, heads: 4, positions: 32 },
         }
     }
 }
@@ -201,11 +210,11 @@ mod tests {
             let path = dir.path().join(format!("t5_{scaled}.safetensors"));
             write(&path, SynthEncoder::T5Xxl, false, Dtype::F16, scaled, 2).unwrap();
             let (file, found) = detect::open(&path).unwrap();
-            assert_eq!((found[0].kind, found[0].width, found[0].layers, found[0].fp8), (EncoderKind::T5, 64, 2, scaled));
+            assert_eq!((found[0].kind, found[0].width, found[0].layers, found[0].fp8), (EncoderKind::T5, TINY_T5_WIDTH, 2, scaled));
             assert_eq!(file.is_scaled_fp8(), scaled);
             assert_eq!(file.dequantized("encoder.block.1.layer.1.DenseReluDense.wo.weight").unwrap().is_some(), scaled);
             let enc = T5Encoder::load(&file, "").unwrap();
-            assert_eq!((enc.config().heads, enc.config().d_kv, enc.config().vocab), (4, 16, 32128));
+            assert_eq!((enc.config().heads, enc.config().d_kv, enc.config().vocab), (4, 64, 32128));
             let out = enc.encode(&ops, &T5Tokens { ids: vec![71, 1712, 1, 0], len: 4 }, &InputHooks::none()).unwrap();
             assert!(ops.to_f32(&out).unwrap().iter().all(|v| v.is_finite()));
         }

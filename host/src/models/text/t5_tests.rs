@@ -381,38 +381,81 @@ fn plain_fp8_embedding_nan_codes_read_as_zero() {
     assert_close(&got, &naive_t5(&decoded, "", TINY, &t.ids, 4), 1e-5, "plain FP8 T5 vs naive");
 }
 
-/// CUDA bf16 against CPU f32 on a small T5 with T5-XXL's head width (64), at
-/// 300 tokens (FLUX's minimum is 256): relative L2 within 1e-2. Skips without a
-/// GPU (fails instead when `QUANTSMITH_REQUIRE_GPU` is set).
-#[test]
-fn cuda_bf16_matches_cpu() {
-    let cuda = match crate::nn::cuda::CudaOps::new(0) {
-        Ok(c) => c,
+/// CUDA, or `None` with the reason printed (a failure when `QUANTSMITH_REQUIRE_GPU` is set).
+fn cuda_or_skip(test: &str) -> Option<crate::nn::cuda::CudaOps> {
+    match crate::nn::cuda::CudaOps::new(0) {
+        Ok(c) => Some(c),
         Err(e) => {
             if std::env::var_os("QUANTSMITH_REQUIRE_GPU").is_some() {
                 panic!("QUANTSMITH_REQUIRE_GPU is set but CUDA cannot start: {e:#}");
             }
-            println!("SKIPPED cuda_bf16_matches_cpu: no usable CUDA GPU ({e:#})");
-            return;
+            println!("SKIPPED {test}: no usable CUDA GPU ({e:#})");
+            None
         }
-    };
-    let dims = Dims { vocab: 300, d_model: 128, heads: 2, d_kv: 64, d_ff: 256, layers: 3 };
-    let m = random_t5(12, "", dims);
+    }
+}
+
+/// The synthetic T5 of [`cuda_bf16_matches_cpu`]: T5-XXL's head width (64), 3 blocks.
+const BF16_TEST_DIMS: Dims = Dims { vocab: 300, d_model: 128, heads: 2, d_kv: 64, d_ff: 256, layers: 3 };
+const BF16_TEST_SEED: u64 = 12;
+
+fn relative_l2(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let num: f64 = got.iter().zip(want).map(|(g, w)| (*g as f64 - w).powi(2)).sum();
+    let den: f64 = want.iter().map(|w| w.powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// CUDA bf16 against CPU f32 on a small T5 with T5-XXL's head width (64), at
+/// 300 tokens (FLUX's minimum is 256): relative L2 within 1e-2. Skips without a
+/// GPU (fails instead when `QUANTSMITH_REQUIRE_GPU` is set). Transformers' own
+/// bf16 T5 on the same weights is measured by [`matches_transformers`] on the file
+/// [`dump_bf16_test_model`] writes (`scripts/dit-device.sh t5`).
+#[test]
+fn cuda_bf16_matches_cpu() {
+    let Some(cuda) = cuda_or_skip("cuda_bf16_matches_cpu") else { return };
+    let dims = BF16_TEST_DIMS;
+    let m = random_t5(BF16_TEST_SEED, "", dims);
     let t = tokens(13, dims.vocab, 2, 300);
     let enc = T5Encoder::load(&m, "").unwrap();
     let cpu = CpuOps::new();
     let want = cpu.to_f32(&enc.encode(&cpu, &t, &InputHooks::none()).unwrap()).unwrap();
     let got = cuda.to_f32(&enc.encode(&cuda, &t, &InputHooks::none()).unwrap()).unwrap();
-    let num: f64 = got.iter().zip(&want).map(|(g, w)| ((g - w) as f64).powi(2)).sum();
-    let den: f64 = want.iter().map(|w| (*w as f64).powi(2)).sum();
-    let rel = (num / den).sqrt();
+    let rel = relative_l2(&got, &want.iter().map(|&w| w as f64).collect::<Vec<_>>());
     println!("T5 CUDA bf16 vs CPU f32: relative L2 {rel:.2e}");
     assert!(rel < 1e-2, "relative L2 {rel:e}");
+}
+
+/// Writes [`cuda_bf16_matches_cpu`]'s synthetic T5 (f32, ComfyUI's key layout) to
+/// the file `QUANTSMITH_T5_DUMP` names, for `scripts/t5_reference.py --bf16`:
+/// transformers' own bf16 error on the very weights that test uses.
+#[test]
+fn dump_bf16_test_model() {
+    let Some(path) = std::env::var_os("QUANTSMITH_T5_DUMP") else {
+        println!("SKIPPED dump_bf16_test_model: set QUANTSMITH_T5_DUMP to the file to write");
+        return;
+    };
+    let m = random_t5(BF16_TEST_SEED, "", BF16_TEST_DIMS);
+    let mut keys: Vec<&String> = m.0.keys().collect();
+    keys.sort();
+    let tensors: Vec<(String, Dtype, Vec<usize>, Vec<f32>)> = keys.into_iter().map(|k| (k.clone(), Dtype::F32, m.0[k].0.clone(), m.get(k))).collect();
+    write_file(std::path::Path::new(&path), &tensors).unwrap();
+    // The file is the same model.
+    let file = EncoderFile::open(std::path::Path::new(&path)).unwrap();
+    let t = tokens(13, BF16_TEST_DIMS.vocab, 1, 16);
+    let ops = CpuOps::new();
+    let run = |src: &dyn WeightSource| ops.to_f32(&T5Encoder::load(src, "").unwrap().encode(&ops, &t, &InputHooks::none()).unwrap()).unwrap();
+    assert_eq!(run(&file), run(&m));
+    println!("wrote {}", std::path::Path::new(&path).display());
 }
 
 /// Against transformers' `T5EncoderModel` (`scripts/t5_reference.py` writes the
 /// reference): f32 within 1e-5 of the output's scale. Skips unless
 /// `QUANTSMITH_T5_MODEL` and `QUANTSMITH_T5_REFERENCE` name the files.
+///
+/// When the reference also holds transformers' bf16 output (`--bf16`), and a GPU
+/// is there: our CUDA bf16 must be no further from transformers' f32 than
+/// transformers' own bf16 is (relative L2; both figures are printed).
 #[test]
 fn matches_transformers() {
     let (Some(model), Some(reference)) = (std::env::var_os("QUANTSMITH_T5_MODEL"), std::env::var_os("QUANTSMITH_T5_REFERENCE")) else {
@@ -427,7 +470,22 @@ fn matches_transformers() {
     let want: Vec<f64> = st.tensor("hidden").unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect();
     let file = EncoderFile::open(std::path::Path::new(&model)).unwrap();
     let ops = CpuOps::new();
-    let got = ops.to_f32(&T5Encoder::load(&file, "").unwrap().encode(&ops, &T5Tokens { ids, len: n }, &InputHooks::none()).unwrap()).unwrap();
+    let tokens = T5Tokens { ids, len: n };
+    let enc = T5Encoder::load(&file, "").unwrap();
+    let got = ops.to_f32(&enc.encode(&ops, &tokens, &InputHooks::none()).unwrap()).unwrap();
     assert_eq!(got.len(), want.len(), "{b} x {n} tokens");
+    println!("T5 CPU f32 vs transformers f32: relative L2 {:.2e}", relative_l2(&got, &want));
     assert_close(&got, &want, 1e-5, "T5 vs transformers");
+    let Ok(reference_bf16) = st.tensor("hidden_bf16") else {
+        println!("SKIPPED the bf16 comparison: the reference has no `hidden_bf16` (scripts/t5_reference.py --bf16)");
+        return;
+    };
+    let theirs: Vec<f32> = reference_bf16.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let theirs_rel = relative_l2(&theirs, &want);
+    println!("T5 transformers bf16 vs transformers f32: relative L2 {theirs_rel:.2e}");
+    let Some(cuda) = cuda_or_skip("the CUDA bf16 comparison of matches_transformers") else { return };
+    let ours = cuda.to_f32(&enc.encode(&cuda, &tokens, &InputHooks::none()).unwrap()).unwrap();
+    let ours_rel = relative_l2(&ours, &want);
+    println!("T5 CUDA bf16 vs transformers f32: relative L2 {ours_rel:.2e}");
+    assert!(ours_rel <= theirs_rel, "our bf16 T5 is further from f32 ({ours_rel:.3e}) than transformers' bf16 ({theirs_rel:.3e})");
 }
