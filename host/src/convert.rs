@@ -129,7 +129,7 @@ pub struct ConvertOptions {
     pub metadata: HashMap<String, String>,
     /// Dequantize every layer and compare it with the original.
     pub verify: bool,
-    pub progress: Option<indicatif::ProgressBar>,
+    pub progress: Option<crate::progress::Progress>,
     /// Static activation scales by layer path (from calibration), stored as
     /// `<layer>.input_scale` (`.scale_input` in the legacy layout).
     pub input_scales: HashMap<String, f32>,

@@ -13,6 +13,7 @@ use crate::checkpoint::Checkpoint;
 use crate::formats::{ErrorStats, QuantFormat, QuantSpec, SourceDtype, StoredTensor, WeightView};
 use crate::modules::{ModuleKind, ModuleTable};
 use crate::plan::probe_patterns;
+use crate::progress::Progress;
 
 /// Dtypes ComfyUI's loader accepts on disk.
 pub const COMFY_DTYPES: &[Dtype] = &[
@@ -44,6 +45,11 @@ pub struct OutputCheck {
 /// applied to the source first: folded norms and rows must equal the source's
 /// divided by the factors exactly, smoothed layers must quantize `W * s`.
 pub fn check_output(source: &Checkpoint, output: &Path) -> Result<OutputCheck> {
+    check_output_with(source, output, &Progress::hidden())
+}
+
+/// [`check_output`], counting the tensors checked on `progress`.
+pub fn check_output_with(source: &Checkpoint, output: &Path, progress: &Progress) -> Result<OutputCheck> {
     crate::checkpoint::require_regular_file(output)?;
     let file = std::fs::File::open(output).with_context(|| format!("cannot read {}", output.display()))?;
     // SAFETY: a read-only map, as for inputs (checkpoint::Checkpoint::open): pages
@@ -110,6 +116,9 @@ pub fn check_output(source: &Checkpoint, output: &Path) -> Result<OutputCheck> {
         ensure!(!header_meta.contains_key("_quantization_metadata"), "legacy layout must not carry _quantization_metadata");
     }
 
+    // Each quantized layer is dequantized and compared, each other source tensor compared byte for byte.
+    let passthrough = source.tensors().iter().filter(|t| !t.key.strip_suffix(".weight").is_some_and(|l| quantized.contains_key(l))).count();
+    progress.set_total((quantized.len() + passthrough) as u64);
     for (layer, spec) in &quantized {
         let local = layer.strip_prefix(prefix).unwrap_or(layer);
         let module = modules.get(local).ok_or_else(|| anyhow!("quantized layer {layer} is not a module of the source"))?;
@@ -161,6 +170,7 @@ pub fn check_output(source: &Checkpoint, output: &Path) -> Result<OutputCheck> {
         };
         let err = imp.verify(&view, &stored).map_err(|e| anyhow!("layer {layer}: {e}"))?;
         check.layers.insert(layer.clone(), (spec.format.name().to_string(), err));
+        progress.inc(1);
     }
 
     // Everything else must be byte-identical to the source.
@@ -176,6 +186,7 @@ pub fn check_output(source: &Checkpoint, output: &Path) -> Result<OutputCheck> {
             None => ensure!(v.data() == source.bytes(t), "tensor {} changed although it is not quantized", t.key),
         }
         check.passthrough_tensors += 1;
+        progress.inc(1);
     }
     for (name, _) in out.iter() {
         let known = source.get(name).is_some()
@@ -185,5 +196,6 @@ pub fn check_output(source: &Checkpoint, output: &Path) -> Result<OutputCheck> {
             bail!("output has an unexpected tensor {name}");
         }
     }
+    progress.finish();
     Ok(check)
 }

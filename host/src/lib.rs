@@ -22,6 +22,7 @@ pub mod modules;
 pub mod nn;
 pub mod pipeline;
 pub mod plan;
+pub mod progress;
 pub mod recipe;
 pub mod scaffold;
 pub mod synth;

@@ -14,6 +14,7 @@ use crate::checkpoint::Checkpoint;
 use crate::convert::{self, ConvertOptions, ConvertSummary, LayerReport, Layout, UncalibratedFp8};
 use crate::modules::ModuleTable;
 use crate::plan::{self, PlanError, ResolvedPlan};
+use crate::progress::{Progress, Unit};
 use crate::recipe::params::{RawParams, value_to_json};
 use crate::recipe::wit::{Detection, ParamValue};
 use crate::recipe::{HostContext, LoadedRecipe, PRESETS, RecipeError, RecipeRuntime, RecipeSource, SandboxLimits};
@@ -33,6 +34,7 @@ pub struct RunOptions {
     pub device: DeviceChoice,
     pub verify: bool,
     pub limits: SandboxLimits,
+    /// Progress of the write, the calibration and its evaluation on stderr (`progress`).
     pub progress: bool,
     pub calibration: crate::calibrate::CalibrationOptions,
     /// Replace an existing output file (`--force`); otherwise it is refused before any work.
@@ -114,6 +116,10 @@ impl UncalibratedFp8Report {
     }
 }
 
+/// Why FP8 layers lack a scale when calibration did not run: the reason itself
+/// is in the report's notes ("no activation calibration: ..."), printed once.
+const NOT_CALIBRATED: &str = "no calibration on this run; the note says why";
+
 /// FP8 layers of `plan` without a scale in `input_scales`, if any (comfy layout only).
 fn uncalibrated_fp8(plan: &ResolvedPlan, layout: Layout, input_scales: &HashMap<String, f32>, policy: UncalibratedFp8, why: &str) -> Option<UncalibratedFp8Report> {
     if layout != Layout::Comfy {
@@ -177,7 +183,7 @@ pub fn detect_all(runtime: &RecipeRuntime, ctx: &Arc<HostContext>) -> Result<Vec
 pub fn choose_recipe(runtime: &RecipeRuntime, ctx: &Arc<HostContext>, name: Option<&str>) -> Result<LoadedRecipe> {
     match name {
         Some(name) if name != "auto" => {
-            let source = RecipeSource::parse(name).map_err(|e| Refused(e))?;
+            let source = RecipeSource::parse(name).map_err(Refused)?;
             Ok(runtime.load(&source)?)
         }
         _ => {
@@ -234,8 +240,10 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         PlanError::OutOfTime => RecipeError::Timeout { recipe: recipe.name().to_string(), call: "plan", secs: opts.limits.timeout.as_secs_f64() },
     })?;
     convert::check_layout(&resolved, opts.layout)?;
+    // The plan's warnings are printed once, as they arise: the run summary and
+    // the report keep them too, but the summary does not repeat them.
     for w in &resolved.warnings {
-        tracing::warn!("{}: {w}", recipe.name());
+        tracing::warn!("{}: {}", crate::text::sanitize(recipe.name(), crate::text::MAX_PRINTED), crate::text::sanitize(w, crate::text::MAX_PRINTED));
     }
 
     let recipe_report = RecipeReport {
@@ -267,7 +275,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
     if opts.dry_run {
         if let Some(reason) = crate::calibrate::skip_reason(&opts.calibration, &resolved, &detection.family, &recipe) {
             report.notes.push(format!("no activation calibration: {reason}"));
-            report.uncalibrated_fp8 = uncalibrated_fp8(&resolved, opts.layout, &HashMap::new(), fp8_policy, &reason);
+            report.uncalibrated_fp8 = uncalibrated_fp8(&resolved, opts.layout, &HashMap::new(), fp8_policy, NOT_CALIBRATED);
         } else {
             report.notes.push("a real run calibrates activation scales (FP8 input_scale / NVFP4 activation global scale)".into());
         }
@@ -280,11 +288,11 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
 
     let output = opts.output.clone().unwrap_or_else(|| default_output(&opts.input, &params));
     check_output_path("output", &output, Some(&opts.input), opts.replace_output)?;
-    let (calibration, uncalibrated_why) = match crate::calibrate::run(&ctx, &recipe, &params, &detection.family, &detection.variant, &resolved, &opts.calibration)? {
+    let (calibration, uncalibrated_why) = match crate::calibrate::run(&ctx, &recipe, &params, &detection.family, &detection.variant, &resolved, &opts.calibration, opts.progress)? {
         crate::calibrate::Outcome::Calibrated(c) => (Some(c), "the calibration walk did not reach them".to_string()),
         crate::calibrate::Outcome::Skipped(reason) => {
             report.notes.push(format!("no activation calibration: {reason}"));
-            (None, reason)
+            (None, NOT_CALIBRATED.to_string())
         }
     };
     let input_scales = calibration.as_ref().map(|c| c.input_scales.clone()).unwrap_or_default();
@@ -319,16 +327,9 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         metadata.insert("quantsmith.calibration".into(), summary.to_string());
     }
 
-    let progress = if opts.progress {
-        let pb = indicatif::ProgressBar::new(ctx.checkpoint.file_len() as u64);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, eta {eta})")
-                .unwrap(),
-        );
-        Some(pb)
-    } else {
-        None
-    };
+    // Counted in source tensor bytes, as the conversion reports them.
+    let tensor_bytes = ctx.checkpoint.tensors().iter().map(|t| t.byte_len() as u64).sum();
+    let progress = opts.progress.then(|| Progress::start("write", Unit::Bytes, Some(tensor_bytes)));
     let summary: ConvertSummary = convert::convert(
         &ctx.checkpoint,
         &resolved,
@@ -346,7 +347,7 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
     )
     .with_context(|| format!("converting {}", opts.input.display()))?;
     if let Some(pb) = progress {
-        pb.finish_and_clear();
+        pb.finish();
     }
     report.output = Some(output.display().to_string());
     report.totals.output_bytes = summary.output_bytes;

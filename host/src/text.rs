@@ -49,6 +49,18 @@ pub fn sanitize_lines(s: &str, max_line: usize, max_lines: usize) -> String {
     out.join("\n")
 }
 
+/// A byte count for people: `1536` -> `1.50 KiB`.
+pub fn human_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{b} B") } else { format!("{v:.2} {}", units[u]) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

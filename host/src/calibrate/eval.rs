@@ -20,6 +20,7 @@ use crate::models::denoiser::{Conditioning, Denoiser, Network};
 use crate::models::{InputHook, InputHooks, ReplacedWeights, WeightSource};
 use crate::nn::{ActQuant, Ops};
 use crate::plan::LayerDecision;
+use crate::progress::Progress;
 
 /// Distance of a fake-quantized result from the reference.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -213,6 +214,7 @@ pub fn evaluate<O: Ops>(
     inputs: usize,
     resolution: u32,
     seed: u64,
+    progress: &Progress,
 ) -> Result<EvalReport> {
     let prefix = ckpt.prefix().to_string();
     let replaced = ReplacedWeights {
@@ -270,6 +272,7 @@ pub fn evaluate<O: Ops>(
     if unsmoothed.is_some() {
         modes.push("static-unsmoothed");
     }
+    progress.set_total((inputs * modes.len()) as u64);
 
     // Held-out inputs come from the process calibration samples: a denoising
     // walk (other seeds), driven by the unquantized model, evaluated at a step
@@ -380,9 +383,11 @@ pub fn evaluate<O: Ops>(
                     });
                 }
             }
+            progress.inc(1);
         }
         n += 1;
     }
+    progress.finish();
     let modes: Vec<ModeAgreement> = modes
         .iter()
         .zip(&sums)

@@ -31,6 +31,7 @@ use crate::formats::QuantFormat;
 use crate::modules::ModuleKind;
 use crate::nn::{ChannelAxis, ObserverSpec, Ops};
 use crate::plan::{LayerDecision, ResolvedPlan};
+use crate::progress::{Progress, Unit};
 use crate::recipe::calibrating::{Algorithm as WitAlgorithm, CalibrationSettings};
 use crate::recipe::wit::ParamValue;
 use crate::recipe::{HostContext, LoadedRecipe, RecipeError};
@@ -143,6 +144,7 @@ pub fn skip_reason(opts: &CalibrationOptions, plan: &ResolvedPlan, family: &str,
 }
 
 /// Runs calibration (and the evaluation) or says why not; an error only for real failures.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     ctx: &Arc<HostContext>,
     recipe: &LoadedRecipe,
@@ -151,6 +153,7 @@ pub fn run(
     variant: &str,
     plan: &ResolvedPlan,
     opts: &CalibrationOptions,
+    progress: bool,
 ) -> Result<Outcome> {
     if let Some(reason) = skip_reason(opts, plan, family, recipe) {
         if opts.mode == CalibrateMode::On {
@@ -191,6 +194,12 @@ pub fn run(
         calib_data,
         observed,
         limits: opts.limits,
+        // Started by `with_backend` when calibration does run.
+        progress: Progress::hidden(),
+        walks: params.iter().find(|(k, _)| k == "calib-samples").and_then(|(_, v)| match v {
+            ParamValue::Integer(n) => u64::try_from(*n).ok(),
+            _ => None,
+        }),
     };
     let cpu_skip = |why: String| -> Result<Outcome> {
         // `auto` never starts an hours-long CPU calibration of a real model.
@@ -200,30 +209,32 @@ pub fn run(
     };
     match opts.device {
         DeviceChoice::Cpu if opts.mode == CalibrateMode::Auto => cpu_skip("--device cpu".into()),
-        DeviceChoice::Cpu => with_backend(crate::nn::cpu::CpuOps::new(), ctx, recipe, params, &layers, inputs, opts),
+        DeviceChoice::Cpu => with_backend(crate::nn::cpu::CpuOps::new(), ctx, recipe, params, &layers, inputs, opts, progress),
         DeviceChoice::Cuda(n) => {
             let ops = crate::nn::cuda::CudaOps::new(n).with_context(|| format!("--device cuda:{n} cannot be used for calibration"))?;
-            with_backend(ops, ctx, recipe, params, &layers, inputs, opts)
+            with_backend(ops, ctx, recipe, params, &layers, inputs, opts, progress)
         }
         DeviceChoice::Auto => match crate::nn::cuda::CudaOps::new(0) {
-            Ok(ops) => with_backend(ops, ctx, recipe, params, &layers, inputs, opts),
+            Ok(ops) => with_backend(ops, ctx, recipe, params, &layers, inputs, opts, progress),
             Err(e) if opts.mode == CalibrateMode::Auto => cpu_skip(format!("no usable CUDA GPU ({e:#})")),
             Err(e) => {
                 tracing::warn!("calibrating on the CPU (no usable CUDA GPU: {e:#}); full-size models take a long time there");
-                with_backend(crate::nn::cpu::CpuOps::new(), ctx, recipe, params, &layers, inputs, opts)
+                with_backend(crate::nn::cpu::CpuOps::new(), ctx, recipe, params, &layers, inputs, opts, progress)
             }
         },
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn with_backend<O: Ops + Send + 'static>(
     ops: O,
     ctx: &Arc<HostContext>,
     recipe: &LoadedRecipe,
     params: &[(String, ParamValue)],
     layers: &[&LayerDecision],
-    inputs: SessionInputs,
+    mut inputs: SessionInputs,
     opts: &CalibrationOptions,
+    progress: bool,
 ) -> Result<Outcome>
 where
     O::Tensor: Send,
@@ -232,8 +243,15 @@ where
     let device = ops.name();
     tracing::info!("calibrating on {device}: {} observed module inputs", inputs.observed.len());
     let text_notes = inputs.text.as_ref().map(|t| t.describe()).unwrap_or_default();
+    // The display starts as the model starts loading; its total comes from the
+    // recipe's walk (`schedule` x `calib-samples`), see `Session::schedule`.
+    if progress {
+        inputs.progress = Progress::start("calibration", Unit::Items("forward passes"), None);
+    }
+    let progress = inputs.progress.clone();
     let session = Session::new(ops, inputs)?;
     let (result, session) = recipe.calibrate(ctx, params.to_vec(), Box::new(session))?;
+    progress.finish();
     let settings: CalibrationSettings = match result {
         Ok(Some(s)) => s,
         Ok(None) => {
@@ -313,6 +331,7 @@ where
         let session = *any.downcast::<Session<O>>().map_err(|_| anyhow::anyhow!("internal: session type"))?;
         let resolution = if opts.eval_resolution > 0 { opts.eval_resolution } else { session.info().native_resolution };
         let held_out = |i: usize| session.held_out_conditioning(i, resolution);
+        let progress = if progress.is_visible() { Progress::start("evaluation", Unit::Items("passes over held-out inputs"), None) } else { Progress::hidden() };
         let mut r = eval::evaluate(
             session.ops(),
             session.model(),
@@ -325,6 +344,7 @@ where
             opts.eval_inputs,
             resolution,
             0x5eed_e7a1,
+            &progress,
         )
         .context("evaluating the fake-quantized model")?;
         r.conditioning = Some(session.held_out_source());

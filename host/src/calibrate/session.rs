@@ -198,6 +198,11 @@ pub struct SessionInputs {
     /// One observer per quantizable module input: (module path, spec).
     pub observed: Vec<(String, ObserverSpec)>,
     pub limits: SessionLimits,
+    /// Counts forward passes (`denoise` calls).
+    pub progress: crate::progress::Progress,
+    /// How many walks the recipe says it takes (its `calib-samples`), if it says:
+    /// with the steps of its schedule, the display's expected total.
+    pub walks: Option<u64>,
 }
 
 /// The user's text-encoder files and T5 tokenizer for an SD3/3.5 or FLUX
@@ -581,6 +586,12 @@ where
 
     fn schedule(&self, steps: usize, spacing: Spacing) -> Result<(Vec<f32>, Vec<f32>)> {
         ensure!((1..=self.inputs.limits.max_steps).contains(&steps), "steps must be 1..={}, got {steps}", self.inputs.limits.max_steps);
+        // The SDK's walk asks for one schedule and walks it `calib-samples` times
+        // (one `denoise` per step, CFG pairs batched); another recipe may walk
+        // otherwise, and the display then corrects its total as passes come.
+        if let (Some(walks), false) = (self.inputs.walks, self.inputs.progress.has_total()) {
+            self.inputs.progress.set_total(walks.saturating_mul(steps as u64));
+        }
         Ok(self.model.schedule().sample(steps, spacing))
     }
 
@@ -687,6 +698,7 @@ where
         self.ops.observers_set_step(step)?;
         let eps = self.model.derivative(&self.ops, &tx, sigma, c, &self.hooks)?;
         self.forwards += 1;
+        self.inputs.progress.inc(1);
         self.samples += shape[0];
         self.steps.insert(step);
         self.forward_time += started.elapsed();

@@ -75,8 +75,10 @@ impl TensorEntry {
 /// Why a file cannot be used as input.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("cannot open {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    // `error` is not marked as the source: the message already says it, and an
+    // `{:#}` chain would print it a second time.
+    #[error("cannot open {path}: {error}")]
+    Open { path: PathBuf, error: std::io::Error },
     #[error("{path} is not a valid safetensors file: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error(
@@ -105,7 +107,7 @@ fn recognised(path: &Path, what: impl Into<String>, advice: impl Into<String>) -
 /// hold; a FIFO or a device would hang or never end), before it is opened.
 pub fn require_regular_file(path: &Path) -> Result<(), CheckpointError> {
     use std::os::unix::fs::FileTypeExt;
-    let meta = std::fs::metadata(path).map_err(|source| CheckpointError::Open { path: path.to_path_buf(), source })?;
+    let meta = std::fs::metadata(path).map_err(|error| CheckpointError::Open { path: path.to_path_buf(), error })?;
     let t = meta.file_type();
     if t.is_file() {
         return Ok(());
@@ -199,10 +201,10 @@ impl Checkpoint {
     /// offsets covering the file exactly (safetensors' own validation), then the layout.
     pub fn open(path: &Path) -> Result<Checkpoint, CheckpointError> {
         require_regular_file(path)?;
-        let file = File::open(path).map_err(|source| CheckpointError::Open { path: path.to_path_buf(), source })?;
+        let file = File::open(path).map_err(|error| CheckpointError::Open { path: path.to_path_buf(), error })?;
         // SAFETY: the map is read-only; a file truncated under us by another process
         // can fault, the same contract every safetensors reader accepts.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| CheckpointError::Open { path: path.to_path_buf(), source })?;
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|error| CheckpointError::Open { path: path.to_path_buf(), error })?;
         let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| sniff(path, &mmap[..mmap.len().min(16)]).unwrap_or_else(|| corrupt(path, describe_error(&e))))?;
         let data_start = 8 + header_len;
 
