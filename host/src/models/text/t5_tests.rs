@@ -407,10 +407,12 @@ fn relative_l2(got: &[f32], want: &[f64]) -> f64 {
 }
 
 /// CUDA bf16 against CPU f32 on a small T5 with T5-XXL's head width (64), at
-/// 300 tokens (FLUX's minimum is 256): relative L2 within 1e-2. Skips without a
-/// GPU (fails instead when `QUANTSMITH_REQUIRE_GPU` is set). Transformers' own
-/// bf16 T5 on the same weights is measured by [`matches_transformers`] on the file
-/// [`dump_bf16_test_model`] writes (`scripts/dit-device.sh t5`).
+/// 300 tokens (FLUX's minimum is 256). The bar is T5's own sensitivity to bf16:
+/// transformers' bf16 T5 on these very weights is 2.44e-2 from its f32 (H200,
+/// 2026-12-02, [`matches_transformers`] on the file [`dump_bf16_test_model`]
+/// writes, `scripts/dit-device.sh t5`; ours was 2.27e-2 there), so ours must stay
+/// within 2.5e-2, no further than transformers' own bf16. Skips without a GPU
+/// (fails instead when `QUANTSMITH_REQUIRE_GPU` is set).
 #[test]
 fn cuda_bf16_matches_cpu() {
     let Some(cuda) = cuda_or_skip("cuda_bf16_matches_cpu") else { return };
@@ -423,7 +425,7 @@ fn cuda_bf16_matches_cpu() {
     let got = cuda.to_f32(&enc.encode(&cuda, &t, &InputHooks::none()).unwrap()).unwrap();
     let rel = relative_l2(&got, &want.iter().map(|&w| w as f64).collect::<Vec<_>>());
     println!("T5 CUDA bf16 vs CPU f32: relative L2 {rel:.2e}");
-    assert!(rel < 1e-2, "relative L2 {rel:e}");
+    assert!(rel < 2.5e-2, "relative L2 {rel:e}");
 }
 
 /// Writes [`cuda_bf16_matches_cpu`]'s synthetic T5 (f32, ComfyUI's key layout) to
@@ -474,8 +476,13 @@ fn matches_transformers() {
     let enc = T5Encoder::load(&file, "").unwrap();
     let got = ops.to_f32(&enc.encode(&ops, &tokens, &InputHooks::none()).unwrap()).unwrap();
     assert_eq!(got.len(), want.len(), "{b} x {n} tokens");
-    println!("T5 CPU f32 vs transformers f32: relative L2 {:.2e}", relative_l2(&got, &want));
-    assert_close(&got, &want, 1e-5, "T5 vs transformers");
+    // The bar is relative L2 (issue 10: f32 within 1e-5); single elements may
+    // stray further (a tiny T5 on the H200: 3.9e-6 overall, 1.2e-5 of the largest
+    // value at the worst element), so they get a looser element bound.
+    let rel = relative_l2(&got, &want);
+    println!("T5 CPU f32 vs transformers f32: relative L2 {rel:.2e}");
+    assert!(rel <= 1e-5, "T5 vs transformers: relative L2 {rel:e} > 1e-5");
+    assert_close(&got, &want, 1e-4, "T5 vs transformers");
     let Ok(reference_bf16) = st.tensor("hidden_bf16") else {
         println!("SKIPPED the bf16 comparison: the reference has no `hidden_bf16` (scripts/t5_reference.py --bf16)");
         return;
