@@ -489,9 +489,7 @@ FA_INSTANCE(80)
 FA_INSTANCE(96)
 FA_INSTANCE(128)
 FA_INSTANCE_MB(64, 4)
-FA_INSTANCE_MB(64, 6)
 FA_INSTANCE_MB(128, 3)
-FA_INSTANCE_MB(128, 4)
 
 // Dynamic shared memory: (128 + 2 * BK) rows of DP + 8 bf16 (fw_smem_bytes on the host).
 #define FW_INSTANCE(DP, BK)                                                                                            \
@@ -506,5 +504,4 @@ FW_INSTANCE(64, 64)
 FW_INSTANCE(80, 64)
 FW_INSTANCE(96, 64)
 FW_INSTANCE(128, 64)
-FW_INSTANCE(64, 32)
 FW_INSTANCE(128, 32)

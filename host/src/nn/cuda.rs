@@ -90,16 +90,13 @@ pub const KERNEL_NAMES: &[&str] = &[
     "nn_flash_attn_d96",
     "nn_flash_attn_d128",
     "nn_flash_attn_d64_b4",
-    "nn_flash_attn_d64_b6",
     "nn_flash_attn_d128_b3",
-    "nn_flash_attn_d128_b4",
     "nn_flash_attn_wide_d32_k64",
     "nn_flash_attn_wide_d48_k64",
     "nn_flash_attn_wide_d64_k64",
     "nn_flash_attn_wide_d80_k64",
     "nn_flash_attn_wide_d96_k64",
     "nn_flash_attn_wide_d128_k64",
-    "nn_flash_attn_wide_d64_k32",
     "nn_flash_attn_wide_d128_k32",
     "nn_rms_norm",
     "nn_mul",
@@ -120,38 +117,31 @@ pub const KERNEL_NAMES: &[&str] = &[
 pub const COMPILE_OPTIONS: &[&str] = &["--std=c++17"];
 
 /// Which fused-attention kernel runs (`QUANTSMITH_FLASH_VARIANT`: `narrow`,
-/// `narrow-capped`, `narrow-capped-more`, `wide` or `wide-k32`; unset: [`FlashVariant::DEFAULT`]).
+/// `narrow-capped`, `wide` or `wide-k64`; unset: [`FlashVariant::DEFAULT`]).
+/// Measured on an H200 (BENCHMARKS.md, "Fused attention"): `Wide` is the fastest
+/// at FLUX's head dim 128 and SD3's 64; the others stay for that comparison.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashVariant {
     /// 64 queries per block, one 16-row tile per warp.
     Narrow,
-    /// 128 queries per block, two 16-row tiles per warp, 64-key tiles.
-    Wide,
-    /// As `Wide` with 32-key tiles (head dims 64 and 128; `Wide` elsewhere).
-    WideK32,
-    /// As `Narrow`, registers capped for more resident blocks (head dims 64 and 128).
+    /// As `Narrow`, registers capped for 4 (head dim 64) or 3 (128) resident blocks.
     NarrowCapped,
-    /// As `NarrowCapped`, capped harder (6 blocks at head dim 64, 4 at 128).
-    NarrowCappedMore,
+    /// 128 queries per block, two 16-row tiles per warp; 32-key tiles at head
+    /// dim 128 (fewer registers for the scores), 64-key tiles below.
+    Wide,
+    /// As `Wide` with 64-key tiles at every head dim.
+    WideK64,
 }
 
 impl FlashVariant {
     pub const DEFAULT: FlashVariant = FlashVariant::Wide;
-    pub const ALL: [FlashVariant; 5] = [
-        FlashVariant::Narrow,
-        FlashVariant::Wide,
-        FlashVariant::WideK32,
-        FlashVariant::NarrowCapped,
-        FlashVariant::NarrowCappedMore,
-    ];
+    pub const ALL: [FlashVariant; 4] = [FlashVariant::Narrow, FlashVariant::NarrowCapped, FlashVariant::Wide, FlashVariant::WideK64];
 
     fn from_env() -> FlashVariant {
         match std::env::var("QUANTSMITH_FLASH_VARIANT").as_deref() {
             Ok("narrow") => FlashVariant::Narrow,
-            Ok("wide") => FlashVariant::Wide,
-            Ok("wide-k32") => FlashVariant::WideK32,
             Ok("narrow-capped") => FlashVariant::NarrowCapped,
-            Ok("narrow-capped-more") => FlashVariant::NarrowCappedMore,
+            Ok("wide-k64") => FlashVariant::WideK64,
             _ => FlashVariant::DEFAULT,
         }
     }
@@ -193,7 +183,6 @@ pub fn compile(target: Target) -> Result<Compiled> {
     let options: Vec<String> = COMPILE_OPTIONS.iter().map(|s| s.to_string()).collect();
     kernels::compile_source("quantsmith_nn.cu", &program_source(), target, &options)
 }
-
 
 fn cublas_loadable() -> bool {
     // SAFETY: only tries to dlopen the candidate names.
@@ -350,9 +339,7 @@ impl Blas {
         let me = Blas { handle, lt: lt_handle, workspace, plans: HashMap::new() };
         // SAFETY: live handle and stream; the workspace outlives the handle (same struct).
         unsafe {
-            blas::cublasSetStream_v2(me.handle, stream.raw() as blas::cudaStream_t)
-                .result()
-                .map_err(|e| blas_err("cublasSetStream", e))?;
+            blas::cublasSetStream_v2(me.handle, stream.raw() as blas::cudaStream_t).result().map_err(|e| blas_err("cublasSetStream", e))?;
             blas::cublasSetWorkspace_v2(me.handle, me.workspace.ptr() as *mut c_void, LT_WORKSPACE)
                 .result()
                 .map_err(|e| blas_err("cublasSetWorkspace", e))?;
@@ -556,18 +543,10 @@ impl Dnn {
         };
         // SAFETY: descriptors created here and owned by `p` (freed by its Drop on error).
         unsafe {
-            dnn::cudnnCreateTensorDescriptor(&mut p.x)
-                .result()
-                .map_err(|e| dnn_err("cudnnCreateTensorDescriptor", e))?;
-            dnn::cudnnCreateTensorDescriptor(&mut p.y)
-                .result()
-                .map_err(|e| dnn_err("cudnnCreateTensorDescriptor", e))?;
-            dnn::cudnnCreateFilterDescriptor(&mut p.w)
-                .result()
-                .map_err(|e| dnn_err("cudnnCreateFilterDescriptor", e))?;
-            dnn::cudnnCreateConvolutionDescriptor(&mut p.conv)
-                .result()
-                .map_err(|e| dnn_err("cudnnCreateConvolutionDescriptor", e))?;
+            dnn::cudnnCreateTensorDescriptor(&mut p.x).result().map_err(|e| dnn_err("cudnnCreateTensorDescriptor", e))?;
+            dnn::cudnnCreateTensorDescriptor(&mut p.y).result().map_err(|e| dnn_err("cudnnCreateTensorDescriptor", e))?;
+            dnn::cudnnCreateFilterDescriptor(&mut p.w).result().map_err(|e| dnn_err("cudnnCreateFilterDescriptor", e))?;
+            dnn::cudnnCreateConvolutionDescriptor(&mut p.conv).result().map_err(|e| dnn_err("cudnnCreateConvolutionDescriptor", e))?;
             dnn::cudnnSetTensor4dDescriptor(p.x, NCHW, BF16, i(n), i(c), i(h), i(w))
                 .result()
                 .map_err(|e| dnn_err("cudnnSetTensor4dDescriptor(x)", e))?;
@@ -739,13 +718,12 @@ struct Kernels {
     fq_mxfp8: Kernel,
     /// By [`FLASH_HEAD_DIMS`].
     flash: [Kernel; 6],
-    /// The 64-query kernel with registers capped for more resident blocks:
-    /// [d64 x 4, d128 x 3] and [d64 x 6, d128 x 4] blocks per multiprocessor.
-    flash_capped: [[Kernel; 2]; 2],
+    /// The 64-query kernel with registers capped for more resident blocks (head dims 64, 128).
+    flash_capped: [Kernel; 2],
     /// The 128-query variant, by [`FLASH_HEAD_DIMS`], 64-key tiles.
     flash_wide: [Kernel; 6],
-    /// The 128-query variant with 32-key tiles at head dims 64 and 128.
-    flash_wide_k32: [Kernel; 2],
+    /// The 128-query variant with 32-key tiles at head dim 128.
+    flash_wide_d128_k32: Kernel,
     rms_norm: Kernel,
     mul: Kernel,
     permute: Kernel,
@@ -793,10 +771,7 @@ impl Kernels {
                 m.kernel("nn_flash_attn_d96")?,
                 m.kernel("nn_flash_attn_d128")?,
             ],
-            flash_capped: [
-                [m.kernel("nn_flash_attn_d64_b4")?, m.kernel("nn_flash_attn_d128_b3")?],
-                [m.kernel("nn_flash_attn_d64_b6")?, m.kernel("nn_flash_attn_d128_b4")?],
-            ],
+            flash_capped: [m.kernel("nn_flash_attn_d64_b4")?, m.kernel("nn_flash_attn_d128_b3")?],
             flash_wide: [
                 m.kernel("nn_flash_attn_wide_d32_k64")?,
                 m.kernel("nn_flash_attn_wide_d48_k64")?,
@@ -805,7 +780,7 @@ impl Kernels {
                 m.kernel("nn_flash_attn_wide_d96_k64")?,
                 m.kernel("nn_flash_attn_wide_d128_k64")?,
             ],
-            flash_wide_k32: [m.kernel("nn_flash_attn_wide_d64_k32")?, m.kernel("nn_flash_attn_wide_d128_k32")?],
+            flash_wide_d128_k32: m.kernel("nn_flash_attn_wide_d128_k32")?,
             rms_norm: m.kernel("nn_rms_norm")?,
             mul: m.kernel("nn_mul")?,
             permute: m.kernel("nn_permute")?,
@@ -890,9 +865,7 @@ impl CudaOps {
             );
         }
         if !cublas_loadable() {
-            bail!(
-                "libcublas.so.13 / libcublasLt.so.13 are not loadable (add the CUDA 13 lib64 directory to LD_LIBRARY_PATH)"
-            );
+            bail!("libcublas.so.13 / libcublasLt.so.13 are not loadable (add the CUDA 13 lib64 directory to LD_LIBRARY_PATH)");
         }
         crate::gpu::no_panic("CUDA forward-pass backend initialisation", || Self::init(ordinal))
     }
@@ -913,9 +886,7 @@ impl CudaOps {
         for (kernel, &dp) in k.flash_wide.iter().zip(&FLASH_HEAD_DIMS) {
             kernel.set_max_dynamic_shared(flash_wide_smem(dp, 64))?;
         }
-        for (kernel, dp) in k.flash_wide_k32.iter().zip([64, 128]) {
-            kernel.set_max_dynamic_shared(flash_wide_smem(dp, 32))?;
-        }
+        k.flash_wide_d128_k32.set_max_dynamic_shared(flash_wide_smem(128, 32))?;
         let stats = Arc::new(MemStats::default());
         let pool = Arc::new(Pool { ctx: ctx.clone(), stats: stats.clone(), free: Mutex::new(HashMap::new()) });
         let stream = Stream::new(&ctx)?;
@@ -1167,17 +1138,8 @@ impl CudaOps {
             let a = match &col {
                 None => src,
                 Some(col) => {
-                    let (ni, ci, hi, wi, ki, si, pi, hoi, woi) = (
-                        cn as i64,
-                        c as i64,
-                        h as i64,
-                        wd as i64,
-                        ksize as i32,
-                        stride as i32,
-                        pad as i32,
-                        ho as i64,
-                        wo as i64,
-                    );
+                    let (ni, ci, hi, wi, ki, si, pi, hoi, woi) =
+                        (cn as i64, c as i64, h as i64, wd as i64, ksize as i32, stride as i32, pad as i32, ho as i64, wo as i64);
                     let colp = col.ptr();
                     self.run(
                         self.k.im2col,
@@ -1225,14 +1187,7 @@ impl CudaOps {
         Ok(())
     }
 
-    fn elementwise(
-        &self,
-        k: Kernel,
-        x: &CudaTensor,
-        extra: Option<&CudaTensor>,
-        s: Option<f32>,
-        kind: Option<i32>,
-    ) -> Result<CudaTensor> {
+    fn elementwise(&self, k: Kernel, x: &CudaTensor, extra: Option<&CudaTensor>, s: Option<f32>, kind: Option<i32>) -> Result<CudaTensor> {
         self.bind()?;
         let y = self.alloc(&x.shape)?;
         let n = x.numel() as i64;
@@ -1414,21 +1369,9 @@ impl Ops for CudaOps {
         Ok(y)
     }
 
-    fn conv2d(
-        &self,
-        x: &CudaTensor,
-        w: &CudaTensor,
-        b: Option<&CudaTensor>,
-        stride: usize,
-        padding: usize,
-    ) -> Result<CudaTensor> {
+    fn conv2d(&self, x: &CudaTensor, w: &CudaTensor, b: Option<&CudaTensor>, stride: usize, padding: usize) -> Result<CudaTensor> {
         let _p = self.prof("conv2d");
-        ensure!(
-            x.shape.len() == 4 && w.shape.len() == 4,
-            "conv2d: input {:?}, weight {:?} must be 4-D",
-            x.shape,
-            w.shape
-        );
+        ensure!(x.shape.len() == 4 && w.shape.len() == 4, "conv2d: input {:?}, weight {:?} must be 4-D", x.shape, w.shape);
         let (n, c, h, wd) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
         let (k, ksize) = (w.shape[0], w.shape[2]);
         ensure!(w.shape[1] == c && w.shape[3] == ksize, "conv2d: weight {:?} for input {:?}", w.shape, x.shape);
@@ -1463,14 +1406,7 @@ impl Ops for CudaOps {
         Ok(y)
     }
 
-    fn group_norm(
-        &self,
-        x: &CudaTensor,
-        groups: usize,
-        w: &CudaTensor,
-        b: &CudaTensor,
-        eps: f32,
-    ) -> Result<CudaTensor> {
+    fn group_norm(&self, x: &CudaTensor, groups: usize, w: &CudaTensor, b: &CudaTensor, eps: f32) -> Result<CudaTensor> {
         let _p = self.prof("group_norm");
         ensure!(x.shape.len() >= 2, "group_norm: input {:?} has no channel axis", x.shape);
         let (n, c) = (x.shape[0], x.shape[1]);
@@ -1490,8 +1426,7 @@ impl Ops for CudaOps {
         let nblocks = n * groups * chunks;
         let part = self.pool.alloc(nblocks * 12)?;
         let (xp, pp, yp, wp, bp) = (x.ptr(), part.ptr(), y.ptr(), w.ptr(), b.ptr());
-        let (gl, ch, chs, gi, cgi, hwi) =
-            (group_len as i64, CHUNK as i64, chunks as i32, groups as i32, cg as i32, hw as i64);
+        let (gl, ch, chs, gi, cgi, hwi) = (group_len as i64, CHUNK as i64, chunks as i32, groups as i32, cg as i32, hw as i64);
         // SAFETY: one block per chunk; arguments match the kernels' signatures.
         unsafe {
             self.k.group_norm_stats.launch(
@@ -1543,21 +1478,9 @@ impl Ops for CudaOps {
         Ok(y)
     }
 
-    fn attention(
-        &self,
-        q: &CudaTensor,
-        k: &CudaTensor,
-        v: &CudaTensor,
-        heads: usize,
-        causal: bool,
-    ) -> Result<CudaTensor> {
+    fn attention(&self, q: &CudaTensor, k: &CudaTensor, v: &CudaTensor, heads: usize, causal: bool) -> Result<CudaTensor> {
         let _p = self.prof("attention");
-        ensure!(
-            q.shape.len() == 3 && k.shape.len() == 3,
-            "attention: q {:?}, k {:?} must be [B, N, H*D]",
-            q.shape,
-            k.shape
-        );
+        ensure!(q.shape.len() == 3 && k.shape.len() == 3, "attention: q {:?}, k {:?} must be [B, N, H*D]", q.shape, k.shape);
         ensure!(k.shape == v.shape, "attention: k {:?} and v {:?} differ", k.shape, v.shape);
         let (b, nq, hd) = (q.shape[0], q.shape[1], q.shape[2]);
         let nk = k.shape[1];
@@ -1578,15 +1501,10 @@ impl Ops for CudaOps {
             let causal_i = causal as i32;
             let dp = FLASH_HEAD_DIMS[i];
             let (kernel, queries, smem) = match self.flash_variant() {
-                FlashVariant::NarrowCapped if dp == 64 || dp == 128 => (&self.k.flash_capped[0][usize::from(dp == 128)], 64, 0),
-                FlashVariant::NarrowCappedMore if dp == 64 || dp == 128 => {
-                    (&self.k.flash_capped[1][usize::from(dp == 128)], 64, 0)
-                }
-                FlashVariant::Narrow | FlashVariant::NarrowCapped | FlashVariant::NarrowCappedMore => (&self.k.flash[i], 64, 0),
-                FlashVariant::WideK32 if dp == 64 || dp == 128 => {
-                    (&self.k.flash_wide_k32[usize::from(dp == 128)], 128, flash_wide_smem(dp, 32))
-                }
-                FlashVariant::Wide | FlashVariant::WideK32 => (&self.k.flash_wide[i], 128, flash_wide_smem(dp, 64)),
+                FlashVariant::NarrowCapped if dp == 64 || dp == 128 => (&self.k.flash_capped[usize::from(dp == 128)], 64, 0),
+                FlashVariant::Narrow | FlashVariant::NarrowCapped => (&self.k.flash[i], 64, 0),
+                FlashVariant::Wide if dp == 128 => (&self.k.flash_wide_d128_k32, 128, flash_wide_smem(dp, 32)),
+                FlashVariant::Wide | FlashVariant::WideK64 => (&self.k.flash_wide[i], 128, flash_wide_smem(dp, 64)),
             };
             let grid = (nq.div_ceil(queries) as u32, (b * heads) as u32);
             // SAFETY: one block of 128 threads per `queries` queries of a (batch, head),
@@ -1693,13 +1611,8 @@ impl Ops for CudaOps {
         let mut off = 0;
         for x in xs {
             let len = x.shape[dim] * inner;
-            let (sp, yp, rows, l, pitch, o) =
-                (x.ptr(), y.ptr(), outer as i64, len as i64, (total * inner) as i64, off as i64);
-            self.run(
-                self.k.copy_rows,
-                outer * len,
-                &mut [arg(&sp), arg(&yp), arg(&rows), arg(&l), arg(&pitch), arg(&o)],
-            )?;
+            let (sp, yp, rows, l, pitch, o) = (x.ptr(), y.ptr(), outer as i64, len as i64, (total * inner) as i64, off as i64);
+            self.run(self.k.copy_rows, outer * len, &mut [arg(&sp), arg(&yp), arg(&rows), arg(&l), arg(&pitch), arg(&o)])?;
             off += len;
         }
         Ok(y)
@@ -1758,12 +1671,7 @@ impl Ops for CudaOps {
         let blocks = (rows * 32).div_ceil(THREADS as usize) as u32;
         // SAFETY: one warp a row; arguments match the kernel.
         unsafe {
-            self.k.rms_norm.launch(
-                &self.stream,
-                blocks,
-                THREADS,
-                &mut [arg(&xp), arg(&wp), arg(&yp), arg(&r), arg(&c), arg(&eps)],
-            )?;
+            self.k.rms_norm.launch(&self.stream, blocks, THREADS, &mut [arg(&xp), arg(&wp), arg(&yp), arg(&r), arg(&c), arg(&eps)])?;
         }
         Ok(y)
     }
@@ -1831,11 +1739,7 @@ impl Ops for CudaOps {
         let y = self.alloc(&x.shape)?;
         let (xp, sh, sc, yp) = (x.ptr(), shift.ptr(), scale.ptr(), y.ptr());
         let (total, tokens, cols) = (y.numel() as i64, n as i64, c as i64);
-        self.run(
-            self.k.modulate,
-            y.numel(),
-            &mut [arg(&xp), arg(&sh), arg(&sc), arg(&yp), arg(&total), arg(&tokens), arg(&cols)],
-        )?;
+        self.run(self.k.modulate, y.numel(), &mut [arg(&xp), arg(&sh), arg(&sc), arg(&yp), arg(&total), arg(&tokens), arg(&cols)])?;
         Ok(y)
     }
 
@@ -1849,11 +1753,7 @@ impl Ops for CudaOps {
         let out = self.alloc(&x.shape)?;
         let (xp, gp, yp, op) = (x.ptr(), gate.ptr(), y.ptr(), out.ptr());
         let (total, tokens, cols) = (out.numel() as i64, n as i64, c as i64);
-        self.run(
-            self.k.gated_add,
-            out.numel(),
-            &mut [arg(&xp), arg(&gp), arg(&yp), arg(&op), arg(&total), arg(&tokens), arg(&cols)],
-        )?;
+        self.run(self.k.gated_add, out.numel(), &mut [arg(&xp), arg(&gp), arg(&yp), arg(&op), arg(&total), arg(&tokens), arg(&cols)])?;
         Ok(out)
     }
 
@@ -1872,11 +1772,7 @@ impl Ops for CudaOps {
         let pairs = y.numel() / 2;
         let (xp, cp, sp, yp) = (x.ptr(), cos.ptr(), sin.ptr(), y.ptr());
         let (pi, ti, hi, hf) = (pairs as i64, n as i64, heads as i32, half as i32);
-        self.run(
-            self.k.rope,
-            pairs,
-            &mut [arg(&xp), arg(&cp), arg(&sp), arg(&yp), arg(&pi), arg(&ti), arg(&hi), arg(&hf)],
-        )?;
+        self.run(self.k.rope, pairs, &mut [arg(&xp), arg(&cp), arg(&sp), arg(&yp), arg(&pi), arg(&ti), arg(&hi), arg(&hf)])?;
         Ok(y)
     }
 
@@ -1890,23 +1786,14 @@ impl Ops for CudaOps {
         scale: f32,
     ) -> Result<CudaTensor> {
         let _p = self.prof("attention_biased");
-        ensure!(
-            q.shape.len() == 3 && k.shape.len() == 3,
-            "attention_biased: q {:?}, k {:?} must be [B, N, H*D]",
-            q.shape,
-            k.shape
-        );
+        ensure!(q.shape.len() == 3 && k.shape.len() == 3, "attention_biased: q {:?}, k {:?} must be [B, N, H*D]", q.shape, k.shape);
         ensure!(k.shape == v.shape, "attention_biased: k {:?} and v {:?} differ", k.shape, v.shape);
         let (b, nq, hd) = (q.shape[0], q.shape[1], q.shape[2]);
         let nk = k.shape[1];
         ensure!(k.shape[0] == b && k.shape[2] == hd, "attention_biased: q {:?} against k {:?}", q.shape, k.shape);
         ensure!(heads > 0 && hd % heads == 0, "attention_biased: {hd} channels in {heads} heads");
         ensure!(nk > 0, "attention_biased: no keys");
-        ensure!(
-            bias.shape == [heads, nq, nk],
-            "attention_biased: bias {:?} is not [{heads}, {nq}, {nk}]",
-            bias.shape
-        );
+        ensure!(bias.shape == [heads, nq, nk], "attention_biased: bias {:?} is not [{heads}, {nq}, {nk}]", bias.shape);
         self.bind()?;
         let out = self.alloc(&q.shape)?;
         if out.numel() == 0 {
@@ -1966,10 +1853,7 @@ impl Ops for CudaOps {
         let mut total = 0;
         for p in parts {
             let s = &p.qkv.shape;
-            ensure!(
-                s.len() == 3 && s[0] == b && s[2] >= 3 * width,
-                "qkv_heads: part {s:?} is not [{b}, N, >= 3 x {width}]"
-            );
+            ensure!(s.len() == 3 && s[0] == b && s[2] >= 3 * width, "qkv_heads: part {s:?} is not [{b}, N, >= 3 x {width}]");
             for w in [p.q_norm, p.k_norm].into_iter().flatten() {
                 ensure!(w.shape == [d], "qkv_heads: norm {:?} is not [{d}]", w.shape);
             }
@@ -2074,15 +1958,8 @@ impl Ops for CudaOps {
         let buf = self.pool.alloc(words * 4)?;
         // SAFETY: the buffer holds `words` u32s.
         unsafe { self.stream.memset(buf.ptr(), 0, words * 4)? };
-        *self.obs.lock().unwrap() = Observers {
-            buf: Some(buf),
-            specs: specs.to_vec(),
-            chan_off,
-            total_ch: total,
-            steps,
-            step: 0,
-            calls: vec![0; specs.len()],
-        };
+        *self.obs.lock().unwrap() =
+            Observers { buf: Some(buf), specs: specs.to_vec(), chan_off, total_ch: total, steps, step: 0, calls: vec![0; specs.len()] };
         Ok(())
     }
 
@@ -2104,12 +1981,7 @@ impl Ops for CudaOps {
         let (outer, inner) = match spec.axis {
             ChannelAxis::Last => {
                 let (rows, cols) = Self::rows_cols(x)?;
-                ensure!(
-                    cols == spec.channels,
-                    "observer {slot}: {cols} channels in {:?}, {} expected",
-                    x.shape,
-                    spec.channels
-                );
+                ensure!(cols == spec.channels, "observer {slot}: {cols} channels in {:?}, {} expected", x.shape, spec.channels);
                 (rows, 1)
             }
             ChannelAxis::Dim1 => {
@@ -2194,10 +2066,7 @@ impl Ops for CudaOps {
         let (xp, yp, n, r, c) = (x.ptr(), y.ptr(), x.numel() as i64, rows as i64, cols as i64);
         match q {
             ActQuant::Fp8Static { scale } => {
-                ensure!(
-                    scale >= 0.0 && scale.is_finite(),
-                    "fp8 static activation scale {scale} is not a finite scale ≥ 0"
-                );
+                ensure!(scale >= 0.0 && scale.is_finite(), "fp8 static activation scale {scale} is not a finite scale ≥ 0");
                 let none = 0u64;
                 self.run(self.k.fq_fp8, x.numel(), &mut [arg(&xp), arg(&yp), arg(&n), arg(&scale), arg(&none)])?;
             }
@@ -2212,14 +2081,7 @@ impl Ops for CudaOps {
             ActQuant::Int8DynamicRows => {
                 let grid = rows.clamp(1, self.max_blocks as usize * 4) as u32;
                 // SAFETY: blocks loop over rows; arguments match the kernel.
-                unsafe {
-                    self.k.fq_int8_rows.launch(
-                        &self.stream,
-                        grid,
-                        THREADS,
-                        &mut [arg(&xp), arg(&yp), arg(&r), arg(&c)],
-                    )?
-                };
+                unsafe { self.k.fq_int8_rows.launch(&self.stream, grid, THREADS, &mut [arg(&xp), arg(&yp), arg(&r), arg(&c)])? };
             }
             ActQuant::Nvfp4 { global_scale } => {
                 // As CpuOps: a static scale must be usable (an input never seen nonzero has no NVFP4 scale).
@@ -2228,11 +2090,7 @@ impl Ops for CudaOps {
                     "nvfp4 global activation scale {global_scale} is not a finite scale > 0"
                 );
                 let s2 = global_scale;
-                self.run(
-                    self.k.fq_nvfp4,
-                    rows * cols.div_ceil(16),
-                    &mut [arg(&xp), arg(&yp), arg(&r), arg(&c), arg(&s2)],
-                )?;
+                self.run(self.k.fq_nvfp4, rows * cols.div_ceil(16), &mut [arg(&xp), arg(&yp), arg(&r), arg(&c), arg(&s2)])?;
             }
             ActQuant::Mxfp8 => {
                 self.run(self.k.fq_mxfp8, rows * cols.div_ceil(32), &mut [arg(&xp), arg(&yp), arg(&r), arg(&c)])?;
@@ -2331,12 +2189,7 @@ impl CudaOps {
         let (xp, yp, ri, ci) = (x.ptr(), y.ptr(), r as i64, c as i64);
         // SAFETY: one block a 32x32 tile; arguments match the kernel.
         unsafe {
-            self.k.transpose.launch_2d(
-                &self.stream,
-                (tiles as u32, b as u32),
-                THREADS,
-                &mut [arg(&xp), arg(&yp), arg(&ri), arg(&ci)],
-            )?
+            self.k.transpose.launch_2d(&self.stream, (tiles as u32, b as u32), THREADS, &mut [arg(&xp), arg(&yp), arg(&ri), arg(&ci)])?
         };
         Ok(y)
     }
