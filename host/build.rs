@@ -6,7 +6,8 @@ use std::{env, fs, path::PathBuf, process::Command};
 /// Guest packages compiled into components. Presets are embedded in the binary;
 /// fixtures are only handed to the tests (via `QUANTSMITH_FIXTURES_DIR`).
 const PRESETS: &[&str] = &["sd15", "sdxl", "sd3", "flux"];
-const FIXTURES: &[&str] = &["hostile", "many-params", "unknown-format", "mixed-example", "contract-0-1-0", "contract-0-1-1", "contract-0-1-2"];
+const FIXTURES: &[&str] =
+    &["hostile", "many-params", "unknown-format", "mixed-example", "contract-0-1-0", "contract-0-1-1", "contract-0-1-2"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
@@ -20,12 +21,7 @@ fn main() {
 
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(&recipes)
-        .arg("build")
-        .arg("--release")
-        .arg("--target=wasm32-wasip2")
-        .arg("--target-dir")
-        .arg(&target_dir);
+    cmd.current_dir(&recipes).arg("build").arg("--release").arg("--target=wasm32-wasip2").arg("--target-dir").arg(&target_dir);
     for pkg in PRESETS.iter().chain(FIXTURES) {
         cmd.arg("-p").arg(format!("recipe-{pkg}"));
     }
@@ -50,13 +46,11 @@ fn main() {
     fs::create_dir_all(&fixtures_dir).unwrap();
     for pkg in PRESETS {
         let src = wasm_dir.join(format!("recipe_{}.wasm", pkg.replace('-', "_")));
-        fs::copy(&src, out_dir.join(format!("{pkg}.wasm")))
-            .unwrap_or_else(|e| panic!("missing guest {}: {e}", src.display()));
+        fs::copy(&src, out_dir.join(format!("{pkg}.wasm"))).unwrap_or_else(|e| panic!("missing guest {}: {e}", src.display()));
     }
     for pkg in FIXTURES {
         let src = wasm_dir.join(format!("recipe_{}.wasm", pkg.replace('-', "_")));
-        fs::copy(&src, fixtures_dir.join(format!("{pkg}.wasm")))
-            .unwrap_or_else(|e| panic!("missing guest {}: {e}", src.display()));
+        fs::copy(&src, fixtures_dir.join(format!("{pkg}.wasm"))).unwrap_or_else(|e| panic!("missing guest {}: {e}", src.display()));
     }
     println!("cargo:rustc-env=QUANTSMITH_FIXTURES_DIR={}", fixtures_dir.display());
 }

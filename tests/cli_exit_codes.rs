@@ -159,7 +159,8 @@ fn exit_4_recipe_misbehaved() {
     let input = synth_tiny(dir.path(), "sd15");
     let out = dir.path().join("o.safetensors");
     let hostile = fixture("hostile");
-    let (code, stderr) = rr(&["run", s(&input), "-o", s(&out), "--recipe", s(&hostile), "--set", "mode=loop", "--recipe-timeout", "0.5"], &[]);
+    let (code, stderr) =
+        rr(&["run", s(&input), "-o", s(&out), "--recipe", s(&hostile), "--set", "mode=loop", "--recipe-timeout", "0.5"], &[]);
     assert_eq!(code, Some(4), "{stderr}");
     assert!(stderr.contains("CPU budget"), "{stderr}");
     assert!(!out.exists());
@@ -239,11 +240,13 @@ fn exit_3_mxfp8_value_that_would_dequantize_to_infinity() {
     let huge = d.join("huge.safetensors");
     std::fs::write(&huge, &bytes).unwrap();
     let out = d.join("o.safetensors");
-    let (code, stderr) = rr(&["run", s(&huge), "-o", s(&out), "--set", "format=mxfp8", "--device", "cpu", "--calibrate", "off", "--quiet"], &[]);
+    let (code, stderr) =
+        rr(&["run", s(&huge), "-o", s(&out), "--set", "format=mxfp8", "--device", "cpu", "--calibrate", "off", "--quiet"], &[]);
     assert_eq!(code, Some(3), "{stderr}");
     assert!(stderr.contains(key) && stderr.contains("infinity"), "{stderr}");
     assert_no_output(d, &out);
     // The same file in FP8 (per-tensor scale) is fine.
-    let (code, stderr) = rr(&["run", s(&huge), "-o", s(&out), "--set", "format=fp8", "--device", "cpu", "--calibrate", "off", "--quiet"], &[]);
+    let (code, stderr) =
+        rr(&["run", s(&huge), "-o", s(&out), "--set", "format=fp8", "--device", "cpu", "--calibrate", "off", "--quiet"], &[]);
     assert_eq!(code, Some(0), "{stderr}");
 }

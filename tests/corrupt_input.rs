@@ -143,7 +143,16 @@ fn forward_refuses_malformed_inputs_with_exit_code_3() {
     let out = dir.path().join("out.safetensors");
     let forward = || {
         let r = std::process::Command::new(env!("CARGO_BIN_EXE_run-recipe"))
-            .args(["forward", model.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", "cpu"])
+            .args([
+                "forward",
+                model.to_str().unwrap(),
+                "--inputs",
+                inputs.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ])
             .output()
             .unwrap();
         (r.status.code(), String::from_utf8_lossy(&r.stderr).into_owned())
@@ -173,7 +182,8 @@ fn a_tensor_comfyui_cannot_load_is_refused_not_passed_through() {
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let scales = [127u8, 128, 126, 127];
     let mut tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.iter().map(|(n, v)| (n.to_string(), v)).collect();
-    tensors.push(("extra.block_scales".into(), safetensors::tensor::TensorView::new(safetensors::Dtype::F8_E8M0, vec![4], &scales).unwrap()));
+    tensors
+        .push(("extra.block_scales".into(), safetensors::tensor::TensorView::new(safetensors::Dtype::F8_E8M0, vec![4], &scales).unwrap()));
     let input = dir.path().join("with-e8m0.safetensors");
     safetensors::serialize_to_file(tensors, meta.metadata().clone(), &input).unwrap();
     let output = dir.path().join("out.safetensors");

@@ -94,7 +94,11 @@ fn flux_int8_smoothquant_folds_into_modulation_rows_and_check_verifies() {
     o.calibration.eval_inputs = 2;
     let report = pipeline::run(&o).unwrap();
     let c = calibrated(&report);
-    assert!(c.smoothing.iter().any(|g| g.producer.ends_with("img_mod.lin:attn")), "{:?}", c.smoothing.iter().map(|g| &g.producer).collect::<Vec<_>>());
+    assert!(
+        c.smoothing.iter().any(|g| g.producer.ends_with("img_mod.lin:attn")),
+        "{:?}",
+        c.smoothing.iter().map(|g| &g.producer).collect::<Vec<_>>()
+    );
     assert!(c.smoothing.iter().any(|g| g.producer.ends_with(".img_attn.qkv")), "V rows of joint attention");
     let check = check_output(&Checkpoint::open(&input).unwrap(), &output).unwrap();
     assert!(check.smoothed_tensors > 0);
@@ -230,7 +234,15 @@ fn prompts_run_through_text_encoder_files(family: &str, encoders: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data");
     let model = dir.path().join(format!("{family}.safetensors"));
-    cli(&["synth".as_ref(), family.as_ref(), "--scale".as_ref(), "tiny".as_ref(), "--tiny-text".as_ref(), "-o".as_ref(), model.as_os_str()]);
+    cli(&[
+        "synth".as_ref(),
+        family.as_ref(),
+        "--scale".as_ref(),
+        "tiny".as_ref(),
+        "--tiny-text".as_ref(),
+        "-o".as_ref(),
+        model.as_os_str(),
+    ]);
     let mut text_args: Vec<std::ffi::OsString> = Vec::new();
     for e in encoders {
         let path = dir.path().join(format!("{e}.safetensors"));
@@ -243,7 +255,8 @@ fn prompts_run_through_text_encoder_files(family: &str, encoders: &[&str]) {
     let run = |name: &str, extra: &[std::ffi::OsString]| -> (std::path::PathBuf, serde_json::Value) {
         let out = dir.path().join(format!("{name}.safetensors"));
         let report = dir.path().join(format!("{name}.json"));
-        let mut args: Vec<&OsStr> = vec!["run".as_ref(), model.as_os_str(), "-o".as_ref(), out.as_os_str(), "--report".as_ref(), report.as_os_str()];
+        let mut args: Vec<&OsStr> =
+            vec!["run".as_ref(), model.as_os_str(), "-o".as_ref(), out.as_os_str(), "--report".as_ref(), report.as_os_str()];
         for a in ["--recipe", family, "--device", "cpu", "--calibrate", "on", "--eval-inputs", "1", "--eval-resolution", "64", "-q"] {
             args.push(a.as_ref());
         }

@@ -27,7 +27,12 @@ fn excluded(family: &str) -> &'static [&'static str] {
 fn probes(family: &str) -> &'static [&'static str] {
     match family {
         "sd15" => &["input_blocks.0.0.weight", "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"],
-        "sdxl" => &["input_blocks.0.0.weight", "label_emb.0.0.weight", "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight", "input_blocks.4.1.proj_in.weight"],
+        "sdxl" => &[
+            "input_blocks.0.0.weight",
+            "label_emb.0.0.weight",
+            "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
+            "input_blocks.4.1.proj_in.weight",
+        ],
         "sd3" => &["x_embedder.proj.weight", "context_embedder.weight", "y_embedder.mlp.0.weight"],
         "flux" => &["img_in.weight", "txt_in.weight", "vector_in.in_layer.weight", "double_blocks.0.img_attn.norm.key_norm.scale"],
         _ => unreachable!(),
@@ -157,7 +162,13 @@ fn wrong_family_is_refused_with_a_reason() {
 #[test]
 fn variants_are_detected() {
     let dir = tempfile::tempdir().unwrap();
-    for (family, variant, expect) in [("flux", Some("schnell"), "schnell"), ("flux", None, "dev"), ("sd15", Some("inpaint"), "inpaint"), ("sdxl", None, "base"), ("sd3", None, "3-medium")] {
+    for (family, variant, expect) in [
+        ("flux", Some("schnell"), "schnell"),
+        ("flux", None, "dev"),
+        ("sd15", Some("inpaint"), "inpaint"),
+        ("sdxl", None, "base"),
+        ("sd3", None, "3-medium"),
+    ] {
         let input = synth_with(dir.path(), family, variant, false);
         let output = dir.path().join("v.safetensors");
         let mut opts = options(&input, &output, None, &[]);
@@ -174,14 +185,19 @@ fn refiner_and_sd35_are_told_apart_from_shapes() {
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, tensors: &[(&str, Vec<usize>)]| {
         let data: Vec<Vec<u8>> = tensors.iter().map(|(_, s)| vec![0u8; s.iter().product::<usize>() * 2]).collect();
-        let views: Vec<(String, TensorView)> = tensors.iter().zip(&data).map(|((n, s), d)| (n.to_string(), TensorView::new(Dtype::BF16, s.clone(), d).unwrap())).collect();
+        let views: Vec<(String, TensorView)> =
+            tensors.iter().zip(&data).map(|((n, s), d)| (n.to_string(), TensorView::new(Dtype::BF16, s.clone(), d).unwrap())).collect();
         let path = dir.path().join(name);
         safetensors::serialize_to_file(views, None, &path).unwrap();
         path
     };
     let refiner = write(
         "refiner.safetensors",
-        &[("input_blocks.0.0.weight", vec![384, 4, 3, 3]), ("label_emb.0.0.weight", vec![1536, 2560]), ("input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight", vec![768, 1280])],
+        &[
+            ("input_blocks.0.0.weight", vec![384, 4, 3, 3]),
+            ("label_emb.0.0.weight", vec![1536, 2560]),
+            ("input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight", vec![768, 1280]),
+        ],
     );
     let sd35 = write(
         "sd35m.safetensors",
@@ -271,7 +287,10 @@ fn cli_exit_codes_distinguish_bad_input_from_success() {
     let exe = env!("CARGO_BIN_EXE_run-recipe");
     let input = synth_tiny(dir.path(), "sd15");
     let output = dir.path().join("cli.safetensors");
-    let ok = std::process::Command::new(exe).args(["run", input.to_str().unwrap(), "-o", output.to_str().unwrap(), "--quiet", "--device", "cpu"]).output().unwrap();
+    let ok = std::process::Command::new(exe)
+        .args(["run", input.to_str().unwrap(), "-o", output.to_str().unwrap(), "--quiet", "--device", "cpu"])
+        .output()
+        .unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     assert!(String::from_utf8_lossy(&ok.stdout).contains("sd15"));
     let check = std::process::Command::new(exe).args(["check", input.to_str().unwrap(), output.to_str().unwrap()]).output().unwrap();
@@ -279,7 +298,10 @@ fn cli_exit_codes_distinguish_bad_input_from_success() {
 
     let garbage = dir.path().join("garbage.safetensors");
     std::fs::write(&garbage, b"not a checkpoint at all").unwrap();
-    let bad = std::process::Command::new(exe).args(["run", garbage.to_str().unwrap(), "-o", dir.path().join("x.safetensors").to_str().unwrap()]).output().unwrap();
+    let bad = std::process::Command::new(exe)
+        .args(["run", garbage.to_str().unwrap(), "-o", dir.path().join("x.safetensors").to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(bad.status.code(), Some(3), "{}", String::from_utf8_lossy(&bad.stderr));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a valid safetensors file"));
 

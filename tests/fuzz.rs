@@ -75,7 +75,8 @@ fn corpus(target: &str) -> PathBuf {
 
 /// Every file of a target's corpus, sorted (replayed before the random cases).
 fn corpus_files(target: &str) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(corpus(target)).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(corpus(target)).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
     files.retain(|p| p.is_file() && p.file_name().is_some_and(|n| !n.to_string_lossy().starts_with('.')));
     files.sort();
     files
@@ -113,18 +114,45 @@ fn tiny_checkpoint() -> Vec<u8> {
             (0..n).map(|j| ((i * 131 + j * 7) % 61) as u8).collect()
         })
         .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> =
-        specs.iter().zip(&data).map(|((n, d, s), b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
-    let meta: std::collections::HashMap<String, String> = [("format".to_string(), "pt".to_string()), ("modelspec.architecture".to_string(), "stable-diffusion-v1".to_string())].into();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = specs
+        .iter()
+        .zip(&data)
+        .map(|((n, d, s), b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    let meta: std::collections::HashMap<String, String> =
+        [("format".to_string(), "pt".to_string()), ("modelspec.architecture".to_string(), "stable-diffusion-v1".to_string())].into();
     safetensors::serialize(views, Some(meta)).unwrap()
 }
 
 /// Header tokens worth splicing in: numbers at the edges of the integer types,
 /// dtypes, JSON punctuation, and what other formats start with.
 const HEADER_TOKENS: &[&str] = &[
-    "0", "-1", "18446744073709551615", "18446744073709551616", "4294967296", "1e309", "9007199254740993", "\"F8_E8M0\"", "\"U8\"", "\"BOOL\"",
-    "\"F64\"", "\"I64\"", "[]", "[0]", "[1,2,3,4,5,6,7,8,9]", "{}", "null", "\"__metadata__\"", ",", ":", "\"", "\\u0000", "\u{202e}", "\"shape\"",
-    "\"data_offsets\"", "\"dtype\"",
+    "0",
+    "-1",
+    "18446744073709551615",
+    "18446744073709551616",
+    "4294967296",
+    "1e309",
+    "9007199254740993",
+    "\"F8_E8M0\"",
+    "\"U8\"",
+    "\"BOOL\"",
+    "\"F64\"",
+    "\"I64\"",
+    "[]",
+    "[0]",
+    "[1,2,3,4,5,6,7,8,9]",
+    "{}",
+    "null",
+    "\"__metadata__\"",
+    ",",
+    ":",
+    "\"",
+    "\\u0000",
+    "\u{202e}",
+    "\"shape\"",
+    "\"data_offsets\"",
+    "\"dtype\"",
 ];
 
 fn mutate_checkpoint(g: &mut Gen, base: &[u8]) -> Vec<u8> {
@@ -165,7 +193,10 @@ fn mutate_checkpoint(g: &mut Gen, base: &[u8]) -> Vec<u8> {
                 let digits: Vec<usize> = (8..header_end).filter(|&i| b[i].is_ascii_digit()).collect();
                 if let Some(&at) = digits.get(g.below(digits.len())) {
                     let end = (at..b.len()).find(|&i| !b[i].is_ascii_digit()).unwrap_or(b.len());
-                    let num = g.pick(&["0", "1", "99999999999", "18446744073709551615", "340282366920938463463374607431768211456"]).as_bytes().to_vec();
+                    let num = g
+                        .pick(&["0", "1", "99999999999", "18446744073709551615", "340282366920938463463374607431768211456"])
+                        .as_bytes()
+                        .to_vec();
                     b.splice(at..end, num);
                 }
             }
@@ -293,8 +324,36 @@ fn checked_outputs() {
 /// Pieces of patterns: real module names, glob syntax (balanced or not), and
 /// characters that have broken glob compilers.
 const PATTERN_PIECES: &[&str] = &[
-    "*", "?", "[", "]", "[!", "{", "}", ",", "\\", ".", "input_blocks", "1", "transformer_blocks.0", "attn1", "to_q", "to_out.0", "weight_quantizer",
-    "input_quantizer", "time_embed.0", "out", "[qkv]", "{a,b}", "**", "[\\u{0}-\\u{10ffff}]", "\u{0}", "\u{1b}[2J", "é", "[z-a]", "{,}", "[]]",
+    "*",
+    "?",
+    "[",
+    "]",
+    "[!",
+    "{",
+    "}",
+    ",",
+    "\\",
+    ".",
+    "input_blocks",
+    "1",
+    "transformer_blocks.0",
+    "attn1",
+    "to_q",
+    "to_out.0",
+    "weight_quantizer",
+    "input_quantizer",
+    "time_embed.0",
+    "out",
+    "[qkv]",
+    "{a,b}",
+    "**",
+    "[\\u{0}-\\u{10ffff}]",
+    "\u{0}",
+    "\u{1b}[2J",
+    "é",
+    "[z-a]",
+    "{,}",
+    "[]]",
 ];
 
 fn random_pattern(g: &mut Gen) -> String {
@@ -532,14 +591,80 @@ impl Files {
 
 const COMMANDS: &[&str] = &["run", "run", "run", "inspect", "recipes", "check", "synth", "forward", "--help", "-V", "bogus"];
 const FLAGS: &[&str] = &[
-    "-o", "--output", "--recipe", "--set", "--config", "--dry-run", "--layout", "--device", "--verify", "--report", "--force", "--quiet", "-v", "--calibrate",
-    "--clip-vocab", "--text-encoder", "--t5-tokenizer", "--calib-data", "--eval-inputs", "--eval-resolution", "--calib-max-forwards", "--recipe-timeout",
-    "--recipe-memory", "--scale", "--seed", "--variant", "--inputs", "--out", "--repeat", "--", "-",
+    "-o",
+    "--output",
+    "--recipe",
+    "--set",
+    "--config",
+    "--dry-run",
+    "--layout",
+    "--device",
+    "--verify",
+    "--report",
+    "--force",
+    "--quiet",
+    "-v",
+    "--calibrate",
+    "--clip-vocab",
+    "--text-encoder",
+    "--t5-tokenizer",
+    "--calib-data",
+    "--eval-inputs",
+    "--eval-resolution",
+    "--calib-max-forwards",
+    "--recipe-timeout",
+    "--recipe-memory",
+    "--scale",
+    "--seed",
+    "--variant",
+    "--inputs",
+    "--out",
+    "--repeat",
+    "--",
+    "-",
 ];
 const VALUES: &[&str] = &[
-    "{TINY}", "{GARBAGE}", "{MISSING}", "{DIR}", "{FIFO}", "{OUT}", "{TOML}", "sd15", "sdxl", "flux", "auto", "cpu", "cuda", "cuda:99", "tpu", "comfy", "comfy-legacy",
-    "on", "off", "format=nvfp4", "format=mxfp8", "format=int4", "format=", "=x", "exclude=*", "mode=loop", "0", "-1", "1e20", "nan", "inf", "0.001", "4096",
-    "4097", "18446744073709551616", "", " ", "\u{1b}[2J", "\u{202e}", "tiny", "clip-l",
+    "{TINY}",
+    "{GARBAGE}",
+    "{MISSING}",
+    "{DIR}",
+    "{FIFO}",
+    "{OUT}",
+    "{TOML}",
+    "sd15",
+    "sdxl",
+    "flux",
+    "auto",
+    "cpu",
+    "cuda",
+    "cuda:99",
+    "tpu",
+    "comfy",
+    "comfy-legacy",
+    "on",
+    "off",
+    "format=nvfp4",
+    "format=mxfp8",
+    "format=int4",
+    "format=",
+    "=x",
+    "exclude=*",
+    "mode=loop",
+    "0",
+    "-1",
+    "1e20",
+    "nan",
+    "inf",
+    "0.001",
+    "4096",
+    "4097",
+    "18446744073709551616",
+    "",
+    " ",
+    "\u{1b}[2J",
+    "\u{202e}",
+    "tiny",
+    "clip-l",
 ];
 
 /// Values that fit each flag, so that most argv get past clap into the checks
@@ -548,13 +673,25 @@ fn fitting_value(g: &mut Gen, flag: &str) -> Option<&'static str> {
     Some(match flag {
         "-o" | "--output" | "--out" | "--report" => *g.pick(&["{OUT}", "{DIR}", "{MISSING}/x", "{TINY}", "{FIFO}"]),
         "--recipe" => *g.pick(&["sd15", "sdxl", "auto", "{GARBAGE}", "{FIFO}", "x.wasm"]),
-        "--set" => *g.pick(&["format=nvfp4", "format=mxfp8", "format=int8", "format=fp8", "uncalibrated-fp8=fast", "exclude=*attn*", "calib-steps=2"]),
-        "--config" | "--inputs" | "--calib-data" | "--text-encoder" | "--t5-tokenizer" => *g.pick(&["{TOML}", "{TINY}", "{GARBAGE}", "{FIFO}", "{DIR}"]),
+        "--set" => *g.pick(&[
+            "format=nvfp4",
+            "format=mxfp8",
+            "format=int8",
+            "format=fp8",
+            "uncalibrated-fp8=fast",
+            "exclude=*attn*",
+            "calib-steps=2",
+        ]),
+        "--config" | "--inputs" | "--calib-data" | "--text-encoder" | "--t5-tokenizer" => {
+            *g.pick(&["{TOML}", "{TINY}", "{GARBAGE}", "{FIFO}", "{DIR}"])
+        }
         "--clip-vocab" => *g.pick(&["{DIR}", "{TINY}", "{MISSING}"]),
         "--layout" => *g.pick(&["comfy", "comfy-legacy"]),
         "--device" => *g.pick(&["cpu", "auto", "cuda", "cuda:1"]),
         "--calibrate" => *g.pick(&["off", "auto", "on"]),
-        "--eval-inputs" | "--eval-resolution" | "--calib-max-forwards" | "--repeat" | "--seed" => *g.pick(&["0", "1", "64", "4096", "1000000"]),
+        "--eval-inputs" | "--eval-resolution" | "--calib-max-forwards" | "--repeat" | "--seed" => {
+            *g.pick(&["0", "1", "64", "4096", "1000000"])
+        }
         "--recipe-timeout" => *g.pick(&["0.01", "0.5", "10", "86400"]),
         "--recipe-memory" => *g.pick(&["1", "64", "4096"]),
         "--scale" => "tiny",
@@ -570,8 +707,26 @@ fn command_flags(command: &str) -> (&'static [&'static str], usize) {
     match command {
         "run" => (
             &[
-                "-o", "--recipe", "--set", "--set", "--config", "--layout", "--device", "--verify", "--report", "--force", "--quiet", "--calibrate", "--clip-vocab",
-                "--text-encoder", "--t5-tokenizer", "--calib-data", "--eval-inputs", "--eval-resolution", "--calib-max-forwards", "--recipe-timeout",
+                "-o",
+                "--recipe",
+                "--set",
+                "--set",
+                "--config",
+                "--layout",
+                "--device",
+                "--verify",
+                "--report",
+                "--force",
+                "--quiet",
+                "--calibrate",
+                "--clip-vocab",
+                "--text-encoder",
+                "--t5-tokenizer",
+                "--calib-data",
+                "--eval-inputs",
+                "--eval-resolution",
+                "--calib-max-forwards",
+                "--recipe-timeout",
                 "--recipe-memory",
             ],
             1,
@@ -595,7 +750,11 @@ fn random_argv(g: &mut Gen) -> Vec<String> {
     // Its positionals, most of the time.
     for _ in 0..positionals {
         if !g.chance(6) {
-            let pool: &[&str] = if command == "synth" { &["sd15", "sdxl", "flux", "sd3", "clip-l", "t5xxl", "bogus"] } else { &["{TINY}", "{TINY}", "{GARBAGE}", "{MISSING}", "{DIR}", "{FIFO}"] };
+            let pool: &[&str] = if command == "synth" {
+                &["sd15", "sdxl", "flux", "sd3", "clip-l", "t5xxl", "bogus"]
+            } else {
+                &["{TINY}", "{TINY}", "{GARBAGE}", "{MISSING}", "{DIR}", "{FIFO}"]
+            };
             argv.push(g.pick(pool).to_string());
         }
     }

@@ -211,9 +211,8 @@ fn cases(dtype: SourceDtype, seed: u64) -> Vec<Case> {
             0.5 * 2f32.powi(-9),
         ];
         let (r, c) = (32, 64);
-        let v: Vec<f32> = (0..r * c)
-            .map(|i| if i % 64 == 0 { 448.0 } else { ties[i % ties.len()] * if i % 2 == 0 { 1.0 } else { -1.0 } })
-            .collect();
+        let v: Vec<f32> =
+            (0..r * c).map(|i| if i % 64 == 0 { 448.0 } else { ties[i % ties.len()] * if i % 2 == 0 { 1.0 } else { -1.0 } }).collect();
         push("e4m3 ties", r, c, v);
         // NVFP4: amax 2688 -> s2 = 1; block max 6*2^k -> block scale 2^k; E2M1 midpoints.
         let e2 = [0.25f32, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -2.5, -5.0, 0.0, -0.0, 4.0, 1.0, 3.0];
@@ -340,8 +339,7 @@ fn gpu_matches_cpu_bit_for_bit() {
                         let dg = b.dequantize(spec, stored, case.rows, case.cols).expect("gpu dequantize");
                         let dc = spec.implementation().dequantize(stored, case.rows, case.cols);
                         if let Some(i) = bits_equal(&dg, &dc) {
-                            failures
-                                .push(format!("{label}: dequantized element {i}: gpu {:e} vs cpu {:e}", dg[i], dc[i]));
+                            failures.push(format!("{label}: dequantized element {i}: gpu {:e} vs cpu {:e}", dg[i], dc[i]));
                         }
                     }
                 }
@@ -371,8 +369,7 @@ fn amax_kernels_match_cpu() {
                 })
                 .collect();
             let (r, c) = (case.rows, case.cols);
-            let row_max: Vec<f32> =
-                (0..r).map(|i| vals[i * c..(i + 1) * c].iter().fold(0f32, |m, v| m.max(v.abs()))).collect();
+            let row_max: Vec<f32> = (0..r).map(|i| vals[i * c..(i + 1) * c].iter().fold(0f32, |m, v| m.max(v.abs()))).collect();
             let t = b.amax(&w, AmaxKind::Tensor).unwrap();
             assert_eq!(t[0], row_max.iter().fold(0f32, |m, v| m.max(*v)), "tensor amax {:?} {}", dtype, case.what);
             assert_eq!(b.amax(&w, AmaxKind::Rows).unwrap(), row_max, "row amax {:?} {}", dtype, case.what);
@@ -381,18 +378,10 @@ fn amax_kernels_match_cpu() {
                 let want: Vec<f32> = (0..r * nb)
                     .map(|i| {
                         let (row, j) = (i / nb, i % nb);
-                        vals[row * c + j * blk..row * c + ((j + 1) * blk).min(c)]
-                            .iter()
-                            .fold(0f32, |m, v| m.max(v.abs()))
+                        vals[row * c + j * blk..row * c + ((j + 1) * blk).min(c)].iter().fold(0f32, |m, v| m.max(v.abs()))
                     })
                     .collect();
-                assert_eq!(
-                    b.amax(&w, AmaxKind::Blocks(blk)).unwrap(),
-                    want,
-                    "block{blk} amax {:?} {}",
-                    dtype,
-                    case.what
-                );
+                assert_eq!(b.amax(&w, AmaxKind::Blocks(blk)).unwrap(), want, "block{blk} amax {:?} {}", dtype, case.what);
             }
         }
     }

@@ -83,7 +83,13 @@ fn huge_tensor_name_is_bad_input() {
     let input = synth_tiny(dir.path(), "sd15");
     let evil = dir.path().join("evil.safetensors");
     let long = format!("input_blocks.1.1.transformer_blocks.0.{}.weight", "x".repeat(1 << 20));
-    rewrite(&input, &evil, |n| if n == "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight" { long.clone() } else { n.to_string() }, &[], &[]);
+    rewrite(
+        &input,
+        &evil,
+        |n| if n == "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight" { long.clone() } else { n.to_string() },
+        &[],
+        &[],
+    );
     let out = dir.path().join("o.safetensors");
     let (code, _, stderr) = rr(&["run", s(&evil), "-o", s(&out), "--device", "cpu"], &[]);
     assert_eq!(code, Some(3), "{}", &stderr[..stderr.len().min(3000)]);
@@ -156,7 +162,8 @@ fn runs_give_byte_identical_files() {
     let mut files = Vec::new();
     for (i, threads) in ["1", "3", "1", "2"].iter().enumerate() {
         let out = dir.path().join(format!("out{i}.safetensors"));
-        let (code, _, stderr) = rr(&["run", s(&input), "-o", s(&out), "--device", "cpu", "--quiet", "--calibrate", "off"], &[("RAYON_NUM_THREADS", threads)]);
+        let (code, _, stderr) =
+            rr(&["run", s(&input), "-o", s(&out), "--device", "cpu", "--quiet", "--calibrate", "off"], &[("RAYON_NUM_THREADS", threads)]);
         assert_eq!(code, Some(0), "{stderr}");
         files.push(std::fs::read(&out).unwrap());
     }
@@ -173,7 +180,11 @@ fn runs_give_byte_identical_files() {
 // ---- 3. interrupted runs leave nothing -------------------------------------
 
 fn partials(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".partial")).collect()
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".partial"))
+        .collect()
 }
 
 /// Starts `synth` paused mid-write (test hook), waits until it is paused, sends `signal`.
@@ -241,7 +252,9 @@ fn sigkill_mid_run_then_the_same_command_gives_the_same_file() {
     let dir = tempfile::tempdir().unwrap();
     let input = synth_tiny(dir.path(), "sd15");
     let reference = dir.path().join("reference.safetensors");
-    let args = |out: &Path| -> Vec<String> { ["run", s(&input), "-o", s(out), "--device", "cpu", "--quiet"].iter().map(|a| a.to_string()).collect() };
+    let args = |out: &Path| -> Vec<String> {
+        ["run", s(&input), "-o", s(out), "--device", "cpu", "--quiet"].iter().map(|a| a.to_string()).collect()
+    };
     let out = Command::new(EXE).args(args(&reference)).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let want = std::fs::read(&reference).unwrap();
@@ -309,7 +322,11 @@ fn inputs_that_are_not_checkpoints_are_named_with_advice() {
     let w: &'static [u8] = &[0u8; 32];
     let v = |b: &'static [u8]| safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![4, 4], b).unwrap();
     safetensors::serialize_to_file(
-        vec![("model.embed_tokens.weight", v(w)), ("model.layers.0.self_attn.q_proj.weight", v(w)), ("model.layers.0.mlp.up_proj.weight", v(w))],
+        vec![
+            ("model.embed_tokens.weight", v(w)),
+            ("model.layers.0.self_attn.q_proj.weight", v(w)),
+            ("model.layers.0.mlp.up_proj.weight", v(w)),
+        ],
         None,
         &llm,
     )

@@ -137,19 +137,7 @@ fn ref_linear(x: &[f32], w: &[f32], b: Option<&[f32]>, m: usize, k: usize, n: us
 }
 
 #[allow(clippy::too_many_arguments)]
-fn ref_conv(
-    x: &[f32],
-    w: &[f32],
-    b: &[f32],
-    n: usize,
-    c: usize,
-    h: usize,
-    wd: usize,
-    k: usize,
-    ks: usize,
-    s: usize,
-    p: usize,
-) -> Vec<f32> {
+fn ref_conv(x: &[f32], w: &[f32], b: &[f32], n: usize, c: usize, h: usize, wd: usize, k: usize, ks: usize, s: usize, p: usize) -> Vec<f32> {
     let ho = (h + 2 * p - ks) / s + 1;
     let wo = (wd + 2 * p - ks) / s + 1;
     let mut y = vec![0f32; n * k * ho * wo];
@@ -190,17 +178,7 @@ fn ref_norm(v: &[f32], eps: f32) -> (f64, f64) {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn ref_attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    b: usize,
-    nq: usize,
-    nk: usize,
-    heads: usize,
-    d: usize,
-    causal: bool,
-) -> Vec<f32> {
+fn ref_attention(q: &[f32], k: &[f32], v: &[f32], b: usize, nq: usize, nk: usize, heads: usize, d: usize, causal: bool) -> Vec<f32> {
     let hd = heads * d;
     let mut out = vec![0f32; b * nq * hd];
     let scale = 1.0 / (d as f64).sqrt();
@@ -210,11 +188,7 @@ fn ref_attention(
                 let valid = if causal { (i + 1).min(nk) } else { nk };
                 let s: Vec<f64> = (0..valid)
                     .map(|j| {
-                        (0..d)
-                            .map(|t| {
-                                q[(bi * nq + i) * hd + h * d + t] as f64 * k[(bi * nk + j) * hd + h * d + t] as f64
-                            })
-                            .sum::<f64>()
+                        (0..d).map(|t| q[(bi * nq + i) * hd + h * d + t] as f64 * k[(bi * nk + j) * hd + h * d + t] as f64).sum::<f64>()
                             * scale
                     })
                     .collect();
@@ -240,8 +214,7 @@ fn erf(x: f64) -> f64 {
                 + t * (0.37409196
                     + t * (0.09678418
                         + t * (-0.18628806
-                            + t * (0.27886807
-                                + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))))
+                            + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))))
             .exp();
     if x >= 0.0 { y } else { -y }
 }
@@ -306,9 +279,7 @@ fn uploads_through_the_staging_ring_keep_their_data() {
 fn linear_matches_reference() {
     let Some((o, _g)) = gpu() else { return };
     let mut rng = StdRng::seed_from_u64(2);
-    for &(m, k, n, bias) in
-        &[(2 * 77, 768, 320, true), (300, 320, 1280, true), (2, 1280, 1280, false), (64, 77, 33, true)]
-    {
+    for &(m, k, n, bias) in &[(2 * 77, 768, 320, true), (300, 320, 1280, true), (2, 1280, 1280, false), (64, 77, 33, true)] {
         let x = randn(&mut rng, m * k, 1.0);
         let w = randn(&mut rng, n * k, 1.0 / (k as f32).sqrt());
         let b = randn(&mut rng, n, 0.5);
@@ -317,11 +288,7 @@ fn linear_matches_reference() {
         let bt = up(o, &[n], &b);
         let y = o.linear(&xt, &wt, if bias { Some(&bt) } else { None }).unwrap();
         assert_eq!(o.shape(&y), vec![m, n]);
-        close(
-            &format!("linear {m}x{k}x{n} bias={bias}"),
-            &down(o, &y),
-            &ref_linear(&x, &w, bias.then_some(&b[..]), m, k, n),
-        );
+        close(&format!("linear {m}x{k}x{n} bias={bias}"), &down(o, &y), &ref_linear(&x, &w, bias.then_some(&b[..]), m, k, n));
     }
     // Leading dimensions are kept: [B, N, C] -> [B, N, out].
     let x = randn(&mut rng, 2 * 5 * 64, 1.0);
@@ -335,12 +302,7 @@ fn linear_matches_reference() {
 fn conv2d_matches_reference_on_both_paths() {
     let Some((o, _g)) = gpu() else { return };
     let mut rng = StdRng::seed_from_u64(3);
-    let cases = [
-        (2, 64, 24, 24, 96, 3, 1, 1),
-        (2, 64, 24, 24, 64, 3, 2, 1),
-        (2, 96, 16, 16, 48, 1, 1, 0),
-        (1, 4, 32, 32, 320, 3, 1, 1),
-    ];
+    let cases = [(2, 64, 24, 24, 96, 3, 1, 1), (2, 64, 24, 24, 64, 3, 2, 1), (2, 96, 16, 16, 48, 1, 1, 0), (1, 4, 32, 32, 320, 3, 1, 1)];
     let had_cudnn = o.uses_cudnn();
     for cudnn in [true, false] {
         o.set_cudnn(cudnn);
@@ -352,9 +314,7 @@ fn conv2d_matches_reference_on_both_paths() {
             let x = randn(&mut rng, n * c * h * w, 1.0);
             let wt = randn(&mut rng, k * c * ks * ks, 1.0 / ((c * ks * ks) as f32).sqrt());
             let b = randn(&mut rng, k, 0.5);
-            let y = o
-                .conv2d(&up(o, &[n, c, h, w], &x), &up(o, &[k, c, ks, ks], &wt), Some(&up(o, &[k], &b)), s, p)
-                .unwrap();
+            let y = o.conv2d(&up(o, &[n, c, h, w], &x), &up(o, &[k, c, ks, ks], &wt), Some(&up(o, &[k], &b)), s, p).unwrap();
             let ho = (h + 2 * p - ks) / s + 1;
             assert_eq!(o.shape(&y), vec![n, k, ho, ho]);
             let path = if o.uses_cudnn() { "cuDNN" } else { "im2col" };
@@ -437,9 +397,7 @@ fn attention_matches_reference() {
             let k = randn(&mut rng, b * nk * hd, 1.0);
             let v = randn(&mut rng, b * nk * hd, 1.0);
             o.set_attention_chunk_bytes(chunk.unwrap_or(nncuda::ATTENTION_SCORE_BYTES));
-            let y = o
-                .attention(&up(o, &[b, nq, hd], &q), &up(o, &[b, nk, hd], &k), &up(o, &[b, nk, hd], &v), heads, causal)
-                .unwrap();
+            let y = o.attention(&up(o, &[b, nq, hd], &q), &up(o, &[b, nk, hd], &k), &up(o, &[b, nk, hd], &v), heads, causal).unwrap();
             o.set_attention_chunk_bytes(nncuda::ATTENTION_SCORE_BYTES);
             assert_eq!(o.shape(&y), vec![b, nq, hd]);
             let path = if flash && d % 8 == 0 && d <= 128 { format!("fused {variant:?}") } else { "cuBLAS".to_string() };
@@ -492,11 +450,7 @@ fn elementwise_ops_match_reference() {
     let xs = randn(&mut rng, nn * c * hw, 1.0);
     let bs = randn(&mut rng, nn * c, 1.0);
     let want: Vec<f32> = (0..xs.len()).map(|i| xs[i] + bs[i / hw]).collect();
-    close(
-        "add_channel_bias",
-        &down(o, &o.add_channel_bias(&up(o, &[nn, c, 9, 9], &xs), &up(o, &[nn, c], &bs)).unwrap()),
-        &want,
-    );
+    close("add_channel_bias", &down(o, &o.add_channel_bias(&up(o, &[nn, c, 9, 9], &xs), &up(o, &[nn, c], &bs)).unwrap()), &want);
 }
 
 #[test]
@@ -548,9 +502,8 @@ fn layout_ops_are_exact() {
     }
     exact("concat tokens", &cat, &want);
     let cat = down(o, &o.concat(&[&up(o, &[2, 3, 8], &a), &up(o, &[2, 3, 8], &a)], 2).unwrap());
-    let want: Vec<f32> = (0..6)
-        .flat_map(|r| a[r * 8..(r + 1) * 8].iter().chain(&a[r * 8..(r + 1) * 8]).copied().collect::<Vec<_>>())
-        .collect();
+    let want: Vec<f32> =
+        (0..6).flat_map(|r| a[r * 8..(r + 1) * 8].iter().chain(&a[r * 8..(r + 1) * 8]).copied().collect::<Vec<_>>()).collect();
     exact("concat last", &cat, &want);
     // embedding and token selection
     let table = randn(&mut rng, 50 * 16, 1.0);
@@ -612,10 +565,7 @@ fn observers_fold_channel_and_step_amax_on_device() {
     step[2][1] = 7.0;
     calls[2] = 1;
     assert!(o.observers_set_step(steps).is_err(), "a step past the buckets must be refused");
-    assert!(
-        o.observe(&up(o, &[2, 300, 321], &vec![0.0; 2 * 300 * 321]), 0).is_err(),
-        "wrong channel count must be refused"
-    );
+    assert!(o.observe(&up(o, &[2, 300, 321], &vec![0.0; 2 * 300 * 321]), 0).is_err(), "wrong channel count must be refused");
     let stats = o.observers_read().unwrap();
     assert_eq!(stats.len(), 3);
     for s in 0..3 {
@@ -659,10 +609,7 @@ fn fake_quant_matches_the_formats_reference() {
             (ActQuant::Fp8Dynamic, format_reference(QuantFormat::Fp8, false, &x, rows, cols)),
             (ActQuant::Fp8Static { scale: amax / 448.0 }, format_reference(QuantFormat::Fp8, false, &x, rows, cols)),
             (ActQuant::Int8DynamicRows, format_reference(QuantFormat::Int8, true, &x, rows, cols)),
-            (
-                ActQuant::Nvfp4 { global_scale: amax / 2688.0 },
-                format_reference(QuantFormat::Nvfp4, false, &x, rows, cols),
-            ),
+            (ActQuant::Nvfp4 { global_scale: amax / 2688.0 }, format_reference(QuantFormat::Nvfp4, false, &x, rows, cols)),
             (ActQuant::Mxfp8, format_reference(QuantFormat::Mxfp8, false, &x, rows, cols)),
         ];
         for (q, want) in cases {
@@ -675,13 +622,8 @@ fn fake_quant_matches_the_formats_reference() {
         // A static scale below amax / 448 saturates at ±448 * scale.
         let scale = amax / 448.0 / 4.0;
         let mul = 1.0 / scale;
-        let want: Vec<f32> =
-            x.iter().map(|&v| bf(e4m3_to_f32(e4m3_from_f32_sat((v * mul).clamp(-448.0, 448.0))) * scale)).collect();
-        exact(
-            "fake_quant Fp8Static saturating",
-            &down(o, &o.fake_quant(&xt, ActQuant::Fp8Static { scale }).unwrap()),
-            &want,
-        );
+        let want: Vec<f32> = x.iter().map(|&v| bf(e4m3_to_f32(e4m3_from_f32_sat((v * mul).clamp(-448.0, 448.0))) * scale)).collect();
+        exact("fake_quant Fp8Static saturating", &down(o, &o.fake_quant(&xt, ActQuant::Fp8Static { scale }).unwrap()), &want);
     }
     // All-zero input: every format gives zeros, never NaN.
     let z = up(o, &[3, 64], &[0.0; 192]);
@@ -705,12 +647,8 @@ fn run_vocabulary<O: Ops>(o: &O, seed: u64) -> Vec<(String, Vec<f32>)> {
     let t = |shape: &[usize], v: &[f32]| o.from_f32(shape, v).unwrap();
     let mut push = |name: &str, x: &O::Tensor| out.push((name.to_string(), o.to_f32(x).unwrap()));
     let wbytes: Vec<u8> = randn(&mut rng, 640 * 640, 0.04).iter().flat_map(|&v| f32_to_f16(v).to_le_bytes()).collect();
-    let w = o
-        .weight(
-            &[640, 640],
-            &WeightView { name: "to_q.weight", dtype: SourceDtype::F16, rows: 640, cols: 640, bytes: &wbytes },
-        )
-        .unwrap();
+    let w =
+        o.weight(&[640, 640], &WeightView { name: "to_q.weight", dtype: SourceDtype::F16, rows: 640, cols: 640, bytes: &wbytes }).unwrap();
     let bias = t(&[640], &randn(&mut rng, 640, 0.1));
     let tokens = t(&[2, 1024, 640], &randn(&mut rng, 2 * 1024 * 640, 1.0));
     push("linear", &o.linear(&tokens, &w, Some(&bias)).unwrap());
@@ -756,10 +694,7 @@ fn run_vocabulary<O: Ops>(o: &O, seed: u64) -> Vec<(String, Vec<f32>)> {
         push(&format!("fake_quant {q:?}"), &o.fake_quant(&tokens, q).unwrap());
     }
     o.observers_reset(
-        &[
-            ObserverSpec { channels: 640, axis: ChannelAxis::Last },
-            ObserverSpec { channels: 320, axis: ChannelAxis::Dim1 },
-        ],
+        &[ObserverSpec { channels: 640, axis: ChannelAxis::Last }, ObserverSpec { channels: 320, axis: ChannelAxis::Dim1 }],
         2,
     )
     .unwrap();
@@ -787,8 +722,7 @@ fn matches_cpu_ops_on_unet_shapes() {
         // sides: the GPU result is the CPU's rounded to bf16.
         let exact_op = name.starts_with("fake_quant")
             || name.starts_with("observer")
-            || ["upsample", "concat", "to_tokens", "from_tokens", "embedding", "select_tokens"]
-                .contains(&name.as_str());
+            || ["upsample", "concat", "to_tokens", "from_tokens", "embedding", "select_tokens"].contains(&name.as_str());
         if exact_op {
             let wb: Vec<f32> = w.iter().map(|&v| bf(v)).collect();
             exact(&format!("{name} (CpuOps)"), g, &wb);
@@ -876,13 +810,9 @@ fn timing_linear_conv_attention() {
     for flash in [true, false] {
         o.set_flash_attention(flash);
         let label = if flash { "fused" } else { "cuBLAS + softmax" };
-        time(
-            &format!("attention SDXL 2x4096x4096, 10 heads x 64 ({label})"),
-            4.0 * 2.0 * 10.0 * 4096.0 * 4096.0 * 64.0,
-            &|| {
-                let _ = o.attention(&q, &q, &q, 10, false).unwrap();
-            },
-        );
+        time(&format!("attention SDXL 2x4096x4096, 10 heads x 64 ({label})"), 4.0 * 2.0 * 10.0 * 4096.0 * 4096.0 * 64.0, &|| {
+            let _ = o.attention(&q, &q, &q, 10, false).unwrap();
+        });
     }
     o.set_flash_attention(true);
     let qf = up(o, &[1, 4608, 3072], &randn(&mut rng, 4608 * 3072, 1.0));
@@ -892,9 +822,13 @@ fn timing_linear_conv_attention() {
         time(&format!("attention FLUX 1x4608x4608, 24 heads x 128 (fused {variant:?})"), 4.0 * 24.0 * 4608.0 * 4608.0 * 128.0, &|| {
             let _ = o.attention(&qf, &qf, &qf, 24, false).unwrap();
         });
-        time(&format!("attention SD3.5-large 1x4250x4250, 38 heads x 64 (fused {variant:?})"), 4.0 * 38.0 * 4250.0 * 4250.0 * 64.0, &|| {
-            let _ = o.attention(&qs, &qs, &qs, 38, false).unwrap();
-        });
+        time(
+            &format!("attention SD3.5-large 1x4250x4250, 38 heads x 64 (fused {variant:?})"),
+            4.0 * 38.0 * 4250.0 * 4250.0 * 64.0,
+            &|| {
+                let _ = o.attention(&qs, &qs, &qs, 38, false).unwrap();
+            },
+        );
     }
     o.set_flash_variant(FlashVariant::DEFAULT);
     let gn_x = up(o, &[2, 320, 128, 128], &randn(&mut rng, 2 * 320 * 128 * 128, 1.0));

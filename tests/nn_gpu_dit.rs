@@ -74,9 +74,8 @@ fn ref_attention_rows(
             for h in 0..heads {
                 let s: Vec<f64> = (0..nk)
                     .map(|j| {
-                        let dot: f64 = (0..d)
-                            .map(|e| q[(bi * nq + i) * w + h * d + e] as f64 * k[(bi * nk + j) * w + h * d + e] as f64)
-                            .sum();
+                        let dot: f64 =
+                            (0..d).map(|e| q[(bi * nq + i) * w + h * d + e] as f64 * k[(bi * nk + j) * w + h * d + e] as f64).sum();
                         scale * dot + bias.map_or(0.0, |bs| bs[(h * nq + i) * nk + j] as f64)
                     })
                     .collect();
@@ -122,8 +121,7 @@ fn rms_norm_and_elementwise_match_reference() {
     let b = randn(&mut rng, n, 2.0);
     let want: Vec<f64> = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).collect();
     close("mul", &down(o, &o.mul(&up(o, &[n], &a), &up(o, &[n], &b)).unwrap()), &want);
-    let gelu_tanh =
-        |x: f64| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh());
+    let gelu_tanh = |x: f64| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh());
     let want: Vec<f64> = a.iter().map(|&x| gelu_tanh(x as f64)).collect();
     close("gelu_tanh", &down(o, &o.act(&up(o, &[n], &a), Act::GeluTanh).unwrap()), &want);
 
@@ -134,8 +132,7 @@ fn rms_norm_and_elementwise_match_reference() {
     let shift = randn(&mut rng, bn * c, 1.0);
     let scale = randn(&mut rng, bn * c, 0.5);
     let bc = |i: usize| (i / (nt * c)) * c + i % c;
-    let want: Vec<f64> =
-        (0..x.len()).map(|i| x[i] as f64 * (1.0 + scale[bc(i)] as f64) + shift[bc(i)] as f64).collect();
+    let want: Vec<f64> = (0..x.len()).map(|i| x[i] as f64 * (1.0 + scale[bc(i)] as f64) + shift[bc(i)] as f64).collect();
     let (xt, st, sct) = (up(o, &[bn, nt, c], &x), up(o, &[bn, c], &shift), up(o, &[bn, c], &scale));
     close("modulate", &down(o, &o.modulate(&xt, &st, &sct).unwrap()), &want);
     let want: Vec<f64> = (0..x.len()).map(|i| x[i] as f64 + scale[bc(i)] as f64 * y[i] as f64).collect();
@@ -188,10 +185,8 @@ fn narrow_and_permute_are_exact() {
     let x6t = up(o, &d6, &x6);
     for perm in [[0usize, 2, 4, 1, 3, 5], [5, 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5]] {
         let od: Vec<usize> = perm.iter().map(|&p| d6[p]).collect();
-        let want: Vec<f32> = (0..x6.len())
-            .map(|i| unravel(i, &od).iter().zip(&perm).map(|(&v, &p)| v * s6[p]).sum::<usize>())
-            .map(|src| x6[src])
-            .collect();
+        let want: Vec<f32> =
+            (0..x6.len()).map(|i| unravel(i, &od).iter().zip(&perm).map(|(&v, &p)| v * s6[p]).sum::<usize>()).map(|src| x6[src]).collect();
         let y = o.permute(&x6t, &perm).unwrap();
         assert_eq!(o.shape(&y), od);
         assert_eq!(down(o, &y), want, "permute {perm:?}");
@@ -222,9 +217,7 @@ fn rope_matches_reference() {
                 }
             }
         }
-        let y = o
-            .rope(&up(o, &[b, n, heads * d], &x), &up(o, &[n, half], &cos), &up(o, &[n, half], &sin), heads)
-            .unwrap();
+        let y = o.rope(&up(o, &[b, n, heads * d], &x), &up(o, &[n, half], &cos), &up(o, &[n, half], &sin), heads).unwrap();
         close(&format!("rope b{b} n{n} h{heads} d{d}"), &down(o, &y), &want);
     }
 }
@@ -235,7 +228,7 @@ fn attention_biased_matches_reference() {
     let mut rng = StdRng::seed_from_u64(14);
     // (batch, queries, keys, heads, head dim, scale, chunk bytes)
     let cases = [
-        (2, 77, 77, 4, 64, 1.0f32, None),        // T5 at ComfyUI's FLUX prompt length
+        (2, 77, 77, 4, 64, 1.0f32, None),       // T5 at ComfyUI's FLUX prompt length
         (1, 512, 512, 2, 64, 1.0, None),        // T5 at 512 tokens
         (1, 512, 512, 2, 128, 0.125, None),     // head dim 128
         (2, 100, 60, 3, 40, 0.3, Some(50_000)), // head and query chunks
@@ -272,9 +265,7 @@ fn fused_attention_at_dit_sizes() {
     let Some((o, _g)) = gpu() else { return };
     let mut rng = StdRng::seed_from_u64(15);
     o.set_flash_attention(true);
-    for (variant, &(n, heads, d)) in
-        FlashVariant::ALL.into_iter().flat_map(|v| [(v, &(4608, 2, 128)), (v, &(4250, 2, 64))])
-    {
+    for (variant, &(n, heads, d)) in FlashVariant::ALL.into_iter().flat_map(|v| [(v, &(4608, 2, 128)), (v, &(4250, 2, 64))]) {
         o.set_flash_variant(variant);
         let w = heads * d;
         let q = randn(&mut rng, n * w, 1.0);
@@ -322,7 +313,15 @@ fn flux_matches_cpu_ops() {
             let fan_in = s.get(1).copied().unwrap_or(1) as f32;
             randn(&mut rng, n, 1.0)
                 .into_iter()
-                .map(|z| if k.ends_with(".scale") { bf(1.0 + 0.2 * z) } else if k.ends_with(".bias") { bf(0.1 * z) } else { bf(z / fan_in.sqrt()) })
+                .map(|z| {
+                    if k.ends_with(".scale") {
+                        bf(1.0 + 0.2 * z)
+                    } else if k.ends_with(".bias") {
+                        bf(0.1 * z)
+                    } else {
+                        bf(z / fan_in.sqrt())
+                    }
+                })
                 .flat_map(|v| v.to_le_bytes())
                 .collect()
         })
@@ -343,7 +342,15 @@ fn flux_matches_cpu_ops() {
         let x = randn(&mut rng, b * 16 * hh * ww, 1.0);
         let ctx = randn(&mut rng, b * t_len * 64, 1.0);
         let y = randn(&mut rng, b * 32, 1.0);
-        fn run<O: Ops>(o: &O, ckpt: &Checkpoint, cfg: &FluxConfig, x: &[f32], ctx: &[f32], y: &[f32], dims: (usize, usize, usize, usize)) -> Vec<f32> {
+        fn run<O: Ops>(
+            o: &O,
+            ckpt: &Checkpoint,
+            cfg: &FluxConfig,
+            x: &[f32],
+            ctx: &[f32],
+            y: &[f32],
+            dims: (usize, usize, usize, usize),
+        ) -> Vec<f32> {
             let (b, t_len, hh, ww) = dims;
             let flux = Flux::load(o, ckpt, "", cfg.clone()).unwrap();
             let out = flux

@@ -190,10 +190,14 @@ fn no_color_is_honoured_on_a_terminal() {
     let dir = tempfile::tempdir().unwrap();
     let input = synth_tiny(dir.path(), "sd15");
     // Colour is SGR: ESC [ digits and semicolons, then `m` (cursor moves of a bar are not colour).
-    let sgr = |t: &str| t.split("\x1b[").skip(1).any(|rest| rest.trim_start_matches(|c: char| c.is_ascii_digit() || c == ';').starts_with('m'));
+    let sgr =
+        |t: &str| t.split("\x1b[").skip(1).any(|rest| rest.trim_start_matches(|c: char| c.is_ascii_digit() || c == ';').starts_with('m'));
     for no_color in [false, true] {
         let out = dir.path().join(format!("o-{no_color}.safetensors"));
-        let (code, text) = on_terminal(&["-v", "run", s(&input), "-o", s(&out), "--device", "cpu", "--calibrate", "off", "--set", "exclude=no.such.module*"], no_color);
+        let (code, text) = on_terminal(
+            &["-v", "run", s(&input), "-o", s(&out), "--device", "cpu", "--calibrate", "off", "--set", "exclude=no.such.module*"],
+            no_color,
+        );
         assert_eq!(code, Some(0), "{text}");
         assert!(text.contains("INFO") && text.contains("matches no quantizer"), "{text:?}");
         // Without NO_COLOR the same logs are coloured: the terminal is a real one.

@@ -64,7 +64,8 @@ fn formats(source: &Checkpoint, output: &Path) -> std::collections::BTreeMap<Str
     check.layers.into_iter().map(|(k, (f, _))| (k, f)).collect()
 }
 
-const EMBEDDERS: &[&str] = &["img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "guidance_in.in_layer", "final_layer.linear"];
+const EMBEDDERS: &[&str] =
+    &["img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "guidance_in.in_layer", "final_layer.linear"];
 
 #[test]
 fn python_recipe_quantizes_flux_in_fp8_by_default() {
@@ -185,7 +186,15 @@ fn python_recipe_metadata() {
     let runtime = RecipeRuntime::new(LIMITS).unwrap();
     let loaded = runtime.load(&RecipeSource::File(recipe.clone())).unwrap_or_else(|e| panic!("{e}"));
     let info = &loaded.info;
-    println!("{} {}  [{}]\n  {}\n  families: {}   formats: {}", info.name, info.version, recipe.display(), info.description, info.families.join(", "), info.formats.join(", "));
+    println!(
+        "{} {}  [{}]\n  {}\n  families: {}   formats: {}",
+        info.name,
+        info.version,
+        recipe.display(),
+        info.description,
+        info.families.join(", "),
+        info.formats.join(", ")
+    );
     for p in &info.params {
         println!("    {:<12} {:?} {:?} default {:?}  {}", p.name, p.kind, p.allowed, p.default, p.help);
     }
@@ -195,14 +204,20 @@ fn python_recipe_metadata() {
     assert_eq!(info.formats, ["fp8", "int8"]);
     assert_eq!(info.params.len(), 2);
     let format = &info.params[0];
-    assert_eq!((format.name.as_str(), format.kind, &format.allowed), ("format", ParamKind::Choice, &vec!["fp8".to_string(), "int8".to_string()]));
+    assert_eq!(
+        (format.name.as_str(), format.kind, &format.allowed),
+        ("format", ParamKind::Choice, &vec!["fp8".to_string(), "int8".to_string()])
+    );
     assert!(matches!(&format.default, ParamValue::Text(s) if s == "fp8"));
     let keep = &info.params[1];
     assert_eq!((keep.name.as_str(), keep.kind), ("keep-blocks", ParamKind::Integer));
     assert!(matches!(keep.default, ParamValue::Integer(1)));
 
     // The CLI with its default sandbox limits.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_run-recipe")).args(["recipes", "--recipe", recipe.to_str().unwrap()]).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_run-recipe"))
+        .args(["recipes", "--recipe", recipe.to_str().unwrap()])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -226,7 +241,8 @@ fn python_recipe_logs_through_the_host() {
     }
     let buf = Buf::default();
     let writer = buf.clone();
-    let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).with_max_level(tracing::Level::INFO).finish();
+    let subscriber =
+        tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).with_max_level(tracing::Level::INFO).finish();
     let dir = tempfile::tempdir().unwrap();
     let input = synth_tiny(dir.path(), "flux");
     let output = dir.path().join("never.safetensors");
@@ -282,11 +298,7 @@ fn sandbox_needs() {
     }
     while hi - lo > 1 {
         let mid = (lo + hi) / 2;
-        if fits(mid) {
-            hi = mid
-        } else {
-            lo = mid
-        }
+        if fits(mid) { hi = mid } else { lo = mid }
     }
     println!(
         "python recipe: needs {}{hi} MiB of linear memory; load (compile or cache hit + describe) {:.2} s; detect {:.0} ms; plan {:.0} ms (instantiate + call)",

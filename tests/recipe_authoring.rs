@@ -18,7 +18,11 @@ fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     // The outer test's cargo settings target the host, not the guest.
     for (k, _) in std::env::vars() {
-        if k.starts_with("CARGO_") && !["CARGO_HOME", "CARGO_NET_OFFLINE"].contains(&k.as_str()) && !k.starts_with("CARGO_REGISTR") && !k.starts_with("CARGO_HTTP") {
+        if k.starts_with("CARGO_")
+            && !["CARGO_HOME", "CARGO_NET_OFFLINE"].contains(&k.as_str())
+            && !k.starts_with("CARGO_REGISTR")
+            && !k.starts_with("CARGO_HTTP")
+        {
             c.env_remove(&k);
         }
     }
@@ -30,7 +34,8 @@ fn cargo() -> Command {
 fn scaffolded_recipe_builds_and_runs_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     let crate_dir = dir.path().join("my-flux-recipe");
-    let out = Command::new(env!("CARGO_BIN_EXE_run-recipe")).args(["new", crate_dir.to_str().unwrap(), "--family", "flux"]).output().unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_run-recipe")).args(["new", crate_dir.to_str().unwrap(), "--family", "flux"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for f in ["Cargo.toml", "src/lib.rs", "README.md", "quantsmith-recipe-sdk/wit/recipe.wit"] {
         assert!(crate_dir.join(f).exists(), "{f}");

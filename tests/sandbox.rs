@@ -27,14 +27,17 @@ fn recipe_error(result: anyhow::Result<quantsmith::pipeline::RunReport>) -> (Rec
     let msg = format!("{err:#}");
     let e = err.chain().find_map(|c| c.downcast_ref::<RecipeError>()).unwrap_or_else(|| panic!("not a RecipeError: {msg}"));
     assert!(msg.contains("hostile"), "the message names the recipe: {msg}");
-    (match e {
-        RecipeError::Timeout { recipe, call, secs } => RecipeError::Timeout { recipe: recipe.clone(), call, secs: *secs },
-        RecipeError::Memory { recipe, call, mib } => RecipeError::Memory { recipe: recipe.clone(), call, mib: *mib },
-        RecipeError::Trap { recipe, call, reason } => RecipeError::Trap { recipe: recipe.clone(), call, reason: reason.clone() },
-        RecipeError::Invalid { recipe, message } => RecipeError::Invalid { recipe: recipe.clone(), message: message.clone() },
-        RecipeError::Load { recipe, reason } => RecipeError::Load { recipe: recipe.clone(), reason: reason.clone() },
-        RecipeError::Version { recipe, found } => RecipeError::Version { recipe: recipe.clone(), found: found.clone() },
-    }, msg)
+    (
+        match e {
+            RecipeError::Timeout { recipe, call, secs } => RecipeError::Timeout { recipe: recipe.clone(), call, secs: *secs },
+            RecipeError::Memory { recipe, call, mib } => RecipeError::Memory { recipe: recipe.clone(), call, mib: *mib },
+            RecipeError::Trap { recipe, call, reason } => RecipeError::Trap { recipe: recipe.clone(), call, reason: reason.clone() },
+            RecipeError::Invalid { recipe, message } => RecipeError::Invalid { recipe: recipe.clone(), message: message.clone() },
+            RecipeError::Load { recipe, reason } => RecipeError::Load { recipe: recipe.clone(), reason: reason.clone() },
+            RecipeError::Version { recipe, found } => RecipeError::Version { recipe: recipe.clone(), found: found.clone() },
+        },
+        msg,
+    )
 }
 
 #[test]
@@ -164,7 +167,18 @@ fn cli_exits_with_the_recipe_code() {
     let input = synth_tiny(dir.path(), "sd15");
     let output = dir.path().join("out.safetensors");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_run-recipe"))
-        .args(["run", input.to_str().unwrap(), "-o", output.to_str().unwrap(), "--recipe", fixture("hostile").to_str().unwrap(), "--set", "mode=loop", "--recipe-timeout", "0.5"])
+        .args([
+            "run",
+            input.to_str().unwrap(),
+            "-o",
+            output.to_str().unwrap(),
+            "--recipe",
+            fixture("hostile").to_str().unwrap(),
+            "--set",
+            "mode=loop",
+            "--recipe-timeout",
+            "0.5",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));

@@ -170,8 +170,15 @@ fn check_refuses_a_folded_file_whose_factors_were_stripped() {
 fn fp8_input_scales_follow_the_smoothed_inputs() {
     let dir = tempfile::tempdir().unwrap();
     let input = common::conditioned(dir.path(), Family::Sd15);
-    let plain = pipeline::run(&common::calib_options(&input, &dir.path().join("plain.safetensors"), Some("sd15"), &["format=fp8"])).unwrap();
-    let smoothed = pipeline::run(&common::calib_options(&input, &dir.path().join("smooth.safetensors"), Some("sd15"), &["format=fp8", "smoothquant=0.5"])).unwrap();
+    let plain =
+        pipeline::run(&common::calib_options(&input, &dir.path().join("plain.safetensors"), Some("sd15"), &["format=fp8"])).unwrap();
+    let smoothed = pipeline::run(&common::calib_options(
+        &input,
+        &dir.path().join("smooth.safetensors"),
+        Some("sd15"),
+        &["format=fp8", "smoothquant=0.5"],
+    ))
+    .unwrap();
     let (p, s) = (plain.calibration.unwrap(), smoothed.calibration.unwrap());
     let by_path: HashMap<&str, f32> = p.layers.iter().map(|l| (l.path.as_str(), l.amax)).collect();
     for l in &s.layers {
@@ -276,16 +283,31 @@ fn dit_groups_follow_the_carrier_table() {
     let modules = ModuleTable::build(&flux);
     let groups = smooth::groups(&modules);
     let h = modules.get("double_blocks.0.img_attn.proj").unwrap().weight_shape[1];
-    let find = |p: &str| groups.iter().find(|g| g.producer == p).unwrap_or_else(|| panic!("no group {p}: {:?}", groups.iter().map(|g| &g.producer).collect::<Vec<_>>()));
+    let find = |p: &str| {
+        groups
+            .iter()
+            .find(|g| g.producer == p)
+            .unwrap_or_else(|| panic!("no group {p}: {:?}", groups.iter().map(|g| &g.producer).collect::<Vec<_>>()))
+    };
     let g = find("double_blocks.0.img_mod.lin:attn");
-    assert_eq!((g.carrier, g.module.as_deref(), g.consumers.clone()), (Carrier::Modulation { shift_start: 0, scale_start: h }, Some("double_blocks.0.img_mod.lin"), vec!["double_blocks.0.img_attn.qkv".to_string()]));
+    assert_eq!(
+        (g.carrier, g.module.as_deref(), g.consumers.clone()),
+        (
+            Carrier::Modulation { shift_start: 0, scale_start: h },
+            Some("double_blocks.0.img_mod.lin"),
+            vec!["double_blocks.0.img_attn.qkv".to_string()]
+        )
+    );
     assert_eq!(find("double_blocks.0.txt_mod.lin:mlp").carrier, Carrier::Modulation { shift_start: 3 * h, scale_start: 4 * h });
     let v = find("double_blocks.0.img_attn.qkv");
     assert_eq!(v.carrier, Carrier::Rows { start: 2 * h });
     assert_eq!(v.also, vec![("double_blocks.0.txt_attn.qkv".to_string(), Carrier::Rows { start: 2 * h })]);
     assert_eq!(v.consumers, vec!["double_blocks.0.img_attn.proj".to_string(), "double_blocks.0.txt_attn.proj".to_string()]);
     assert_eq!(find("single_blocks.37.modulation.lin:linear1").consumers, vec!["single_blocks.37.linear1".to_string()]);
-    assert!(groups.iter().all(|g| !g.consumers.iter().any(|c| c.ends_with("linear2") || c.ends_with("_mlp.2"))), "GELU-fed inputs have no carrier");
+    assert!(
+        groups.iter().all(|g| !g.consumers.iter().any(|c| c.ends_with("linear2") || c.ends_with("_mlp.2"))),
+        "GELU-fed inputs have no carrier"
+    );
     // Two groups on one modulation Linear divide disjoint rows; the scale rows' bias is `(b + 1) / s - 1`.
     let s = spread_factors(&groups);
     let t = s.transforms(&modules).unwrap();
@@ -300,7 +322,12 @@ fn dit_groups_follow_the_carrier_table() {
     let groups = smooth::groups(&modules);
     let last = (0..).take_while(|i| modules.get(&format!("joint_blocks.{i}.x_block.attn.qkv")).is_some()).count() - 1;
     let names: Vec<&str> = groups.iter().map(|g| g.producer.as_str()).collect();
-    for p in ["joint_blocks.0.x_block.adaLN_modulation.1:attn", "joint_blocks.0.x_block.adaLN_modulation.1:mlp", "joint_blocks.0.context_block.adaLN_modulation.1:mlp", "joint_blocks.0.x_block.attn.qkv"] {
+    for p in [
+        "joint_blocks.0.x_block.adaLN_modulation.1:attn",
+        "joint_blocks.0.x_block.adaLN_modulation.1:mlp",
+        "joint_blocks.0.context_block.adaLN_modulation.1:mlp",
+        "joint_blocks.0.x_block.attn.qkv",
+    ] {
         assert!(names.contains(&p), "no {p} in {names:?}");
     }
     assert!(names.contains(&format!("joint_blocks.{last}.context_block.adaLN_modulation.1:attn").as_str()));

@@ -56,8 +56,7 @@ fn main() -> Result<()> {
 
     // Kernel bandwidth.
     let iters = if quick { 10 } else { 30 };
-    let shapes: &[(usize, usize, &str)] =
-        &[(3072, 12288, "FLUX mlp.2"), (9216, 3072, "FLUX attn.qkv"), (3072, 3072, "FLUX attn.proj")];
+    let shapes: &[(usize, usize, &str)] = &[(3072, 12288, "FLUX mlp.2"), (9216, 3072, "FLUX attn.qkv"), (3072, 3072, "FLUX attn.proj")];
     let mut rows_out = Vec::new();
     for &(r, c, what) in shapes {
         let mut jobs: Vec<(QuantSpec, SourceDtype, bool)> = vec![
@@ -83,12 +82,8 @@ fn main() -> Result<()> {
     }
     println!();
     println!("kernel bandwidth: (input + stored bytes) / time, against cuMemcpyDtoD of the input (2 x input / time);");
-    println!(
-        "quantize = the quantize kernel alone (the backend runs the amax kernel on each upload piece as it lands);"
-    );
-    println!(
-        "all = everything the device does for an input already on it (scratch memset + amax kernel + quantize kernel)"
-    );
+    println!("quantize = the quantize kernel alone (the backend runs the amax kernel on each upload piece as it lands);");
+    println!("all = everything the device does for an input already on it (scratch memset + amax kernel + quantize kernel)");
     println!();
     println!(
         "| format | path | dtype | shape | in+out MB | copy ms | copy GB/s | quantize ms | quantize GB/s | quantize/copy | all ms | all GB/s | all/copy |"

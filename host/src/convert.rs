@@ -18,9 +18,9 @@ use safetensors::Dtype;
 use serde::Serialize;
 
 use crate::backend::Backend;
+use crate::calibrate::smooth::{self, Smoothing, Transform};
 use crate::checkpoint::writer::{PlannedTensor, StreamingWriter};
 use crate::checkpoint::{Checkpoint, TensorEntry};
-use crate::calibrate::smooth::{self, Smoothing, Transform};
 use crate::formats::{ErrorStats, QuantFormat, QuantSpec, SourceDtype, StoredSpec, StoredTensor, WeightView};
 use crate::modules::ModuleTable;
 use crate::plan::{LayerDecision, ResolvedPlan};
@@ -42,8 +42,19 @@ enum Item<'a> {
     Copy(&'a TensorEntry),
     /// Copied through a SmoothQuant fold (norms and producer rows), in its own dtype.
     Smoothed(&'a TensorEntry, Transform),
-    Quantize { entry: &'a TensorEntry, layer: &'a LayerDecision, spec: QuantSpec, stored: Vec<StoredSpec>, transform: Option<Transform> },
-    Bytes { name: String, dtype: Dtype, shape: Vec<usize>, data: Vec<u8> },
+    Quantize {
+        entry: &'a TensorEntry,
+        layer: &'a LayerDecision,
+        spec: QuantSpec,
+        stored: Vec<StoredSpec>,
+        transform: Option<Transform>,
+    },
+    Bytes {
+        name: String,
+        dtype: Dtype,
+        shape: Vec<usize>,
+        data: Vec<u8>,
+    },
 }
 
 /// How ComfyUI should run an FP8 layer that has no static activation scale
@@ -160,7 +171,9 @@ pub fn check_layout(plan: &ResolvedPlan, layout: Layout) -> Result<(), crate::er
 pub fn check_layout_format(layout: Layout, format: &str) -> Result<(), crate::error::Usage> {
     let format = format.trim();
     if layout == Layout::ComfyLegacy && QuantFormat::ALL.iter().any(|f| *f != QuantFormat::Fp8 && f.name() == format) {
-        return Err(crate::error::Usage(format!("--layout comfy-legacy stores FP8 only, not {format}: use --layout comfy, or --set format=fp8")));
+        return Err(crate::error::Usage(format!(
+            "--layout comfy-legacy stores FP8 only, not {format}: use --layout comfy, or --set format=fp8"
+        )));
     }
     Ok(())
 }
@@ -245,11 +258,22 @@ pub fn dry_run(ckpt: &Checkpoint, plan: &ResolvedPlan, layout: Layout, policy: U
         let after = match l.spec {
             Some(spec) => {
                 spec.implementation().layout(l.shape[0], l.shape[1]).iter().map(|s| s.byte_len() as u64).sum::<u64>()
-                    + if layout == Layout::Comfy { comfy_quant_json(spec.format, full_precision(spec.format, false, policy)).len() as u64 } else { 0 }
+                    + if layout == Layout::Comfy {
+                        comfy_quant_json(spec.format, full_precision(spec.format, false, policy)).len() as u64
+                    } else {
+                        0
+                    }
             }
             None => before,
         };
-        layers.push(LayerReport { layer: l.path.clone(), format: l.spec.map(|s| s.format.name().to_string()), shape: l.shape, bytes_before: before, bytes_after: after, error: None });
+        layers.push(LayerReport {
+            layer: l.path.clone(),
+            format: l.spec.map(|s| s.format.name().to_string()),
+            shape: l.shape,
+            bytes_before: before,
+            bytes_after: after,
+            error: None,
+        });
     }
     Ok((layers, total))
 }
@@ -324,14 +348,20 @@ pub fn convert(ckpt: &Checkpoint, plan: &ResolvedPlan, backend: &dyn Backend, op
                     // A smoothed weight is quantized from its exact f32 product W * s, never re-rounded to the source dtype.
                     let source = match job.transform {
                         // f32 as bytes in place: safetensors data is little-endian, as are the hosts this builds for.
-                        Some(t) => smooth::transform_into(ckpt, name, t, &mut folded).map(|()| (SourceDtype::F32, Cow::Borrowed(bytemuck::cast_slice::<f32, u8>(&folded)))),
+                        Some(t) => smooth::transform_into(ckpt, name, t, &mut folded)
+                            .map(|()| (SourceDtype::F32, Cow::Borrowed(bytemuck::cast_slice::<f32, u8>(&folded)))),
                         None => Ok((job.dtype, Cow::Borrowed(ckpt.bytes(job.entry)))),
                     };
                     let result = source.and_then(|(dtype, bytes)| {
                         let view = WeightView { name, dtype, rows: job.rows, cols: job.cols, bytes: &bytes };
                         let stored = backend.quantize(job.spec, &view)?;
                         let err = if job.verify {
-                            Some(job.spec.implementation().verify(&view, &stored).map_err(|e| anyhow!("verification failed for {name}: {e}"))?)
+                            Some(
+                                job.spec
+                                    .implementation()
+                                    .verify(&view, &stored)
+                                    .map_err(|e| anyhow!("verification failed for {name}: {e}"))?,
+                            )
                         } else {
                             None
                         };
@@ -341,72 +371,82 @@ pub fn convert(ckpt: &Checkpoint, plan: &ResolvedPlan, backend: &dyn Backend, op
                 }
             });
         }
-        let quant_items: Vec<usize> = items.iter().enumerate().filter(|(_, it)| matches!(it, Item::Quantize { .. })).map(|(i, _)| i).collect();
+        let quant_items: Vec<usize> =
+            items.iter().enumerate().filter(|(_, it)| matches!(it, Item::Quantize { .. })).map(|(i, _)| i).collect();
         let mut pending: VecDeque<mpsc::Receiver<JobResult>> = VecDeque::new();
         let mut next_submit = 0usize;
         let result = {
-        let submit = |idx: usize| -> Result<mpsc::Receiver<JobResult>> {
-            let Item::Quantize { entry, layer, spec, transform, .. } = &items[idx] else { unreachable!() };
-            let (tx, rx) = mpsc::sync_channel(1);
-            let job = Job { entry, dtype: layer.dtype, rows: layer.shape[0], cols: layer.shape[1], transform: transform.as_ref(), spec: *spec, verify: opts.verify, reply: tx };
-            job_tx.send(job).map_err(|_| anyhow!("internal: quantization workers stopped"))?;
-            Ok(rx)
-        };
-        (|| -> Result<()> {
-            for item in &items {
-                while pending.len() < window && next_submit < quant_items.len() {
-                    pending.push_back(submit(quant_items[next_submit])?);
-                    next_submit += 1;
-                }
-                match item {
-                    Item::Copy(entry) => {
-                        writer.write(&entry.key, ckpt.bytes(entry))?;
-                        ckpt.release(entry);
-                        summary.tensors_written += 1;
-                        if let Some(pb) = &opts.progress {
-                            pb.inc(entry.byte_len() as u64);
-                        }
+            let submit = |idx: usize| -> Result<mpsc::Receiver<JobResult>> {
+                let Item::Quantize { entry, layer, spec, transform, .. } = &items[idx] else { unreachable!() };
+                let (tx, rx) = mpsc::sync_channel(1);
+                let job = Job {
+                    entry,
+                    dtype: layer.dtype,
+                    rows: layer.shape[0],
+                    cols: layer.shape[1],
+                    transform: transform.as_ref(),
+                    spec: *spec,
+                    verify: opts.verify,
+                    reply: tx,
+                };
+                job_tx.send(job).map_err(|_| anyhow!("internal: quantization workers stopped"))?;
+                Ok(rx)
+            };
+            (|| -> Result<()> {
+                for item in &items {
+                    while pending.len() < window && next_submit < quant_items.len() {
+                        pending.push_back(submit(quant_items[next_submit])?);
+                        next_submit += 1;
                     }
-                    Item::Smoothed(entry, t) => {
-                        writer.write(&entry.key, &smooth::transformed_bytes(ckpt, &entry.key, t)?)?;
-                        ckpt.release(entry);
-                        summary.tensors_written += 1;
-                        if let Some(pb) = &opts.progress {
-                            pb.inc(entry.byte_len() as u64);
+                    match item {
+                        Item::Copy(entry) => {
+                            writer.write(&entry.key, ckpt.bytes(entry))?;
+                            ckpt.release(entry);
+                            summary.tensors_written += 1;
+                            if let Some(pb) = &opts.progress {
+                                pb.inc(entry.byte_len() as u64);
+                            }
                         }
-                    }
-                    Item::Quantize { entry, layer, stored: specs, spec, .. } => {
-                        let rx = pending.pop_front().expect("a job per quantized item");
-                        let (stored, err) = rx.recv().map_err(|_| anyhow!("internal: a quantization worker died"))??;
-                        let mut after = 0u64;
-                        for (s, want) in stored.iter().zip(specs) {
-                            debug_assert_eq!(&s.spec, want);
-                            writer.write(&stored_name(layer, s.spec.suffix, opts.layout), &s.data)?;
-                            after += s.data.len() as u64;
+                        Item::Smoothed(entry, t) => {
+                            writer.write(&entry.key, &smooth::transformed_bytes(ckpt, &entry.key, t)?)?;
+                            ckpt.release(entry);
+                            summary.tensors_written += 1;
+                            if let Some(pb) = &opts.progress {
+                                pb.inc(entry.byte_len() as u64);
+                            }
+                        }
+                        Item::Quantize { entry, layer, stored: specs, spec, .. } => {
+                            let rx = pending.pop_front().expect("a job per quantized item");
+                            let (stored, err) = rx.recv().map_err(|_| anyhow!("internal: a quantization worker died"))??;
+                            let mut after = 0u64;
+                            for (s, want) in stored.iter().zip(specs) {
+                                debug_assert_eq!(&s.spec, want);
+                                writer.write(&stored_name(layer, s.spec.suffix, opts.layout), &s.data)?;
+                                after += s.data.len() as u64;
+                                summary.tensors_written += 1;
+                            }
+                            ckpt.release(entry);
+                            summary.quantized_layers += 1;
+                            summary.layers.push(LayerReport {
+                                layer: layer.path.clone(),
+                                format: Some(spec.format.name().to_string()),
+                                shape: layer.shape,
+                                bytes_before: entry.byte_len() as u64,
+                                bytes_after: after,
+                                error: err,
+                            });
+                            if let Some(pb) = &opts.progress {
+                                pb.inc(entry.byte_len() as u64);
+                            }
+                        }
+                        Item::Bytes { name, data, .. } => {
+                            writer.write(name, data)?;
                             summary.tensors_written += 1;
                         }
-                        ckpt.release(entry);
-                        summary.quantized_layers += 1;
-                        summary.layers.push(LayerReport {
-                            layer: layer.path.clone(),
-                            format: Some(spec.format.name().to_string()),
-                            shape: layer.shape,
-                            bytes_before: entry.byte_len() as u64,
-                            bytes_after: after,
-                            error: err,
-                        });
-                        if let Some(pb) = &opts.progress {
-                            pb.inc(entry.byte_len() as u64);
-                        }
-                    }
-                    Item::Bytes { name, data, .. } => {
-                        writer.write(name, data)?;
-                        summary.tensors_written += 1;
                     }
                 }
-            }
-            Ok(())
-        })()
+                Ok(())
+            })()
         };
         drop(job_tx);
         // Unblock workers waiting on replies nobody reads.

@@ -17,7 +17,21 @@ use crate::progress::Progress;
 
 /// Dtypes ComfyUI's loader accepts on disk.
 pub const COMFY_DTYPES: &[Dtype] = &[
-    Dtype::F64, Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::I64, Dtype::I32, Dtype::I16, Dtype::I8, Dtype::U64, Dtype::U32, Dtype::U16, Dtype::U8, Dtype::BOOL, Dtype::F8_E4M3, Dtype::F8_E5M2,
+    Dtype::F64,
+    Dtype::F32,
+    Dtype::F16,
+    Dtype::BF16,
+    Dtype::I64,
+    Dtype::I32,
+    Dtype::I16,
+    Dtype::I8,
+    Dtype::U64,
+    Dtype::U32,
+    Dtype::U16,
+    Dtype::U8,
+    Dtype::BOOL,
+    Dtype::F8_E4M3,
+    Dtype::F8_E5M2,
 ];
 
 /// The result of checking one converted file.
@@ -106,9 +120,17 @@ pub fn check_output_with(source: &Checkpoint, output: &Path, progress: &Progress
         let qm: serde_json::Value = serde_json::from_str(qm)?;
         ensure!(qm["format_version"] == "1.0", "_quantization_metadata.format_version must be \"1.0\"");
         let layers = qm["layers"].as_object().ok_or_else(|| anyhow!("_quantization_metadata.layers missing"))?;
-        ensure!(layers.len() == quantized.len(), "_quantization_metadata lists {} layers, the file marks {}", layers.len(), quantized.len());
+        ensure!(
+            layers.len() == quantized.len(),
+            "_quantization_metadata lists {} layers, the file marks {}",
+            layers.len(),
+            quantized.len()
+        );
         for (k, spec) in &quantized {
-            ensure!(layers.get(k).and_then(|v| v["format"].as_str()) == Some(spec.format.comfy_name()), "_quantization_metadata disagrees on {k}");
+            ensure!(
+                layers.get(k).and_then(|v| v["format"].as_str()) == Some(spec.format.comfy_name()),
+                "_quantization_metadata disagrees on {k}"
+            );
             ensure!(layers.get(k) == comfy_quant.get(k), "_quantization_metadata's entry for {k} differs from {k}.comfy_quant");
         }
     }
@@ -130,15 +152,24 @@ pub fn check_output_with(source: &Checkpoint, output: &Path, progress: &Progress
         let src = source
             .get(&format!("{layer}.weight"))
             .ok_or_else(|| anyhow!("quantized layer {layer}: the source has no tensor {layer}.weight to compare it with"))?;
-        let dtype = SourceDtype::from_safetensors(src.dtype).ok_or_else(|| anyhow!("{layer}: the source weight has dtype {:?}, not a float one", src.dtype))?;
+        let dtype = SourceDtype::from_safetensors(src.dtype)
+            .ok_or_else(|| anyhow!("{layer}: the source weight has dtype {:?}, not a float one", src.dtype))?;
         ensure!(src.shape.len() == 2, "{layer}: the source weight has shape {:?}, not [out, in]", src.shape);
         let (rows, cols) = (src.shape[0], src.shape[1]);
         let imp = spec.implementation();
         let mut stored = Vec::new();
         for s in imp.layout(rows, cols) {
-            let key = if check.legacy && s.suffix == "weight_scale" { format!("{layer}.scale_weight") } else { format!("{layer}.{}", s.suffix) };
+            let key =
+                if check.legacy && s.suffix == "weight_scale" { format!("{layer}.scale_weight") } else { format!("{layer}.{}", s.suffix) };
             let v = out.tensor(&key).with_context(|| format!("missing {key}"))?;
-            ensure!(v.dtype() == s.dtype && v.shape() == s.shape.as_slice(), "{key}: expected {:?} {:?}, found {:?} {:?}", s.dtype, s.shape, v.dtype(), v.shape());
+            ensure!(
+                v.dtype() == s.dtype && v.shape() == s.shape.as_slice(),
+                "{key}: expected {:?} {:?}, found {:?} {:?}",
+                s.dtype,
+                s.shape,
+                v.dtype(),
+                v.shape()
+            );
             stored.push(StoredTensor { spec: s, data: v.data().to_vec() });
         }
         let scale_key = if check.legacy { format!("{layer}.scale_input") } else { format!("{layer}.input_scale") };
@@ -148,7 +179,12 @@ pub fn check_output_with(source: &Checkpoint, output: &Path, progress: &Progress
                 "{scale_key}: {} layers carry no static activation scale in ComfyUI's layout",
                 spec.format.name()
             );
-            ensure!(v.dtype() == Dtype::F32 && v.shape().is_empty(), "{scale_key}: expected an F32 scalar, found {:?} {:?}", v.dtype(), v.shape());
+            ensure!(
+                v.dtype() == Dtype::F32 && v.shape().is_empty(),
+                "{scale_key}: expected an F32 scalar, found {:?} {:?}",
+                v.dtype(),
+                v.shape()
+            );
             let value = f32::from_le_bytes(v.data().try_into().expect("4 bytes"));
             ensure!(value.is_finite() && value > 0.0, "{scale_key} = {value}; a static activation scale must be finite and positive");
             check.input_scales.insert(layer.clone(), value);
@@ -180,9 +216,17 @@ pub fn check_output_with(source: &Checkpoint, output: &Path, progress: &Progress
             continue;
         }
         let v = out.tensor(&t.key).with_context(|| format!("source tensor {} is missing from the output", t.key))?;
-        ensure!(v.dtype() == t.dtype && v.shape() == t.shape.as_slice(), "tensor {} changed dtype or shape although it is not quantized", t.key);
+        ensure!(
+            v.dtype() == t.dtype && v.shape() == t.shape.as_slice(),
+            "tensor {} changed dtype or shape although it is not quantized",
+            t.key
+        );
         match transforms.get(&t.key) {
-            Some(tr) => ensure!(v.data() == smooth::transformed_bytes(source, &t.key, tr)?.as_slice(), "tensor {} is not the source folded with the recorded SmoothQuant factors", t.key),
+            Some(tr) => ensure!(
+                v.data() == smooth::transformed_bytes(source, &t.key, tr)?.as_slice(),
+                "tensor {} is not the source folded with the recorded SmoothQuant factors",
+                t.key
+            ),
             None => ensure!(v.data() == source.bytes(t), "tensor {} changed although it is not quantized", t.key),
         }
         check.passthrough_tensors += 1;

@@ -25,8 +25,7 @@ fn main() -> ExitCode {
         1 => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| quantsmith::progress::StderrBesideBars)
@@ -62,10 +61,7 @@ fn install_panic_hook() {
         if msg.contains("Broken pipe") || quantsmith::error::panic_is_caught() {
             return;
         }
-        let at = info
-            .location()
-            .map(|l| format!(" at {}:{}", l.file(), l.line()))
-            .unwrap_or_default();
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
         eprintln!(
             "error: internal error: {}{at}\nThis is a bug in Quantsmith; please report it with the command that caused it.",
             quantsmith::text::sanitize(&msg, 2000)

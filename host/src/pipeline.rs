@@ -121,7 +121,13 @@ impl UncalibratedFp8Report {
 const NOT_CALIBRATED: &str = "no calibration on this run; the note says why";
 
 /// FP8 layers of `plan` without a scale in `input_scales`, if any (comfy layout only).
-fn uncalibrated_fp8(plan: &ResolvedPlan, layout: Layout, input_scales: &HashMap<String, f32>, policy: UncalibratedFp8, why: &str) -> Option<UncalibratedFp8Report> {
+fn uncalibrated_fp8(
+    plan: &ResolvedPlan,
+    layout: Layout,
+    input_scales: &HashMap<String, f32>,
+    policy: UncalibratedFp8,
+    why: &str,
+) -> Option<UncalibratedFp8Report> {
     if layout != Layout::Comfy {
         return None;
     }
@@ -188,15 +194,14 @@ pub fn choose_recipe(runtime: &RecipeRuntime, ctx: &Arc<HostContext>, name: Opti
         }
         _ => {
             let verdicts = detect_all(runtime, ctx)?;
-            let reasons: Vec<String> = verdicts.iter().map(|(r, v)| format!("  {}: {}", r.name(), v.as_ref().err().cloned().unwrap_or_default())).collect();
+            let reasons: Vec<String> =
+                verdicts.iter().map(|(r, v)| format!("  {}: {}", r.name(), v.as_ref().err().cloned().unwrap_or_default())).collect();
             match verdicts.into_iter().next() {
                 Some((recipe, Ok(_))) => Ok(recipe),
-                _ => Err(Refused(format!(
-                    "no built-in preset recognises {}:\n{}",
-                    ctx.checkpoint.path().display(),
-                    reasons.join("\n")
-                ))
-                .into()),
+                _ => {
+                    Err(Refused(format!("no built-in preset recognises {}:\n{}", ctx.checkpoint.path().display(), reasons.join("\n")))
+                        .into())
+                }
             }
         }
     }
@@ -228,7 +233,14 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         Ok(d) => d,
         Err(reason) => bail!(Refused(format!("recipe {} does not accept {}: {reason}", recipe.name(), opts.input.display()))),
     };
-    tracing::info!("{}: {} {} (confidence {:.2}): {}", recipe.name(), detection.family, detection.variant, detection.confidence, detection.reason);
+    tracing::info!(
+        "{}: {} {} (confidence {:.2}): {}",
+        recipe.name(),
+        detection.family,
+        detection.variant,
+        detection.confidence,
+        detection.reason
+    );
     // The plan call and the host's check of what it returned share one budget.
     let plan_deadline = Instant::now() + opts.limits.timeout;
     let wit_plan = match recipe.plan(&ctx, params.clone())? {
@@ -236,14 +248,22 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         Err(reason) => bail!(Refused(format!("recipe {} refused to plan {}: {reason}", recipe.name(), opts.input.display()))),
     };
     let resolved: ResolvedPlan = plan::resolve_by(&wit_plan, &ctx.modules, &ctx.checkpoint, Some(plan_deadline)).map_err(|e| match e {
-        PlanError::Invalid(message) => RecipeError::Invalid { recipe: recipe.name().to_string(), message: format!("invalid plan: {message}") },
-        PlanError::OutOfTime => RecipeError::Timeout { recipe: recipe.name().to_string(), call: "plan", secs: opts.limits.timeout.as_secs_f64() },
+        PlanError::Invalid(message) => {
+            RecipeError::Invalid { recipe: recipe.name().to_string(), message: format!("invalid plan: {message}") }
+        }
+        PlanError::OutOfTime => {
+            RecipeError::Timeout { recipe: recipe.name().to_string(), call: "plan", secs: opts.limits.timeout.as_secs_f64() }
+        }
     })?;
     convert::check_layout(&resolved, opts.layout)?;
     // The plan's warnings are printed once, as they arise: the run summary and
     // the report keep them too, but the summary does not repeat them.
     for w in &resolved.warnings {
-        tracing::warn!("{}: {}", crate::text::sanitize(recipe.name(), crate::text::MAX_PRINTED), crate::text::sanitize(w, crate::text::MAX_PRINTED));
+        tracing::warn!(
+            "{}: {}",
+            crate::text::sanitize(recipe.name(), crate::text::MAX_PRINTED),
+            crate::text::sanitize(w, crate::text::MAX_PRINTED)
+        );
     }
 
     let recipe_report = RecipeReport {
@@ -265,7 +285,12 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
         warnings: resolved.warnings.clone(),
         notes: resolved.notes.clone(),
         layers: vec![],
-        totals: Totals { layers: resolved.layers.len(), quantized_layers: resolved.quantized().count(), input_bytes: ctx.checkpoint.file_len() as u64, ..Default::default() },
+        totals: Totals {
+            layers: resolved.layers.len(),
+            quantized_layers: resolved.quantized().count(),
+            input_bytes: ctx.checkpoint.file_len() as u64,
+            ..Default::default()
+        },
         peak_rss_bytes: None,
         peak_device_bytes: None,
         calibration: None,
@@ -288,7 +313,16 @@ pub fn run(opts: &RunOptions) -> Result<RunReport> {
 
     let output = opts.output.clone().unwrap_or_else(|| default_output(&opts.input, &params));
     check_output_path("output", &output, Some(&opts.input), opts.replace_output)?;
-    let (calibration, uncalibrated_why) = match crate::calibrate::run(&ctx, &recipe, &params, &detection.family, &detection.variant, &resolved, &opts.calibration, opts.progress)? {
+    let (calibration, uncalibrated_why) = match crate::calibrate::run(
+        &ctx,
+        &recipe,
+        &params,
+        &detection.family,
+        &detection.variant,
+        &resolved,
+        &opts.calibration,
+        opts.progress,
+    )? {
         crate::calibrate::Outcome::Calibrated(c) => (Some(c), "the calibration walk did not reach them".to_string()),
         crate::calibrate::Outcome::Skipped(reason) => {
             report.notes.push(format!("no activation calibration: {reason}"));
@@ -381,7 +415,13 @@ pub fn check_output_path(flag: &str, path: &Path, input: Option<&Path>, replace:
             return Err(u(format!("{flag} {shown} is a directory; name a file inside it")));
         }
         if !t.is_file() {
-            let what = if t.is_fifo() { "a FIFO" } else if t.is_char_device() || t.is_block_device() { "a device" } else { "not a regular file" };
+            let what = if t.is_fifo() {
+                "a FIFO"
+            } else if t.is_char_device() || t.is_block_device() {
+                "a device"
+            } else {
+                "not a regular file"
+            };
             return Err(u(format!("{flag} {shown} is {what}; refusing to replace it")));
         }
         if input.is_some_and(|i| same_file(path, i)) {

@@ -15,7 +15,16 @@ use crate::recipe::wit;
 /// Layers ComfyUI reads to detect the model from stored shapes (SPEC section 3):
 /// they must keep their logical shape, so packed or padded formats are refused there.
 pub const PROBE_LAYERS: &[&str] = &[
-    "img_in", "txt_in", "vector_in.*", "context_embedder", "y_embedder.*", "x_embedder.*", "label_emb.0.0", "input_blocks.0.0", "*.attn2.to_k", "*proj_in",
+    "img_in",
+    "txt_in",
+    "vector_in.*",
+    "context_embedder",
+    "y_embedder.*",
+    "x_embedder.*",
+    "label_emb.0.0",
+    "input_blocks.0.0",
+    "*.attn2.to_k",
+    "*proj_in",
 ];
 
 /// [`PROBE_LAYERS`] as matchers over module paths.
@@ -54,7 +63,8 @@ impl QuantizerPattern {
             .backslash_escape(true)
             .build()
             .map_err(|e| format!("malformed pattern \"{}\": {}", shown(), e.kind()))?;
-        let matcher = GlobSetBuilder::new().add(glob).build().map_err(|e| format!("pattern \"{}\" is too complex: {}", shown(), e.kind()))?;
+        let matcher =
+            GlobSetBuilder::new().add(glob).build().map_err(|e| format!("pattern \"{}\" is too complex: {}", shown(), e.kind()))?;
         Ok(QuantizerPattern { raw: pattern.to_string(), matcher })
     }
 
@@ -137,7 +147,11 @@ fn check_rule(i: usize, r: &wit::QuantizerRule) -> Result<Option<QuantSpec>, Str
             return Err(format!(
                 "{at}: axis {a} is not available for {}; {}",
                 f.name(),
-                if f == QuantFormat::Int8 { "int8 takes axis 0 (per output channel) or none (per tensor)" } else { "this format takes no axis" }
+                if f == QuantFormat::Int8 {
+                    "int8 takes axis 0 (per output channel) or none (per tensor)"
+                } else {
+                    "this format takes no axis"
+                }
             ));
         }
     };
@@ -178,7 +192,12 @@ pub fn resolve(plan: &wit::QuantPlan, modules: &ModuleTable, ckpt: &Checkpoint) 
 /// [`resolve`], stopping with [`PlanError::OutOfTime`] once `deadline` passes: a
 /// plan within the caps can still ask for rules × modules glob matches, and that
 /// host work counts against the recipe's time budget like its own.
-pub fn resolve_by(plan: &wit::QuantPlan, modules: &ModuleTable, ckpt: &Checkpoint, deadline: Option<std::time::Instant>) -> Result<ResolvedPlan, PlanError> {
+pub fn resolve_by(
+    plan: &wit::QuantPlan,
+    modules: &ModuleTable,
+    ckpt: &Checkpoint,
+    deadline: Option<std::time::Instant>,
+) -> Result<ResolvedPlan, PlanError> {
     let in_time = || match deadline {
         Some(d) if std::time::Instant::now() >= d => Err(PlanError::OutOfTime),
         _ => Ok(()),
@@ -186,7 +205,12 @@ pub fn resolve_by(plan: &wit::QuantPlan, modules: &ModuleTable, ckpt: &Checkpoin
     resolve_checked(plan, modules, ckpt, &in_time)
 }
 
-fn resolve_checked(plan: &wit::QuantPlan, modules: &ModuleTable, ckpt: &Checkpoint, in_time: &dyn Fn() -> Result<(), PlanError>) -> Result<ResolvedPlan, PlanError> {
+fn resolve_checked(
+    plan: &wit::QuantPlan,
+    modules: &ModuleTable,
+    ckpt: &Checkpoint,
+    in_time: &dyn Fn() -> Result<(), PlanError>,
+) -> Result<ResolvedPlan, PlanError> {
     use PlanError::Invalid;
     let mut warnings = Vec::new();
     if plan.rules.len() > MAX_RULES {
@@ -277,7 +301,10 @@ fn resolve_checked(plan: &wit::QuantPlan, modules: &ModuleTable, ckpt: &Checkpoi
         let dtype = SourceDtype::from_safetensors(entry.dtype);
         if let Some(spec) = decision.0 {
             if dtype.is_none() {
-                return Err(Invalid(format!("layer {} has dtype {:?}; only F32, F16 and BF16 weights can be quantized", m.path, entry.dtype)));
+                return Err(Invalid(format!(
+                    "layer {} has dtype {:?}; only F32, F16 and BF16 weights can be quantized",
+                    m.path, entry.dtype
+                )));
             }
             if spec.format.changes_shape() && probes.iter().any(|p| p.matches(&m.path)) {
                 return Err(Invalid(format!(
@@ -339,8 +366,14 @@ mod tests {
         use wit::QuantFormat as F;
         assert_eq!(check_rule(0, &rule(false, None, None, None)).unwrap(), None);
         assert!(check_rule(0, &rule(true, None, None, None)).unwrap_err().contains("names no format"));
-        assert_eq!(check_rule(0, &rule(true, Some(F::Int8), Some(0), None)).unwrap(), Some(QuantSpec { format: QuantFormat::Int8, per_channel: true }));
-        assert_eq!(check_rule(0, &rule(true, Some(F::Int8), None, None)).unwrap(), Some(QuantSpec { format: QuantFormat::Int8, per_channel: false }));
+        assert_eq!(
+            check_rule(0, &rule(true, Some(F::Int8), Some(0), None)).unwrap(),
+            Some(QuantSpec { format: QuantFormat::Int8, per_channel: true })
+        );
+        assert_eq!(
+            check_rule(0, &rule(true, Some(F::Int8), None, None)).unwrap(),
+            Some(QuantSpec { format: QuantFormat::Int8, per_channel: false })
+        );
         assert!(check_rule(0, &rule(true, Some(F::Fp8), Some(0), None)).unwrap_err().contains("takes no axis"));
         assert!(check_rule(0, &rule(true, Some(F::Nvfp4), None, Some(32))).unwrap_err().contains("blocks of 16"));
         assert!(check_rule(0, &rule(true, Some(F::Nvfp4), None, Some(16))).is_ok());

@@ -208,7 +208,9 @@ fn tenths(done: u64, total: Option<u64>) -> u64 {
 fn bar_style(unit: Unit, known_total: bool) -> indicatif::ProgressStyle {
     // No colour in any template: a terminal with NO_COLOR set gets the same bar.
     let template = match (unit, known_total) {
-        (Unit::Bytes, true) => "{prefix}: [{elapsed_precise}] {bar:40} {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, eta {eta})",
+        (Unit::Bytes, true) => {
+            "{prefix}: [{elapsed_precise}] {bar:40} {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, eta {eta})"
+        }
         (Unit::Bytes, false) => "{prefix}: {spinner} [{elapsed_precise}] {binary_bytes} ({binary_bytes_per_sec})",
         (Unit::Items(_), true) => "{prefix}: [{elapsed_precise}] {bar:40} {pos}/{len} {unit} (eta {eta})",
         (Unit::Items(_), false) => "{prefix}: {spinner} [{elapsed_precise}] {pos} {unit}",

@@ -37,7 +37,8 @@ pub fn create(dir: &Path, family: &str) -> Result<()> {
         bail!("{} exists and is not empty", dir.display());
     }
     let raw_name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "my-recipe".into());
-    let name: String = raw_name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c.to_ascii_lowercase() } else { '-' }).collect();
+    let name: String =
+        raw_name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c.to_ascii_lowercase() } else { '-' }).collect();
     let name = if name.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) { name } else { format!("recipe-{name}") };
 
     let files: Vec<(String, String)> = {

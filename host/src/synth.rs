@@ -90,30 +90,17 @@ struct Layout {
 //   linear1 21504 -> 896 = 3*128 + 512, linear2 in 15360 -> 640 = 128 + 512, mod
 //   18432 -> 768 / 9216 -> 384, final adaLN 6144 -> 256. Kept: txt 4096, vector 768,
 //   timestep/guidance frequencies 256 (img_in's 64 is below the threshold).
-const SD15: Layout = Layout {
-    manifest: include_str!("../manifests/sd15.json"),
-    divisor: 10,
-    keep: &[768],
-    variants: &["base", "inpaint"],
-};
-const SDXL: Layout = Layout {
-    manifest: include_str!("../manifests/sdxl.json"),
-    divisor: 10,
-    keep: &[2048, 2816],
-    variants: &["base", "refiner"],
-};
+const SD15: Layout = Layout { manifest: include_str!("../manifests/sd15.json"), divisor: 10, keep: &[768], variants: &["base", "inpaint"] };
+const SDXL: Layout =
+    Layout { manifest: include_str!("../manifests/sdxl.json"), divisor: 10, keep: &[2048, 2816], variants: &["base", "refiner"] };
 const SD3: Layout = Layout {
     manifest: include_str!("../manifests/sd3_medium.json"),
     divisor: 24,
     keep: &[4096, 2048, 36864, 256],
     variants: &["medium", "3.5-medium", "3.5-large"],
 };
-const FLUX: Layout = Layout {
-    manifest: include_str!("../manifests/flux_dev.json"),
-    divisor: 24,
-    keep: &[4096, 768, 256],
-    variants: &["dev", "schnell"],
-};
+const FLUX: Layout =
+    Layout { manifest: include_str!("../manifests/flux_dev.json"), divisor: 24, keep: &[4096, 768, 256], variants: &["dev", "schnell"] };
 
 impl Family {
     /// Every family, in a fixed order.
@@ -148,11 +135,7 @@ impl Family {
     /// The width a full-size dimension `d` has at [`Scale::Tiny`].
     pub fn shrink_dim(self, d: usize) -> usize {
         let l = self.layout();
-        if d >= 256 && d.is_multiple_of(l.divisor) && !l.keep.contains(&d) {
-            d / l.divisor
-        } else {
-            d
-        }
+        if d >= 256 && d.is_multiple_of(l.divisor) && !l.keep.contains(&d) { d / l.divisor } else { d }
     }
 
     fn layout(self) -> &'static Layout {
@@ -420,18 +403,11 @@ pub fn plan(opts: &SynthOptions) -> Result<Vec<PlannedTensor>> {
 /// renamed into place at the end; an error leaves nothing behind). `progress` is
 /// called with (bytes of tensor data done, total) before the first tensor and after
 /// each one.
-pub fn write(
-    opts: &SynthOptions,
-    dest: &Path,
-    progress: impl Fn(u64, u64),
-) -> Result<SynthSummary> {
+pub fn write(opts: &SynthOptions, dest: &Path, progress: impl Fn(u64, u64)) -> Result<SynthSummary> {
     let specs = build(opts)?;
     let planned: Vec<PlannedTensor> = specs.iter().map(|s| s.tensor.clone()).collect();
     let total: u64 = planned.iter().map(|t| t.byte_len() as u64).sum();
-    let params: u64 = planned
-        .iter()
-        .map(|t| t.shape.iter().product::<usize>() as u64)
-        .sum();
+    let params: u64 = planned.iter().map(|t| t.shape.iter().product::<usize>() as u64).sum();
     let mut writer = StreamingWriter::create(dest, planned, opts.metadata()?)?;
     progress(0, total);
 
@@ -476,17 +452,11 @@ pub fn write(
         for (written, _) in free_rx {
             report(written);
         }
-        let writer = writer_thread
-            .join()
-            .map_err(|_| anyhow!("the checkpoint writer thread panicked"))??;
+        let writer = writer_thread.join().map_err(|_| anyhow!("the checkpoint writer thread panicked"))??;
         writer.finish()
     });
     result.with_context(|| format!("cannot write the synthetic checkpoint {}", dest.display()))?;
-    Ok(SynthSummary {
-        tensors: specs.len(),
-        bytes: total,
-        params,
-    })
+    Ok(SynthSummary { tensors: specs.len(), bytes: total, params })
 }
 
 // ---------------------------------------------------------------------------
@@ -507,8 +477,7 @@ struct ManifestTensor {
 }
 
 fn manifest(family: Family) -> Result<Manifest> {
-    serde_json::from_str(family.layout().manifest)
-        .with_context(|| format!("internal: the {family} manifest is invalid"))
+    serde_json::from_str(family.layout().manifest).with_context(|| format!("internal: the {family} manifest is invalid"))
 }
 
 /// How a tensor's values are drawn.
@@ -578,19 +547,12 @@ fn build(opts: &SynthOptions) -> Result<Vec<Spec>> {
         if family == Family::Flux {
             for norm in [".norm.query_norm.weight", ".norm.key_norm.weight"] {
                 if let Some(stem) = name.strip_suffix(norm) {
-                    name = format!(
-                        "{stem}{}.scale",
-                        norm.strip_suffix(".weight").unwrap_or(norm)
-                    );
+                    name = format!("{stem}{}.scale", norm.strip_suffix(".weight").unwrap_or(norm));
                     break;
                 }
             }
         }
-        let key = if opts.full_checkpoint {
-            format!("{DIFFUSION_PREFIX}{name}")
-        } else {
-            name.clone()
-        };
+        let key = if opts.full_checkpoint { format!("{DIFFUSION_PREFIX}{name}") } else { name.clone() };
         raw.push((key, name, shape, true));
     }
     // The refiner's checkpoint holds only OpenCLIP-bigG, under another prefix: none here.
@@ -619,11 +581,7 @@ fn build(opts: &SynthOptions) -> Result<Vec<Spec>> {
                 };
             }
             Spec {
-                tensor: PlannedTensor {
-                    name: key.clone(),
-                    dtype: opts.dtype.dtype(),
-                    shape: shape.clone(),
-                },
+                tensor: PlannedTensor { name: key.clone(), dtype: opts.dtype.dtype(), shape: shape.clone() },
                 seed_name: seed_name.clone(),
                 init,
             }
@@ -666,33 +624,14 @@ fn classify(name: &str, shape: &[usize], norm_modules: &HashSet<&str>, gain: f32
         || name.contains("relative_attention_bias")
         || name.ends_with("shared.weight");
     if embedding {
-        return Init::Normal {
-            mean: 0.0,
-            std: 0.02,
-        };
+        return Init::Normal { mean: 0.0, std: 0.02 };
     }
     let bias = leaf == "bias" || leaf.ends_with("_bias");
     match shape.len() {
-        0 | 1 if bias => Init::Normal {
-            mean: 0.0,
-            std: if norm_modules.contains(module) {
-                0.05
-            } else {
-                0.02
-            },
-        },
-        0 | 1 => Init::Normal {
-            mean: 1.0,
-            std: 0.05,
-        },
-        2 => Init::Linear {
-            std: gain / (shape[1] as f32).sqrt(),
-            outliers: true,
-        },
-        _ => Init::Normal {
-            mean: 0.0,
-            std: gain / (shape[1..].iter().product::<usize>() as f32).sqrt(),
-        },
+        0 | 1 if bias => Init::Normal { mean: 0.0, std: if norm_modules.contains(module) { 0.05 } else { 0.02 } },
+        0 | 1 => Init::Normal { mean: 1.0, std: 0.05 },
+        2 => Init::Linear { std: gain / (shape[1] as f32).sqrt(), outliers: true },
+        _ => Init::Normal { mean: 0.0, std: gain / (shape[1..].iter().product::<usize>() as f32).sqrt() },
     }
 }
 
@@ -715,31 +654,15 @@ fn condition_unet(name: &str, shape: &[usize], init: Init) -> Init {
     // SpatialTransformer's `proj_out` carries the whole transformer (up to ten
     // blocks, its own O(1) token stream whatever the outer stream's scale), so
     // half as much again.
-    const BRANCH_OUTPUTS: [(&str, f32); 4] = [
-        (".out_layers.3.weight", 0.1),
-        (".to_out.0.weight", 0.1),
-        (".ff.net.2.weight", 0.1),
-        (".proj_out.weight", 0.05),
-    ];
+    const BRANCH_OUTPUTS: [(&str, f32); 4] =
+        [(".out_layers.3.weight", 0.1), (".to_out.0.weight", 0.1), (".ff.net.2.weight", 0.1), (".proj_out.weight", 0.05)];
     if name.ends_with(".to_q.weight") || name.ends_with(".to_k.weight") {
-        return Init::Linear {
-            std: 1.0 / (shape[1] as f32).sqrt(),
-            outliers: false,
-        };
+        return Init::Linear { std: 1.0 / (shape[1] as f32).sqrt(), outliers: false };
     }
-    let scale = BRANCH_OUTPUTS
-        .iter()
-        .find(|(suffix, _)| name.ends_with(suffix))
-        .map_or(1.0, |&(_, s)| s);
+    let scale = BRANCH_OUTPUTS.iter().find(|(suffix, _)| name.ends_with(suffix)).map_or(1.0, |&(_, s)| s);
     match init {
-        Init::Normal { mean, std } => Init::Normal {
-            mean,
-            std: std * scale,
-        },
-        Init::Linear { std, outliers } => Init::Linear {
-            std: std * scale,
-            outliers,
-        },
+        Init::Normal { mean, std } => Init::Normal { mean, std: std * scale },
+        Init::Linear { std, outliers } => Init::Linear { std: std * scale, outliers },
     }
 }
 
@@ -790,11 +713,7 @@ fn components(family: Family) -> Vec<(String, Vec<usize>)> {
     let mut a = Acc::default();
     // VAE (LDM AutoencoderKL names). SD1.5/SDXL latents have 4 channels and
     // quant convs; SD3/FLUX latents have 16 and none.
-    let z = if matches!(family, Family::Sd15 | Family::Sdxl) {
-        4
-    } else {
-        16
-    };
+    let z = if matches!(family, Family::Sd15 | Family::Sdxl) { 4 } else { 16 };
     let c = 32;
     let enc = "first_stage_model.encoder.";
     a.conv(&format!("{enc}conv_in"), c, 3, 3);
@@ -819,19 +738,9 @@ fn components(family: Family) -> Vec<(String, Vec<usize>)> {
     // that calibration can encode prompts into the context the UNet expects;
     // one layer each and a 1024-token vocabulary keep them small.
     match family {
-        Family::Sd15 => a.clip_hf(
-            "cond_stage_model.transformer.",
-            false,
-            CLIP_L_DIM,
-            CLIP_VOCAB,
-        ),
+        Family::Sd15 => a.clip_hf("cond_stage_model.transformer.", false, CLIP_L_DIM, CLIP_VOCAB),
         Family::Sdxl => {
-            a.clip_hf(
-                "conditioner.embedders.0.transformer.",
-                false,
-                CLIP_L_DIM,
-                CLIP_VOCAB,
-            );
+            a.clip_hf("conditioner.embedders.0.transformer.", false, CLIP_L_DIM, CLIP_VOCAB);
             a.open_clip("conditioner.embedders.1.model.", CLIP_G_DIM, CLIP_VOCAB);
         }
         Family::Sd3 => {
@@ -888,10 +797,7 @@ impl Acc {
     fn clip_hf(&mut self, p: &str, projection: bool, d: usize, vocab: usize) {
         let t = format!("{p}text_model.");
         self.add(format!("{t}embeddings.token_embedding.weight"), &[vocab, d]);
-        self.add(
-            format!("{t}embeddings.position_embedding.weight"),
-            &[TE_POSITIONS, d],
-        );
+        self.add(format!("{t}embeddings.position_embedding.weight"), &[TE_POSITIONS, d]);
         let l = format!("{t}encoder.layers.0.");
         for proj in ["k_proj", "v_proj", "q_proj", "out_proj"] {
             self.linear(&format!("{l}self_attn.{proj}"), d, d, true);
@@ -929,10 +835,7 @@ impl Acc {
         for w in ["q", "k", "v", "o"] {
             self.linear(&format!("{b}0.SelfAttention.{w}"), d, d, false);
         }
-        self.add(
-            format!("{b}0.SelfAttention.relative_attention_bias.weight"),
-            &[32, heads],
-        );
+        self.add(format!("{b}0.SelfAttention.relative_attention_bias.weight"), &[32, heads]);
         self.add(format!("{b}0.layer_norm.weight"), &[d]);
         self.linear(&format!("{b}1.DenseReluDense.wi_0"), ff, d, false);
         self.linear(&format!("{b}1.DenseReluDense.wi_1"), ff, d, false);
@@ -967,9 +870,7 @@ fn mix(a: u64, b: u64) -> u64 {
 }
 
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3)
-    })
+    s.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3))
 }
 
 fn tensor_key(seed: u64, name: &str) -> u64 {
@@ -1043,32 +944,20 @@ fn generate(spec: &Spec, opts: &SynthOptions, out: &mut [u8]) {
     let key = tensor_key(opts.seed, &spec.seed_name);
     let (mean, std, cols) = match spec.init {
         Init::Normal { mean, std } => (mean, std, None),
-        Init::Linear {
-            std,
-            outliers: true,
-        } => (0.0, std, Some(outlier_columns(key, spec.tensor.shape[1]))),
-        Init::Linear {
-            std,
-            outliers: false,
-        } => (0.0, std, None),
+        Init::Linear { std, outliers: true } => (0.0, std, Some(outlier_columns(key, spec.tensor.shape[1]))),
+        Init::Linear { std, outliers: false } => (0.0, std, None),
     };
     let width = opts.dtype.size();
     let dtype = opts.dtype;
-    out.par_chunks_mut(CHUNK * width)
-        .enumerate()
-        .for_each(|(ci, buf)| {
-            let mut rng = Xoshiro256pp::new(mix(key, TAG_CHUNK ^ ci as u64));
-            let cols = cols.as_deref().map(|c| (c, (ci * CHUNK) % c.len()));
-            match dtype {
-                SynthDtype::Bf16 => fill(buf, &mut rng, mean, std, cols, |v| {
-                    bf16::from_f32(v).to_le_bytes()
-                }),
-                SynthDtype::F16 => fill(buf, &mut rng, mean, std, cols, |v| {
-                    f16::from_f32(v).to_le_bytes()
-                }),
-                SynthDtype::F32 => fill(buf, &mut rng, mean, std, cols, |v: f32| v.to_le_bytes()),
-            }
-        });
+    out.par_chunks_mut(CHUNK * width).enumerate().for_each(|(ci, buf)| {
+        let mut rng = Xoshiro256pp::new(mix(key, TAG_CHUNK ^ ci as u64));
+        let cols = cols.as_deref().map(|c| (c, (ci * CHUNK) % c.len()));
+        match dtype {
+            SynthDtype::Bf16 => fill(buf, &mut rng, mean, std, cols, |v| bf16::from_f32(v).to_le_bytes()),
+            SynthDtype::F16 => fill(buf, &mut rng, mean, std, cols, |v| f16::from_f32(v).to_le_bytes()),
+            SynthDtype::F32 => fill(buf, &mut rng, mean, std, cols, |v: f32| v.to_le_bytes()),
+        }
+    });
 }
 
 /// Fills one chunk: `mean + std * z` per element, `z` standard normal, times the

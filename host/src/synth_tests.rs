@@ -1,27 +1,15 @@
 use super::*;
 
 fn spec_of(opts: &SynthOptions, name: &str) -> Spec {
-    build(opts)
-        .unwrap()
-        .into_iter()
-        .find(|s| s.tensor.name == name)
-        .unwrap()
+    build(opts).unwrap().into_iter().find(|s| s.tensor.name == name).unwrap()
 }
 
 fn opts(family: Family, scale: Scale) -> SynthOptions {
-    SynthOptions {
-        scale,
-        seed: 7,
-        ..SynthOptions::new(family)
-    }
+    SynthOptions { scale, seed: 7, ..SynthOptions::new(family) }
 }
 
 fn shapes(opts: &SynthOptions) -> HashMap<String, Vec<usize>> {
-    plan(opts)
-        .unwrap()
-        .into_iter()
-        .map(|t| (t.name, t.shape))
-        .collect()
+    plan(opts).unwrap().into_iter().map(|t| (t.name, t.shape)).collect()
 }
 
 fn write_tmp(opts: &SynthOptions) -> (tempfile::TempDir, Vec<u8>) {
@@ -35,21 +23,9 @@ fn write_tmp(opts: &SynthOptions) -> (tempfile::TempDir, Vec<u8>) {
 fn values(st: &safetensors::SafeTensors<'_>, name: &str) -> (Vec<usize>, Vec<f32>) {
     let t = st.tensor(name).unwrap();
     let v = match t.dtype() {
-        Dtype::BF16 => t
-            .data()
-            .chunks_exact(2)
-            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::F16 => t
-            .data()
-            .chunks_exact(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::F32 => t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect(),
+        Dtype::BF16 => t.data().chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F16 => t.data().chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F32 => t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
         d => panic!("unexpected dtype {d:?}"),
     };
     (t.shape().to_vec(), v)
@@ -111,15 +87,8 @@ fn full_plan_matches_manifest() {
                 assert_eq!(t.name, mt.name);
             }
         }
-        let o32 = SynthOptions {
-            dtype: SynthDtype::F32,
-            ..o
-        };
-        let bytes32: u64 = plan(&o32)
-            .unwrap()
-            .iter()
-            .map(|t| t.byte_len() as u64)
-            .sum();
+        let o32 = SynthOptions { dtype: SynthDtype::F32, ..o };
+        let bytes32: u64 = plan(&o32).unwrap().iter().map(|t| t.byte_len() as u64).sum();
         assert_eq!(bytes32, m.params * 4, "{f}: f32 bytes");
     }
 }
@@ -140,15 +109,8 @@ fn tiny_keeps_key_structure() {
     for f in Family::ALL {
         for &variant in f.variants() {
             for full_checkpoint in [false, true] {
-                let base = SynthOptions {
-                    variant: Some(variant.into()),
-                    full_checkpoint,
-                    ..opts(f, Scale::Full)
-                };
-                let tiny = SynthOptions {
-                    scale: Scale::Tiny,
-                    ..base.clone()
-                };
+                let base = SynthOptions { variant: Some(variant.into()), full_checkpoint, ..opts(f, Scale::Full) };
+                let tiny = SynthOptions { scale: Scale::Tiny, ..base.clone() };
                 let (pf, pt) = (plan(&base).unwrap(), plan(&tiny).unwrap());
                 assert_eq!(pf.len(), pt.len());
                 for (a, b) in pf.iter().zip(&pt) {
@@ -168,16 +130,8 @@ fn tiny_keeps_key_structure() {
 #[test]
 fn tiny_shapes_are_consistent() {
     let interfaces: &[(Family, usize, &[&str])] = &[
-        (
-            Family::Sd15,
-            768,
-            &["attn2.to_k.weight", "attn2.to_v.weight"],
-        ),
-        (
-            Family::Sdxl,
-            2048,
-            &["attn2.to_k.weight", "attn2.to_v.weight"],
-        ),
+        (Family::Sd15, 768, &["attn2.to_k.weight", "attn2.to_v.weight"]),
+        (Family::Sdxl, 2048, &["attn2.to_k.weight", "attn2.to_v.weight"]),
         (Family::Sdxl, 2816, &["label_emb.0.0.weight"]),
         (Family::Sd3, 4096, &["context_embedder.weight"]),
         (Family::Sd3, 2048, &["y_embedder.mlp.0.weight"]),
@@ -185,11 +139,7 @@ fn tiny_shapes_are_consistent() {
         (Family::Sd3, 36864, &["pos_embed"]),
         (Family::Flux, 4096, &["txt_in.weight"]),
         (Family::Flux, 768, &["vector_in.in_layer.weight"]),
-        (
-            Family::Flux,
-            256,
-            &["time_in.in_layer.weight", "guidance_in.in_layer.weight"],
-        ),
+        (Family::Flux, 256, &["time_in.in_layer.weight", "guidance_in.in_layer.weight"]),
     ];
     for f in Family::ALL {
         let k = f.layout().divisor;
@@ -204,12 +154,9 @@ fn tiny_shapes_are_consistent() {
                         assert_eq!(e % 32, 0, "{f} {} axis {axis}: {d} -> {e}", t.name);
                     }
                 } else if d >= 256 {
-                    let ok = interfaces.iter().any(|(ff, w, names)| {
-                        *ff == f
-                            && *w == d
-                            && axis == 1
-                            && names.iter().any(|n| t.name.ends_with(n))
-                    });
+                    let ok = interfaces
+                        .iter()
+                        .any(|(ff, w, names)| *ff == f && *w == d && axis == 1 && names.iter().any(|n| t.name.ends_with(n)));
                     assert!(ok, "{f} {} axis {axis}: width {d} kept", t.name);
                 }
             }
@@ -222,34 +169,19 @@ fn tiny_keeps_detection_facts() {
     // SD1.5: context 768, 4-D proj_in, no label_emb, model_channels 32.
     let s = shapes(&opts(Family::Sd15, Scale::Tiny));
     assert_eq!(s["input_blocks.0.0.weight"], vec![32, 4, 3, 3]);
-    assert_eq!(
-        s["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"][1],
-        768
-    );
+    assert_eq!(s["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"][1], 768);
     assert_eq!(s["input_blocks.1.1.proj_in.weight"].len(), 4);
     assert!(!s.contains_key("label_emb.0.0.weight"));
     let mut inpaint = opts(Family::Sd15, Scale::Tiny);
     inpaint.variant = Some("inpaint".into());
-    assert_eq!(
-        shapes(&inpaint)["input_blocks.0.0.weight"],
-        vec![32, 9, 3, 3]
-    );
-    assert_eq!(
-        shapes(&SynthOptions {
-            scale: Scale::Full,
-            ..inpaint
-        })["input_blocks.0.0.weight"],
-        vec![320, 9, 3, 3]
-    );
+    assert_eq!(shapes(&inpaint)["input_blocks.0.0.weight"], vec![32, 9, 3, 3]);
+    assert_eq!(shapes(&SynthOptions { scale: Scale::Full, ..inpaint })["input_blocks.0.0.weight"], vec![320, 9, 3, 3]);
 
     // SDXL: adm 2816, context 2048 in every cross-attention, 2-D proj_in.
     let s = shapes(&opts(Family::Sdxl, Scale::Tiny));
     assert_eq!(s["label_emb.0.0.weight"][1], 2816);
     assert_eq!(s["input_blocks.0.0.weight"], vec![32, 4, 3, 3]);
-    let to_k: Vec<_> = s
-        .iter()
-        .filter(|(k, _)| k.ends_with("attn2.to_k.weight"))
-        .collect();
+    let to_k: Vec<_> = s.iter().filter(|(k, _)| k.ends_with("attn2.to_k.weight")).collect();
     assert_eq!(to_k.len(), 70);
     assert!(to_k.iter().all(|(_, sh)| sh[1] == 2048));
     assert_eq!(s["input_blocks.4.1.proj_in.weight"].len(), 2);
@@ -285,13 +217,8 @@ fn tiny_keeps_detection_facts() {
             assert_eq!(sh, &vec![h, 4 * h], "{n}");
         }
         if n.ends_with("adaLN_modulation.1.weight") {
-            let expected = if n == "joint_blocks.23.context_block.adaLN_modulation.1.weight"
-                || n.starts_with("final_layer")
-            {
-                2
-            } else {
-                6
-            };
+            let expected =
+                if n == "joint_blocks.23.context_block.adaLN_modulation.1.weight" || n.starts_with("final_layer") { 2 } else { 6 };
             assert_eq!(sh, &vec![expected * h, h], "{n}");
         }
     }
@@ -307,14 +234,8 @@ fn tiny_keeps_detection_facts() {
     assert_eq!(h % 128, 0);
     let mlp = s["double_blocks.0.img_mlp.0.weight"][0];
     assert_eq!(mlp, 4 * h);
-    assert!(
-        s.contains_key("double_blocks.18.img_attn.qkv.weight")
-            && !s.contains_key("double_blocks.19.img_attn.qkv.weight")
-    );
-    assert!(
-        s.contains_key("single_blocks.37.linear1.weight")
-            && !s.contains_key("single_blocks.38.linear1.weight")
-    );
+    assert!(s.contains_key("double_blocks.18.img_attn.qkv.weight") && !s.contains_key("double_blocks.19.img_attn.qkv.weight"));
+    assert!(s.contains_key("single_blocks.37.linear1.weight") && !s.contains_key("single_blocks.38.linear1.weight"));
     for (n, sh) in &s {
         if n.ends_with("attn.qkv.weight") {
             assert_eq!(sh, &vec![3 * h, h], "{n}");
@@ -341,18 +262,10 @@ fn tiny_keeps_detection_facts() {
 #[test]
 fn tiny_sizes() {
     for f in Family::ALL {
-        let bytes: usize = plan(&opts(f, Scale::Tiny))
-            .unwrap()
-            .iter()
-            .map(|t| t.byte_len())
-            .sum();
+        let bytes: usize = plan(&opts(f, Scale::Tiny)).unwrap().iter().map(|t| t.byte_len()).sum();
         // SDXL's floor: model_channels 32 (GroupNorm) and 140 cross-attention
         // projections that keep their 2048-wide context input.
-        let limit = if f == Family::Sdxl {
-            120_000_000
-        } else {
-            45_000_000
-        };
+        let limit = if f == Family::Sdxl { 120_000_000 } else { 45_000_000 };
         assert!(bytes < limit, "{f}: {bytes} bytes");
     }
 }
@@ -376,11 +289,7 @@ fn full_checkpoint_layout() {
     };
     for f in Family::ALL {
         let dm = plan(&opts(f, Scale::Tiny)).unwrap();
-        let full = plan(&SynthOptions {
-            full_checkpoint: true,
-            ..opts(f, Scale::Tiny)
-        })
-        .unwrap();
+        let full = plan(&SynthOptions { full_checkpoint: true, ..opts(f, Scale::Tiny) }).unwrap();
         for (a, b) in dm.iter().zip(&full) {
             assert_eq!(format!("{DIFFUSION_PREFIX}{}", a.name), b.name);
             assert_eq!(a.shape, b.shape);
@@ -389,39 +298,19 @@ fn full_checkpoint_layout() {
         assert!(rest.iter().all(|t| !t.name.starts_with(DIFFUSION_PREFIX)));
         let names: HashSet<&str> = full.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names.len(), full.len(), "{f}: duplicate names");
-        let size = |p: &str| {
-            rest.iter()
-                .filter(|t| t.name.starts_with(p))
-                .map(|t| t.byte_len())
-                .sum::<usize>()
-        };
+        let size = |p: &str| rest.iter().filter(|t| t.name.starts_with(p)).map(|t| t.byte_len()).sum::<usize>();
         let (vae, te) = (size("first_stage_model."), size(te_prefix(f)));
         assert!((10_000..200_000).contains(&vae), "{f}: VAE {vae} bytes");
         // SD1.5 / SDXL encoders keep their real widths (calibration encodes prompts with them).
-        let te_bytes = if matches!(f, Family::Sd15 | Family::Sdxl) {
-            1_000_000..100_000_000
-        } else {
-            10_000..200_000
-        };
+        let te_bytes = if matches!(f, Family::Sd15 | Family::Sdxl) { 1_000_000..100_000_000 } else { 10_000..200_000 };
         assert!(te_bytes.contains(&te), "{f}: text encoders {te} bytes");
-        assert_eq!(
-            vae + te,
-            rest.iter().map(|t| t.byte_len()).sum::<usize>(),
-            "{f}: stray component tensors"
-        );
+        assert_eq!(vae + te, rest.iter().map(|t| t.byte_len()).sum::<usize>(), "{f}: stray component tensors");
         assert!(names.contains("first_stage_model.decoder.conv_out.weight"));
         // Components are the same at both scales.
-        let full_size = plan(&SynthOptions {
-            full_checkpoint: true,
-            ..opts(f, Scale::Full)
-        })
-        .unwrap();
+        let full_size = plan(&SynthOptions { full_checkpoint: true, ..opts(f, Scale::Full) }).unwrap();
         assert_eq!(&full_size[full_size.len() - rest.len()..], rest);
     }
-    let sd3 = shapes(&SynthOptions {
-        full_checkpoint: true,
-        ..opts(Family::Sd3, Scale::Tiny)
-    });
+    let sd3 = shapes(&SynthOptions { full_checkpoint: true, ..opts(Family::Sd3, Scale::Tiny) });
     for k in [
         "text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.weight",
         "text_encoders.clip_g.transformer.text_projection.weight",
@@ -430,45 +319,26 @@ fn full_checkpoint_layout() {
     ] {
         assert!(sd3.contains_key(k), "{k}");
     }
-    let sdxl = shapes(&SynthOptions {
-        full_checkpoint: true,
-        ..opts(Family::Sdxl, Scale::Tiny)
-    });
-    assert!(sdxl.contains_key(
-        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"
-    ));
-    assert!(sdxl.contains_key(
-        "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
-    ));
+    let sdxl = shapes(&SynthOptions { full_checkpoint: true, ..opts(Family::Sdxl, Scale::Tiny) });
+    assert!(sdxl.contains_key("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"));
+    assert!(sdxl.contains_key("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"));
     assert!(sdxl.contains_key("first_stage_model.quant_conv.weight"));
-    let flux = shapes(&SynthOptions {
-        full_checkpoint: true,
-        ..opts(Family::Flux, Scale::Tiny)
-    });
-    assert_eq!(
-        flux["first_stage_model.encoder.conv_out.weight"],
-        vec![32, 32, 3, 3]
-    );
+    let flux = shapes(&SynthOptions { full_checkpoint: true, ..opts(Family::Flux, Scale::Tiny) });
+    assert_eq!(flux["first_stage_model.encoder.conv_out.weight"], vec![32, 32, 3, 3]);
     assert!(!flux.contains_key("first_stage_model.quant_conv.weight"));
 }
 
 #[test]
 fn opens_as_a_checkpoint() {
     for full_checkpoint in [false, true] {
-        let o = SynthOptions {
-            full_checkpoint,
-            ..opts(Family::Sd3, Scale::Tiny)
-        };
+        let o = SynthOptions { full_checkpoint, ..opts(Family::Sd3, Scale::Tiny) };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.safetensors");
         write(&o, &path, |_, _| {}).unwrap();
         let c = crate::checkpoint::Checkpoint::open(&path).unwrap();
         assert_eq!(c.is_full_checkpoint(), full_checkpoint);
         assert_eq!(c.diffusion_tensors().count(), 491);
-        assert!(
-            !c.components()
-                .contains(&crate::checkpoint::Component::Other)
-        );
+        assert!(!c.components().contains(&crate::checkpoint::Component::Other));
         assert_eq!(c.components().len(), if full_checkpoint { 3 } else { 1 });
         assert_eq!(c.metadata()[METADATA_KEY], "sd3/medium/tiny/7");
     }
@@ -480,10 +350,7 @@ fn round_trip_and_value_spread() {
     let (_dir, bytes) = write_tmp(&o);
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    assert_eq!(
-        meta.metadata().as_ref().unwrap()[METADATA_KEY],
-        "flux/dev/tiny/7"
-    );
+    assert_eq!(meta.metadata().as_ref().unwrap()[METADATA_KEY], "flux/dev/tiny/7");
     let p = plan(&o).unwrap();
     assert_eq!(st.len(), p.len());
     for t in &p {
@@ -494,18 +361,12 @@ fn round_trip_and_value_spread() {
         assert!(vals.iter().all(|x| x.is_finite()), "{}", t.name);
     }
     // Data offsets follow the plan's order.
-    let offsets: Vec<usize> = p
-        .iter()
-        .map(|t| meta.info(&t.name).unwrap().data_offsets.0)
-        .collect();
+    let offsets: Vec<usize> = p.iter().map(|t| meta.info(&t.name).unwrap().data_offsets.0).collect();
     assert!(offsets.windows(2).all(|w| w[0] < w[1]));
 
     let (_, norm) = values(&st, "double_blocks.3.img_attn.norm.key_norm.scale");
     let (m, s) = mean_std(&norm);
-    assert!(
-        (m - 1.0).abs() < 0.03 && s > 0.02 && s < 0.1,
-        "norm scale {m} {s}"
-    );
+    assert!((m - 1.0).abs() < 0.03 && s > 0.02 && s < 0.1, "norm scale {m} {s}");
     let (_, bias) = values(&st, "double_blocks.3.img_attn.qkv.bias");
     let (m, s) = mean_std(&bias);
     assert!(m.abs() < 0.01 && (0.01..0.03).contains(&s), "bias {m} {s}");
@@ -513,38 +374,19 @@ fn round_trip_and_value_spread() {
     let (m, s) = mean_std(&w);
     let fan_in = shape[1] as f64;
     assert!(m.abs() < 0.01, "{m}");
-    assert!(
-        s * fan_in.sqrt() > 0.5 && s * fan_in.sqrt() < 1.5 * 2.0,
-        "weight std {s}"
-    );
+    assert!(s * fan_in.sqrt() > 0.5 && s * fan_in.sqrt() < 1.5 * 2.0, "weight std {s}");
 
     // Gains differ between layers.
-    let gains: Vec<f64> = [
-        "double_blocks.0.img_mlp.2.weight",
-        "double_blocks.1.img_mlp.2.weight",
-        "double_blocks.2.img_mlp.2.weight",
-    ]
-    .iter()
-    .map(|n| mean_std(&values(&st, n).1).1)
-    .collect();
-    assert!(
-        gains
-            .iter()
-            .any(|&g| (g - gains[0]).abs() > 0.05 * gains[0]),
-        "{gains:?}"
-    );
+    let gains: Vec<f64> = ["double_blocks.0.img_mlp.2.weight", "double_blocks.1.img_mlp.2.weight", "double_blocks.2.img_mlp.2.weight"]
+        .iter()
+        .map(|n| mean_std(&values(&st, n).1).1)
+        .collect();
+    assert!(gains.iter().any(|&g| (g - gains[0]).abs() > 0.05 * gains[0]), "{gains:?}");
 }
 
 fn column_norm_ratio(shape: &[usize], w: &[f32]) -> f64 {
     let (rows, cols) = (shape[0], shape[1]);
-    let mut norms: Vec<f64> = (0..cols)
-        .map(|c| {
-            (0..rows)
-                .map(|r| (w[r * cols + c] as f64).powi(2))
-                .sum::<f64>()
-                .sqrt()
-        })
-        .collect();
+    let mut norms: Vec<f64> = (0..cols).map(|c| (0..rows).map(|r| (w[r * cols + c] as f64).powi(2)).sum::<f64>().sqrt()).collect();
     let max = norms.iter().cloned().fold(0.0, f64::max);
     norms.sort_by(|a, b| a.partial_cmp(b).unwrap());
     max / norms[cols / 2]
@@ -572,34 +414,18 @@ fn linear_weights_have_outlier_columns() {
     let cols = outlier_columns(123, 2048);
     assert_eq!(cols.iter().filter(|&&c| c != 1.0).count(), 10);
     assert!(cols.iter().all(|&c| c == 1.0 || (8.0..=20.0).contains(&c)));
-    assert_eq!(
-        outlier_columns(5, 64).iter().filter(|&&c| c != 1.0).count(),
-        1
-    );
+    assert_eq!(outlier_columns(5, 64).iter().filter(|&&c| c != 1.0).count(), 1);
 }
 
 #[test]
 fn conditioned_init() {
     let base = opts(Family::Sd15, Scale::Tiny);
-    let cond = SynthOptions {
-        init: SynthInit::Conditioned,
-        full_checkpoint: true,
-        ..base.clone()
-    };
-    let (_d1, a) = write_tmp(&SynthOptions {
-        full_checkpoint: true,
-        ..base
-    });
+    let cond = SynthOptions { init: SynthInit::Conditioned, full_checkpoint: true, ..base.clone() };
+    let (_d1, a) = write_tmp(&SynthOptions { full_checkpoint: true, ..base });
     let (_d2, b) = write_tmp(&cond);
-    let (sa, sb) = (
-        safetensors::SafeTensors::deserialize(&a).unwrap(),
-        safetensors::SafeTensors::deserialize(&b).unwrap(),
-    );
+    let (sa, sb) = (safetensors::SafeTensors::deserialize(&a).unwrap(), safetensors::SafeTensors::deserialize(&b).unwrap());
     let (_, meta) = safetensors::SafeTensors::read_metadata(&b).unwrap();
-    assert_eq!(
-        meta.metadata().as_ref().unwrap()[METADATA_KEY],
-        "sd15/base/tiny/7/conditioned"
-    );
+    assert_eq!(meta.metadata().as_ref().unwrap()[METADATA_KEY], "sd15/base/tiny/7/conditioned");
     let (mut qk, mut scaled, mut same) = (0, 0, 0);
     for (name, _) in sa.tensors() {
         let local = name.strip_prefix(DIFFUSION_PREFIX).unwrap_or(&name);
@@ -607,50 +433,26 @@ fn conditioned_init() {
         let in_unet = name.starts_with(DIFFUSION_PREFIX);
         if in_unet && (local.ends_with(".to_q.weight") || local.ends_with(".to_k.weight")) {
             // Plain 1/sqrt(fan-in) rows: logits q.k/sqrt(d) of std ~1 on RMS-1 inputs.
-            assert!(
-                column_norm_ratio(&shape, &x) > 4.0,
-                "{name}: default has outlier columns"
-            );
-            assert!(
-                column_norm_ratio(&shape, &y) < 2.0,
-                "{name}: outlier columns left"
-            );
+            assert!(column_norm_ratio(&shape, &x) > 4.0, "{name}: default has outlier columns");
+            assert!(column_norm_ratio(&shape, &y) < 2.0, "{name}: outlier columns left");
             let s = mean_std(&y).1 * (shape[1] as f64).sqrt();
-            assert!(
-                (0.95..1.05).contains(&s),
-                "{name}: std * sqrt(fan-in) = {s}"
-            );
+            assert!((0.95..1.05).contains(&s), "{name}: std * sqrt(fan-in) = {s}");
             qk += 1;
             continue;
         }
         let expected = match local {
             _ if !in_unet => 1.0,
             n if n.ends_with(".proj_out.weight") => 0.05,
-            n if [
-                ".out_layers.3.weight",
-                ".to_out.0.weight",
-                ".ff.net.2.weight",
-            ]
-            .iter()
-            .any(|s| n.ends_with(s)) =>
-            {
-                0.1
-            }
+            n if [".out_layers.3.weight", ".to_out.0.weight", ".ff.net.2.weight"].iter().any(|s| n.ends_with(s)) => 0.1,
             _ => 1.0,
         };
         if expected == 1.0 {
-            assert!(
-                sa.tensor(&name).unwrap().data() == sb.tensor(&name).unwrap().data(),
-                "{name} changed"
-            );
+            assert!(sa.tensor(&name).unwrap().data() == sb.tensor(&name).unwrap().data(), "{name} changed");
             same += 1;
         } else {
             // The same draws, scaled (each side rounded to bf16 once).
             for (u, v) in x.iter().zip(&y) {
-                assert!(
-                    (v - u * expected).abs() <= (u * expected).abs() / 128.0 + 1e-30,
-                    "{name}: {u} -> {v}"
-                );
+                assert!((v - u * expected).abs() <= (u * expected).abs() / 128.0 + 1e-30, "{name}: {u} -> {v}");
             }
             scaled += 1;
         }
@@ -660,23 +462,12 @@ fn conditioned_init() {
     assert!(same > 500, "{same}");
     // The VAE's `proj_out` and the other families keep the default values.
     assert!(
-        sa.tensor("first_stage_model.encoder.mid.attn_1.proj_out.weight")
-            .unwrap()
-            .data()
-            == sb
-                .tensor("first_stage_model.encoder.mid.attn_1.proj_out.weight")
-                .unwrap()
-                .data()
+        sa.tensor("first_stage_model.encoder.mid.attn_1.proj_out.weight").unwrap().data()
+            == sb.tensor("first_stage_model.encoder.mid.attn_1.proj_out.weight").unwrap().data()
     );
     // The VAE and text encoders of a DiT checkpoint keep their values too (below).
-    assert_eq!(
-        SynthInit::parse(" Conditioned ").unwrap(),
-        SynthInit::Conditioned
-    );
-    assert_eq!(
-        SynthInit::Default.to_string().parse::<SynthInit>().unwrap(),
-        SynthInit::Default
-    );
+    assert_eq!(SynthInit::parse(" Conditioned ").unwrap(), SynthInit::Conditioned);
+    assert_eq!(SynthInit::Default.to_string().parse::<SynthInit>().unwrap(), SynthInit::Default);
     assert!(SynthInit::parse("trained").is_err());
 }
 
@@ -684,45 +475,23 @@ fn conditioned_init() {
 fn deterministic_and_seeded() {
     let o = opts(Family::Sd15, Scale::Tiny);
     let (_d1, a) = write_tmp(&o);
-    let one_thread = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
+    let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let (_d2, b) = one_thread.install(|| write_tmp(&o));
     assert!(a == b, "same seed, different bytes");
-    let (_d3, c) = write_tmp(&SynthOptions {
-        seed: 8,
-        ..o.clone()
-    });
+    let (_d3, c) = write_tmp(&SynthOptions { seed: 8, ..o.clone() });
     assert_eq!(a.len(), c.len());
     assert!(a != c, "different seeds, same bytes");
     // Tensors keep their values whether or not the file is a full checkpoint.
-    let (_d4, full) = write_tmp(&SynthOptions {
-        full_checkpoint: true,
-        ..o.clone()
-    });
-    let (sa, sf) = (
-        safetensors::SafeTensors::deserialize(&a).unwrap(),
-        safetensors::SafeTensors::deserialize(&full).unwrap(),
-    );
+    let (_d4, full) = write_tmp(&SynthOptions { full_checkpoint: true, ..o.clone() });
+    let (sa, sf) = (safetensors::SafeTensors::deserialize(&a).unwrap(), safetensors::SafeTensors::deserialize(&full).unwrap());
     let name = "output_blocks.5.1.transformer_blocks.0.ff.net.0.proj.weight";
-    assert!(
-        sa.tensor(name).unwrap().data()
-            == sf
-                .tensor(&format!("{DIFFUSION_PREFIX}{name}"))
-                .unwrap()
-                .data()
-    );
+    assert!(sa.tensor(name).unwrap().data() == sf.tensor(&format!("{DIFFUSION_PREFIX}{name}")).unwrap().data());
 }
 
 #[test]
 fn other_dtypes() {
     for dtype in [SynthDtype::F16, SynthDtype::F32] {
-        let o = SynthOptions {
-            dtype,
-            full_checkpoint: true,
-            ..opts(Family::Sd3, Scale::Tiny)
-        };
+        let o = SynthOptions { dtype, full_checkpoint: true, ..opts(Family::Sd3, Scale::Tiny) };
         let (_dir, bytes) = write_tmp(&o);
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         for (name, view) in st.tensors() {
@@ -730,19 +499,11 @@ fn other_dtypes() {
             assert!(values(&st, &name).1.iter().all(|x| x.is_finite()), "{name}");
         }
         // Rounding from the same f32 values: bf16 and f16 agree to their precision.
-        let bf = write_tmp(&SynthOptions {
-            dtype: SynthDtype::Bf16,
-            ..o.clone()
-        })
-        .1;
+        let bf = write_tmp(&SynthOptions { dtype: SynthDtype::Bf16, ..o.clone() }).1;
         let stb = safetensors::SafeTensors::deserialize(&bf).unwrap();
         let name = format!("{DIFFUSION_PREFIX}joint_blocks.5.x_block.mlp.fc1.weight");
         let (x, y) = (values(&st, &name).1, values(&stb, &name).1);
-        assert!(
-            x.iter()
-                .zip(&y)
-                .all(|(a, b)| (a - b).abs() <= a.abs() / 128.0 + 1e-6)
-        );
+        assert!(x.iter().zip(&y).all(|(a, b)| (a - b).abs() <= a.abs() / 128.0 + 1e-6));
     }
 }
 
@@ -810,10 +571,7 @@ fn conditioned_dit_init() {
         let base = SynthOptions { variant: Some(variant.into()), full_checkpoint: true, ..opts(family, Scale::Tiny) };
         let (_d1, a) = write_tmp(&base);
         let (_d2, b) = write_tmp(&SynthOptions { init: SynthInit::Conditioned, ..base });
-        let (sa, sb) = (
-            safetensors::SafeTensors::deserialize(&a).unwrap(),
-            safetensors::SafeTensors::deserialize(&b).unwrap(),
-        );
+        let (sa, sb) = (safetensors::SafeTensors::deserialize(&a).unwrap(), safetensors::SafeTensors::deserialize(&b).unwrap());
         let (_, meta) = safetensors::SafeTensors::read_metadata(&b).unwrap();
         assert_eq!(meta.metadata().as_ref().unwrap()[METADATA_KEY], format!("{family}/{variant}/tiny/7/conditioned"));
         let (mut n_qk, mut n_mods, mut n_branch, mut n_plain, mut same) = (0, 0, 0, 0, 0);
@@ -888,8 +646,16 @@ fn sd35_variants() {
 fn tiny_text_narrows_only_the_text_interface() {
     use crate::models::text::synth_text::{TINY_CLIP_G_WIDTH, TINY_CLIP_L_WIDTH, TINY_T5_WIDTH};
     for (family, variant, inputs) in [
-        (Family::Sd3, "medium", [("context_embedder.weight", TINY_T5_WIDTH), ("y_embedder.mlp.0.weight", TINY_CLIP_L_WIDTH + TINY_CLIP_G_WIDTH)]),
-        (Family::Sd3, "3.5-large", [("context_embedder.weight", TINY_T5_WIDTH), ("y_embedder.mlp.0.weight", TINY_CLIP_L_WIDTH + TINY_CLIP_G_WIDTH)]),
+        (
+            Family::Sd3,
+            "medium",
+            [("context_embedder.weight", TINY_T5_WIDTH), ("y_embedder.mlp.0.weight", TINY_CLIP_L_WIDTH + TINY_CLIP_G_WIDTH)],
+        ),
+        (
+            Family::Sd3,
+            "3.5-large",
+            [("context_embedder.weight", TINY_T5_WIDTH), ("y_embedder.mlp.0.weight", TINY_CLIP_L_WIDTH + TINY_CLIP_G_WIDTH)],
+        ),
         (Family::Flux, "dev", [("txt_in.weight", TINY_T5_WIDTH), ("vector_in.in_layer.weight", TINY_CLIP_L_WIDTH)]),
     ] {
         let o = SynthOptions { variant: Some(variant.into()), ..opts(family, Scale::Tiny) };
@@ -904,7 +670,10 @@ fn tiny_text_narrows_only_the_text_interface() {
         let metadata = SynthOptions { tiny_text: true, ..o }.metadata().unwrap();
         assert!(metadata[METADATA_KEY].ends_with("/tiny-text"), "{metadata:?}");
     }
-    for o in [SynthOptions { tiny_text: true, ..opts(Family::Sdxl, Scale::Tiny) }, SynthOptions { tiny_text: true, ..opts(Family::Flux, Scale::Full) }] {
+    for o in [
+        SynthOptions { tiny_text: true, ..opts(Family::Sdxl, Scale::Tiny) },
+        SynthOptions { tiny_text: true, ..opts(Family::Flux, Scale::Full) },
+    ] {
         assert!(plan(&o).unwrap_err().to_string().contains("tiny text widths are for tiny SD3 and FLUX"));
     }
 }

@@ -57,7 +57,13 @@ pub fn calib_options(input: &Path, output: &Path, recipe: Option<&str>, sets: &[
     let mut all = vec!["calib-steps=3", "calib-samples=2", "resolution=64"];
     all.extend_from_slice(sets);
     let mut o = options(input, output, recipe, &all);
-    o.calibration = CalibrationOptions { mode: CalibrateMode::On, device: DeviceChoice::Cpu, eval_inputs: 2, eval_resolution: 64, ..Default::default() };
+    o.calibration = CalibrationOptions {
+        mode: CalibrateMode::On,
+        device: DeviceChoice::Cpu,
+        eval_inputs: 2,
+        eval_resolution: 64,
+        ..Default::default()
+    };
     o.limits = SandboxLimits { memory_bytes: 64 << 20, timeout: Duration::from_secs(5) };
     o
 }

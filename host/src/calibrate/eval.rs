@@ -11,13 +11,13 @@ use serde::Serialize;
 use super::schedule::Spacing;
 use super::session::gaussian;
 use super::smooth::{self, Smoothing};
-use crate::modules::ModuleTable;
 use crate::checkpoint::Checkpoint;
 use crate::formats::{QuantFormat, SourceDtype, WeightView, numerics};
-use crate::models::clip::{self, SizeConditioning};
 use crate::models::arch::Backbone;
+use crate::models::clip::{self, SizeConditioning};
 use crate::models::denoiser::{Conditioning, Denoiser, Network};
 use crate::models::{InputHook, InputHooks, ReplacedWeights, WeightSource};
+use crate::modules::ModuleTable;
 use crate::nn::{ActQuant, Ops};
 use crate::plan::LayerDecision;
 use crate::progress::Progress;
@@ -41,16 +41,8 @@ impl Agreement {
             ro += r * o;
         }
         Agreement {
-            relative_l2: if rr > 0.0 {
-                (dd / rr).sqrt()
-            } else {
-                dd.sqrt()
-            },
-            cosine: if rr > 0.0 && oo > 0.0 {
-                ro / (rr.sqrt() * oo.sqrt())
-            } else {
-                1.0
-            },
+            relative_l2: if rr > 0.0 { (dd / rr).sqrt() } else { dd.sqrt() },
+            cosine: if rr > 0.0 && oo > 0.0 { ro / (rr.sqrt() * oo.sqrt()) } else { 1.0 },
         }
     }
 }
@@ -122,11 +114,7 @@ impl PairedDifference {
 fn act_quant(format: QuantFormat, static_scale: Option<f32>, dynamic: bool) -> Option<ActQuant> {
     match format {
         QuantFormat::Fp8 if dynamic => Some(ActQuant::Fp8Dynamic),
-        QuantFormat::Fp8 => Some(
-            static_scale
-                .map(|scale| ActQuant::Fp8Static { scale })
-                .unwrap_or(ActQuant::Fp8Dynamic),
-        ),
+        QuantFormat::Fp8 => Some(static_scale.map(|scale| ActQuant::Fp8Static { scale }).unwrap_or(ActQuant::Fp8Dynamic)),
         QuantFormat::Nvfp4 => static_scale.map(|s| ActQuant::Nvfp4 { global_scale: s }),
         QuantFormat::Int8 => Some(ActQuant::Int8DynamicRows),
         QuantFormat::Mxfp8 => Some(ActQuant::Mxfp8),
@@ -144,46 +132,28 @@ pub fn dequantized_weights(
 ) -> Result<HashMap<String, (Vec<usize>, SourceDtype, Vec<u8>)>> {
     let mut out = HashMap::new();
     let transforms = smoothing.transforms(&ModuleTable::build(ckpt))?;
-    let quantized: std::collections::HashSet<String> = layers
-        .iter()
-        .filter(|l| l.spec.is_some())
-        .map(|l| format!("{}.weight", l.key))
-        .collect();
+    let quantized: std::collections::HashSet<String> =
+        layers.iter().filter(|l| l.spec.is_some()).map(|l| format!("{}.weight", l.key)).collect();
     // Folded tensors that stay in their dtype; quantized weights are folded below.
     for (key, t) in transforms.iter().filter(|(k, _)| !quantized.contains(*k)) {
-        let entry = ckpt
-            .get(key)
-            .with_context(|| format!("checkpoint has no `{key}`"))?;
-        let dtype = SourceDtype::from_safetensors(entry.dtype)
-            .with_context(|| format!("{key}: not a float tensor"))?;
-        out.insert(
-            key.clone(),
-            (entry.shape.clone(), dtype, smooth::transformed_bytes(ckpt, key, t)?),
-        );
+        let entry = ckpt.get(key).with_context(|| format!("checkpoint has no `{key}`"))?;
+        let dtype = SourceDtype::from_safetensors(entry.dtype).with_context(|| format!("{key}: not a float tensor"))?;
+        out.insert(key.clone(), (entry.shape.clone(), dtype, smooth::transformed_bytes(ckpt, key, t)?));
     }
     for l in layers {
         let Some(spec) = l.spec else { continue };
         let key = format!("{}.weight", l.key);
-        let t = ckpt
-            .get(&key)
-            .with_context(|| format!("checkpoint has no `{key}`"))?;
+        let t = ckpt.get(&key).with_context(|| format!("checkpoint has no `{key}`"))?;
         let smoothed = match transforms.get(&key) {
             Some(tr) => Some(smooth::transformed_f32(ckpt, &key, tr)?),
             None => None,
         };
         let view = WeightView {
             name: &t.key,
-            dtype: if smoothed.is_some() {
-                SourceDtype::F32
-            } else {
-                l.dtype
-            },
+            dtype: if smoothed.is_some() { SourceDtype::F32 } else { l.dtype },
             rows: l.shape[0],
             cols: l.shape[1],
-            bytes: smoothed
-                .as_deref()
-                .map(bytemuck::cast_slice)
-                .unwrap_or(ckpt.bytes(t)),
+            bytes: smoothed.as_deref().map(bytemuck::cast_slice).unwrap_or(ckpt.bytes(t)),
         };
         let f = spec.implementation();
         let stored = f.quantize(&view)?;
@@ -217,19 +187,14 @@ pub fn evaluate<O: Ops>(
     progress: &Progress,
 ) -> Result<EvalReport> {
     let prefix = ckpt.prefix().to_string();
-    let replaced = ReplacedWeights {
-        base: ckpt as &dyn WeightSource,
-        replaced: dequantized_weights(ckpt, layers, smoothing)?,
-    };
+    let replaced = ReplacedWeights { base: ckpt as &dyn WeightSource, replaced: dequantized_weights(ckpt, layers, smoothing)? };
     let quantized = reference.load_like(ops, &replaced, &prefix).context("loading the fake-quantized model")?;
     drop(replaced);
     let unsmoothed = if smoothing.is_empty() {
         None
     } else {
-        let replaced = ReplacedWeights {
-            base: ckpt as &dyn WeightSource,
-            replaced: dequantized_weights(ckpt, layers, &Smoothing::default())?,
-        };
+        let replaced =
+            ReplacedWeights { base: ckpt as &dyn WeightSource, replaced: dequantized_weights(ckpt, layers, &Smoothing::default())? };
         Some(reference.load_like(ops, &replaced, &prefix).context("loading the fake-quantized model without SmoothQuant")?)
     };
     let arch = reference.arch().clone();
@@ -243,32 +208,16 @@ pub fn evaluate<O: Ops>(
         if mode == "weights-only" {
             return h;
         }
-        let scales = if mode == "static-unsmoothed" {
-            unsmoothed_scales
-        } else {
-            scales
-        };
+        let scales = if mode == "static-unsmoothed" { unsmoothed_scales } else { scales };
         for l in layers {
             let Some(spec) = l.spec else { continue };
             let q = act_quant(spec.format, scales.get(&l.path).copied(), mode == "dynamic");
-            h.by_module.insert(
-                l.path.clone(),
-                InputHook {
-                    observer: None,
-                    quant: q,
-                },
-            );
+            h.by_module.insert(l.path.clone(), InputHook { observer: None, quant: q });
         }
         h
     };
-    let has_fp8 = layers
-        .iter()
-        .any(|l| l.spec.is_some_and(|s| s.format == QuantFormat::Fp8));
-    let mut modes: Vec<&str> = if has_fp8 {
-        vec!["weights-only", "static", "dynamic"]
-    } else {
-        vec!["weights-only", "static"]
-    };
+    let has_fp8 = layers.iter().any(|l| l.spec.is_some_and(|s| s.format == QuantFormat::Fp8));
+    let mut modes: Vec<&str> = if has_fp8 { vec!["weights-only", "static", "dynamic"] } else { vec!["weights-only", "static"] };
     if unsmoothed.is_some() {
         modes.push("static-unsmoothed");
     }
@@ -294,10 +243,7 @@ pub fn evaluate<O: Ops>(
                 // Held-out conditioning drawn like the calibration's random conditioning
                 // (context and pooled text N(0, 1), real size conditioning), other seeds.
                 let tokens = arch.context_tokens;
-                let context = ops.from_f32(
-                    &[1, tokens, ctx_dim],
-                    &gaussian(tokens * ctx_dim, s ^ 0xc0ffee, 1.0),
-                )?;
+                let context = ops.from_f32(&[1, tokens, ctx_dim], &gaussian(tokens * ctx_dim, s ^ 0xc0ffee, 1.0))?;
                 let y = match (arch.backbone, adm, arch.pooled_width) {
                     (Backbone::Unet, Some(adm), _) => {
                         let p = clip::pooled_width(adm);
@@ -330,14 +276,11 @@ pub fn evaluate<O: Ops>(
         let first = i == 0;
         if first {
             for l in layers {
-                ref_hooks
-                    .by_module
-                    .insert(l.path.clone(), InputHook::default());
+                ref_hooks.by_module.insert(l.path.clone(), InputHook::default());
             }
             ref_hooks.recorded = Some(Default::default());
         }
-        let want =
-            ops.to_f32(&reference.model_output(ops, &x, sigma, &cond, &ref_hooks)?)?;
+        let want = ops.to_f32(&reference.model_output(ops, &x, sigma, &cond, &ref_hooks)?)?;
         for (m, mode) in modes.iter().enumerate() {
             let mut hooks = mode_hooks(mode);
             if first && *mode == "static" {
@@ -359,9 +302,7 @@ pub fn evaluate<O: Ops>(
                     let (Some(r), Some(q)) = (rr.get(&l.path), qr.get(&l.path)) else {
                         continue;
                     };
-                    let (Some(r), Some(q)) =
-                        (r.downcast_ref::<O::Tensor>(), q.downcast_ref::<O::Tensor>())
-                    else {
+                    let (Some(r), Some(q)) = (r.downcast_ref::<O::Tensor>(), q.downcast_ref::<O::Tensor>()) else {
                         continue;
                     };
                     let mut q = ops.to_f32(q)?;
@@ -375,10 +316,7 @@ pub fn evaluate<O: Ops>(
                     }
                     layer_report.push(LayerAgreement {
                         path: l.path.clone(),
-                        format: l
-                            .spec
-                            .map(|s| s.format.name().to_string())
-                            .unwrap_or_default(),
+                        format: l.spec.map(|s| s.format.name().to_string()).unwrap_or_default(),
                         input: Agreement::between(&ops.to_f32(r)?, &q),
                     });
                 }
@@ -393,19 +331,11 @@ pub fn evaluate<O: Ops>(
         .zip(&sums)
         .map(|(m, s)| ModeAgreement {
             mode: m.to_string(),
-            output: Agreement {
-                relative_l2: s.0 / n.max(1) as f64,
-                cosine: s.1 / n.max(1) as f64,
-            },
+            output: Agreement { relative_l2: s.0 / n.max(1) as f64, cosine: s.1 / n.max(1) as f64 },
             worst_relative_l2: s.2,
         })
         .collect();
-    let series = |name: &str| {
-        modes
-            .iter()
-            .position(|m| m.mode == name)
-            .map(|i| per_input[i].clone())
-    };
+    let series = |name: &str| modes.iter().position(|m| m.mode == name).map(|i| per_input[i].clone());
     let static_minus_dynamic = match (series("static"), series("dynamic")) {
         (Some(s), Some(d)) => Some(PairedDifference::of(&s, &d)),
         _ => None,
@@ -458,21 +388,9 @@ mod tests {
 
     #[test]
     fn activation_modes_per_format() {
-        assert_eq!(
-            act_quant(QuantFormat::Fp8, Some(0.5), false),
-            Some(ActQuant::Fp8Static { scale: 0.5 })
-        );
-        assert_eq!(
-            act_quant(QuantFormat::Fp8, Some(0.5), true),
-            Some(ActQuant::Fp8Dynamic)
-        );
-        assert_eq!(
-            act_quant(QuantFormat::Nvfp4, Some(0.25), false),
-            Some(ActQuant::Nvfp4 { global_scale: 0.25 })
-        );
-        assert_eq!(
-            act_quant(QuantFormat::Int8, None, false),
-            Some(ActQuant::Int8DynamicRows)
-        );
+        assert_eq!(act_quant(QuantFormat::Fp8, Some(0.5), false), Some(ActQuant::Fp8Static { scale: 0.5 }));
+        assert_eq!(act_quant(QuantFormat::Fp8, Some(0.5), true), Some(ActQuant::Fp8Dynamic));
+        assert_eq!(act_quant(QuantFormat::Nvfp4, Some(0.25), false), Some(ActQuant::Nvfp4 { global_scale: 0.25 }));
+        assert_eq!(act_quant(QuantFormat::Int8, None, false), Some(ActQuant::Int8DynamicRows));
     }
 }

@@ -182,7 +182,8 @@ pub fn run(
     };
     // Text encoders and tokenizers of the wrong kind or that do not parse are bad
     // input too, refused before the model is loaded.
-    let text = session::DitTextInputs::open(&arch, &opts.text_encoders, opts.t5_tokenizer.as_deref()).map_err(|e| crate::error::Refused(format!("{e:#}")))?;
+    let text = session::DitTextInputs::open(&arch, &opts.text_encoders, opts.t5_tokenizer.as_deref())
+        .map_err(|e| crate::error::Refused(format!("{e:#}")))?;
     for note in text.iter().flat_map(|t| &t.notes) {
         tracing::warn!("{note}");
     }
@@ -273,7 +274,11 @@ where
     .map_err(|m| RecipeError::Invalid { recipe: recipe.name().to_string(), message: m })?;
     let stats = session.stats();
     if stats.forwards == 0 {
-        return Err(RecipeError::Invalid { recipe: recipe.name().to_string(), message: "calibrate returned settings but ran no forward pass (denoise)".into() }.into());
+        return Err(RecipeError::Invalid {
+            recipe: recipe.name().to_string(),
+            message: "calibrate returned settings but ran no forward pass (denoise)".into(),
+        }
+        .into());
     }
     let observers = session.observers()?;
     let smoothing = session.smoothing();
@@ -331,7 +336,11 @@ where
         let session = *any.downcast::<Session<O>>().map_err(|_| anyhow::anyhow!("internal: session type"))?;
         let resolution = if opts.eval_resolution > 0 { opts.eval_resolution } else { session.info().native_resolution };
         let held_out = |i: usize| session.held_out_conditioning(i, resolution);
-        let progress = if progress.is_visible() { Progress::start("evaluation", Unit::Items("passes over held-out inputs"), None) } else { Progress::hidden() };
+        let progress = if progress.is_visible() {
+            Progress::start("evaluation", Unit::Items("passes over held-out inputs"), None)
+        } else {
+            Progress::hidden()
+        };
         let mut r = eval::evaluate(
             session.ops(),
             session.model(),
@@ -355,7 +364,16 @@ where
     Ok(Outcome::Calibrated(Box::new(Calibration {
         input_scales,
         smoothing,
-        report: CalibrationReport { algorithm, device, seconds, session: stats, notes: settings.notes.into_iter().chain(text_notes).collect(), layers: report_layers, smoothing: smoothing_report, eval },
+        report: CalibrationReport {
+            algorithm,
+            device,
+            seconds,
+            session: stats,
+            notes: settings.notes.into_iter().chain(text_notes).collect(),
+            layers: report_layers,
+            smoothing: smoothing_report,
+            eval,
+        },
     })))
 }
 
@@ -420,14 +438,22 @@ struct ForwardInputs {
 fn read_forward_inputs(inputs: &std::path::Path) -> Result<ForwardInputs> {
     type Tensor = (Vec<usize>, Vec<f32>);
     let bytes = std::fs::read(inputs).with_context(|| format!("cannot read {}", inputs.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", inputs.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{} is not a valid safetensors file: {e}", inputs.display()))?;
     let get = |name: &str| -> Result<Option<Tensor>> {
         let Ok(t) = st.tensor(name) else { return Ok(None) };
-        let dtype = crate::formats::SourceDtype::from_safetensors(t.dtype()).with_context(|| format!("`{name}` must be F32, F16 or BF16"))?;
+        let dtype =
+            crate::formats::SourceDtype::from_safetensors(t.dtype()).with_context(|| format!("`{name}` must be F32, F16 or BF16"))?;
         Ok(Some((t.shape().to_vec(), crate::formats::numerics::decode_dtype(dtype, t.data()))))
     };
     let need = |name: &str| get(name)?.with_context(|| format!("{} has no `{name}` tensor", inputs.display()));
-    Ok(ForwardInputs { x: need("x")?, timesteps: need("timesteps")?.1, context: need("context")?, y: get("y")?, guidance: get("guidance")?.map(|g| g.1) })
+    Ok(ForwardInputs {
+        x: need("x")?,
+        timesteps: need("timesteps")?.1,
+        context: need("context")?,
+        y: get("y")?,
+        guidance: get("guidance")?.map(|g| g.1),
+    })
 }
 
 fn forward_with<O: Ops>(
@@ -471,15 +497,23 @@ fn forward_with<O: Ops>(
         match &model {
             ForwardModel::Unet(m) => m.forward(&ops, &x, tv, &context, y.as_ref(), hooks),
             ForwardModel::Flux(m) => {
-                let y = y.as_ref().ok_or_else(|| crate::error::Refused(format!("{} has no `y` tensor (FLUX's pooled CLIP-L vector)", inputs.display())))?;
+                let y = y.as_ref().ok_or_else(|| {
+                    crate::error::Refused(format!("{} has no `y` tensor (FLUX's pooled CLIP-L vector)", inputs.display()))
+                })?;
                 if m.config().guidance_embed != inp.guidance.is_some() {
-                    let need = if m.config().guidance_embed { "needs a `guidance` tensor (FLUX-dev)" } else { "takes no `guidance` tensor (FLUX-schnell)" };
+                    let need = if m.config().guidance_embed {
+                        "needs a `guidance` tensor (FLUX-dev)"
+                    } else {
+                        "takes no `guidance` tensor (FLUX-schnell)"
+                    };
                     return Err(crate::error::Refused(format!("{}: this model {need}", inputs.display())).into());
                 }
                 m.forward(&ops, &x, tv, &context, y, inp.guidance.as_deref(), hooks)
             }
             ForwardModel::Mmdit(m) => {
-                let y = y.as_ref().ok_or_else(|| crate::error::Refused(format!("{} has no `y` tensor (SD3's pooled CLIP-L ‖ CLIP-G vector)", inputs.display())))?;
+                let y = y.as_ref().ok_or_else(|| {
+                    crate::error::Refused(format!("{} has no `y` tensor (SD3's pooled CLIP-L ‖ CLIP-G vector)", inputs.display()))
+                })?;
                 if inp.guidance.is_some() {
                     return Err(crate::error::Refused(format!("{}: SD3 takes no `guidance` tensor", inputs.display())).into());
                 }

@@ -14,15 +14,15 @@ use rand_distr::{Distribution, StandardNormal};
 use super::schedule::Spacing;
 use super::smooth;
 use crate::checkpoint::Checkpoint;
-use crate::models::clip::{self, SizeConditioning, TextEncoders, TextFamily};
-use crate::models::tokenizer::ClipTokenizer;
 use crate::models::arch::{Architecture, Backbone, TextStack};
+use crate::models::clip::{self, SizeConditioning, TextEncoders, TextFamily};
+use crate::models::denoiser::{Conditioning, Denoiser, Network};
 use crate::models::text::conditioning::TextWidths;
 use crate::models::text::detect::EncoderKind;
 use crate::models::text::stack::{DitText, TextFiles};
-use crate::models::text::t5_tokenizer::{FLUX_MIN_TOKENS, SD3_MIN_TOKENS};
 use crate::models::text::t5_tokenizer::T5Tokenizer;
-use crate::models::denoiser::{Conditioning, Denoiser, Network};
+use crate::models::text::t5_tokenizer::{FLUX_MIN_TOKENS, SD3_MIN_TOKENS};
+use crate::models::tokenizer::ClipTokenizer;
 use crate::models::{InputHooks, WeightSource};
 use crate::nn::{ObserverSpec, ObserverStats, Ops};
 
@@ -76,13 +76,7 @@ pub struct SessionLimits {
 
 impl Default for SessionLimits {
     fn default() -> Self {
-        SessionLimits {
-            max_tensor_elements: 1 << 28,
-            max_live_elements: 1 << 31,
-            max_forwards: 8192,
-            max_batch: 16,
-            max_steps: 1000,
-        }
+        SessionLimits { max_tensor_elements: 1 << 28, max_live_elements: 1 << 31, max_forwards: 8192, max_batch: 16, max_steps: 1000 }
     }
 }
 
@@ -112,7 +106,8 @@ pub trait CalibSession: Send {
     fn observers(&self) -> Result<Vec<ObserverStats>>;
     /// One module's observer and the step buckets used so far.
     fn activation_stats(&self, module: &str) -> Result<(ObserverStats, Vec<usize>)> {
-        let slot = self.observed_slot(module).ok_or_else(|| anyhow!("module `{module}` is not quantized by the plan, so it is not observed"))?;
+        let slot =
+            self.observed_slot(module).ok_or_else(|| anyhow!("module `{module}` is not quantized by the plan, so it is not observed"))?;
         let all = self.observers()?;
         Ok((all[slot].clone(), self.stats().steps))
     }
@@ -225,7 +220,10 @@ impl DitTextInputs {
             TextStack::Sd3 => DitText::Sd3,
             TextStack::Flux => DitText::Flux,
             _ if files.is_empty() && t5_tokenizer.is_none() => return Ok(None),
-            _ => bail!("--text-encoder and --t5-tokenizer are for SD3/3.5 and FLUX; {} keeps its text encoders in the checkpoint (use --clip-vocab)", arch.family),
+            _ => bail!(
+                "--text-encoder and --t5-tokenizer are for SD3/3.5 and FLUX; {} keeps its text encoders in the checkpoint (use --clip-vocab)",
+                arch.family
+            ),
         };
         let pooled = arch.pooled_width.with_context(|| format!("internal: {} has no pooled width", arch.family))?;
         let t5_tokenizer = t5_tokenizer.map(T5Tokenizer::from_file).transpose()?;
@@ -383,7 +381,11 @@ where
 
     fn check_alloc(&self, elements: usize) -> Result<()> {
         let l = &self.inputs.limits;
-        ensure!(elements <= l.max_tensor_elements, "a tensor of {elements} elements exceeds the limit of {} per tensor", l.max_tensor_elements);
+        ensure!(
+            elements <= l.max_tensor_elements,
+            "a tensor of {elements} elements exceeds the limit of {} per tensor",
+            l.max_tensor_elements
+        );
         ensure!(
             self.live_elements + elements <= l.max_live_elements,
             "live tensors would hold {} elements, over the limit of {} (drop tensors you no longer need)",
@@ -487,7 +489,13 @@ where
     fn file_cond(&self, start: usize, count: usize, width: u32, height: u32) -> Result<Cond<O::Tensor>> {
         let path = self.inputs.calib_data.as_ref().map(|(p, _)| p.clone()).ok_or_else(|| anyhow!("no --calib-data file was given"))?;
         ensure!(count >= 1, "file conditioning needs count >= 1");
-        ensure!(start + count <= self.calib_rows, "rows {start}..{} are beyond the {} rows of {}", start + count, self.calib_rows, path.display());
+        ensure!(
+            start + count <= self.calib_rows,
+            "rows {start}..{} are beyond the {} rows of {}",
+            start + count,
+            self.calib_rows,
+            path.display()
+        );
         let data = CalibData::open(&path)?;
         let ctx_dim = self.model.context_width();
         let (ctx_shape, ctx_rows) = data.rows("context", start, count)?;
@@ -516,15 +524,32 @@ where
         ensure!(prompts.len() <= self.inputs.limits.max_batch * 64, "too many prompts in one call ({})", prompts.len());
         if self.model.arch().backbone != Backbone::Unet {
             let text = self.inputs.text.as_ref().filter(|t| t.has_encoders()).with_context(|| {
-                format!("prompts for {} need its text encoders: pass --text-encoder FILE for each (clip_l, clip_g, t5xxl)", self.model.arch().family)
+                format!(
+                    "prompts for {} need its text encoders: pass --text-encoder FILE for each (clip_l, clip_g, t5xxl)",
+                    self.model.arch().family
+                )
             })?;
             // T5 pads to ComfyUI's minimum: 77 tokens for SD3, 256 for FLUX.
             let t5_min = match text.stack {
                 DitText::Sd3 => SD3_MIN_TOKENS,
                 DitText::Flux => FLUX_MIN_TOKENS,
             };
-            let c = text.files.encode(&self.ops, text.stack, text.widths, self.tokenizer.as_ref(), text.t5_tokenizer.as_ref(), t5_min, &prompts, &InputHooks::none())?;
-            return Ok(Conditioning { context: c.context, y: Some(c.pooled), batch: prompts.len(), guidance: self.default_guidance(prompts.len()) });
+            let c = text.files.encode(
+                &self.ops,
+                text.stack,
+                text.widths,
+                self.tokenizer.as_ref(),
+                text.t5_tokenizer.as_ref(),
+                t5_min,
+                &prompts,
+                &InputHooks::none(),
+            )?;
+            return Ok(Conditioning {
+                context: c.context,
+                y: Some(c.pooled),
+                batch: prompts.len(),
+                guidance: self.default_guidance(prompts.len()),
+            });
         }
         let tokenizer = self.tokenizer.as_ref().ok_or_else(|| {
             anyhow!("prompts need the CLIP vocabulary: pass --clip-vocab DIR (a folder with vocab.json and merges.txt, e.g. ComfyUI's comfy/sd1_tokenizer)")
@@ -731,7 +756,12 @@ where
     }
 
     fn with_guidance(&mut self, cond: u32, value: f32) -> Result<u32> {
-        ensure!(self.model.arch().guidance.is_some(), "{} {} takes no distilled guidance (it samples with classifier-free guidance)", self.model.arch().family, self.model.arch().variant);
+        ensure!(
+            self.model.arch().guidance.is_some(),
+            "{} {} takes no distilled guidance (it samples with classifier-free guidance)",
+            self.model.arch().family,
+            self.model.arch().variant
+        );
         ensure!(value.is_finite() && (0.0..=100.0).contains(&value), "guidance must be 0..=100, got {value}");
         let c = self.cond(cond)?;
         let copy = Conditioning { context: c.context.clone(), y: c.y.clone(), batch: c.batch, guidance: vec![value; c.batch] };
@@ -815,7 +845,6 @@ where
     }
 }
 
-
 /// `n` values N(0, spread^2) from `seed` (the host's one source of randomness).
 pub fn gaussian(n: usize, seed: u64, spread: f32) -> Vec<f32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -842,7 +871,12 @@ impl CalibData {
             .map_err(|e| anyhow!("--calib-data {} is not a valid safetensors file: {e}", self.path.display()))?;
         let t = st.tensor(name).map_err(|_| anyhow!("--calib-data {} has no tensor `{name}`", self.path.display()))?;
         let shape = t.shape().to_vec();
-        ensure!(!shape.is_empty() && start + count <= shape[0], "{}: `{name}` has {} rows", self.path.display(), shape.first().unwrap_or(&0));
+        ensure!(
+            !shape.is_empty() && start + count <= shape[0],
+            "{}: `{name}` has {} rows",
+            self.path.display(),
+            shape.first().unwrap_or(&0)
+        );
         let dtype = crate::formats::SourceDtype::from_safetensors(t.dtype())
             .ok_or_else(|| anyhow!("{}: `{name}` has dtype {:?}; use F32, F16 or BF16", self.path.display(), t.dtype()))?;
         let row: usize = shape[1..].iter().product();
@@ -862,7 +896,10 @@ pub fn calib_data_rows(path: &std::path::Path) -> Result<usize> {
     let st = safetensors::SafeTensors::deserialize(&data.mmap)
         .map_err(|e| anyhow!("--calib-data {} is not a valid safetensors file: {e}", path.display()))?;
     let t = st.tensor("context").map_err(|_| {
-        anyhow!("--calib-data {} has no `context` tensor (expected `context` [N, tokens, width], and `pooled` [N, 1280] for SDXL)", path.display())
+        anyhow!(
+            "--calib-data {} has no `context` tensor (expected `context` [N, tokens, width], and `pooled` [N, 1280] for SDXL)",
+            path.display()
+        )
     })?;
     ensure!(t.shape().len() == 3, "--calib-data {}: `context` must be [N, tokens, width], got {:?}", path.display(), t.shape());
     Ok(t.shape()[0])

@@ -113,9 +113,7 @@ fn linear_out(modules: &ModuleTable, path: &str) -> Option<usize> {
 
 /// A norm with a per-channel weight and bias of `channels`.
 fn affine(modules: &ModuleTable, path: &str, channels: usize) -> bool {
-    modules
-        .get(path)
-        .is_some_and(|m| m.kind == ModuleKind::Norm && m.weight_shape == [channels] && m.bias_key.is_some())
+    modules.get(path).is_some_and(|m| m.kind == ModuleKind::Norm && m.weight_shape == [channels] && m.bias_key.is_some())
 }
 
 /// Every foldable producer of an LDM-named UNet, found by module names and checked by shapes.
@@ -130,13 +128,27 @@ pub fn groups(modules: &ModuleTable) -> Vec<Group> {
                 return None;
             }
             let producer = format!("{base}.{norm}");
-            affine(modules, &producer, channels).then_some(Group { producer, carrier: Carrier::Affine, consumers, channels, module: None, also: vec![] })
+            affine(modules, &producer, channels).then_some(Group {
+                producer,
+                carrier: Carrier::Affine,
+                consumers,
+                channels,
+                module: None,
+                also: vec![],
+            })
         };
         let rows_group = |producer: String, consumer: &str, hidden_half: bool| -> Option<Group> {
             let channels = linear_in(modules, consumer)?;
             let rows = linear_out(modules, &producer)?;
             let expected = if hidden_half { 2 * channels } else { channels };
-            (rows == expected).then(|| Group { producer, carrier: Carrier::Rows { start: 0 }, consumers: vec![consumer.to_string()], channels, module: None, also: vec![] })
+            (rows == expected).then(|| Group {
+                producer,
+                carrier: Carrier::Rows { start: 0 },
+                consumers: vec![consumer.to_string()],
+                channels,
+                module: None,
+                also: vec![],
+            })
         };
         let group = if let Some(base) = path.strip_suffix(".attn1.to_q") {
             norm_group(base, "norm1", &["attn1.to_q", "attn1.to_k", "attn1.to_v"])
@@ -179,7 +191,9 @@ fn dit_groups(modules: &ModuleTable) -> Vec<Group> {
     // V rows (the last third of a fused qkv) of `producers`, read through attention by `consumers`.
     let v_rows = |producers: &[String], consumers: Vec<String>| -> Option<Group> {
         let channels = linear_in(modules, &consumers[0])?;
-        if consumers.iter().any(|c| linear_in(modules, c) != Some(channels)) || producers.iter().any(|p| linear_out(modules, p) != Some(3 * channels)) {
+        if consumers.iter().any(|c| linear_in(modules, c) != Some(channels))
+            || producers.iter().any(|p| linear_out(modules, p) != Some(3 * channels))
+        {
             return None;
         }
         let carrier = Carrier::Rows { start: 2 * channels };
@@ -208,12 +222,18 @@ fn dit_groups(modules: &ModuleTable) -> Vec<Group> {
                     out.extend(modulation(ada, "mlp", 3, vec![format!("{block}.{side}.mlp.fc1")]));
                 }
             }
-            let consumers: Vec<String> = ["x_block", "context_block"].iter().map(|s| format!("{block}.{s}.attn.proj")).filter(|c| exists(c)).collect();
+            let consumers: Vec<String> =
+                ["x_block", "context_block"].iter().map(|s| format!("{block}.{s}.attn.proj")).filter(|c| exists(c)).collect();
             if !consumers.is_empty() {
                 out.extend(v_rows(&[format!("{block}.x_block.attn.qkv"), format!("{block}.context_block.attn.qkv")], consumers));
             }
             if exists(&format!("{block}.x_block.attn2.qkv")) {
-                out.extend(modulation(format!("{block}.x_block.adaLN_modulation.1"), "attn2", 6, vec![format!("{block}.x_block.attn2.qkv")]));
+                out.extend(modulation(
+                    format!("{block}.x_block.adaLN_modulation.1"),
+                    "attn2",
+                    6,
+                    vec![format!("{block}.x_block.attn2.qkv")],
+                ));
                 out.extend(v_rows(&[format!("{block}.x_block.attn2.qkv")], vec![format!("{block}.x_block.attn2.proj")]));
             }
         }
@@ -238,7 +258,8 @@ pub fn factors(act_amax: &[f32], weight_amax: &[f32], alpha: f32) -> Vec<f32> {
 pub fn weight_column_amax(ckpt: &Checkpoint, key: &str) -> Result<Vec<f32>> {
     use rayon::prelude::*;
     let entry = ckpt.get(key).with_context(|| format!("checkpoint has no `{key}`"))?;
-    let dtype = SourceDtype::from_safetensors(entry.dtype).with_context(|| format!("{key}: only F32, F16 and BF16 weights can be smoothed"))?;
+    let dtype =
+        SourceDtype::from_safetensors(entry.dtype).with_context(|| format!("{key}: only F32, F16 and BF16 weights can be smoothed"))?;
     ensure!(entry.shape.len() == 2, "{key} is not a Linear weight");
     let cols = entry.shape[1];
     let row_bytes = cols * dtype.size();
@@ -440,7 +461,13 @@ impl Smoothing {
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(&g.factors)
                 .with_context(|| format!("{METADATA_KEY}: factors of {} are not base64", g.group.producer))?;
-            ensure!(bytes.len() == 4 * g.group.channels, "{METADATA_KEY}: {} has {} bytes of factors for {} channels", g.group.producer, bytes.len(), g.group.channels);
+            ensure!(
+                bytes.len() == 4 * g.group.channels,
+                "{METADATA_KEY}: {} has {} bytes of factors for {} channels",
+                g.group.producer,
+                bytes.len(),
+                g.group.channels
+            );
             let factors: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
             if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
                 bail!("{METADATA_KEY}: {} has a factor of {bad}", g.group.producer);
@@ -463,20 +490,19 @@ pub fn transformed_f32(ckpt: &Checkpoint, key: &str, t: &Transform) -> Result<Ve
 pub fn transform_into(ckpt: &Checkpoint, key: &str, t: &Transform, values: &mut Vec<f32>) -> Result<()> {
     use rayon::prelude::*;
     let entry = ckpt.get(key).with_context(|| format!("checkpoint has no `{key}`"))?;
-    let dtype = SourceDtype::from_safetensors(entry.dtype).with_context(|| format!("{key}: only F32, F16 and BF16 tensors can be smoothed"))?;
+    let dtype =
+        SourceDtype::from_safetensors(entry.dtype).with_context(|| format!("{key}: only F32, F16 and BF16 tensors can be smoothed"))?;
     let cols = t.check(&entry.shape)?.max(1);
     let bytes = ckpt.bytes(entry);
     // Blocks of whole rows, decoded and transformed on every core (large weights are 10-100 MB).
     let rows_per_block = (16384 / cols).max(1);
     values.resize(entry.elements(), 0.0);
-    values
-        .par_chunks_mut(rows_per_block * cols)
-        .zip(bytes.par_chunks(rows_per_block * cols * dtype.size()))
-        .enumerate()
-        .for_each(|(b, (out, src))| {
+    values.par_chunks_mut(rows_per_block * cols).zip(bytes.par_chunks(rows_per_block * cols * dtype.size())).enumerate().for_each(
+        |(b, (out, src))| {
             out.copy_from_slice(&numerics::decode_dtype(dtype, src));
             t.apply_rows(b * rows_per_block, cols, out);
-        });
+        },
+    );
     if let Some(i) = values.par_iter().position_first(|v| !v.is_finite()) {
         bail!("smoothing {key} made element {i} non-finite");
     }
@@ -486,7 +512,8 @@ pub fn transform_into(ckpt: &Checkpoint, key: &str, t: &Transform, values: &mut 
 /// A tensor's transformed bytes in its stored dtype, as written to the output.
 pub fn transformed_bytes(ckpt: &Checkpoint, key: &str, t: &Transform) -> Result<Vec<u8>> {
     let entry = ckpt.get(key).with_context(|| format!("checkpoint has no `{key}`"))?;
-    let dtype = SourceDtype::from_safetensors(entry.dtype).with_context(|| format!("{key}: only F32, F16 and BF16 tensors can be smoothed"))?;
+    let dtype =
+        SourceDtype::from_safetensors(entry.dtype).with_context(|| format!("{key}: only F32, F16 and BF16 tensors can be smoothed"))?;
     let values = transformed_f32(ckpt, key, t)?;
     let bytes = numerics::encode_source(dtype, &values);
     if dtype == SourceDtype::F16 {
@@ -534,11 +561,7 @@ impl Smoothed {
 
 /// Every group's report, with the channel amax observed at any of its consumers.
 pub fn report(smoothing: &Smoothing, channel_amax: &BTreeMap<String, Vec<f32>>) -> Vec<SmoothingReport> {
-    smoothing
-        .groups
-        .iter()
-        .map(|g| g.report(g.group.consumers.iter().find_map(|c| channel_amax.get(c)).map_or(&[][..], |a| a)))
-        .collect()
+    smoothing.groups.iter().map(|g| g.report(g.group.consumers.iter().find_map(|c| channel_amax.get(c)).map_or(&[][..], |a| a))).collect()
 }
 
 #[cfg(test)]
@@ -575,14 +598,20 @@ mod tests {
     fn modulation_scale_bias_keeps_one_plus_scale_divided() {
         // Bias [shift 3, scale 1]: divided by 2 -> shift 1.5, (1 + 1) / 2 - 1 = 0.
         let t = Transform {
-            row_div: vec![RowDiv { start: 0, divisors: vec![2.0], one_plus: false }, RowDiv { start: 1, divisors: vec![2.0], one_plus: true }],
+            row_div: vec![
+                RowDiv { start: 0, divisors: vec![2.0], one_plus: false },
+                RowDiv { start: 1, divisors: vec![2.0], one_plus: true },
+            ],
             col_mul: None,
         };
         let mut bias = vec![3.0, 1.0];
         t.apply(&[2], &mut bias).unwrap();
         assert_eq!(bias, vec![1.5, 0.0]);
         let overlapping = Transform {
-            row_div: vec![RowDiv { start: 0, divisors: vec![2.0, 2.0], one_plus: false }, RowDiv { start: 1, divisors: vec![2.0], one_plus: true }],
+            row_div: vec![
+                RowDiv { start: 0, divisors: vec![2.0, 2.0], one_plus: false },
+                RowDiv { start: 1, divisors: vec![2.0], one_plus: true },
+            ],
             col_mul: None,
         };
         assert!(format!("{:#}", overlapping.apply(&[2], &mut bias).unwrap_err()).contains("overlap"));
@@ -597,7 +626,14 @@ mod tests {
     fn metadata_round_trip_is_exact() {
         let s = Smoothing {
             groups: vec![Smoothed {
-                group: Group { producer: "a.norm1".into(), carrier: Carrier::Affine, consumers: vec!["a.attn1.to_q".into()], channels: 3, module: None, also: vec![] },
+                group: Group {
+                    producer: "a.norm1".into(),
+                    carrier: Carrier::Affine,
+                    consumers: vec!["a.attn1.to_q".into()],
+                    channels: 3,
+                    module: None,
+                    also: vec![],
+                },
                 alpha: 0.5,
                 factors: vec![0.1, 1.0 / 3.0, 1024.0],
             }],

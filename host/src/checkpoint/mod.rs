@@ -140,7 +140,11 @@ fn describe_folder(path: &Path) -> CheckpointError {
         return recognised(path, "a diffusers pipeline folder (it has model_index.json)", format!("{SINGLE_FILE_ADVICE}; {convert}"));
     }
     if has("config.json") && diffusers_weights {
-        return recognised(path, "a diffusers model folder (config.json and diffusion_pytorch_model*.safetensors)", format!("{SINGLE_FILE_ADVICE}; {convert}"));
+        return recognised(
+            path,
+            "a diffusers model folder (config.json and diffusion_pytorch_model*.safetensors)",
+            format!("{SINGLE_FILE_ADVICE}; {convert}"),
+        );
     }
     let single: Vec<&String> = names.iter().filter(|n| n.ends_with(".safetensors")).collect();
     let hint = match single.as_slice() {
@@ -176,7 +180,11 @@ fn sniff(path: &Path, head: &[u8]) -> Option<CheckpointError> {
 fn language_model_key<'a>(keys: &[&'a str]) -> Option<&'a str> {
     keys.iter().copied().find(|k| {
         let parts: Vec<&str> = k.split('.').collect();
-        let numbered_layer = parts.windows(3).any(|w| matches!(w[0], "layers" | "h" | "layer") && w[1].parse::<u32>().is_ok() && matches!(w[2], "self_attn" | "attn" | "mlp" | "attention" | "feed_forward"));
+        let numbered_layer = parts.windows(3).any(|w| {
+            matches!(w[0], "layers" | "h" | "layer")
+                && w[1].parse::<u32>().is_ok()
+                && matches!(w[2], "self_attn" | "attn" | "mlp" | "attention" | "feed_forward")
+        });
         numbered_layer || k.ends_with("embed_tokens.weight") || *k == "lm_head.weight"
     })
 }
@@ -205,19 +213,20 @@ impl Checkpoint {
         // SAFETY: the map is read-only; a file truncated under us by another process
         // can fault, the same contract every safetensors reader accepts.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|error| CheckpointError::Open { path: path.to_path_buf(), error })?;
-        let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| sniff(path, &mmap[..mmap.len().min(16)]).unwrap_or_else(|| corrupt(path, describe_error(&e))))?;
+        let (header_len, meta) = SafeTensors::read_metadata(&mmap)
+            .map_err(|e| sniff(path, &mmap[..mmap.len().min(16)]).unwrap_or_else(|| corrupt(path, describe_error(&e))))?;
         let data_start = 8 + header_len;
 
-        let mut raw: Vec<(String, Dtype, Vec<usize>, (usize, usize))> = meta
-            .tensors()
-            .into_iter()
-            .map(|(k, info)| (k, info.dtype, info.shape.clone(), info.data_offsets))
-            .collect();
+        let mut raw: Vec<(String, Dtype, Vec<usize>, (usize, usize))> =
+            meta.tensors().into_iter().map(|(k, info)| (k, info.dtype, info.shape.clone(), info.data_offsets)).collect();
         // File order; zero-size tensors share an offset, so the name breaks ties
         // (safetensors hands the header over as a HashMap, in random order).
         raw.sort_by(|a, b| a.3.cmp(&b.3).then_with(|| a.0.cmp(&b.0)));
         if let Some(t) = raw.iter().find(|t| t.0.len() > MAX_TENSOR_NAME) {
-            return Err(corrupt(path, format!("a tensor name is {} bytes long (at most {MAX_TENSOR_NAME}): {}...", t.0.len(), crate::text::sanitize(&t.0, 80))));
+            return Err(corrupt(
+                path,
+                format!("a tensor name is {} bytes long (at most {MAX_TENSOR_NAME}): {}...", t.0.len(), crate::text::sanitize(&t.0, 80)),
+            ));
         }
 
         let full = raw.iter().any(|t| t.0.starts_with(DIFFUSION_PREFIX));
@@ -242,7 +251,8 @@ impl Checkpoint {
         if dm.is_empty() {
             return Err(CheckpointError::NoDiffusionModel { path: path.clone() });
         }
-        let original = ["input_blocks.0.0.weight", "joint_blocks.0.context_block.attn.qkv.weight", "double_blocks.0.img_attn.norm.key_norm.scale"];
+        let original =
+            ["input_blocks.0.0.weight", "joint_blocks.0.context_block.attn.qkv.weight", "double_blocks.0.img_attn.norm.key_norm.scale"];
         let has_original = original.iter().any(|k| dm.contains(k));
         if !has_original {
             if let Some(key) = language_model_key(&dm) {
@@ -252,7 +262,8 @@ impl Checkpoint {
                     "Quantsmith quantizes diffusion models (SD1.5, SDXL, SD3/3.5, FLUX.1); for language models use an LLM quantizer",
                 ));
             }
-            let diffusers_probe = ["conv_in.weight", "time_text_embed.timestep_embedder.linear_1.weight", "x_embedder.weight", "pos_embed.proj.weight"];
+            let diffusers_probe =
+                ["conv_in.weight", "time_text_embed.timestep_embedder.linear_1.weight", "x_embedder.weight", "pos_embed.proj.weight"];
             if let Some(key) = diffusers_probe.iter().find(|k| dm.contains(k)).or_else(|| {
                 ["down_blocks.0.", "transformer_blocks.0.", "single_transformer_blocks.0."]
                     .iter()
@@ -261,14 +272,21 @@ impl Checkpoint {
                 return Err(CheckpointError::Diffusers { path: path.clone(), key: key.to_string() });
             }
         }
-        if let Some(t) = self.tensors.iter().find(|t| t.key.ends_with(".comfy_quant") || t.key.ends_with("scaled_fp8") || t.key.ends_with(".scale_weight")) {
+        if let Some(t) = self
+            .tensors
+            .iter()
+            .find(|t| t.key.ends_with(".comfy_quant") || t.key.ends_with("scaled_fp8") || t.key.ends_with(".scale_weight"))
+        {
             return Err(CheckpointError::AlreadyQuantized { path: path.clone(), key: t.key.clone() });
         }
         if self.metadata.contains_key("_quantization_metadata") {
             return Err(CheckpointError::AlreadyQuantized { path: path.clone(), key: "__metadata__._quantization_metadata".into() });
         }
         // Plain FP8 checkpoints: weights cast to fp8 with no scales.
-        if let Some(t) = self.diffusion_tensors().find(|t| t.key.ends_with(".weight") && t.shape.len() == 2 && matches!(t.dtype, Dtype::F8_E4M3 | Dtype::F8_E5M2)) {
+        if let Some(t) = self
+            .diffusion_tensors()
+            .find(|t| t.key.ends_with(".weight") && t.shape.len() == 2 && matches!(t.dtype, Dtype::F8_E4M3 | Dtype::F8_E5M2))
+        {
             return Err(CheckpointError::AlreadyQuantized { path: path.clone(), key: format!("{} stored as {:?}", t.key, t.dtype) });
         }
         if let Some(t) = self.diffusion_tensors().find(|t| t.key.ends_with(".weight") && t.elements() == 0) {
@@ -328,11 +346,7 @@ impl Checkpoint {
 
     /// Looks up a diffusion-model tensor by its local name.
     pub fn get_local(&self, name: &str) -> Option<&TensorEntry> {
-        if self.prefix.is_empty() {
-            self.get(name)
-        } else {
-            self.get(&format!("{}{name}", self.prefix))
-        }
+        if self.prefix.is_empty() { self.get(name) } else { self.get(&format!("{}{name}", self.prefix)) }
     }
 
     /// The tensor's bytes (little-endian, possibly unaligned).

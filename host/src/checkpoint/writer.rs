@@ -202,7 +202,8 @@ impl StreamingWriter {
                     .suffix(TEMP_SUFFIX)
                     .tempfile_in(&dir)
                     .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-                let (file, path) = tmp.keep().map_err(|e| anyhow::anyhow!("cannot create a temporary file in {}: {}", dir.display(), e.error))?;
+                let (file, path) =
+                    tmp.keep().map_err(|e| anyhow::anyhow!("cannot create a temporary file in {}: {}", dir.display(), e.error))?;
                 register(&path);
                 // SAFETY: flock on a descriptor we own; marks the file as in use for remove_stale.
                 unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
@@ -260,7 +261,12 @@ impl StreamingWriter {
             bail!("internal: {} of {} tensors written", self.next, self.planned.len());
         }
         let dest = self.dest.clone();
-        let file = self.file.take().expect("open until finish").into_inner().map_err(|e| anyhow::anyhow!("cannot write {}: {}", dest.display(), e.error()))?;
+        let file = self
+            .file
+            .take()
+            .expect("open until finish")
+            .into_inner()
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {}", dest.display(), e.error()))?;
         file.sync_all().with_context(|| format!("cannot sync {}", dest.display()))?;
         match &self.temp {
             Temp::Unnamed => {
@@ -355,10 +361,14 @@ mod tests {
 
     #[test]
     fn header_bytes_are_ordered() {
-        let meta: BTreeMap<String, String> = [("b", "2"), ("a", "1"), ("c", "3")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let meta: BTreeMap<String, String> =
+            [("b", "2"), ("a", "1"), ("c", "3")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let h = header_bytes(&[t("z", &[0]), t("y", &[0]), t("x", &[2])], &meta).unwrap();
         let text = String::from_utf8(h).unwrap();
-        assert!(text.starts_with(r#"{"__metadata__":{"a":"1","b":"2","c":"3"},"z":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"y":"#), "{text}");
+        assert!(
+            text.starts_with(r#"{"__metadata__":{"a":"1","b":"2","c":"3"},"z":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"y":"#),
+            "{text}"
+        );
         assert_eq!(text.len() % 8, 0);
         assert!(header_bytes(&[t("x", &[1]), t("x", &[1])], &meta).unwrap_err().to_string().contains("twice"));
     }

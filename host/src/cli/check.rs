@@ -37,11 +37,7 @@ pub fn print_check(check: &quantsmith::evaluate::OutputCheck) {
         "ok: {} quantized layers within their format's error bound, {} tensors passed through{smoothed}{}",
         check.layers.len(),
         check.passthrough_tensors,
-        if check.legacy {
-            " (legacy scaled_fp8 layout)"
-        } else {
-            ""
-        }
+        if check.legacy { " (legacy scaled_fp8 layout)" } else { "" }
     );
     if check.full_precision_layers + check.scale_one_layers > 0 {
         println!(
@@ -49,11 +45,7 @@ pub fn print_check(check: &quantsmith::evaluate::OutputCheck) {
             check.full_precision_layers, check.scale_one_layers
         );
     }
-    if let Some((name, (fmt, e))) = check
-        .layers
-        .iter()
-        .max_by(|a, b| a.1.1.relative_l2.total_cmp(&b.1.1.relative_l2))
-    {
+    if let Some((name, (fmt, e))) = check.layers.iter().max_by(|a, b| a.1.1.relative_l2.total_cmp(&b.1.1.relative_l2)) {
         println!(
             "worst layer {name} ({fmt}): relative L2 {:.4}, cosine {:.6}, max abs error {:.3e}",
             e.relative_l2, e.cosine, e.max_abs_error

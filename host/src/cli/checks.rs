@@ -85,10 +85,16 @@ pub fn device(choice: DeviceChoice) -> Result<()> {
         match quantsmith::gpu::device_count() {
             Ok(count) if n < count => {}
             Ok(count) => {
-                return Err(BadInput(format!("--device cuda:{n}: this machine has {count} CUDA GPU(s); use --device cpu, or auto to fall back to the CPU")).into());
+                return Err(BadInput(format!(
+                    "--device cuda:{n}: this machine has {count} CUDA GPU(s); use --device cpu, or auto to fall back to the CPU"
+                ))
+                .into());
             }
             Err(e) => {
-                return Err(BadInput(format!("--device cuda:{n}: no usable CUDA GPU ({e:#}); use --device cpu, or auto to fall back to the CPU")).into());
+                return Err(BadInput(format!(
+                    "--device cuda:{n}: no usable CUDA GPU ({e:#}); use --device cpu, or auto to fall back to the CPU"
+                ))
+                .into());
             }
         }
     }

@@ -45,18 +45,12 @@ fn demo(family: &str, format: &str, dir: &Path) -> Result<()> {
     // A UNet that behaves like a trained one, so the calibration's evaluation means something.
     opts.init = quantsmith::synth::SynthInit::Conditioned;
     let s = synth::write(&opts, &input, |_, _| {})?;
-    println!(
-        "1. synthesized {} ({} tensors, {})",
-        input.display(),
-        s.tensors,
-        human_bytes(s.bytes)
-    );
+    println!("1. synthesized {} ({} tensors, {})", input.display(), s.tensors, human_bytes(s.bytes));
     let mut params = RawParams::default();
     params.set(&format!("format={format}")).map_err(bad)?;
     // UNet families in formats with static activation scales also show
     // calibration, sized so that it takes seconds on a CPU.
-    let calibrate =
-        quantsmith::calibrate::family_supported(family) && matches!(format, "fp8" | "nvfp4");
+    let calibrate = quantsmith::calibrate::family_supported(family) && matches!(format, "fp8" | "nvfp4");
     if calibrate {
         for p in ["calib-steps=4", "calib-samples=2", "resolution=256"] {
             params.set(p).map_err(bad)?;
@@ -77,25 +71,15 @@ fn demo(family: &str, format: &str, dir: &Path) -> Result<()> {
         // `demo` owns its folder: running it again replaces its own outputs.
         replace_output: true,
         calibration: CalibrationOptions {
-            mode: if calibrate {
-                CalibrateMode::On
-            } else {
-                CalibrateMode::Off
-            },
+            mode: if calibrate { CalibrateMode::On } else { CalibrateMode::Off },
             eval_inputs: 2,
             eval_resolution: 256,
             ..Default::default()
         },
     };
     let report = pipeline::run(&opts)?;
-    write_replacing(
-        &dir.join("report.json"),
-        serde_json::to_string_pretty(&report)?.as_bytes(),
-    )?;
-    println!(
-        "2. quantized with the built-in {} preset:",
-        report.recipe.name
-    );
+    write_replacing(&dir.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    println!("2. quantized with the built-in {} preset:", report.recipe.name);
     print_report(&report);
     let src = quantsmith::checkpoint::Checkpoint::open(&input)?;
     let check = quantsmith::evaluate::check_output(&src, &output)?;

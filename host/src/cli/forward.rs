@@ -38,9 +38,7 @@ pub fn run(args: ForwardArgs) -> Result<()> {
     checks::input_file("the model", &model)?;
     checks::input_file("--inputs", &inputs)?;
     checks::device(device)?;
-    let r = quantsmith::calibrate::forward_file(
-        &model, &inputs, &out, device, repeat as usize, observe,
-    )?;
+    let r = quantsmith::calibrate::forward_file(&model, &inputs, &out, device, repeat as usize, observe)?;
     println!("{}", serde_json::to_string(&r)?);
     Ok(())
 }

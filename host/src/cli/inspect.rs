@@ -25,11 +25,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
 fn inspect(model: &Path, limits: SandboxLimits) -> Result<()> {
     let ctx = pipeline::open_context(model)?;
     let c = &ctx.checkpoint;
-    println!(
-        "file        {} ({})",
-        model.display(),
-        human_bytes(c.file_len() as u64)
-    );
+    println!("file        {} ({})", model.display(), human_bytes(c.file_len() as u64));
     println!(
         "layout      {}",
         if c.is_full_checkpoint() {
@@ -50,27 +46,15 @@ fn inspect(model: &Path, limits: SandboxLimits) -> Result<()> {
     println!("modules     {} in the diffusion model:", ctx.modules.len());
     for (kind, n, params) in ctx.modules.summary() {
         if n > 0 {
-            println!(
-                "  {:<10} {n:>5} modules {:>15} parameters",
-                kind.name(),
-                params
-            );
+            println!("  {:<10} {n:>5} modules {:>15} parameters", kind.name(), params);
         }
     }
     let runtime = RecipeRuntime::new(limits)?;
     let verdicts = pipeline::detect_all(&runtime, &ctx)?;
     if let Some((recipe, Ok(d))) = verdicts.first() {
-        println!(
-            "family      {} {} (confidence {:.2})",
-            d.family, d.variant, d.confidence
-        );
+        println!("family      {} {} (confidence {:.2})", d.family, d.variant, d.confidence);
         println!("evidence    {}", d.reason);
-        println!(
-            "preset      {} {} (run-recipe run {} picks it automatically)",
-            recipe.name(),
-            recipe.info.version,
-            model.display()
-        );
+        println!("preset      {} {} (run-recipe run {} picks it automatically)", recipe.name(), recipe.info.version, model.display());
     } else {
         println!("family      not recognised by any built-in preset");
     }

@@ -97,10 +97,7 @@ fn parse_timeout(s: &str) -> Result<f64, String> {
 
 impl SandboxArgs {
     pub fn limits(&self) -> Result<SandboxLimits> {
-        Ok(SandboxLimits {
-            memory_bytes: (self.recipe_memory as usize) << 20,
-            timeout: Duration::from_secs_f64(self.recipe_timeout),
-        })
+        Ok(SandboxLimits { memory_bytes: (self.recipe_memory as usize) << 20, timeout: Duration::from_secs_f64(self.recipe_timeout) })
     }
 }
 

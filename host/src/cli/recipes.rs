@@ -27,29 +27,18 @@ fn recipes(which: Option<&str>, limits: SandboxLimits) -> Result<()> {
     let runtime = RecipeRuntime::new(limits)?;
     let sources: Vec<RecipeSource> = match which {
         Some(w) => vec![RecipeSource::parse(w).map_err(bad)?],
-        None => PRESETS
-            .iter()
-            .map(|p| RecipeSource::Builtin(p.name))
-            .collect(),
+        None => PRESETS.iter().map(|p| RecipeSource::Builtin(p.name)).collect(),
     };
     for source in sources {
         let r = runtime.load(&source)?;
         let i = &r.info;
         println!("{} {}  [{}]", i.name, i.version, untrusted(&source.label()));
         println!("  {}", i.description);
-        println!(
-            "  families: {}   formats: {}",
-            i.families.join(", "),
-            i.formats.join(", ")
-        );
+        println!("  families: {}   formats: {}", i.families.join(", "), i.formats.join(", "));
         println!("  sha256:   {}", r.sha256);
         println!("  parameters:");
         for p in &i.params {
-            let allowed = if p.allowed.is_empty() {
-                String::new()
-            } else {
-                format!(" [{}]", untrusted(&p.allowed.join("|")))
-            };
+            let allowed = if p.allowed.is_empty() { String::new() } else { format!(" [{}]", untrusted(&p.allowed.join("|"))) };
             println!(
                 "    {:<16} {}{} (default {})  {}",
                 untrusted(&p.name),

@@ -69,10 +69,7 @@ impl CalibrationArgs {
             calib_data: self.calib_data.clone(),
             eval_inputs: self.eval_inputs as usize,
             eval_resolution: self.eval_resolution,
-            limits: SessionLimits {
-                max_forwards: self.calib_max_forwards as usize,
-                ..SessionLimits::default()
-            },
+            limits: SessionLimits { max_forwards: self.calib_max_forwards as usize, ..SessionLimits::default() },
         }
     }
 }
@@ -149,9 +146,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     if let Some(path) = &args.config {
         let text = checks::read_config(path)?;
-        params
-            .load_toml(&text, &path.display().to_string())
-            .map_err(bad)?;
+        params.load_toml(&text, &path.display().to_string()).map_err(bad)?;
     }
     checks::layout(args.layout, &params)?;
     checks::device(device)?;
@@ -179,21 +174,12 @@ pub fn run(args: RunArgs) -> Result<()> {
 }
 
 pub fn print_report(r: &RunReport) {
-    println!(
-        "recipe   {} {} ({})",
-        r.recipe.name, r.recipe.version, r.recipe.source
-    );
-    println!(
-        "model    {} {} (confidence {:.2})",
-        r.detection.family, r.detection.variant, r.detection.confidence
-    );
+    println!("recipe   {} {} ({})", r.recipe.name, r.recipe.version, r.recipe.source);
+    println!("model    {} {} (confidence {:.2})", r.detection.family, r.detection.variant, r.detection.confidence);
     // The plan's warnings were printed on stderr when they arose (pipeline::run);
     // the report keeps them, the summary does not repeat them.
     if r.dry_run {
-        println!(
-            "\n{:<60} {:<8} {:>14} {:>12} {:>12}",
-            "layer", "format", "shape", "before", "after"
-        );
+        println!("\n{:<60} {:<8} {:>14} {:>12} {:>12}", "layer", "format", "shape", "before", "after");
         for l in &r.layers {
             println!(
                 "{:<60} {:<8} {:>14} {:>12} {:>12}",
@@ -218,30 +204,14 @@ pub fn print_report(r: &RunReport) {
         "file     {} -> {}{}",
         human_bytes(t.input_bytes),
         human_bytes(t.output_bytes),
-        if r.dry_run {
-            " (planned; nothing written)"
-        } else {
-            ""
-        }
+        if r.dry_run { " (planned; nothing written)" } else { "" }
     );
     if let Some(out) = &r.output {
-        println!(
-            "wrote    {out} in {:.2} s ({:.2} GB/s of input) on {}",
-            t.seconds,
-            t.input_gb_per_s,
-            r.backend.as_deref().unwrap_or("?")
-        );
+        println!("wrote    {out} in {:.2} s ({:.2} GB/s of input) on {}", t.seconds, t.input_gb_per_s, r.backend.as_deref().unwrap_or("?"));
     }
-    let worst = r
-        .layers
-        .iter()
-        .filter_map(|l| l.error.map(|e| (l, e)))
-        .max_by(|a, b| a.1.relative_l2.total_cmp(&b.1.relative_l2));
+    let worst = r.layers.iter().filter_map(|l| l.error.map(|e| (l, e))).max_by(|a, b| a.1.relative_l2.total_cmp(&b.1.relative_l2));
     if let Some((l, e)) = worst {
-        println!(
-            "error    worst layer {}: relative L2 {:.4}, cosine {:.6}",
-            untrusted(&l.layer), e.relative_l2, e.cosine
-        );
+        println!("error    worst layer {}: relative L2 {:.4}, cosine {:.6}", untrusted(&l.layer), e.relative_l2, e.cosine);
     }
     for n in &r.notes {
         println!("note     {}", untrusted(n));
@@ -276,11 +246,7 @@ pub fn print_report(r: &RunReport) {
             if let (Some(ok), Some(d)) = (e.static_no_worse_than_dynamic, e.static_minus_dynamic) {
                 println!(
                     "eval     static calibrated scales {} dynamic per-tensor ones (paired difference {:+.5} +- {:.5} over {} inputs)",
-                    if ok {
-                        "are no worse than"
-                    } else {
-                        "are WORSE than"
-                    },
+                    if ok { "are no worse than" } else { "are WORSE than" },
                     d.mean,
                     d.standard_error,
                     d.inputs

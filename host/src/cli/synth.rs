@@ -46,8 +46,7 @@ pub fn run(args: SynthArgs) -> Result<()> {
     }
     let mut opts = synth_options(&family, &scale, seed, variant, full_checkpoint)?;
     checks::output_path("-o", &output, None, true)?;
-    opts.init =
-        quantsmith::synth::SynthInit::parse(&init).map_err(|e| bad(format!("{e:#}")))?;
+    opts.init = quantsmith::synth::SynthInit::parse(&init).map_err(|e| bad(format!("{e:#}")))?;
     opts.tiny_text = tiny_text;
     if tiny_text && (opts.scale != Scale::Tiny || !matches!(opts.family, Family::Sd3 | Family::Flux)) {
         return Err(usage("--tiny-text is for sd3 and flux at --scale tiny"));
@@ -61,13 +60,7 @@ pub fn run(args: SynthArgs) -> Result<()> {
         pb.set_position(done);
     })?;
     pb.finish();
-    println!(
-        "wrote {} ({} tensors, {} parameters, {})",
-        output.display(),
-        summary.tensors,
-        summary.params,
-        human_bytes(summary.bytes)
-    );
+    println!("wrote {} ({} tensors, {} parameters, {})", output.display(), summary.tensors, summary.params, human_bytes(summary.bytes));
     Ok(())
 }
 
@@ -95,26 +88,15 @@ fn synth_text_encoder(
         Some("fp8-scaled") => true,
         Some(v) => return Err(bad(format!("unknown text-encoder variant {v:?} (fp16, or fp8-scaled for t5xxl)"))),
     };
-    let bytes = quantsmith::models::text::synth_text::write(output, kind, full, safetensors::Dtype::F16, scaled_fp8, seed).map_err(|e| bad(format!("{e:#}")))?;
+    let bytes = quantsmith::models::text::synth_text::write(output, kind, full, safetensors::Dtype::F16, scaled_fp8, seed)
+        .map_err(|e| bad(format!("{e:#}")))?;
     println!("wrote {} ({})", output.display(), human_bytes(bytes));
     Ok(())
 }
 
 /// Options for a synthetic diffusion model (also `demo`'s input).
-pub fn synth_options(
-    family: &str,
-    scale: &str,
-    seed: u64,
-    variant: Option<String>,
-    full_checkpoint: bool,
-) -> Result<SynthOptions> {
+pub fn synth_options(family: &str, scale: &str, seed: u64, variant: Option<String>, full_checkpoint: bool) -> Result<SynthOptions> {
     let family = Family::parse(family).map_err(|e| bad(format!("{e:#}")))?;
     let scale = Scale::parse(scale).map_err(|e| bad(format!("{e:#}")))?;
-    Ok(SynthOptions {
-        scale,
-        seed,
-        variant,
-        full_checkpoint,
-        ..SynthOptions::new(family)
-    })
+    Ok(SynthOptions { scale, seed, variant, full_checkpoint, ..SynthOptions::new(family) })
 }

@@ -22,8 +22,7 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 use super::numerics::{
-    self, BOUND_SLACK, E4M3_MAX, Src, e4m3_from_f32_sat, e4m3_half_step, e4m3_to_f32, finite_amax, fmax, fmin,
-    with_src,
+    self, BOUND_SLACK, E4M3_MAX, Src, e4m3_from_f32_sat, e4m3_half_step, e4m3_to_f32, finite_amax, fmax, fmin, with_src,
 };
 use super::{ErrorStats, Format, QuantError, QuantFormat, StoredSpec, StoredTensor, WeightView};
 
@@ -63,11 +62,7 @@ fn encode<T: Src, const ROUND_T: bool>(bytes: &[u8], out: &mut [u8], mul: f32) {
     const CHUNK: usize = 1 << 16;
     if T::SIZE == 2 && out.len() >= LUT_MIN_ELEMENTS {
         // A 2-byte source has only 65536 values: tabulate the whole chain once.
-        let lut: Box<[u8; 65536]> = (0..65536u32)
-            .map(|b| code::<T, ROUND_T>(T::to_f32(b), mul))
-            .collect::<Vec<u8>>()
-            .try_into()
-            .unwrap();
+        let lut: Box<[u8; 65536]> = (0..65536u32).map(|b| code::<T, ROUND_T>(T::to_f32(b), mul)).collect::<Vec<u8>>().try_into().unwrap();
         out.par_chunks_mut(CHUNK).zip(bytes.par_chunks(CHUNK * 2)).for_each(|(o, b)| {
             for (o, c) in o.iter_mut().zip(b.chunks_exact(2)) {
                 *o = lut[u16::from_le_bytes([c[0], c[1]]) as usize];
@@ -97,10 +92,7 @@ fn quantize_t<T: Src>(w: &WeightView<'_>) -> Result<Vec<StoredTensor>, QuantErro
         }
     };
     let [wspec, sspec]: [StoredSpec; 2] = Fp8.layout(w.rows, w.cols).try_into().unwrap();
-    Ok(vec![
-        StoredTensor { spec: wspec, data: q },
-        StoredTensor { spec: sspec, data: scale.to_le_bytes().to_vec() },
-    ])
+    Ok(vec![StoredTensor { spec: wspec, data: q }, StoredTensor { spec: sspec, data: scale.to_le_bytes().to_vec() }])
 }
 
 fn verify_t<T: Src>(w: &WeightView<'_>, tensors: &[StoredTensor]) -> Result<ErrorStats, String> {

@@ -71,17 +71,14 @@ fn quantize_t<T: Src>(w: &WeightView<'_>, per_channel: bool) -> Result<Vec<Store
         let div = divisor::<T>(scale);
         const CHUNK: usize = 1 << 16;
         if T::SIZE == 2 && q.len() >= LUT_MIN_ELEMENTS {
-            let lut: Box<[u8; 65536]> =
-                (0..65536u32).map(|b| code::<T>(T::to_f32(b), div) as u8).collect::<Vec<u8>>().try_into().unwrap();
+            let lut: Box<[u8; 65536]> = (0..65536u32).map(|b| code::<T>(T::to_f32(b), div) as u8).collect::<Vec<u8>>().try_into().unwrap();
             q.par_chunks_mut(CHUNK).zip(w.bytes.par_chunks(CHUNK * 2)).for_each(|(o, b)| {
                 for (o, c) in o.iter_mut().zip(b.chunks_exact(2)) {
                     *o = lut[u16::from_le_bytes([c[0], c[1]]) as usize];
                 }
             });
         } else {
-            q.par_chunks_mut(CHUNK)
-                .zip(w.bytes.par_chunks(CHUNK * T::SIZE))
-                .for_each(|(o, b)| encode_row::<T>(b, o, div));
+            q.par_chunks_mut(CHUNK).zip(w.bytes.par_chunks(CHUNK * T::SIZE)).for_each(|(o, b)| encode_row::<T>(b, o, div));
         }
         vec![scale]
     };

@@ -20,8 +20,8 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 use super::numerics::{
-    self, BOUND_SLACK, E4M3_MAX, Src, blocked_index, blocked_shape, e4m3_from_f32_sat, e4m3_half_step, e4m3_to_f32,
-    e8m0_ceil_code, e8m0_to_f32, f64_ceil_log2, finite_amax, fmax, fmin, roundup, with_src,
+    self, BOUND_SLACK, E4M3_MAX, Src, blocked_index, blocked_shape, e4m3_from_f32_sat, e4m3_half_step, e4m3_to_f32, e8m0_ceil_code,
+    e8m0_to_f32, f64_ceil_log2, finite_amax, fmax, fmin, roundup, with_src,
 };
 use super::{ErrorStats, Format, QuantError, QuantFormat, StoredSpec, StoredTensor, WeightView};
 
@@ -52,7 +52,13 @@ fn encode_row(x: &[f32], bmax: &mut [f32], scales: &mut [u8], out: &mut [u8]) {
             out.fill(0);
         } else if e == 0 {
             for (o, &v) in out.iter_mut().zip(x) {
-                *o = if v == 0.0 { ZERO_OVER_ZERO } else if v > 0.0 { 0x7E } else { 0xFE };
+                *o = if v == 0.0 {
+                    ZERO_OVER_ZERO
+                } else if v > 0.0 {
+                    0x7E
+                } else {
+                    0xFE
+                };
             }
         } else {
             // x / 2^k and x · 2^-k round the same exact value once, and 2^-k
@@ -325,8 +331,7 @@ mod tests {
             (seed >> 11) as f64 / (1u64 << 53) as f64
         };
         for (rows, cols) in [(1, 1), (37, 50), (130, 96), (32, 32), (200, 33)] {
-            let v: Vec<f32> =
-                (0..rows * cols).map(|_| ((rnd() - 0.5) * 0.1 * (rnd() * 8.0).exp()) as f32).collect();
+            let v: Vec<f32> = (0..rows * cols).map(|_| ((rnd() - 0.5) * 0.1 * (rnd() * 8.0).exp()) as f32).collect();
             for dtype in [SourceDtype::BF16, SourceDtype::F16, SourceDtype::F32] {
                 let out = quantize(dtype, rows, cols, &v);
                 let (data, scales) = reference(dtype, rows, cols, &v);
@@ -388,7 +393,10 @@ mod tests {
             let bytes = bytes_of(SourceDtype::BF16, &[1.0, bf16(bits)]);
             let w = WeightView { name: "double_blocks.0.img_mlp.0.weight", dtype: SourceDtype::BF16, rows: 1, cols: 2, bytes: &bytes };
             let e = Mxfp8.quantize(&w).unwrap_err();
-            assert!(matches!(&e, QuantError::Invalid { name, reason } if name == "double_blocks.0.img_mlp.0.weight" && reason.contains("infinity")), "{e}");
+            assert!(
+                matches!(&e, QuantError::Invalid { name, reason } if name == "double_blocks.0.img_mlp.0.weight" && reason.contains("infinity")),
+                "{e}"
+            );
         }
         // f32 just below the limit still quantizes (to code 240), finite.
         let below = f32::from_bits(OVERFLOW_AMAX.to_bits() - 1);

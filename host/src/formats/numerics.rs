@@ -187,13 +187,8 @@ pub fn e2m1_from_f32(x: f32) -> u8 {
 #[inline(always)]
 pub fn e2m1_from_f32_fast(x: f32) -> u8 {
     let a = x.abs();
-    let mag = (a > 0.25) as u8
-        + (a >= 0.75) as u8
-        + (a > 1.25) as u8
-        + (a >= 1.75) as u8
-        + (a > 2.5) as u8
-        + (a >= 3.5) as u8
-        + (a > 5.0) as u8;
+    let mag =
+        (a > 0.25) as u8 + (a >= 0.75) as u8 + (a > 1.25) as u8 + (a >= 1.75) as u8 + (a > 2.5) as u8 + (a >= 3.5) as u8 + (a > 5.0) as u8;
     (((x.to_bits() >> 28) & 0x8) as u8) | mag
 }
 
@@ -478,19 +473,9 @@ pub(crate) fn check_view(w: &WeightView<'_>) -> Result<(), QuantError> {
     if w.rows == 0 || w.cols == 0 {
         return Err(invalid(format!("empty weight [{}, {}]", w.rows, w.cols)));
     }
-    let want = w
-        .rows
-        .checked_mul(w.cols)
-        .and_then(|n| n.checked_mul(w.dtype.size()))
-        .ok_or_else(|| invalid("shape overflows".into()))?;
+    let want = w.rows.checked_mul(w.cols).and_then(|n| n.checked_mul(w.dtype.size())).ok_or_else(|| invalid("shape overflows".into()))?;
     if w.bytes.len() != want {
-        return Err(invalid(format!(
-            "{} bytes for [{}, {}] {:?}, expected {want}",
-            w.bytes.len(),
-            w.rows,
-            w.cols,
-            w.dtype
-        )));
+        return Err(invalid(format!("{} bytes for [{}, {}] {:?}, expected {want}", w.bytes.len(), w.rows, w.cols, w.dtype)));
     }
     Ok(())
 }
@@ -562,7 +547,14 @@ pub(crate) fn quantize_block_rows<T: Src>(
 
 /// Checks that swizzled block scales are zero wherever no real block is: beyond
 /// `blocks` in real rows, everywhere in padding rows.
-pub(crate) fn check_scale_padding(name: &str, blocked: &[u8], rows: usize, blocks: usize, scale_rows: usize, scale_cols: usize) -> Result<(), String> {
+pub(crate) fn check_scale_padding(
+    name: &str,
+    blocked: &[u8],
+    rows: usize,
+    blocks: usize,
+    scale_rows: usize,
+    scale_cols: usize,
+) -> Result<(), String> {
     for r in 0..scale_rows {
         for c in if r < rows { blocks } else { 0 }..scale_cols {
             if blocked[blocked_index(r, c, blocks)] != 0 {
@@ -597,11 +589,7 @@ pub(crate) fn max_abs(x: &[f32]) -> f32 {
 // ---------------------------------------------------------------------------
 
 /// The stored tensor with `suffix`, checked against the expected layout.
-pub(crate) fn stored<'a>(
-    stored: &'a [StoredTensor],
-    layout: &[super::StoredSpec],
-    suffix: &str,
-) -> Result<&'a StoredTensor, String> {
+pub(crate) fn stored<'a>(stored: &'a [StoredTensor], layout: &[super::StoredSpec], suffix: &str) -> Result<&'a StoredTensor, String> {
     let t = stored.iter().find(|t| t.spec.suffix == suffix).ok_or_else(|| format!("missing `{suffix}`"))?;
     let spec = layout.iter().find(|s| s.suffix == suffix).ok_or_else(|| format!("unexpected `{suffix}`"))?;
     if &t.spec != spec {
@@ -614,11 +602,7 @@ pub(crate) fn stored<'a>(
 }
 
 /// Like [`stored`], panicking: `dequantize` is only given what `layout` describes.
-pub(crate) fn expect_stored<'a>(
-    tensors: &'a [StoredTensor],
-    layout: &[super::StoredSpec],
-    suffix: &str,
-) -> &'a StoredTensor {
+pub(crate) fn expect_stored<'a>(tensors: &'a [StoredTensor], layout: &[super::StoredSpec], suffix: &str) -> &'a StoredTensor {
     stored(tensors, layout, suffix).unwrap_or_else(|e| panic!("dequantize: {e}"))
 }
 
@@ -810,29 +794,29 @@ mod tests {
         let cases: &[(f32, u8)] = &[
             (0.0, 0x00),
             (-0.0, 0x80),
-            (1.0, 0x38),         // e=7, m=0
-            (-2.0, 0xC0),        // s=1, e=8
-            (448.0, 0x7E),       // e=15, m=6: the max (m=7 is NaN)
+            (1.0, 0x38),   // e=7, m=0
+            (-2.0, 0xC0),  // s=1, e=8
+            (448.0, 0x7E), // e=15, m=6: the max (m=7 is NaN)
             (-448.0, 0xFE),
-            (464.0, 0x7E),       // halfway to 480: ties to even 448 (and saturates anyway)
-            (470.0, 0x7E),       // saturates
+            (464.0, 0x7E), // halfway to 480: ties to even 448 (and saturates anyway)
+            (470.0, 0x7E), // saturates
             (1.0e6, 0x7E),
             (f32::INFINITY, 0x7E),
-            (2f32.powi(-9), 0x01),   // smallest subnormal
-            (2f32.powi(-10), 0x00),  // half of it: tie to even 0
+            (2f32.powi(-9), 0x01),        // smallest subnormal
+            (2f32.powi(-10), 0x00),       // half of it: tie to even 0
             (1.5 * 2f32.powi(-10), 0x01), // above the tie: rounds up
             (3.0 * 2f32.powi(-10), 0x02), // 1.5 steps: tie to even 2
             (5.0 * 2f32.powi(-10), 0x02), // 2.5 steps: tie to even 2
             (7.0 * 2f32.powi(-9), 0x07),  // largest subnormal
             (7.5 * 2f32.powi(-9), 0x08),  // tie between 7·2^-9 and 2^-6: even (0x08)
-            (2f32.powi(-7), 0x04),   // subnormal 4·2^-9
-            (2f32.powi(-6), 0x08),   // smallest normal
-            (16.0, 0x58),            // 2^4: biased exponent 11 = 0b1011
-            (17.0, 0x58),            // between 16 (0x58) and 18 (0x59): tie to even 16
-            (19.0, 0x5A),            // between 18 (0x59) and 20 (0x5A): tie to even 20
-            (17.5, 0x59),            // above the tie: 18
-            (0.1, 0x1D),             // 0.1 = 1.6·2^-4 → m = 4.8 → 5: 1.625·2^-4
-            (240.0, 0x77),           // 1.875·2^7
+            (2f32.powi(-7), 0x04),        // subnormal 4·2^-9
+            (2f32.powi(-6), 0x08),        // smallest normal
+            (16.0, 0x58),                 // 2^4: biased exponent 11 = 0b1011
+            (17.0, 0x58),                 // between 16 (0x58) and 18 (0x59): tie to even 16
+            (19.0, 0x5A),                 // between 18 (0x59) and 20 (0x5A): tie to even 20
+            (17.5, 0x59),                 // above the tie: 18
+            (0.1, 0x1D),                  // 0.1 = 1.6·2^-4 → m = 4.8 → 5: 1.625·2^-4
+            (240.0, 0x77),                // 1.875·2^7
             (2f32.powi(-12), 0x00),
         ];
         for &(v, code) in cases {
@@ -870,19 +854,19 @@ mod tests {
     fn e2m1_every_tie_and_sign() {
         let cases: &[(f32, u8)] = &[
             (0.0, 0x0),
-            (-0.0, 0x8),      // sign kept
-            (-0.1, 0x8),      // negative rounding to zero keeps the sign
-            (0.25, 0x0),      // tie 0 / 0.5 → even 0
+            (-0.0, 0x8), // sign kept
+            (-0.1, 0x8), // negative rounding to zero keeps the sign
+            (0.25, 0x0), // tie 0 / 0.5 → even 0
             (0.2500001, 0x1),
-            (0.75, 0x2),      // tie 0.5 / 1 → 1 (code 2, even)
-            (1.25, 0x2),      // tie 1 / 1.5 → 1
-            (1.75, 0x4),      // tie 1.5 / 2 → 2
-            (2.5, 0x4),       // tie 2 / 3 → 2
-            (3.5, 0x6),       // tie 3 / 4 → 4
-            (5.0, 0x6),       // tie 4 / 6 → 4
+            (0.75, 0x2), // tie 0.5 / 1 → 1 (code 2, even)
+            (1.25, 0x2), // tie 1 / 1.5 → 1
+            (1.75, 0x4), // tie 1.5 / 2 → 2
+            (2.5, 0x4),  // tie 2 / 3 → 2
+            (3.5, 0x6),  // tie 3 / 4 → 4
+            (5.0, 0x6),  // tie 4 / 6 → 4
             (5.0000005, 0x7),
             (6.0, 0x7),
-            (7.0, 0x7),       // saturates
+            (7.0, 0x7), // saturates
             (-5.0, 0xE),
             (-6.0, 0xF),
             (-0.75, 0xA),

@@ -23,8 +23,8 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 use super::numerics::{
-    self, BOUND_SLACK, E2M1_MAX, E4M3_MAX, Src, blocked_index, blocked_shape, e2m1_from_f32_fast, e2m1_half_step,
-    e2m1_to_f32, e4m3_from_f32, e4m3_from_f32_sat, e4m3_to_f32, finite_amax, fmax, fmin, roundup, with_src,
+    self, BOUND_SLACK, E2M1_MAX, E4M3_MAX, Src, blocked_index, blocked_shape, e2m1_from_f32_fast, e2m1_half_step, e2m1_to_f32,
+    e4m3_from_f32, e4m3_from_f32_sat, e4m3_to_f32, finite_amax, fmax, fmin, roundup, with_src,
 };
 use super::{ErrorStats, Format, QuantError, QuantFormat, StoredSpec, StoredTensor, WeightView};
 
@@ -189,8 +189,7 @@ fn verify_t<T: Src>(w: &WeightView<'_>, tensors: &[StoredTensor]) -> Result<Erro
             for i in 0..n {
                 let ay = x[i].abs() * inv_t;
                 let hi = ay * (1.0 + 2.0 * f32::EPSILON);
-                let e = t * (e2m1_half_step(fmin(hi, E2M1_MAX)) + fmax(hi - E2M1_MAX, 0.0) + ay * f32::EPSILON)
-                    + d[i].abs() * f32::EPSILON;
+                let e = t * (e2m1_half_step(fmin(hi, E2M1_MAX)) + fmax(hi - E2M1_MAX, 0.0) + ay * f32::EPSILON) + d[i].abs() * f32::EPSILON;
                 bound[i] = e * BOUND_SLACK + 1e-45;
             }
         }
@@ -283,9 +282,7 @@ mod tests {
         //   e4m3 0.75 = 0 0110 100 = 0x34; total = 0.00167083740234375:
         //   0.01 → 5.991 → 6 (7)   bf16 -0.0001 → -0.0599 → -0 (0x8); rest 0.
         let mut v = vec![0f32; 80];
-        v[..16].copy_from_slice(&[
-            6.0, -6.0, 0.25, 0.0, -0.0, 1.0, 1.25, 2.5, 5.0, 4.97, 0.74, -1.74, 3.4, 0.1, -0.1, 2.0,
-        ]);
+        v[..16].copy_from_slice(&[6.0, -6.0, 0.25, 0.0, -0.0, 1.0, 1.25, 2.5, 5.0, 4.97, 0.74, -1.74, 3.4, 0.1, -0.1, 2.0]);
         v[32..40].copy_from_slice(&[0.5, -0.25, 0.125, 0.375, 0.0, 0.0, 0.0, -0.5]);
         v[40] = 0.01;
         v[41] = -0.0001;
@@ -378,8 +375,7 @@ mod tests {
             (seed >> 11) as f64 / (1u64 << 53) as f64
         };
         for (rows, cols) in [(1, 1), (37, 50), (130, 64), (16, 16), (200, 33)] {
-            let v: Vec<f32> =
-                (0..rows * cols).map(|_| ((rnd() - 0.5) * 0.1 * (rnd() * 8.0).exp()) as f32).collect();
+            let v: Vec<f32> = (0..rows * cols).map(|_| ((rnd() - 0.5) * 0.1 * (rnd() * 8.0).exp()) as f32).collect();
             for dtype in [SourceDtype::BF16, SourceDtype::F16, SourceDtype::F32] {
                 let out = quantize(dtype, rows, cols, &v);
                 let (data, scales, s2) = reference(dtype, rows, cols, &v);

@@ -195,13 +195,7 @@ fn kernel_bandwidth_inner(
 }
 
 /// The per-tensor amax kernel alone on a `[rows, cols]` input: (ms, read GB/s).
-pub fn amax_bandwidth(
-    b: &CudaBackend,
-    dtype: SourceDtype,
-    rows: usize,
-    cols: usize,
-    iters: usize,
-) -> Result<(f64, f64)> {
+pub fn amax_bandwidth(b: &CudaBackend, dtype: SourceDtype, rows: usize, cols: usize, iters: usize) -> Result<(f64, f64)> {
     let ctx = b.context().clone();
     ctx.bind_to_thread().map_err(|e| super::driver::err("cuCtxSetCurrent", e))?;
     let stats = b.mem_stats().clone();
@@ -284,11 +278,5 @@ pub fn streaming(
     }
     let seconds = start.elapsed().as_secs_f64();
     let input_bytes: u64 = tensors.iter().map(|t| t.2.len() as u64).sum();
-    Ok(StreamBench {
-        backend: backend.name(),
-        tensors: tensors.len(),
-        input_bytes,
-        seconds,
-        gbps: input_bytes as f64 / seconds / 1e9,
-    })
+    Ok(StreamBench { backend: backend.name(), tensors: tensors.len(), input_bytes, seconds, gbps: input_bytes as f64 / seconds / 1e9 })
 }

@@ -291,12 +291,7 @@ impl Tune {
                 None => Ok(default),
             }
         };
-        let t = Tune {
-            ft: get("QS_FT", 512)?,
-            flat_u: get("QS_FLAT_U", 4)?,
-            nv_u: get("QS_NV_U", 2)?,
-            mx_u: get("QS_MX_U", 2)?,
-        };
+        let t = Tune { ft: get("QS_FT", 512)?, flat_u: get("QS_FLAT_U", 4)?, nv_u: get("QS_NV_U", 2)?, mx_u: get("QS_MX_U", 2)? };
         for (name, u) in [("QS_NV_U", t.nv_u), ("QS_MX_U", t.mx_u)] {
             // a row group (8 warps x U rows) must divide the 128 rows of a scale tile
             ensure!(matches!(u, 1 | 2 | 4 | 8 | 16), "{name}={u}: must be 1, 2, 4, 8 or 16");
@@ -376,8 +371,7 @@ impl OutLayout {
     }
 
     fn range(&self, suffix: &str) -> Range<usize> {
-        let i =
-            self.specs.iter().position(|s| s.suffix == suffix).unwrap_or_else(|| panic!("layout has no `{suffix}`"));
+        let i = self.specs.iter().position(|s| s.suffix == suffix).unwrap_or_else(|| panic!("layout has no `{suffix}`"));
         self.ranges[i].clone()
     }
 }
@@ -414,7 +408,6 @@ impl Drop for SlotLease<'_> {
         self.backend.freed.notify_one();
     }
 }
-
 
 impl CudaBackend {
     /// Opens device `ordinal` with `slots` tensors in flight: loads the driver,
@@ -511,10 +504,8 @@ impl CudaBackend {
     fn fused_config(ctx: &Arc<CudaContext>, kernels: &Kernels, sms: u32, threads: u32) -> Result<Option<Fused>> {
         use sys::CUdevice_attribute as A;
         let coop = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH).map_err(|e| driver::err("attribute", e))?;
-        let optin = ctx
-            .attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-            .map_err(|e| driver::err("attribute", e))?
-            .max(0) as u32;
+        let optin =
+            ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).map_err(|e| driver::err("attribute", e))?.max(0) as u32;
         // Whole tiles of f32 chunks (512 x 32 bytes), leaving room for static shared memory.
         let tile = threads * 32;
         let dyn_smem = optin.saturating_sub(2048) / tile * tile;
@@ -733,25 +724,14 @@ impl CudaBackend {
                     k.int8_tensor.launch(s, flat_grid, THREADS, &mut [arg(&x), arg(&n), arg(&amax), arg(&q), arg(&sc)])
                 }
                 QuantFormat::Nvfp4 => {
-                    let (q, sc, s2) =
-                        (at(out.range("weight")), at(out.range("weight_scale")), at(out.range("weight_scale_2")));
+                    let (q, sc, s2) = (at(out.range("weight")), at(out.range("weight_scale")), at(out.range("weight_scale_2")));
                     let grid = Self::block_grid(rows, cols, 16, self.tune.nv_u);
-                    k.nvfp4.launch_2d(
-                        s,
-                        grid,
-                        THREADS,
-                        &mut [arg(&x), arg(&r64), arg(&c64), arg(&amax), arg(&q), arg(&sc), arg(&s2)],
-                    )
+                    k.nvfp4.launch_2d(s, grid, THREADS, &mut [arg(&x), arg(&r64), arg(&c64), arg(&amax), arg(&q), arg(&sc), arg(&s2)])
                 }
                 QuantFormat::Mxfp8 => {
                     let (q, sc) = (at(out.range("weight")), at(out.range("weight_scale")));
                     let grid = Self::block_grid(rows, cols, 32, self.tune.mx_u);
-                    k.mxfp8.launch_2d(
-                        s,
-                        grid,
-                        THREADS,
-                        &mut [arg(&x), arg(&r64), arg(&c64), arg(&q), arg(&sc), arg(&amax)],
-                    )
+                    k.mxfp8.launch_2d(s, grid, THREADS, &mut [arg(&x), arg(&r64), arg(&c64), arg(&q), arg(&sc), arg(&amax)])
                 }
             }
         }
@@ -821,13 +801,7 @@ impl CudaBackend {
                 QuantFormat::Fp8 | QuantFormat::Int8 => {
                     let kern = if spec.format == QuantFormat::Fp8 { k.fused_fp8 } else { k.fused_int8 };
                     let (q, sc) = (at(out.range("weight")), at(out.range("weight_scale")));
-                    kern.launch_cooperative(
-                        s,
-                        g,
-                        b,
-                        d,
-                        &mut [arg(&x), arg(&n), arg(&amax), arg(&q), arg(&sc), arg(&cap_tiles)],
-                    )
+                    kern.launch_cooperative(s, g, b, d, &mut [arg(&x), arg(&n), arg(&amax), arg(&q), arg(&sc), arg(&cap_tiles)])
                 }
                 QuantFormat::Nvfp4 => {
                     let (q, scr, s2) = (out.range("weight"), out.range("weight_scale"), out.range("weight_scale_2"));
@@ -847,11 +821,7 @@ impl CudaBackend {
         }
     }
 
-    fn quantize_impl(
-        &self,
-        spec: QuantSpec,
-        w: &WeightView<'_>,
-    ) -> Result<std::result::Result<Vec<StoredTensor>, QuantError>> {
+    fn quantize_impl(&self, spec: QuantSpec, w: &WeightView<'_>) -> Result<std::result::Result<Vec<StoredTensor>, QuantError>> {
         let out = OutLayout::new(spec.implementation().layout(w.rows, w.cols));
         let t_wait = Instant::now();
         self.with_slot(|slot| {
@@ -904,9 +874,7 @@ impl CudaBackend {
                     let src = &host[r.clone()];
                     let mut data = vec![0u8; src.len()];
                     if src.len() >= (4 << 20) {
-                        data.par_chunks_mut(1 << 20)
-                            .zip(src.par_chunks(1 << 20))
-                            .for_each(|(d, s)| d.copy_from_slice(s));
+                        data.par_chunks_mut(1 << 20).zip(src.par_chunks(1 << 20)).for_each(|(d, s)| d.copy_from_slice(s));
                     } else {
                         data.copy_from_slice(src);
                     }
@@ -930,11 +898,7 @@ impl CudaBackend {
         let layout = spec.implementation().layout(rows, cols);
         ensure!(stored.len() == layout.len(), "expected {} stored tensors, got {}", layout.len(), stored.len());
         for (t, l) in stored.iter().zip(&layout) {
-            ensure!(
-                t.spec == *l && t.data.len() == l.byte_len(),
-                "stored tensor `{}` does not match the layout",
-                l.suffix
-            );
+            ensure!(t.spec == *l && t.data.len() == l.byte_len(), "stored tensor `{}` does not match the layout", l.suffix);
         }
         let packed = OutLayout::new(layout);
         let mut input = vec![0u8; packed.total];
@@ -963,30 +927,15 @@ impl CudaBackend {
                     QuantFormat::Int8 => {
                         let (q, sc) = (at("weight"), at("weight_scale"));
                         let per_row: i32 = spec.per_channel as i32;
-                        k.int8_dequant.launch(
-                            s,
-                            grid,
-                            THREADS,
-                            &mut [arg(&q), arg(&r), arg(&c), arg(&sc), arg(&per_row), arg(&o)],
-                        )?;
+                        k.int8_dequant.launch(s, grid, THREADS, &mut [arg(&q), arg(&r), arg(&c), arg(&sc), arg(&per_row), arg(&o)])?;
                     }
                     QuantFormat::Nvfp4 => {
                         let (q, sc, s2) = (at("weight"), at("weight_scale"), at("weight_scale_2"));
-                        k.nvfp4_dequant.launch(
-                            s,
-                            grid,
-                            THREADS,
-                            &mut [arg(&q), arg(&sc), arg(&s2), arg(&r), arg(&c), arg(&o)],
-                        )?;
+                        k.nvfp4_dequant.launch(s, grid, THREADS, &mut [arg(&q), arg(&sc), arg(&s2), arg(&r), arg(&c), arg(&o)])?;
                     }
                     QuantFormat::Mxfp8 => {
                         let (q, sc) = (at("weight"), at("weight_scale"));
-                        k.mxfp8_dequant.launch(
-                            s,
-                            grid,
-                            THREADS,
-                            &mut [arg(&q), arg(&sc), arg(&r), arg(&c), arg(&o)],
-                        )?;
+                        k.mxfp8_dequant.launch(s, grid, THREADS, &mut [arg(&q), arg(&sc), arg(&r), arg(&c), arg(&o)])?;
                     }
                 }
                 let h = slot.h_out.as_mut().expect("ensured");
@@ -1031,12 +980,7 @@ impl CudaBackend {
                     AmaxKind::Blocks(b) => {
                         let b = b as i64;
                         let grid = count.div_ceil(THREADS as usize).min(1 << 20) as u32;
-                        k.amax_blocks.launch(
-                            s,
-                            grid,
-                            THREADS,
-                            &mut [arg(&x), arg(&rows), arg(&cols), arg(&b), arg(&o)],
-                        )?;
+                        k.amax_blocks.launch(s, grid, THREADS, &mut [arg(&x), arg(&rows), arg(&cols), arg(&b), arg(&o)])?;
                     }
                 }
                 let h = slot.h_out.as_mut().expect("ensured");
@@ -1101,11 +1045,7 @@ impl Drop for CudaBackend {
     fn drop(&mut self) {
         let t = self.timing.summary();
         if t.tensors > 0 {
-            tracing::info!(
-                "{}: {t}; peak device memory {:.0} MiB",
-                self.name(),
-                self.stats.peak() as f64 / (1u64 << 20) as f64
-            );
+            tracing::info!("{}: {t}; peak device memory {:.0} MiB", self.name(), self.stats.peak() as f64 / (1u64 << 20) as f64);
         }
     }
 }
@@ -1120,9 +1060,7 @@ impl Backend for CudaBackend {
         numerics::check_view(w)?;
         match self.quantize_impl(spec, w) {
             Ok(r) => r,
-            Err(e) => {
-                Err(QuantError::Invalid { name: w.name.to_string(), reason: format!("GPU quantization failed: {e:#}") })
-            }
+            Err(e) => Err(QuantError::Invalid { name: w.name.to_string(), reason: format!("GPU quantization failed: {e:#}") }),
         }
     }
 

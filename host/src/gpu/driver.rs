@@ -57,8 +57,7 @@ impl DeviceBuffer {
     pub fn new(ctx: &Arc<CudaContext>, stats: &Arc<MemStats>, len: usize) -> Result<Self> {
         ctx.bind_to_thread().map_err(|e| err("cuCtxSetCurrent", e))?;
         // SAFETY: plain allocation of `len` (> 0) bytes.
-        let ptr = unsafe { cu::malloc_sync(len.max(1)) }
-            .map_err(|e| err(&format!("cuMemAlloc of {} MiB", len.div_ceil(1 << 20)), e))?;
+        let ptr = unsafe { cu::malloc_sync(len.max(1)) }.map_err(|e| err(&format!("cuMemAlloc of {} MiB", len.div_ceil(1 << 20)), e))?;
         stats.add(len.max(1) as u64);
         Ok(DeviceBuffer { ptr, len: len.max(1), ctx: ctx.clone(), stats: stats.clone() })
     }
@@ -167,9 +166,7 @@ impl Stream {
     /// `dst..dst+len` must lie in a live device allocation and `src` in live host memory.
     pub unsafe fn htod(&self, dst: sys::CUdeviceptr, src: *const u8, len: usize) -> Result<()> {
         // SAFETY: caller's contract.
-        unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src as *const c_void, len, self.raw) }
-            .result()
-            .map_err(|e| err("cuMemcpyHtoDAsync", e))
+        unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src as *const c_void, len, self.raw) }.result().map_err(|e| err("cuMemcpyHtoDAsync", e))
     }
 
     /// Device → host copy of `len` bytes.
@@ -178,9 +175,7 @@ impl Stream {
     /// As [`Stream::htod`], the other way.
     pub unsafe fn dtoh(&self, dst: *mut u8, src: sys::CUdeviceptr, len: usize) -> Result<()> {
         // SAFETY: caller's contract.
-        unsafe { sys::cuMemcpyDtoHAsync_v2(dst as *mut c_void, src, len, self.raw) }
-            .result()
-            .map_err(|e| err("cuMemcpyDtoHAsync", e))
+        unsafe { sys::cuMemcpyDtoHAsync_v2(dst as *mut c_void, src, len, self.raw) }.result().map_err(|e| err("cuMemcpyDtoHAsync", e))
     }
 
     /// Device → device copy of `len` bytes.
@@ -232,8 +227,7 @@ impl Event {
     /// An event for ordering only (no timing), whose waiters sleep instead of spinning.
     pub fn new_blocking(ctx: &Arc<CudaContext>) -> Result<Self> {
         ctx.bind_to_thread().map_err(|e| err("cuCtxSetCurrent", e))?;
-        let flags =
-            sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32 | sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32;
+        let flags = sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32 | sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32;
         let mut raw = std::mem::MaybeUninit::uninit();
         // SAFETY: out-pointer to a live handle slot.
         unsafe { sys::cuEventCreate(raw.as_mut_ptr(), flags) }.result().map_err(|e| err("cuEventCreate", e))?;
@@ -289,16 +283,14 @@ impl Module {
     pub fn load(ctx: &Arc<CudaContext>, image: &[u8]) -> Result<Self> {
         ctx.bind_to_thread().map_err(|e| err("cuCtxSetCurrent", e))?;
         // SAFETY: the image is a complete cubin/PTX that outlives the call.
-        let raw = unsafe { cu::module::load_data(image.as_ptr() as *const c_void) }
-            .map_err(|e| err("cuModuleLoadData", e))?;
+        let raw = unsafe { cu::module::load_data(image.as_ptr() as *const c_void) }.map_err(|e| err("cuModuleLoadData", e))?;
         Ok(Module { raw, ctx: ctx.clone() })
     }
 
     pub fn kernel(&self, name: &str) -> Result<Kernel> {
         let cname = CString::new(name).expect("kernel names hold no NUL");
         // SAFETY: live module.
-        let raw = unsafe { cu::module::get_function(self.raw, cname) }
-            .map_err(|e| err(&format!("cuModuleGetFunction({name})"), e))?;
+        let raw = unsafe { cu::module::get_function(self.raw, cname) }.map_err(|e| err(&format!("cuModuleGetFunction({name})"), e))?;
         Ok(Kernel { raw })
     }
 }
@@ -336,10 +328,8 @@ impl Kernel {
     /// Blocks of `block` threads with `dynamic_shared` bytes that fit on one multiprocessor at once.
     pub fn max_active_blocks(&self, block: u32, dynamic_shared: u32) -> Result<u32> {
         // SAFETY: live function handle.
-        let n = unsafe {
-            cu::occupancy::max_active_block_per_multiprocessor(self.raw, block as i32, dynamic_shared as usize)
-        }
-        .map_err(|e| err("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
+        let n = unsafe { cu::occupancy::max_active_block_per_multiprocessor(self.raw, block as i32, dynamic_shared as usize) }
+            .map_err(|e| err("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
         Ok(n.max(0) as u32)
     }
 
@@ -348,19 +338,10 @@ impl Kernel {
     ///
     /// # Safety
     /// As [`Kernel::launch`].
-    pub unsafe fn launch_cooperative(
-        &self,
-        stream: &Stream,
-        grid: u32,
-        block: u32,
-        dynamic_shared: u32,
-        args: &mut [Arg],
-    ) -> Result<()> {
+    pub unsafe fn launch_cooperative(&self, stream: &Stream, grid: u32, block: u32, dynamic_shared: u32, args: &mut [Arg]) -> Result<()> {
         // SAFETY: caller's contract.
-        unsafe {
-            cu::launch_cooperative_kernel(self.raw, (grid, 1, 1), (block, 1, 1), dynamic_shared, stream.raw(), args)
-        }
-        .map_err(|e| err("cuLaunchCooperativeKernel", e))
+        unsafe { cu::launch_cooperative_kernel(self.raw, (grid, 1, 1), (block, 1, 1), dynamic_shared, stream.raw(), args) }
+            .map_err(|e| err("cuLaunchCooperativeKernel", e))
     }
 
     /// Launches a 2-D grid on `stream`.
@@ -408,7 +389,6 @@ impl Kernel {
             return Ok(());
         }
         // SAFETY: caller's contract.
-        unsafe { cu::launch_kernel(self.raw, (grid, 1, 1), (block, 1, 1), 0, stream.raw(), args) }
-            .map_err(|e| err("cuLaunchKernel", e))
+        unsafe { cu::launch_kernel(self.raw, (grid, 1, 1), (block, 1, 1), 0, stream.raw(), args) }.map_err(|e| err("cuLaunchKernel", e))
     }
 }

@@ -59,8 +59,7 @@ pub const SINGLE_KERNELS: &[&str] = &[
 
 /// Every kernel entry point the host looks up.
 pub fn kernel_names() -> Vec<String> {
-    let mut v: Vec<String> =
-        PER_DTYPE_KERNELS.iter().flat_map(|k| DTYPE_SUFFIXES.iter().map(move |s| format!("{k}_{s}"))).collect();
+    let mut v: Vec<String> = PER_DTYPE_KERNELS.iter().flat_map(|k| DTYPE_SUFFIXES.iter().map(move |s| format!("{k}_{s}"))).collect();
     v.extend(SINGLE_KERNELS.iter().map(|s| s.to_string()));
     v
 }
@@ -92,15 +91,11 @@ pub fn nvrtc_available() -> bool {
 /// NVRTC's version, `(major, minor)`.
 pub fn nvrtc_version() -> Result<(i32, i32)> {
     if !nvrtc_available() {
-        bail!(
-            "libnvrtc not found (install CUDA 13's NVRTC or the nvidia-cuda-nvrtc wheel and add its lib/ to LD_LIBRARY_PATH)"
-        );
+        bail!("libnvrtc not found (install CUDA 13's NVRTC or the nvidia-cuda-nvrtc wheel and add its lib/ to LD_LIBRARY_PATH)");
     }
     let (mut major, mut minor) = (0, 0);
     // SAFETY: two out-pointers to live integers.
-    let r = crate::error::catching(move || {
-        unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) }.result().map(|_| (major, minor))
-    });
+    let r = crate::error::catching(move || unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) }.result().map(|_| (major, minor)));
     match r {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(anyhow!("nvrtcVersion: {e:?}")),
@@ -156,9 +151,7 @@ pub fn compile_with(target: Target, defines: &[(&str, &str)]) -> Result<Compiled
 /// their own sources and options.
 pub fn compile_source(program: &str, source: &str, target: Target, options: &[String]) -> Result<Compiled> {
     if !nvrtc_available() {
-        bail!(
-            "libnvrtc not found (install CUDA 13's NVRTC or the nvidia-cuda-nvrtc wheel and add its lib/ to LD_LIBRARY_PATH)"
-        );
+        bail!("libnvrtc not found (install CUDA 13's NVRTC or the nvidia-cuda-nvrtc wheel and add its lib/ to LD_LIBRARY_PATH)");
     }
     let src = CString::new(source).context("kernel sources hold a NUL")?;
     let name = CString::new(program).context("program name holds a NUL")?;
@@ -191,9 +184,7 @@ pub fn compile_source(program: &str, source: &str, target: Target, options: &[St
         Target::Cubin { .. } => {
             let mut size = 0usize;
             // SAFETY: compiled program, out-pointer to a live usize.
-            unsafe { nvrtc_sys::nvrtcGetCUBINSize(guard.0, &mut size) }
-                .result()
-                .map_err(|e| anyhow!("nvrtcGetCUBINSize: {e:?}"))?;
+            unsafe { nvrtc_sys::nvrtcGetCUBINSize(guard.0, &mut size) }.result().map_err(|e| anyhow!("nvrtcGetCUBINSize: {e:?}"))?;
             let mut cubin = vec![0u8; size];
             // SAFETY: buffer of the size NVRTC asked for.
             unsafe { nvrtc_sys::nvrtcGetCUBIN(guard.0, cubin.as_mut_ptr() as *mut _) }
@@ -207,6 +198,5 @@ pub fn compile_source(program: &str, source: &str, target: Target, options: &[St
 
 /// Compiles for the device's compute capability, as cubin.
 pub fn compile_for_device(major: i32, minor: i32, defines: &[(&str, &str)]) -> Result<Compiled> {
-    compile_with(Target::Cubin { major, minor }, defines)
-        .with_context(|| format!("compiling the CUDA kernels for sm_{major}{minor}"))
+    compile_with(Target::Cubin { major, minor }, defines).with_context(|| format!("compiling the CUDA kernels for sm_{major}{minor}"))
 }

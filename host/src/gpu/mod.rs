@@ -71,11 +71,7 @@ pub fn device_count() -> Result<usize> {
 
 /// Slots from `QUANTSMITH_GPU_SLOTS` (1..=64), else [`DEFAULT_SLOTS`].
 pub fn configured_slots() -> usize {
-    std::env::var("QUANTSMITH_GPU_SLOTS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .filter(|&n| (1..=64).contains(&n))
-        .unwrap_or(DEFAULT_SLOTS)
+    std::env::var("QUANTSMITH_GPU_SLOTS").ok().and_then(|s| s.parse().ok()).filter(|&n| (1..=64).contains(&n)).unwrap_or(DEFAULT_SLOTS)
 }
 
 /// The backend for `--device auto|cpu|cuda[:N]`.
@@ -87,8 +83,7 @@ pub fn open(choice: DeviceChoice) -> Result<Box<dyn Backend>> {
     match choice {
         DeviceChoice::Cpu => Ok(Box::new(CpuBackend)),
         DeviceChoice::Cuda(n) => {
-            let b =
-                CudaBackend::new(n, configured_slots()).with_context(|| format!("--device cuda:{n} cannot be used"))?;
+            let b = CudaBackend::new(n, configured_slots()).with_context(|| format!("--device cuda:{n} cannot be used"))?;
             tracing::info!("quantizing on {}", b.name());
             Ok(Box::new(b))
         }

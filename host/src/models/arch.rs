@@ -138,7 +138,9 @@ impl Architecture {
             "sd15" => unet("sd15", TextStack::ClipL, 768, 512, Parameterization::Epsilon),
             "sd2" if variant == "v-prediction" => unet("sd2", TextStack::OpenClipH, 1024, 768, Parameterization::V),
             "sd2" => unet("sd2", TextStack::OpenClipH, 1024, 512, Parameterization::Epsilon),
-            "sdxl" if variant == "refiner" => Architecture { pooled_width: Some(1280), ..unet("sdxl", TextStack::ClipG, 1280, 1024, Parameterization::Epsilon) },
+            "sdxl" if variant == "refiner" => {
+                Architecture { pooled_width: Some(1280), ..unet("sdxl", TextStack::ClipG, 1280, 1024, Parameterization::Epsilon) }
+            }
             "sdxl" => Architecture { pooled_width: Some(1280), ..unet("sdxl", TextStack::ClipLG, 2048, 1024, Parameterization::Epsilon) },
             "sd3" => Architecture {
                 family: "sd3",

@@ -272,31 +272,11 @@ impl<'s> TextEncoders<'s> {
     pub fn load(src: &'s dyn WeightSource, family: TextFamily) -> Result<TextEncoders<'s>> {
         let (l, g) = family.prefixes();
         let read = |prefix: &str, layout| {
-            read_config(src, prefix, layout)
-                .with_context(|| format!("cannot use the {family:?} text encoder `{prefix}*`"))
+            read_config(src, prefix, layout).with_context(|| format!("cannot use the {family:?} text encoder `{prefix}*`"))
         };
-        let clip_l = l
-            .map(|p| {
-                read(p, Layout::Hf).map(|cfg| Encoder {
-                    cfg,
-                    layout: Layout::Hf,
-                })
-            })
-            .transpose()?;
-        let clip_g = g
-            .map(|p| {
-                read(p, Layout::OpenClip).map(|cfg| Encoder {
-                    cfg,
-                    layout: Layout::OpenClip,
-                })
-            })
-            .transpose()?;
-        Ok(TextEncoders {
-            src,
-            family,
-            clip_l,
-            clip_g,
-        })
+        let clip_l = l.map(|p| read(p, Layout::Hf).map(|cfg| Encoder { cfg, layout: Layout::Hf })).transpose()?;
+        let clip_g = g.map(|p| read(p, Layout::OpenClip).map(|cfg| Encoder { cfg, layout: Layout::OpenClip })).transpose()?;
+        Ok(TextEncoders { src, family, clip_l, clip_g })
     }
 
     /// [`TextEncoders::load`] with the family [`TextFamily::detect`] finds.
@@ -330,11 +310,7 @@ impl<'s> TextEncoders<'s> {
     }
 
     /// Token ids for every encoder, padded as each expects.
-    pub fn tokenize<S: AsRef<str>>(
-        &self,
-        tokenizer: &ClipTokenizer,
-        prompts: &[S],
-    ) -> Result<PromptTokens> {
+    pub fn tokenize<S: AsRef<str>>(&self, tokenizer: &ClipTokenizer, prompts: &[S]) -> Result<PromptTokens> {
         let for_encoder = |encoder: &Option<Encoder>, padding| -> Result<Option<(TokenBatch, Vec<usize>)>> {
             let Some(e) = encoder else { return Ok(None) };
             ensure!(
@@ -364,45 +340,28 @@ impl<'s> TextEncoders<'s> {
     }
 
     /// Encodes token ids made by [`TextEncoders::tokenize`] (or by hand).
-    pub fn encode_tokens<O: Ops>(
-        &self,
-        ops: &O,
-        tokens: &PromptTokens,
-        hooks: &InputHooks,
-    ) -> Result<Conditioning<O::Tensor>> {
-        let batch_of =
-            |e: &Option<Encoder>, t: &Option<TokenBatch>, name: &str| -> Result<Option<usize>> {
-                match (e, t) {
-                    (Some(_), Some(t)) => Ok(Some(t.batch())),
-                    (Some(e), None) => {
-                        bail!("no {name} tokens for the text encoder `{}*`", e.cfg.prefix)
-                    }
-                    (None, _) => Ok(None),
+    pub fn encode_tokens<O: Ops>(&self, ops: &O, tokens: &PromptTokens, hooks: &InputHooks) -> Result<Conditioning<O::Tensor>> {
+        let batch_of = |e: &Option<Encoder>, t: &Option<TokenBatch>, name: &str| -> Result<Option<usize>> {
+            match (e, t) {
+                (Some(_), Some(t)) => Ok(Some(t.batch())),
+                (Some(e), None) => {
+                    bail!("no {name} tokens for the text encoder `{}*`", e.cfg.prefix)
                 }
-            };
-        let (bl, bg) = (
-            batch_of(&self.clip_l, &tokens.clip_l, "CLIP-L")?,
-            batch_of(&self.clip_g, &tokens.clip_g, "bigG")?,
-        );
+                (None, _) => Ok(None),
+            }
+        };
+        let (bl, bg) = (batch_of(&self.clip_l, &tokens.clip_l, "CLIP-L")?, batch_of(&self.clip_g, &tokens.clip_g, "bigG")?);
         if let (Some(bl), Some(bg)) = (bl, bg) {
             ensure!(bl == bg, "CLIP-L has {bl} prompts but bigG {bg}");
         }
         let mut context = Vec::with_capacity(2);
         let mut pooled = None;
         if let (Some(e), Some(t)) = (&self.clip_l, &tokens.clip_l) {
-            let wanted = if self.family == TextFamily::Sd15 {
-                Wanted::FinalNorm
-            } else {
-                Wanted::Penultimate
-            };
+            let wanted = if self.family == TextFamily::Sd15 { Wanted::FinalNorm } else { Wanted::Penultimate };
             context.push(self.forward(ops, e, t, wanted, hooks)?.0);
         }
         if let (Some(e), Some(t)) = (&self.clip_g, &tokens.clip_g) {
-            let wanted = if self.family == TextFamily::Sd2 {
-                Wanted::PenultimateFinalNorm
-            } else {
-                Wanted::PenultimateAndPooled
-            };
+            let wanted = if self.family == TextFamily::Sd2 { Wanted::PenultimateFinalNorm } else { Wanted::PenultimateAndPooled };
             let (hidden, p) = self.forward(ops, e, t, wanted, hooks)?;
             context.push(hidden);
             pooled = p;
@@ -427,20 +386,12 @@ impl<'s> TextEncoders<'s> {
         size: &SizeConditioning,
         negative: bool,
     ) -> Result<Option<O::Tensor>> {
-        let pooled = || {
-            cond.pooled
-                .as_ref()
-                .context("the conditioning has no pooled output")
-        };
+        let pooled = || cond.pooled.as_ref().context("the conditioning has no pooled output");
         match self.family {
             TextFamily::Sd15 | TextFamily::Sd2 => Ok(None),
             TextFamily::Sdxl => sdxl_adm(ops, pooled()?, size).map(Some),
             TextFamily::SdxlRefiner => {
-                let score = if negative {
-                    AESTHETIC_NEGATIVE
-                } else {
-                    AESTHETIC_POSITIVE
-                };
+                let score = if negative { AESTHETIC_NEGATIVE } else { AESTHETIC_POSITIVE };
                 sdxl_refiner_adm(ops, pooled()?, size, score).map(Some)
             }
         }
@@ -472,16 +423,9 @@ fn run<O: Ops>(
     let p = cfg.prefix.as_str();
     let (b, d) = (tokens.batch(), cfg.width);
     ensure!(b > 0, "no prompts to encode");
-    ensure!(
-        tokens.ids.len() == b * CONTEXT_LENGTH,
-        "token batch has {} ids for {b} prompts",
-        tokens.ids.len()
-    );
+    ensure!(tokens.ids.len() == b * CONTEXT_LENGTH, "token batch has {} ids for {b} prompts", tokens.ids.len());
     if let Some(&id) = tokens.ids.iter().find(|&&id| id as usize >= cfg.vocab) {
-        bail!(
-            "token id {id} is outside the vocabulary ({} tokens) of the text encoder `{p}*`",
-            cfg.vocab
-        );
+        bail!("token id {id} is outside the vocabulary ({} tokens) of the text encoder `{p}*`", cfg.vocab);
     }
     if let Some(&i) = tokens.end_index.iter().find(|&&i| i >= CONTEXT_LENGTH) {
         bail!("end-token position {i} is outside the {CONTEXT_LENGTH}-token sequence");
@@ -498,11 +442,7 @@ fn run<O: Ops>(
     };
 
     // Penultimate-only encoders never need their last layer.
-    let run = if matches!(wanted, Wanted::Penultimate | Wanted::PenultimateFinalNorm) {
-        cfg.layers - 1
-    } else {
-        cfg.layers
-    };
+    let run = if matches!(wanted, Wanted::Penultimate | Wanted::PenultimateFinalNorm) { cfg.layers - 1 } else { cfg.layers };
     let mut penultimate = (cfg.layers == 1).then(|| x.clone());
     for i in 0..run {
         let l = layout.layer_prefix(p, i);
@@ -514,41 +454,23 @@ fn run<O: Ops>(
             penultimate = Some(x.clone());
         }
     }
-    let penultimate = || {
-        penultimate
-            .clone()
-            .context("internal: penultimate hidden state not kept")
-    };
+    let penultimate = || penultimate.clone().context("internal: penultimate hidden state not kept");
     match (wanted, layout) {
-        (Wanted::FinalNorm, Layout::Hf) => Ok((
-            layer_norm(ops, src, &format!("{p}final_layer_norm"), d, &x)?,
-            None,
-        )),
+        (Wanted::FinalNorm, Layout::Hf) => Ok((layer_norm(ops, src, &format!("{p}final_layer_norm"), d, &x)?, None)),
         (Wanted::Penultimate, _) => Ok((penultimate()?, None)),
-        (Wanted::PenultimateFinalNorm, Layout::OpenClip) => Ok((
-            layer_norm(ops, src, &format!("{p}ln_final"), d, &penultimate()?)?,
-            None,
-        )),
+        (Wanted::PenultimateFinalNorm, Layout::OpenClip) => Ok((layer_norm(ops, src, &format!("{p}ln_final"), d, &penultimate()?)?, None)),
         (Wanted::PenultimateAndPooled, Layout::OpenClip) => {
             // LayerNorm is per token, so selecting the end tokens first is the same and cheaper.
             let last = ops.select_tokens(&x, &tokens.end_index)?;
             let last = layer_norm(ops, src, &format!("{p}ln_final"), d, &last)?;
             let module = format!("{p}text_projection");
             let (shape, view) = src.tensor(&module)?;
-            let out = cfg
-                .projection
-                .context("internal: bigG without projection")?;
-            ensure!(
-                shape == [d, out],
-                "`{module}` has shape {shape:?}, expected [{d}, {out}]"
-            );
-            let stored =
-                decode_source(&view).with_context(|| format!("cannot read `{module}`"))?;
+            let out = cfg.projection.context("internal: bigG without projection")?;
+            ensure!(shape == [d, out], "`{module}` has shape {shape:?}, expected [{d}, {out}]");
+            let stored = decode_source(&view).with_context(|| format!("cannot read `{module}`"))?;
             // Stored as [in, out] for `x @ P`; a Linear weight is [out, in].
             let stored = &stored;
-            let transposed: Vec<f32> = (0..out)
-                .flat_map(|o| (0..d).map(move |i| stored[i * out + o]))
-                .collect();
+            let transposed: Vec<f32> = (0..out).flat_map(|o| (0..d).map(move |i| stored[i * out + o])).collect();
             let w = ops.from_f32(&[out, d], &transposed)?;
             let last = hooks.apply(ops, &module, &last)?;
             Ok((penultimate()?, Some(ops.linear(&last, &w, None)?)))
@@ -635,56 +557,29 @@ fn read_config(src: &dyn WeightSource, prefix: &str, layout: Layout) -> Result<E
         bail!("the checkpoint has no `{probe}` (no text encoder under `{prefix}`)");
     }
     let (emb, _) = src.tensor(&probe)?;
-    let [vocab, width] = emb[..] else {
-        bail!("`{probe}` has shape {emb:?}, expected [vocab, width]")
-    };
+    let [vocab, width] = emb[..] else { bail!("`{probe}` has shape {emb:?}, expected [vocab, width]") };
     let (pos, _) = src.tensor(&layout.position_key(prefix))?;
     ensure!(
         pos.len() == 2 && pos[0] >= CONTEXT_LENGTH && pos[1] == width,
         "`{}` has shape {pos:?}, expected [>= {CONTEXT_LENGTH}, {width}]",
         layout.position_key(prefix)
     );
-    let layers = (0..)
-        .take_while(|&i| {
-            src.contains(&format!(
-                "{}{}.weight",
-                layout.layer_prefix(prefix, i),
-                layout.mlp_in()
-            ))
-        })
-        .count();
-    ensure!(
-        layers > 0,
-        "no transformer layers under `{}`",
-        layout.layer_prefix(prefix, 0)
-    );
-    let mlp_key = format!(
-        "{}{}.weight",
-        layout.layer_prefix(prefix, 0),
-        layout.mlp_in()
-    );
+    let layers = (0..).take_while(|&i| src.contains(&format!("{}{}.weight", layout.layer_prefix(prefix, i), layout.mlp_in()))).count();
+    ensure!(layers > 0, "no transformer layers under `{}`", layout.layer_prefix(prefix, 0));
+    let mlp_key = format!("{}{}.weight", layout.layer_prefix(prefix, 0), layout.mlp_in());
     let (mlp, _) = src.tensor(&mlp_key)?;
-    ensure!(
-        mlp.len() == 2 && mlp[1] == width,
-        "`{mlp_key}` has shape {mlp:?}, expected [mlp, {width}]"
-    );
+    ensure!(mlp.len() == 2 && mlp[1] == width, "`{mlp_key}` has shape {mlp:?}, expected [mlp, {width}]");
     let projection = match layout {
         Layout::Hf => None,
         Layout::OpenClip => {
             let key = format!("{prefix}text_projection");
             let (shape, _) = src.tensor(&key)?;
-            ensure!(
-                shape.len() == 2 && shape[0] == width,
-                "`{key}` has shape {shape:?}, expected [{width}, out]"
-            );
+            ensure!(shape.len() == 2 && shape[0] == width, "`{key}` has shape {shape:?}, expected [{width}, out]");
             Some(shape[1])
         }
     };
     let heads = (width / HEAD_WIDTH).max(1);
-    ensure!(
-        width % heads == 0,
-        "width {width} does not split into {heads} heads"
-    );
+    ensure!(width % heads == 0, "width {width} does not split into {heads} heads");
     Ok(EncoderConfig {
         prefix: prefix.to_string(),
         width,
@@ -703,21 +598,11 @@ fn read_config(src: &dyn WeightSource, prefix: &str, layout: Layout) -> Result<E
 /// A checkpoint tensor with the shape the model expects.
 fn load<O: Ops>(ops: &O, src: &dyn WeightSource, key: &str, shape: &[usize]) -> Result<O::Tensor> {
     let (stored, view) = src.tensor(key)?;
-    ensure!(
-        stored == shape,
-        "text encoder tensor `{key}` has shape {stored:?}, expected {shape:?}"
-    );
-    ops.weight(shape, &view)
-        .with_context(|| format!("cannot load `{key}`"))
+    ensure!(stored == shape, "text encoder tensor `{key}` has shape {stored:?}, expected {shape:?}");
+    ops.weight(shape, &view).with_context(|| format!("cannot load `{key}`"))
 }
 
-fn layer_norm<O: Ops>(
-    ops: &O,
-    src: &dyn WeightSource,
-    module: &str,
-    d: usize,
-    x: &O::Tensor,
-) -> Result<O::Tensor> {
+fn layer_norm<O: Ops>(ops: &O, src: &dyn WeightSource, module: &str, d: usize, x: &O::Tensor) -> Result<O::Tensor> {
     let w = load(ops, src, &format!("{module}.weight"), &[d])?;
     let b = load(ops, src, &format!("{module}.bias"), &[d])?;
     ops.layer_norm(x, &w, &b, LAYER_NORM_EPS)
@@ -740,49 +625,17 @@ fn linear<O: Ops>(
 }
 
 /// Hugging Face `CLIPEncoderLayer` (pre-norm, causal, quick-GELU).
-fn hf_layer<O: Ops>(
-    ops: &O,
-    src: &dyn WeightSource,
-    hooks: &InputHooks,
-    l: &str,
-    cfg: &EncoderConfig,
-    x: &O::Tensor,
-) -> Result<O::Tensor> {
+fn hf_layer<O: Ops>(ops: &O, src: &dyn WeightSource, hooks: &InputHooks, l: &str, cfg: &EncoderConfig, x: &O::Tensor) -> Result<O::Tensor> {
     let d = cfg.width;
     let h = layer_norm(ops, src, &format!("{l}layer_norm1"), d, x)?;
     let q = linear(ops, src, hooks, &format!("{l}self_attn.q_proj"), &h, d, d)?;
     let k = linear(ops, src, hooks, &format!("{l}self_attn.k_proj"), &h, d, d)?;
     let v = linear(ops, src, hooks, &format!("{l}self_attn.v_proj"), &h, d, d)?;
     let a = ops.attention(&q, &k, &v, cfg.heads, true)?;
-    let x = ops.add(
-        x,
-        &linear(ops, src, hooks, &format!("{l}self_attn.out_proj"), &a, d, d)?,
-    )?;
+    let x = ops.add(x, &linear(ops, src, hooks, &format!("{l}self_attn.out_proj"), &a, d, d)?)?;
     let h = layer_norm(ops, src, &format!("{l}layer_norm2"), d, &x)?;
-    let h = ops.act(
-        &linear(
-            ops,
-            src,
-            hooks,
-            &format!("{l}mlp.fc1"),
-            &h,
-            cfg.mlp_width,
-            d,
-        )?,
-        cfg.act,
-    )?;
-    ops.add(
-        &x,
-        &linear(
-            ops,
-            src,
-            hooks,
-            &format!("{l}mlp.fc2"),
-            &h,
-            d,
-            cfg.mlp_width,
-        )?,
-    )
+    let h = ops.act(&linear(ops, src, hooks, &format!("{l}mlp.fc1"), &h, cfg.mlp_width, d)?, cfg.act)?;
+    ops.add(&x, &linear(ops, src, hooks, &format!("{l}mlp.fc2"), &h, d, cfg.mlp_width)?)
 }
 
 /// OpenCLIP `ResidualAttentionBlock` (pre-norm, causal, GELU, packed q/k/v).
@@ -797,22 +650,11 @@ fn open_clip_layer<O: Ops>(
     let d = cfg.width;
     let h = layer_norm(ops, src, &format!("{l}ln_1"), d, x)?;
     let h = hooks.apply(ops, &format!("{l}attn.in_proj"), &h)?;
-    let (w_key, b_key) = (
-        format!("{l}attn.in_proj_weight"),
-        format!("{l}attn.in_proj_bias"),
-    );
+    let (w_key, b_key) = (format!("{l}attn.in_proj_weight"), format!("{l}attn.in_proj_bias"));
     let (w_shape, w_view) = src.tensor(&w_key)?;
     let (b_shape, b_view) = src.tensor(&b_key)?;
-    ensure!(
-        w_shape == [3 * d, d],
-        "`{w_key}` has shape {w_shape:?}, expected [{}, {d}]",
-        3 * d
-    );
-    ensure!(
-        b_shape == [3 * d],
-        "`{b_key}` has shape {b_shape:?}, expected [{}]",
-        3 * d
-    );
+    ensure!(w_shape == [3 * d, d], "`{w_key}` has shape {w_shape:?}, expected [{}, {d}]", 3 * d);
+    ensure!(b_shape == [3 * d], "`{b_key}` has shape {b_shape:?}, expected [{}]", 3 * d);
     // q, k, v are consecutive row blocks of the packed projection.
     let mut qkv = Vec::with_capacity(3);
     for part in 0..3 {
@@ -822,58 +664,18 @@ fn open_clip_layer<O: Ops>(
     }
     let a = ops.attention(&qkv[0], &qkv[1], &qkv[2], cfg.heads, true)?;
     drop(qkv);
-    let x = ops.add(
-        x,
-        &linear(ops, src, hooks, &format!("{l}attn.out_proj"), &a, d, d)?,
-    )?;
+    let x = ops.add(x, &linear(ops, src, hooks, &format!("{l}attn.out_proj"), &a, d, d)?)?;
     let h = layer_norm(ops, src, &format!("{l}ln_2"), d, &x)?;
-    let h = ops.act(
-        &linear(
-            ops,
-            src,
-            hooks,
-            &format!("{l}mlp.c_fc"),
-            &h,
-            cfg.mlp_width,
-            d,
-        )?,
-        Act::Gelu,
-    )?;
-    ops.add(
-        &x,
-        &linear(
-            ops,
-            src,
-            hooks,
-            &format!("{l}mlp.c_proj"),
-            &h,
-            d,
-            cfg.mlp_width,
-        )?,
-    )
+    let h = ops.act(&linear(ops, src, hooks, &format!("{l}mlp.c_fc"), &h, cfg.mlp_width, d)?, Act::Gelu)?;
+    ops.add(&x, &linear(ops, src, hooks, &format!("{l}mlp.c_proj"), &h, d, cfg.mlp_width)?)
 }
 
 /// `rows x cols` consecutive elements of `view` from element `start`.
-fn elements<'a>(
-    view: &WeightView<'a>,
-    start: usize,
-    rows: usize,
-    cols: usize,
-) -> Result<WeightView<'a>> {
+fn elements<'a>(view: &WeightView<'a>, start: usize, rows: usize, cols: usize) -> Result<WeightView<'a>> {
     let size = view.dtype.size();
     let range = start * size..(start + rows * cols) * size;
-    ensure!(
-        range.end <= view.bytes.len(),
-        "`{}` is shorter than its shape says",
-        view.name
-    );
-    Ok(WeightView {
-        name: view.name,
-        dtype: view.dtype,
-        rows,
-        cols,
-        bytes: &view.bytes[range],
-    })
+    ensure!(range.end <= view.bytes.len(), "`{}` is shorter than its shape says", view.name);
+    Ok(WeightView { name: view.name, dtype: view.dtype, rows, cols, bytes: &view.bytes[range] })
 }
 
 /// SDXL's image-size conditioning, in pixels (ComfyUI's `width`, `height`,
@@ -891,14 +693,7 @@ pub struct SizeConditioning {
 impl SizeConditioning {
     /// An uncropped image of `width x height`, generated at that size (ComfyUI's defaults).
     pub fn new(width: u32, height: u32) -> SizeConditioning {
-        SizeConditioning {
-            width,
-            height,
-            crop_left: 0,
-            crop_top: 0,
-            target_width: width,
-            target_height: height,
-        }
+        SizeConditioning { width, height, crop_left: 0, crop_top: 0, target_width: width, target_height: height }
     }
 }
 
@@ -918,11 +713,7 @@ pub fn pooled_width(adm_channels: usize) -> usize {
 /// `y` for a UNet that takes `adm_channels`, from pooled text vectors: the
 /// refiner's layout (positive aesthetic score) or the base's.
 pub fn unet_adm<O: Ops>(ops: &O, pooled: &O::Tensor, adm_channels: usize, size: &SizeConditioning) -> Result<O::Tensor> {
-    if adm_channels == REFINER_ADM_CHANNELS {
-        sdxl_refiner_adm(ops, pooled, size, AESTHETIC_POSITIVE)
-    } else {
-        sdxl_adm(ops, pooled, size)
-    }
+    if adm_channels == REFINER_ADM_CHANNELS { sdxl_refiner_adm(ops, pooled, size, AESTHETIC_POSITIVE) } else { sdxl_adm(ops, pooled, size) }
 }
 
 /// SDXL base `y` `[B, P + 6*256]`: pooled, then the embeddings of height, width,
@@ -930,47 +721,23 @@ pub fn unet_adm<O: Ops>(ops: &O, pooled: &O::Tensor, adm_channels: usize, size: 
 /// `ConcatTimestepEmbedderND`, ComfyUI's `SDXL.encode_adm`).
 pub fn sdxl_adm<O: Ops>(ops: &O, pooled: &O::Tensor, size: &SizeConditioning) -> Result<O::Tensor> {
     let s = size;
-    let values = [
-        s.height,
-        s.width,
-        s.crop_top,
-        s.crop_left,
-        s.target_height,
-        s.target_width,
-    ]
-    .map(|v| v as f32);
+    let values = [s.height, s.width, s.crop_top, s.crop_left, s.target_height, s.target_width].map(|v| v as f32);
     append_embeddings(ops, pooled, &values)
 }
 
 /// SDXL refiner `y` `[B, P + 5*256]`: pooled, then the embeddings of height,
 /// width, crop top, crop left and the aesthetic score (ComfyUI's
 /// `SDXLRefiner.encode_adm`; [`AESTHETIC_POSITIVE`] / [`AESTHETIC_NEGATIVE`]).
-pub fn sdxl_refiner_adm<O: Ops>(
-    ops: &O,
-    pooled: &O::Tensor,
-    size: &SizeConditioning,
-    aesthetic_score: f32,
-) -> Result<O::Tensor> {
+pub fn sdxl_refiner_adm<O: Ops>(ops: &O, pooled: &O::Tensor, size: &SizeConditioning, aesthetic_score: f32) -> Result<O::Tensor> {
     let s = size;
-    let values = [
-        s.height as f32,
-        s.width as f32,
-        s.crop_top as f32,
-        s.crop_left as f32,
-        aesthetic_score,
-    ];
+    let values = [s.height as f32, s.width as f32, s.crop_top as f32, s.crop_left as f32, aesthetic_score];
     append_embeddings(ops, pooled, &values)
 }
 
 fn append_embeddings<O: Ops>(ops: &O, pooled: &O::Tensor, values: &[f32]) -> Result<O::Tensor> {
     let shape = ops.shape(pooled);
-    let [b, _] = shape[..] else {
-        bail!("pooled output has shape {shape:?}, expected [batch, width]")
-    };
-    let row: Vec<f32> = values
-        .iter()
-        .flat_map(|&v| timestep_embedding(v, SIZE_EMBEDDING_WIDTH))
-        .collect();
+    let [b, _] = shape[..] else { bail!("pooled output has shape {shape:?}, expected [batch, width]") };
+    let row: Vec<f32> = values.iter().flat_map(|&v| timestep_embedding(v, SIZE_EMBEDDING_WIDTH)).collect();
     let rows: Vec<f32> = (0..b).flat_map(|_| row.iter().copied()).collect();
     let embedded = ops.from_f32(&[b, row.len()], &rows)?;
     ops.concat(&[pooled, &embedded], 1)
@@ -982,9 +749,7 @@ fn append_embeddings<O: Ops>(ops: &O, pooled: &O::Tensor, values: &[f32]) -> Res
 pub fn timestep_embedding(value: f32, dim: usize) -> Vec<f32> {
     let half = dim / 2;
     let neg_log_period = -(10000f64.ln()) as f32;
-    let args: Vec<f32> = (0..half)
-        .map(|i| value * (neg_log_period * i as f32 / half as f32).exp())
-        .collect();
+    let args: Vec<f32> = (0..half).map(|i| value * (neg_log_period * i as f32 / half as f32).exp()).collect();
     let mut out: Vec<f32> = args.iter().map(|&a| (a as f64).cos() as f32).collect();
     out.extend(args.iter().map(|&a| (a as f64).sin() as f32));
     out.resize(dim, 0.0);

@@ -30,21 +30,9 @@ struct Memory(HashMap<String, (Vec<usize>, Vec<u8>)>);
 
 impl WeightSource for Memory {
     fn tensor(&self, key: &str) -> Result<(Vec<usize>, WeightView<'_>)> {
-        let (name, (shape, bytes)) = self
-            .0
-            .get_key_value(key)
-            .with_context(|| format!("no tensor `{key}`"))?;
+        let (name, (shape, bytes)) = self.0.get_key_value(key).with_context(|| format!("no tensor `{key}`"))?;
         let cols = *shape.last().unwrap();
-        Ok((
-            shape.clone(),
-            WeightView {
-                name,
-                dtype: SourceDtype::F32,
-                rows: bytes.len() / 4 / cols,
-                cols,
-                bytes,
-            },
-        ))
+        Ok((shape.clone(), WeightView { name, dtype: SourceDtype::F32, rows: bytes.len() / 4 / cols, cols, bytes }))
     }
     fn contains(&self, key: &str) -> bool {
         self.0.contains_key(key)
@@ -54,46 +42,17 @@ impl WeightSource for Memory {
 impl Memory {
     fn put(&mut self, key: String, shape: &[usize], values: Vec<f32>) {
         assert_eq!(shape.iter().product::<usize>(), values.len());
-        self.0.insert(
-            key,
-            (
-                shape.to_vec(),
-                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ),
-        );
+        self.0.insert(key, (shape.to_vec(), values.iter().flat_map(|v| v.to_le_bytes()).collect()));
     }
     fn get(&self, key: &str) -> Vec<f32> {
-        self.0[key]
-            .1
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect()
+        self.0[key].1.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
     }
-    fn random(
-        &mut self,
-        rng: &mut StdRng,
-        key: String,
-        shape: &[usize],
-        center: f32,
-        spread: f32,
-    ) {
+    fn random(&mut self, rng: &mut StdRng, key: String, shape: &[usize], center: f32, spread: f32) {
         let n = shape.iter().product();
-        self.put(
-            key,
-            shape,
-            (0..n)
-                .map(|_| center + spread * (rng.random::<f32>() * 2.0 - 1.0))
-                .collect(),
-        );
+        self.put(key, shape, (0..n).map(|_| center + spread * (rng.random::<f32>() * 2.0 - 1.0)).collect());
     }
     fn linear(&mut self, rng: &mut StdRng, module: &str, out: usize, inp: usize) {
-        self.random(
-            rng,
-            format!("{module}.weight"),
-            &[out, inp],
-            0.0,
-            1.5 / (inp as f32).sqrt(),
-        );
+        self.random(rng, format!("{module}.weight"), &[out, inp], 0.0, 1.5 / (inp as f32).sqrt());
         self.random(rng, format!("{module}.bias"), &[out], 0.0, 0.1);
     }
     fn norm(&mut self, rng: &mut StdRng, module: &str, d: usize) {
@@ -101,31 +60,9 @@ impl Memory {
         self.random(rng, format!("{module}.bias"), &[d], 0.0, 0.2);
     }
     /// Hugging Face CLIPTextModel names.
-    fn hf_clip(
-        &mut self,
-        rng: &mut StdRng,
-        p: &str,
-        Dims {
-            vocab,
-            width: d,
-            mlp,
-            layers,
-        }: Dims,
-    ) {
-        self.random(
-            rng,
-            format!("{p}embeddings.token_embedding.weight"),
-            &[vocab, d],
-            0.0,
-            1.0,
-        );
-        self.random(
-            rng,
-            format!("{p}embeddings.position_embedding.weight"),
-            &[CONTEXT_LENGTH, d],
-            0.0,
-            0.5,
-        );
+    fn hf_clip(&mut self, rng: &mut StdRng, p: &str, Dims { vocab, width: d, mlp, layers }: Dims) {
+        self.random(rng, format!("{p}embeddings.token_embedding.weight"), &[vocab, d], 0.0, 1.0);
+        self.random(rng, format!("{p}embeddings.position_embedding.weight"), &[CONTEXT_LENGTH, d], 0.0, 0.5);
         for i in 0..layers {
             let l = format!("{p}encoder.layers.{i}.");
             self.norm(rng, &format!("{l}layer_norm1"), d);
@@ -139,42 +76,13 @@ impl Memory {
         self.norm(rng, &format!("{p}final_layer_norm"), d);
     }
     /// OpenCLIP text tower names.
-    fn open_clip(
-        &mut self,
-        rng: &mut StdRng,
-        p: &str,
-        Dims {
-            vocab,
-            width: d,
-            mlp,
-            layers,
-        }: Dims,
-        proj: usize,
-    ) {
-        self.random(
-            rng,
-            format!("{p}token_embedding.weight"),
-            &[vocab, d],
-            0.0,
-            1.0,
-        );
-        self.random(
-            rng,
-            format!("{p}positional_embedding"),
-            &[CONTEXT_LENGTH, d],
-            0.0,
-            0.5,
-        );
+    fn open_clip(&mut self, rng: &mut StdRng, p: &str, Dims { vocab, width: d, mlp, layers }: Dims, proj: usize) {
+        self.random(rng, format!("{p}token_embedding.weight"), &[vocab, d], 0.0, 1.0);
+        self.random(rng, format!("{p}positional_embedding"), &[CONTEXT_LENGTH, d], 0.0, 0.5);
         for i in 0..layers {
             let r = format!("{p}transformer.resblocks.{i}.");
             self.norm(rng, &format!("{r}ln_1"), d);
-            self.random(
-                rng,
-                format!("{r}attn.in_proj_weight"),
-                &[3 * d, d],
-                0.0,
-                1.5 / (d as f32).sqrt(),
-            );
+            self.random(rng, format!("{r}attn.in_proj_weight"), &[3 * d, d], 0.0, 1.5 / (d as f32).sqrt());
             self.random(rng, format!("{r}attn.in_proj_bias"), &[3 * d], 0.0, 0.1);
             self.linear(rng, &format!("{r}attn.out_proj"), d, d);
             self.norm(rng, &format!("{r}ln_2"), d);
@@ -182,13 +90,7 @@ impl Memory {
             self.linear(rng, &format!("{r}mlp.c_proj"), d, mlp);
         }
         self.norm(rng, &format!("{p}ln_final"), d);
-        self.random(
-            rng,
-            format!("{p}text_projection"),
-            &[d, proj],
-            0.0,
-            1.0 / (d as f32).sqrt(),
-        );
+        self.random(rng, format!("{p}text_projection"), &[d, proj], 0.0, 1.0 / (d as f32).sqrt());
     }
 }
 
@@ -200,9 +102,7 @@ fn naive_ln(x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
         .flat_map(|row| {
             let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
             let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
-            (0..d).map(move |i| {
-                (((row[i] as f64 - mean) / (var + 1e-5).sqrt()) as f32) * w[i] + b[i]
-            })
+            (0..d).map(move |i| (((row[i] as f64 - mean) / (var + 1e-5).sqrt()) as f32) * w[i] + b[i])
         })
         .collect()
 }
@@ -211,11 +111,7 @@ fn naive_ln(x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
 fn naive_linear(x: &[f32], w: &[f32], b: Option<&[f32]>, out: usize) -> Vec<f32> {
     let inp = w.len() / out;
     x.chunks(inp)
-        .flat_map(|row| {
-            (0..out).map(move |o| {
-                (0..inp).map(|i| row[i] * w[o * inp + i]).sum::<f32>() + b.map_or(0.0, |b| b[o])
-            })
-        })
+        .flat_map(|row| (0..out).map(move |o| (0..inp).map(|i| row[i] * w[o * inp + i]).sum::<f32>() + b.map_or(0.0, |b| b[o])))
         .collect()
 }
 
@@ -224,19 +120,13 @@ fn naive_causal_attention(q: &[f32], k: &[f32], v: &[f32], d: usize, heads: usiz
     let mut out = vec![0.0; q.len()];
     for h in 0..heads {
         for i in 0..n {
-            let dot = |j: usize| {
-                (0..hd)
-                    .map(|e| q[i * d + h * hd + e] * k[j * d + h * hd + e])
-                    .sum::<f32>()
-                    / (hd as f32).sqrt()
-            };
+            let dot = |j: usize| (0..hd).map(|e| q[i * d + h * hd + e] * k[j * d + h * hd + e]).sum::<f32>() / (hd as f32).sqrt();
             let scores: Vec<f32> = (0..=i).map(dot).collect();
             let max = scores.iter().copied().fold(f32::MIN, f32::max);
             let exp: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
             let sum: f32 = exp.iter().sum();
             for e in 0..hd {
-                out[i * d + h * hd + e] =
-                    (0..=i).map(|j| exp[j] / sum * v[j * d + h * hd + e]).sum();
+                out[i * d + h * hd + e] = (0..=i).map(|j| exp[j] / sum * v[j * d + h * hd + e]).sum();
             }
         }
     }
@@ -251,10 +141,7 @@ fn erf(x: f64) -> f64 {
         + t * (1.00002368
             + t * (0.37409196
                 + t * (0.09678418
-                    + t * (-0.18628806
-                        + t * (0.27886807
-                            + t * (-1.13520398
-                                + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))));
+                    + t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))));
     let erfc = t * poly.exp();
     if x >= 0.0 { 1.0 - erfc } else { erfc - 1.0 }
 }
@@ -264,14 +151,7 @@ fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
 }
 
 /// Hidden states after each layer (index 0 = embeddings) of one prompt.
-fn naive_hidden(
-    m: &Memory,
-    p: &str,
-    layout: Layout,
-    ids: &[u32],
-    d: usize,
-    heads: usize,
-) -> Vec<Vec<f32>> {
+fn naive_hidden(m: &Memory, p: &str, layout: Layout, ids: &[u32], d: usize, heads: usize) -> Vec<Vec<f32>> {
     let table = m.get(&layout.probe(p));
     let pos = m.get(&layout.position_key(p));
     let mut x: Vec<f32> = ids
@@ -289,18 +169,9 @@ fn naive_hidden(
         }
         x = match layout {
             Layout::Hf => {
-                let h = naive_ln(
-                    &x,
-                    &g(&format!("{l}layer_norm1.weight")),
-                    &g(&format!("{l}layer_norm1.bias")),
-                );
+                let h = naive_ln(&x, &g(&format!("{l}layer_norm1.weight")), &g(&format!("{l}layer_norm1.bias")));
                 let proj = |name: &str, input: &[f32]| {
-                    naive_linear(
-                        input,
-                        &g(&format!("{l}{name}.weight")),
-                        Some(&g(&format!("{l}{name}.bias"))),
-                        d,
-                    )
+                    naive_linear(input, &g(&format!("{l}{name}.weight")), Some(&g(&format!("{l}{name}.bias"))), d)
                 };
                 let a = naive_causal_attention(
                     &proj("self_attn.q_proj", &h),
@@ -310,81 +181,23 @@ fn naive_hidden(
                     heads,
                 );
                 let x = add(&x, &proj("self_attn.out_proj", &a));
-                let h = naive_ln(
-                    &x,
-                    &g(&format!("{l}layer_norm2.weight")),
-                    &g(&format!("{l}layer_norm2.bias")),
-                );
+                let h = naive_ln(&x, &g(&format!("{l}layer_norm2.weight")), &g(&format!("{l}layer_norm2.bias")));
                 let mlp = g(&format!("{l}mlp.fc1.bias")).len();
-                let h = naive_linear(
-                    &h,
-                    &g(&format!("{l}mlp.fc1.weight")),
-                    Some(&g(&format!("{l}mlp.fc1.bias"))),
-                    mlp,
-                );
+                let h = naive_linear(&h, &g(&format!("{l}mlp.fc1.weight")), Some(&g(&format!("{l}mlp.fc1.bias"))), mlp);
                 let h: Vec<f32> = h.iter().map(|&v| v / (1.0 + (-1.702 * v).exp())).collect();
-                add(
-                    &x,
-                    &naive_linear(
-                        &h,
-                        &g(&format!("{l}mlp.fc2.weight")),
-                        Some(&g(&format!("{l}mlp.fc2.bias"))),
-                        d,
-                    ),
-                )
+                add(&x, &naive_linear(&h, &g(&format!("{l}mlp.fc2.weight")), Some(&g(&format!("{l}mlp.fc2.bias"))), d))
             }
             Layout::OpenClip => {
-                let h = naive_ln(
-                    &x,
-                    &g(&format!("{l}ln_1.weight")),
-                    &g(&format!("{l}ln_1.bias")),
-                );
-                let qkv = naive_linear(
-                    &h,
-                    &g(&format!("{l}attn.in_proj_weight")),
-                    Some(&g(&format!("{l}attn.in_proj_bias"))),
-                    3 * d,
-                );
-                let part = |s: usize| -> Vec<f32> {
-                    qkv.chunks(3 * d)
-                        .flat_map(|row| row[s * d..(s + 1) * d].to_vec())
-                        .collect()
-                };
+                let h = naive_ln(&x, &g(&format!("{l}ln_1.weight")), &g(&format!("{l}ln_1.bias")));
+                let qkv = naive_linear(&h, &g(&format!("{l}attn.in_proj_weight")), Some(&g(&format!("{l}attn.in_proj_bias"))), 3 * d);
+                let part = |s: usize| -> Vec<f32> { qkv.chunks(3 * d).flat_map(|row| row[s * d..(s + 1) * d].to_vec()).collect() };
                 let a = naive_causal_attention(&part(0), &part(1), &part(2), d, heads);
-                let x = add(
-                    &x,
-                    &naive_linear(
-                        &a,
-                        &g(&format!("{l}attn.out_proj.weight")),
-                        Some(&g(&format!("{l}attn.out_proj.bias"))),
-                        d,
-                    ),
-                );
-                let h = naive_ln(
-                    &x,
-                    &g(&format!("{l}ln_2.weight")),
-                    &g(&format!("{l}ln_2.bias")),
-                );
+                let x = add(&x, &naive_linear(&a, &g(&format!("{l}attn.out_proj.weight")), Some(&g(&format!("{l}attn.out_proj.bias"))), d));
+                let h = naive_ln(&x, &g(&format!("{l}ln_2.weight")), &g(&format!("{l}ln_2.bias")));
                 let mlp = g(&format!("{l}mlp.c_fc.bias")).len();
-                let h = naive_linear(
-                    &h,
-                    &g(&format!("{l}mlp.c_fc.weight")),
-                    Some(&g(&format!("{l}mlp.c_fc.bias"))),
-                    mlp,
-                );
-                let h: Vec<f32> = h
-                    .iter()
-                    .map(|&v| (0.5 * v as f64 * (1.0 + erf(v as f64 / 2f64.sqrt()))) as f32)
-                    .collect();
-                add(
-                    &x,
-                    &naive_linear(
-                        &h,
-                        &g(&format!("{l}mlp.c_proj.weight")),
-                        Some(&g(&format!("{l}mlp.c_proj.bias"))),
-                        d,
-                    ),
-                )
+                let h = naive_linear(&h, &g(&format!("{l}mlp.c_fc.weight")), Some(&g(&format!("{l}mlp.c_fc.bias"))), mlp);
+                let h: Vec<f32> = h.iter().map(|&v| (0.5 * v as f64 * (1.0 + erf(v as f64 / 2f64.sqrt()))) as f32).collect();
+                add(&x, &naive_linear(&h, &g(&format!("{l}mlp.c_proj.weight")), Some(&g(&format!("{l}mlp.c_proj.bias"))), d))
             }
         };
         states.push(x.clone());
@@ -396,10 +209,7 @@ fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= tol * scale,
-            "{what}: element {i}: {g} vs {w}"
-        );
+        assert!((g - w).abs() <= tol * scale, "{what}: element {i}: {g} vs {w}");
     }
 }
 
@@ -410,36 +220,15 @@ fn sd15_matches_naive_clip_l() {
     let (_dir, tokenizer) = test_tokenizer();
     let (d, heads, mlp) = (128, 2, 256);
     let mut m = Memory::default();
-    m.hf_clip(
-        &mut StdRng::seed_from_u64(1),
-        SD15_CLIP_L,
-        Dims {
-            vocab: tokenizer.vocab_size(),
-            width: d,
-            mlp,
-            layers: 2,
-        },
-    );
+    m.hf_clip(&mut StdRng::seed_from_u64(1), SD15_CLIP_L, Dims { vocab: tokenizer.vocab_size(), width: d, mlp, layers: 2 });
     assert_eq!(TextFamily::detect(&m), Some(TextFamily::Sd15));
     let te = TextEncoders::detect(&m).unwrap();
     let cfg = te.clip_l().unwrap();
-    assert_eq!(
-        (
-            cfg.width,
-            cfg.heads,
-            cfg.layers,
-            cfg.mlp_width,
-            cfg.vocab,
-            cfg.projection
-        ),
-        (d, heads, 2, mlp, 574, None)
-    );
+    assert_eq!((cfg.width, cfg.heads, cfg.layers, cfg.mlp_width, cfg.vocab, cfg.projection), (d, heads, 2, mlp, 574, None));
     assert_eq!(te.context_width(), d);
 
     let ops = ops();
-    let cond = te
-        .encode(&ops, &tokenizer, &PROMPTS, &InputHooks::none())
-        .unwrap();
+    let cond = te.encode(&ops, &tokenizer, &PROMPTS, &InputHooks::none()).unwrap();
     assert!(cond.pooled.is_none());
     assert_eq!(ops.shape(&cond.context), vec![3, CONTEXT_LENGTH, d]);
     let got = ops.to_f32(&cond.context).unwrap();
@@ -451,12 +240,7 @@ fn sd15_matches_naive_clip_l() {
             &m.get(&format!("{SD15_CLIP_L}final_layer_norm.weight")),
             &m.get(&format!("{SD15_CLIP_L}final_layer_norm.bias")),
         );
-        assert_close(
-            &got[b * CONTEXT_LENGTH * d..(b + 1) * CONTEXT_LENGTH * d],
-            &want,
-            1e-4,
-            &format!("prompt {b}"),
-        );
+        assert_close(&got[b * CONTEXT_LENGTH * d..(b + 1) * CONTEXT_LENGTH * d], &want, 1e-4, &format!("prompt {b}"));
     }
 }
 
@@ -464,27 +248,8 @@ fn sd15_matches_naive_clip_l() {
 fn sdxl_memory(vocab: usize) -> Memory {
     let mut m = Memory::default();
     let rng = &mut StdRng::seed_from_u64(2);
-    m.hf_clip(
-        rng,
-        SDXL_CLIP_L,
-        Dims {
-            vocab,
-            width: 64,
-            mlp: 128,
-            layers: 2,
-        },
-    );
-    m.open_clip(
-        rng,
-        SDXL_CLIP_G,
-        Dims {
-            vocab,
-            width: 128,
-            mlp: 256,
-            layers: 2,
-        },
-        96,
-    );
+    m.hf_clip(rng, SDXL_CLIP_L, Dims { vocab, width: 64, mlp: 128, layers: 2 });
+    m.open_clip(rng, SDXL_CLIP_G, Dims { vocab, width: 128, mlp: 256, layers: 2 }, 96);
     m
 }
 
@@ -527,51 +292,24 @@ fn sdxl_matches_naive_clip_l_and_big_g() {
     assert_eq!(te.context_width(), 192);
 
     let tokens = te.tokenize(&tokenizer, &PROMPTS).unwrap();
-    let (l, g) = (
-        tokens.clip_l.as_ref().unwrap(),
-        tokens.clip_g.as_ref().unwrap(),
-    );
+    let (l, g) = (tokens.clip_l.as_ref().unwrap(), tokens.clip_g.as_ref().unwrap());
     assert_eq!(l.end_index, g.end_index);
     let end = l.end_index[0];
-    assert_eq!(
-        (
-            l.row(0)[end],
-            l.row(0)[end + 1],
-            g.row(0)[end],
-            g.row(0)[end + 1]
-        ),
-        (573, 573, 573, 0)
-    );
+    assert_eq!((l.row(0)[end], l.row(0)[end + 1], g.row(0)[end], g.row(0)[end + 1]), (573, 573, 573, 0));
 
     let ops = ops();
-    let cond = te
-        .encode_tokens(&ops, &tokens, &InputHooks::none())
-        .unwrap();
+    let cond = te.encode_tokens(&ops, &tokens, &InputHooks::none()).unwrap();
     assert_eq!(ops.shape(&cond.context), vec![3, CONTEXT_LENGTH, 192]);
     let pooled = cond.pooled.as_ref().unwrap();
     assert_eq!(ops.shape(pooled), vec![3, 96]);
-    let (context, pooled) = (
-        ops.to_f32(&cond.context).unwrap(),
-        ops.to_f32(pooled).unwrap(),
-    );
+    let (context, pooled) = (ops.to_f32(&cond.context).unwrap(), ops.to_f32(pooled).unwrap());
     for b in 0..PROMPTS.len() {
         // Penultimate = after layer 0 of 2, no final norm.
         let hl = &naive_hidden(&m, SDXL_CLIP_L, Layout::Hf, l.row(b), 64, 1)[1];
         let hg_all = naive_hidden(&m, SDXL_CLIP_G, Layout::OpenClip, g.row(b), 128, 2);
-        let want: Vec<f32> = (0..CONTEXT_LENGTH)
-            .flat_map(|n| {
-                hl[n * 64..(n + 1) * 64]
-                    .iter()
-                    .chain(&hg_all[1][n * 128..(n + 1) * 128])
-                    .copied()
-            })
-            .collect();
-        assert_close(
-            &context[b * CONTEXT_LENGTH * 192..(b + 1) * CONTEXT_LENGTH * 192],
-            &want,
-            1e-4,
-            &format!("context {b}"),
-        );
+        let want: Vec<f32> =
+            (0..CONTEXT_LENGTH).flat_map(|n| hl[n * 64..(n + 1) * 64].iter().chain(&hg_all[1][n * 128..(n + 1) * 128]).copied()).collect();
+        assert_close(&context[b * CONTEXT_LENGTH * 192..(b + 1) * CONTEXT_LENGTH * 192], &want, 1e-4, &format!("context {b}"));
 
         let e = g.end_index[b];
         let last = naive_ln(
@@ -580,15 +318,8 @@ fn sdxl_matches_naive_clip_l_and_big_g() {
             &m.get(&format!("{SDXL_CLIP_G}ln_final.bias")),
         );
         let p = m.get(&format!("{SDXL_CLIP_G}text_projection"));
-        let want: Vec<f32> = (0..96)
-            .map(|o| (0..128).map(|i| last[i] * p[i * 96 + o]).sum())
-            .collect();
-        assert_close(
-            &pooled[b * 96..(b + 1) * 96],
-            &want,
-            1e-4,
-            &format!("pooled {b}"),
-        );
+        let want: Vec<f32> = (0..96).map(|o| (0..128).map(|i| last[i] * p[i * 96 + o]).sum()).collect();
+        assert_close(&pooled[b * 96..(b + 1) * 96], &want, 1e-4, &format!("pooled {b}"));
     }
 }
 
@@ -608,54 +339,22 @@ fn causal_and_padding_invariance() {
     };
     let batch = |pad: u32| {
         let rows = [row(&[], pad), row(&[(10, 77)], pad), row(&[(2, 77)], pad)];
-        TokenBatch {
-            ids: rows.concat(),
-            end_index: vec![4; 3],
-        }
+        TokenBatch { ids: rows.concat(), end_index: vec![4; 3] }
     };
-    let tokens = PromptTokens {
-        clip_l: Some(batch(573)),
-        clip_g: Some(batch(0)),
-        chunks: vec![],
-    };
+    let tokens = PromptTokens { clip_l: Some(batch(573)), clip_g: Some(batch(0)), chunks: vec![] };
     let ops = ops();
-    let cond = te
-        .encode_tokens(&ops, &tokens, &InputHooks::none())
-        .unwrap();
-    let (context, pooled) = (
-        ops.to_f32(&cond.context).unwrap(),
-        ops.to_f32(cond.pooled.as_ref().unwrap()).unwrap(),
-    );
+    let cond = te.encode_tokens(&ops, &tokens, &InputHooks::none()).unwrap();
+    let (context, pooled) = (ops.to_f32(&cond.context).unwrap(), ops.to_f32(cond.pooled.as_ref().unwrap()).unwrap());
     let c = 192;
-    let position = |b: usize, n: usize| {
-        &context[(b * CONTEXT_LENGTH + n) * c..(b * CONTEXT_LENGTH + n + 1) * c]
-    };
+    let position = |b: usize, n: usize| &context[(b * CONTEXT_LENGTH + n) * c..(b * CONTEXT_LENGTH + n + 1) * c];
     let differs = |a: &[f32], b: &[f32]| a.iter().zip(b).any(|(x, y)| (x - y).abs() > 1e-3);
-    assert_close(
-        &pooled[96..192],
-        &pooled[..96],
-        1e-6,
-        "pooled after a change past the end token",
-    );
+    assert_close(&pooled[96..192], &pooled[..96], 1e-6, "pooled after a change past the end token");
     for n in 0..10 {
-        assert_close(
-            position(1, n),
-            position(0, n),
-            1e-6,
-            &format!("position {n}"),
-        );
+        assert_close(position(1, n), position(0, n), 1e-6, &format!("position {n}"));
     }
-    assert!(
-        differs(position(1, 10), position(0, 10)),
-        "the changed position itself changes"
-    );
-    assert!(
-        differs(&pooled[192..], &pooled[..96]),
-        "a change before the end token changes the pooled output"
-    );
-    assert!(
-        !differs(position(2, 1), position(0, 1)) && differs(position(2, 2), position(0, 2))
-    );
+    assert!(differs(position(1, 10), position(0, 10)), "the changed position itself changes");
+    assert!(differs(&pooled[192..], &pooled[..96]), "a change before the end token changes the pooled output");
+    assert!(!differs(position(2, 1), position(0, 1)) && differs(position(2, 2), position(0, 2)));
 }
 
 #[test]
@@ -682,45 +381,22 @@ fn sd2_uses_open_clip_h_penultimate_through_ln_final() {
 #[test]
 fn refiner_uses_big_g_alone() {
     let mut m = Memory::default();
-    m.open_clip(
-        &mut StdRng::seed_from_u64(3),
-        SDXL_REFINER_CLIP_G,
-        Dims {
-            vocab: 574,
-            width: 64,
-            mlp: 128,
-            layers: 2,
-        },
-        48,
-    );
+    m.open_clip(&mut StdRng::seed_from_u64(3), SDXL_REFINER_CLIP_G, Dims { vocab: 574, width: 64, mlp: 128, layers: 2 }, 48);
     let te = TextEncoders::detect(&m).unwrap();
     assert_eq!(te.family(), TextFamily::SdxlRefiner);
     assert!(te.clip_l().is_none());
     let (_dir, tokenizer) = test_tokenizer();
     let ops = ops();
-    let cond = te
-        .encode(&ops, &tokenizer, &PROMPTS[..2], &InputHooks::none())
-        .unwrap();
+    let cond = te.encode(&ops, &tokenizer, &PROMPTS[..2], &InputHooks::none()).unwrap();
     assert_eq!(ops.shape(&cond.context), vec![2, CONTEXT_LENGTH, 64]);
     let g = tokenizer.encode(&PROMPTS[..1], Padding::Zero).unwrap();
     let want = &naive_hidden(&m, SDXL_REFINER_CLIP_G, Layout::OpenClip, g.row(0), 64, 1)[1];
-    assert_close(
-        &ops.to_f32(&cond.context).unwrap()[..CONTEXT_LENGTH * 64],
-        want,
-        1e-4,
-        "refiner context",
-    );
+    assert_close(&ops.to_f32(&cond.context).unwrap()[..CONTEXT_LENGTH * 64], want, 1e-4, "refiner context");
 
-    let y = te
-        .adm(&ops, &cond, &SizeConditioning::new(1024, 1024), true)
-        .unwrap()
-        .unwrap();
+    let y = te.adm(&ops, &cond, &SizeConditioning::new(1024, 1024), true).unwrap().unwrap();
     assert_eq!(ops.shape(&y), vec![2, 48 + 5 * 256]);
     let y = ops.to_f32(&y).unwrap();
-    assert_eq!(
-        &y[48 + 4 * 256..48 + 5 * 256],
-        timestep_embedding(2.5, 256).as_slice()
-    );
+    assert_eq!(&y[48 + 4 * 256..48 + 5 * 256], timestep_embedding(2.5, 256).as_slice());
 }
 
 #[test]
@@ -737,23 +413,11 @@ fn hooks_see_linear_inputs_by_full_key() {
     ];
     let channels = [64, 128, 64, 128, 128];
     let ops = ops();
-    let specs: Vec<ObserverSpec> = channels
-        .iter()
-        .map(|&channels| ObserverSpec {
-            channels,
-            axis: ChannelAxis::Last,
-        })
-        .collect();
+    let specs: Vec<ObserverSpec> = channels.iter().map(|&channels| ObserverSpec { channels, axis: ChannelAxis::Last }).collect();
     ops.observers_reset(&specs, 1).unwrap();
     let mut hooks = InputHooks::none();
     for (slot, module) in modules.iter().enumerate() {
-        hooks.by_module.insert(
-            module.clone(),
-            InputHook {
-                observer: Some(slot),
-                quant: None,
-            },
-        );
+        hooks.by_module.insert(module.clone(), InputHook { observer: Some(slot), quant: None });
     }
     let (_dir, tokenizer) = test_tokenizer();
     let cond = te.encode(&ops, &tokenizer, &PROMPTS, &hooks).unwrap();
@@ -774,26 +438,14 @@ fn hooks_see_linear_inputs_by_full_key() {
         );
         amax = last.iter().fold(amax, |a, v| a.max(v.abs()));
     }
-    assert!(
-        (stats[4].amax() - amax).abs() <= 1e-4 * amax,
-        "{} vs {amax}",
-        stats[4].amax()
-    );
+    assert!((stats[4].amax() - amax).abs() <= 1e-4 * amax, "{} vs {amax}", stats[4].amax());
     drop(cond);
 }
 
 fn synth_checkpoint(family: Family, full_checkpoint: bool) -> (tempfile::TempDir, Checkpoint) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.safetensors");
-    synth::write(
-        &SynthOptions {
-            full_checkpoint,
-            ..SynthOptions::new(family)
-        },
-        &path,
-        |_, _| {},
-    )
-    .unwrap();
+    synth::write(&SynthOptions { full_checkpoint, ..SynthOptions::new(family) }, &path, |_, _| {}).unwrap();
     let ckpt = Checkpoint::open(&path).unwrap();
     (dir, ckpt)
 }
@@ -806,62 +458,31 @@ fn synthetic_checkpoints_encode() {
         let mut ids = vec![pad; 2 * CONTEXT_LENGTH];
         ids[..4].copy_from_slice(&[126, 5, 6, 127]);
         ids[CONTEXT_LENGTH..CONTEXT_LENGTH + 2].copy_from_slice(&[126, 127]);
-        TokenBatch {
-            ids,
-            end_index: vec![3, 1],
-        }
+        TokenBatch { ids, end_index: vec![3, 1] }
     };
-    for (family, text_family, width, pooled) in [
-        (Family::Sd15, TextFamily::Sd15, 768, None),
-        (Family::Sdxl, TextFamily::Sdxl, 2048, Some(1280)),
-    ] {
+    for (family, text_family, width, pooled) in
+        [(Family::Sd15, TextFamily::Sd15, 768, None), (Family::Sdxl, TextFamily::Sdxl, 2048, Some(1280))]
+    {
         let (_dir, ckpt) = synth_checkpoint(family, true);
         let te = TextEncoders::detect(&ckpt).unwrap();
         assert_eq!(te.family(), text_family);
         let l = te.clip_l().unwrap();
-        assert_eq!(
-            (l.width, l.heads, l.layers, l.mlp_width, l.vocab),
-            (768, 12, 1, 3072, 1024)
-        );
-        let tokens = PromptTokens {
-            clip_l: Some(batch(127)),
-            clip_g: te.clip_g().map(|_| batch(0)),
-            chunks: vec![],
-        };
-        let cond = te
-            .encode_tokens(&ops, &tokens, &InputHooks::none())
-            .unwrap();
+        assert_eq!((l.width, l.heads, l.layers, l.mlp_width, l.vocab), (768, 12, 1, 3072, 1024));
+        let tokens = PromptTokens { clip_l: Some(batch(127)), clip_g: te.clip_g().map(|_| batch(0)), chunks: vec![] };
+        let cond = te.encode_tokens(&ops, &tokens, &InputHooks::none()).unwrap();
         assert_eq!(ops.shape(&cond.context), vec![2, CONTEXT_LENGTH, width]);
-        assert!(
-            ops.to_f32(&cond.context)
-                .unwrap()
-                .iter()
-                .all(|v| v.is_finite())
-        );
-        assert_eq!(
-            cond.pooled.as_ref().map(|p| ops.shape(p)),
-            pooled.map(|p| vec![2, p])
-        );
+        assert!(ops.to_f32(&cond.context).unwrap().iter().all(|v| v.is_finite()));
+        assert_eq!(cond.pooled.as_ref().map(|p| ops.shape(p)), pooled.map(|p| vec![2, p]));
         if let Some(p) = &cond.pooled {
             assert!(ops.to_f32(p).unwrap().iter().all(|v| v.is_finite()));
-            let y = te
-                .adm(&ops, &cond, &SizeConditioning::new(1024, 768), false)
-                .unwrap()
-                .unwrap();
+            let y = te.adm(&ops, &cond, &SizeConditioning::new(1024, 768), false).unwrap().unwrap();
             assert_eq!(ops.shape(&y), vec![2, 1280 + 6 * 256]);
         }
 
         // The test tokenizer's 574 tokens fit the synthetic 1024-token tables:
         // prompts encode into the context the UNet takes.
         let (_tdir, tokenizer) = test_tokenizer();
-        let cond = te
-            .encode(
-                &ops,
-                &tokenizer,
-                &["a cat", "the end of a long day"],
-                &InputHooks::none(),
-            )
-            .unwrap();
+        let cond = te.encode(&ops, &tokenizer, &["a cat", "the end of a long day"], &InputHooks::none()).unwrap();
         assert_eq!(ops.shape(&cond.context), vec![2, CONTEXT_LENGTH, width]);
     }
 }
@@ -870,81 +491,34 @@ fn synthetic_checkpoints_encode() {
 fn missing_encoders_are_named() {
     let (_dir, ckpt) = synth_checkpoint(Family::Sd15, false);
     let msg = format!("{:#}", TextEncoders::detect(&ckpt).err().unwrap());
-    assert!(
-        msg.contains(SD15_CLIP_L)
-            && msg.contains(SDXL_CLIP_G)
-            && msg.contains("full checkpoint"),
-        "{msg}"
-    );
-    let msg = format!(
-        "{:#}",
-        TextEncoders::load(&ckpt, TextFamily::Sd15).err().unwrap()
-    );
+    assert!(msg.contains(SD15_CLIP_L) && msg.contains(SDXL_CLIP_G) && msg.contains("full checkpoint"), "{msg}");
+    let msg = format!("{:#}", TextEncoders::load(&ckpt, TextFamily::Sd15).err().unwrap());
     assert!(msg.contains(SD15_CLIP_L), "{msg}");
 
     let m = sdxl_memory(574);
-    let msg = format!(
-        "{:#}",
-        TextEncoders::load(&m, TextFamily::SdxlRefiner)
-            .err()
-            .unwrap()
-    );
+    let msg = format!("{:#}", TextEncoders::load(&m, TextFamily::SdxlRefiner).err().unwrap());
     assert!(msg.contains(SDXL_REFINER_CLIP_G), "{msg}");
     let mut partial = sdxl_memory(574);
     partial.0.retain(|k, _| !k.starts_with(SDXL_CLIP_G));
-    let msg = format!(
-        "{:#}",
-        TextEncoders::load(&partial, TextFamily::Sdxl)
-            .err()
-            .unwrap()
-    );
+    let msg = format!("{:#}", TextEncoders::load(&partial, TextFamily::Sdxl).err().unwrap());
     assert!(msg.contains(SDXL_CLIP_G), "{msg}");
     // A layer with the wrong width is named.
     let mut bad = sdxl_memory(574);
-    bad.put(
-        format!("{SDXL_CLIP_G}transformer.resblocks.1.attn.out_proj.weight"),
-        &[128, 64],
-        vec![0.0; 128 * 64],
-    );
+    bad.put(format!("{SDXL_CLIP_G}transformer.resblocks.1.attn.out_proj.weight"), &[128, 64], vec![0.0; 128 * 64]);
     let tokens = PromptTokens {
-        clip_l: Some(TokenBatch {
-            ids: vec![0; 77],
-            end_index: vec![0],
-        }),
-        clip_g: Some(TokenBatch {
-            ids: vec![0; 77],
-            end_index: vec![0],
-        }),
+        clip_l: Some(TokenBatch { ids: vec![0; 77], end_index: vec![0] }),
+        clip_g: Some(TokenBatch { ids: vec![0; 77], end_index: vec![0] }),
         chunks: vec![],
     };
-    let msg = format!(
-        "{:#}",
-        TextEncoders::detect(&bad)
-            .unwrap()
-            .encode_tokens(&ops(), &tokens, &InputHooks::none())
-            .err()
-            .unwrap()
-    );
-    assert!(
-        msg.contains("resblocks.1.attn.out_proj.weight") && msg.contains("[128, 64]"),
-        "{msg}"
-    );
+    let msg = format!("{:#}", TextEncoders::detect(&bad).unwrap().encode_tokens(&ops(), &tokens, &InputHooks::none()).err().unwrap());
+    assert!(msg.contains("resblocks.1.attn.out_proj.weight") && msg.contains("[128, 64]"), "{msg}");
 }
 
 #[test]
 fn size_embeddings() {
     // dim 8: f = [1, 10000^-1/4, 10000^-2/4, 10000^-3/4] = [1, 0.1, 0.01, 0.001].
     let e = timestep_embedding(2.0, 8);
-    let want = [
-        2f64.cos(),
-        0.2f64.cos(),
-        0.02f64.cos(),
-        0.002f64.cos(),
-        2f64.sin(),
-        0.2f64.sin(),
-        0.02f64.sin(),
-        0.002f64.sin(),
-    ];
+    let want = [2f64.cos(), 0.2f64.cos(), 0.02f64.cos(), 0.002f64.cos(), 2f64.sin(), 0.2f64.sin(), 0.02f64.sin(), 0.002f64.sin()];
     for (g, w) in e.iter().zip(want) {
         assert!((*g as f64 - w).abs() < 1e-6, "{e:?}");
     }
@@ -953,17 +527,8 @@ fn size_embeddings() {
     assert_eq!(timestep_embedding(1.0, 5).len(), 5);
 
     let ops = ops();
-    let pooled = ops
-        .from_f32(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
-        .unwrap();
-    let size = SizeConditioning {
-        width: 832,
-        height: 1216,
-        crop_left: 16,
-        crop_top: 8,
-        target_width: 1024,
-        target_height: 1024,
-    };
+    let pooled = ops.from_f32(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+    let size = SizeConditioning { width: 832, height: 1216, crop_left: 16, crop_top: 8, target_width: 1024, target_height: 1024 };
     let y = sdxl_adm(&ops, &pooled, &size).unwrap();
     assert_eq!(ops.shape(&y), vec![2, 3 + 6 * 256]);
     let y = ops.to_f32(&y).unwrap();
@@ -971,30 +536,15 @@ fn size_embeddings() {
     assert_eq!(&y[..3], &[1.0, 2.0, 3.0]);
     assert_eq!(&y[row..row + 3], &[4.0, 5.0, 6.0]);
     // Order: height, width, crop top, crop left, target height, target width.
-    for (i, v) in [1216.0, 832.0, 8.0, 16.0, 1024.0, 1024.0]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, v) in [1216.0, 832.0, 8.0, 16.0, 1024.0, 1024.0].into_iter().enumerate() {
         let seg = 3 + i * 256;
-        assert_eq!(
-            &y[seg..seg + 256],
-            timestep_embedding(v, 256).as_slice(),
-            "segment {i}"
-        );
-        assert_eq!(
-            &y[row + seg..row + seg + 256],
-            timestep_embedding(v, 256).as_slice(),
-            "row 1 segment {i}"
-        );
+        assert_eq!(&y[seg..seg + 256], timestep_embedding(v, 256).as_slice(), "segment {i}");
+        assert_eq!(&y[row + seg..row + seg + 256], timestep_embedding(v, 256).as_slice(), "row 1 segment {i}");
     }
     let y = sdxl_refiner_adm(&ops, &pooled, &size, AESTHETIC_POSITIVE).unwrap();
     assert_eq!(ops.shape(&y), vec![2, 3 + 5 * 256]);
     let y = ops.to_f32(&y).unwrap();
     for (i, v) in [1216.0, 832.0, 8.0, 16.0, 6.0].into_iter().enumerate() {
-        assert_eq!(
-            &y[3 + i * 256..3 + (i + 1) * 256],
-            timestep_embedding(v, 256).as_slice(),
-            "refiner segment {i}"
-        );
+        assert_eq!(&y[3 + i * 256..3 + (i + 1) * 256], timestep_embedding(v, 256).as_slice(), "refiner segment {i}");
     }
 }

@@ -158,7 +158,14 @@ impl<O: Ops> Denoiser<O> {
     }
 
     /// The network's raw output (eps, v or flow velocity) for latents `x` at `sigma`.
-    pub fn model_output(&self, ops: &O, x: &O::Tensor, sigma: f32, cond: &Conditioning<O::Tensor>, hooks: &InputHooks) -> Result<O::Tensor> {
+    pub fn model_output(
+        &self,
+        ops: &O,
+        x: &O::Tensor,
+        sigma: f32,
+        cond: &Conditioning<O::Tensor>,
+        hooks: &InputHooks,
+    ) -> Result<O::Tensor> {
         let batch = ops.shape(x)[0];
         ensure!(cond.batch == batch, "latents have batch {batch} but the conditioning has {}", cond.batch);
         let t = vec![self.schedule.sigma_to_t(sigma); batch];

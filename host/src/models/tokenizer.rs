@@ -164,7 +164,11 @@ impl ClipTokenizer {
             let tokens = self.tokenize(prompt.as_ref())?;
             let n = tokens.len().div_ceil(CONTEXT_LENGTH - 2).max(1);
             if n > max_chunks {
-                bail!("prompt {i} has {} tokens; at most {} ({max_chunks} chunks of 75) are encoded", tokens.len(), max_chunks * (CONTEXT_LENGTH - 2));
+                bail!(
+                    "prompt {i} has {} tokens; at most {} ({max_chunks} chunks of 75) are encoded",
+                    tokens.len(),
+                    max_chunks * (CONTEXT_LENGTH - 2)
+                );
             }
             for c in 0..n {
                 let part = &tokens[(c * (CONTEXT_LENGTH - 2)).min(tokens.len())..((c + 1) * (CONTEXT_LENGTH - 2)).min(tokens.len())];

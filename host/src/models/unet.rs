@@ -162,9 +162,7 @@ impl UnetConfig {
         let adm_in_channels = match shape("label_emb.0.0.weight") {
             Some(s) => Some(need("label_emb.0.0.weight", 2).map(|_| s[1])?),
             None if shape("label_emb.weight").is_some() => {
-                bail!(
-                    "class-conditional UNets (`label_emb.weight`) are not supported, only SDXL's `label_emb.0.0` vector"
-                )
+                bail!("class-conditional UNets (`label_emb.weight`) are not supported, only SDXL's `label_emb.0.0` vector")
             }
             None => None,
         };
@@ -173,13 +171,11 @@ impl UnetConfig {
         let mut context_dim = None;
         let mut use_linear = None;
         let mut depth_at = |block: &str| -> Result<usize> {
-            let depth = (0..)
-                .take_while(|k| shape(&format!("{block}transformer_blocks.{k}.attn1.to_q.weight")).is_some())
-                .count();
+            let depth = (0..).take_while(|k| shape(&format!("{block}transformer_blocks.{k}.attn1.to_q.weight")).is_some()).count();
             if depth > 0 {
                 let ctx = need(&format!("{block}transformer_blocks.0.attn2.to_k.weight"), 2)?[1];
-                let proj_in = shape(&format!("{block}proj_in.weight"))
-                    .ok_or_else(|| anyhow!("UNet tensor `{block}proj_in.weight` is missing"))?;
+                let proj_in =
+                    shape(&format!("{block}proj_in.weight")).ok_or_else(|| anyhow!("UNet tensor `{block}proj_in.weight` is missing"))?;
                 let linear = proj_in.len() == 2;
                 ensure!(
                     context_dim.is_none_or(|c| c == ctx) && use_linear.is_none_or(|l| l == linear),
@@ -399,11 +395,7 @@ impl<O: Ops> Loader<'_, O> {
             emb: self.linear(&format!("{path}.emb_layers.1"), out, emb, true)?,
             out_norm: self.group_norm(&format!("{path}.out_layers.0"), out)?,
             out_conv: self.conv(&format!("{path}.out_layers.3"), out, out, 3, 1)?,
-            skip: if inp == out {
-                None
-            } else {
-                Some(self.conv(&format!("{path}.skip_connection"), out, inp, 1, 1)?)
-            },
+            skip: if inp == out { None } else { Some(self.conv(&format!("{path}.skip_connection"), out, inp, 1, 1)?) },
         })
     }
 
@@ -416,15 +408,8 @@ impl<O: Ops> Loader<'_, O> {
         })
     }
 
-    fn transformer(
-        &self,
-        path: &str,
-        ch: usize,
-        depth: usize,
-        cfg: &UnetConfig,
-    ) -> Result<SpatialTransformer<O::Tensor>> {
-        let ctx =
-            cfg.context_dim.ok_or_else(|| anyhow!("`{path}` is a transformer but the UNet has no context width"))?;
+    fn transformer(&self, path: &str, ch: usize, depth: usize, cfg: &UnetConfig) -> Result<SpatialTransformer<O::Tensor>> {
+        let ctx = cfg.context_dim.ok_or_else(|| anyhow!("`{path}` is a transformer but the UNet has no context width"))?;
         let heads = cfg.heads.at(ch);
         ensure!(ch.is_multiple_of(heads), "`{path}`: {ch} channels do not split into {heads} heads");
         let proj = |name: &str| -> Result<Proj<O::Tensor>> {
@@ -721,13 +706,7 @@ fn run_block<O: Ops>(
 }
 
 /// `emb` is SiLU(time embedding), shared by every ResBlock.
-fn res_block<O: Ops>(
-    ops: &O,
-    hooks: &InputHooks,
-    r: &ResBlock<O::Tensor>,
-    x: &O::Tensor,
-    emb: &O::Tensor,
-) -> Result<O::Tensor> {
+fn res_block<O: Ops>(ops: &O, hooks: &InputHooks, r: &ResBlock<O::Tensor>, x: &O::Tensor, emb: &O::Tensor) -> Result<O::Tensor> {
     let h = ops.group_norm(x, GROUPS, &r.in_norm.w, &r.in_norm.b, RES_NORM_EPS)?;
     let h = conv(ops, hooks, &r.in_conv, &ops.act(&h, Act::Silu)?)?;
     let h = ops.add_channel_bias(&h, &linear(ops, hooks, &r.emb, emb)?)?;
@@ -1130,8 +1109,7 @@ mod tests {
 
         // One observer slot per Linear/Conv module of the module table.
         let table = ModuleTable::build(&ckpt);
-        let quantizable: Vec<_> =
-            table.iter().filter(|m| matches!(m.kind, ModuleKind::Linear | ModuleKind::Conv)).collect();
+        let quantizable: Vec<_> = table.iter().filter(|m| matches!(m.kind, ModuleKind::Linear | ModuleKind::Conv)).collect();
         let specs: Vec<ObserverSpec> = quantizable
             .iter()
             .map(|m| ObserverSpec {
@@ -1162,8 +1140,7 @@ mod tests {
         let fp8 = |only: Option<&str>| {
             let mut fq = InputHooks::none();
             for m in quantizable.iter().filter(|m| only.is_none_or(|o| o == m.path)) {
-                fq.by_module
-                    .insert(m.path.clone(), InputHook { observer: None, quant: Some(crate::nn::ActQuant::Fp8Dynamic) });
+                fq.by_module.insert(m.path.clone(), InputHook { observer: None, quant: Some(crate::nn::ActQuant::Fp8Dynamic) });
             }
             ops.to_f32(&unet.forward(&ops, &x, &ts, &context, y.as_ref(), &fq).unwrap()).unwrap()
         };
@@ -1290,22 +1267,12 @@ mod tests {
         }
         /// `x [n, c, hw]`.
         #[allow(clippy::too_many_arguments)]
-        pub fn group_norm(
-            x: &[f64],
-            n: usize,
-            c: usize,
-            hw: usize,
-            g: usize,
-            w: &[f64],
-            b: &[f64],
-            eps: f64,
-        ) -> Vec<f64> {
+        pub fn group_norm(x: &[f64], n: usize, c: usize, hw: usize, g: usize, w: &[f64], b: &[f64], eps: f64) -> Vec<f64> {
             let mut out = x.to_vec();
             let cg = c / g;
             for i in 0..n {
                 for gi in 0..g {
-                    let idx: Vec<usize> =
-                        (gi * cg..(gi + 1) * cg).flat_map(|ch| (0..hw).map(move |p| (i * c + ch) * hw + p)).collect();
+                    let idx: Vec<usize> = (gi * cg..(gi + 1) * cg).flat_map(|ch| (0..hw).map(move |p| (i * c + ch) * hw + p)).collect();
                     let mean = idx.iter().map(|&k| x[k]).sum::<f64>() / idx.len() as f64;
                     let var = idx.iter().map(|&k| (x[k] - mean).powi(2)).sum::<f64>() / idx.len() as f64;
                     for &k in &idx {
@@ -1318,16 +1285,7 @@ mod tests {
         }
         /// `x [n, ci, h, w]`, `wt [co, ci, k, k]`, padding k/2.
         #[allow(clippy::too_many_arguments)]
-        pub fn conv(
-            x: &[f64],
-            n: usize,
-            ci: usize,
-            h: usize,
-            w: usize,
-            wt: &[f64],
-            bias: &[f64],
-            k: usize,
-        ) -> Vec<f64> {
+        pub fn conv(x: &[f64], n: usize, ci: usize, h: usize, w: usize, wt: &[f64], bias: &[f64], k: usize) -> Vec<f64> {
             let co = bias.len();
             let p = (k / 2) as isize;
             let mut out = vec![0.0; n * co * h * w];
@@ -1359,10 +1317,8 @@ mod tests {
             let o = wt.len() / i;
             x.chunks(i)
                 .flat_map(|row| {
-                    (0..o).map(move |r| {
-                        row.iter().zip(&wt[r * i..(r + 1) * i]).map(|(a, b)| a * b).sum::<f64>()
-                            + bias.map_or(0.0, |b| b[r])
-                    })
+                    (0..o)
+                        .map(move |r| row.iter().zip(&wt[r * i..(r + 1) * i]).map(|(a, b)| a * b).sum::<f64>() + bias.map_or(0.0, |b| b[r]))
                 })
                 .collect()
         }
@@ -1371,10 +1327,7 @@ mod tests {
                 .flat_map(|row| {
                     let mean = row.iter().sum::<f64>() / c as f64;
                     let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / c as f64;
-                    row.iter()
-                        .enumerate()
-                        .map(move |(j, v)| (v - mean) / (var + eps).sqrt() * w[j] + b[j])
-                        .collect::<Vec<_>>()
+                    row.iter().enumerate().map(move |(j, v)| (v - mean) / (var + eps).sqrt() * w[j] + b[j]).collect::<Vec<_>>()
                 })
                 .collect()
         }
@@ -1386,9 +1339,7 @@ mod tests {
             for h in 0..heads {
                 for i in 0..nq {
                     let s: Vec<f64> = (0..nk)
-                        .map(|j| {
-                            (0..d).map(|e| q[i * c + h * d + e] * k[j * c + h * d + e]).sum::<f64>() / (d as f64).sqrt()
-                        })
+                        .map(|j| (0..d).map(|e| q[i * c + h * d + e] * k[j * c + h * d + e]).sum::<f64>() / (d as f64).sqrt())
                         .collect();
                     let m = s.iter().cloned().fold(f64::MIN, f64::max);
                     let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
@@ -1458,20 +1409,11 @@ mod tests {
         let (n, c, h, w, t, ctx, depth) = (2, 64, 2, 3, 5, 24, 2);
         for linear in [false, true] {
             // Width-32 heads: two heads of 32 at 64 channels.
-            let cfg = UnetConfig {
-                context_dim: Some(ctx),
-                use_linear_in_transformer: linear,
-                heads: Heads::Width(32),
-                ..UnetConfig::sd15()
-            };
+            let cfg =
+                UnetConfig { context_dim: Some(ctx), use_linear_in_transformer: linear, heads: Heads::Width(32), ..UnetConfig::sd15() };
             let p = "middle_block.1";
             let mut keys = Vec::new();
-            let full = UnetConfig {
-                model_channels: c / 4,
-                time_embed_dim: 8,
-                transformer_depth_middle: Some(depth),
-                ..cfg.clone()
-            };
+            let full = UnetConfig { model_channels: c / 4, time_embed_dim: 8, transformer_depth_middle: Some(depth), ..cfg.clone() };
             for (k, s) in ldm_layout(&full) {
                 if k.starts_with(&format!("{p}.")) {
                     keys.push((k, s));
@@ -1494,12 +1436,10 @@ mod tests {
             let hw = h * w;
             let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
             let normed = naive::group_norm(&x64, n, c, hw, 32, &g("norm.weight"), &g("norm.bias"), 1e-6);
-            let to_tokens = |img: &[f64]| -> Vec<f64> {
-                (0..n * hw * c).map(|k| img[((k / (hw * c)) * c + k % c) * hw + (k / c) % hw]).collect()
-            };
-            let from_tokens = |tok: &[f64]| -> Vec<f64> {
-                (0..n * c * hw).map(|k| tok[((k / (hw * c)) * hw + k % hw) * c + (k / hw) % c]).collect()
-            };
+            let to_tokens =
+                |img: &[f64]| -> Vec<f64> { (0..n * hw * c).map(|k| img[((k / (hw * c)) * c + k % c) * hw + (k / c) % hw]).collect() };
+            let from_tokens =
+                |tok: &[f64]| -> Vec<f64> { (0..n * c * hw).map(|k| tok[((k / (hw * c)) * hw + k % hw) * c + (k / hw) % c]).collect() };
             let mut tok = if linear {
                 naive::linear(&to_tokens(&normed), c, &g("proj_in.weight"), Some(&g("proj_in.bias")))
             } else {
@@ -1517,12 +1457,7 @@ mod tests {
                         let kk = naive::linear(kr, kv_w, &bk(&format!("{a}.to_k.weight")), None);
                         let vv = naive::linear(kr, kv_w, &bk(&format!("{a}.to_v.weight")), None);
                         let o = naive::attention(&q, &kk, &vv, c, 2);
-                        out.extend(naive::linear(
-                            &o,
-                            c,
-                            &bk(&format!("{a}.to_out.0.weight")),
-                            Some(&bk(&format!("{a}.to_out.0.bias"))),
-                        ));
+                        out.extend(naive::linear(&o, c, &bk(&format!("{a}.to_out.0.weight")), Some(&bk(&format!("{a}.to_out.0.bias")))));
                     }
                     for (t, o) in tok.iter_mut().zip(out) {
                         *t += o;
@@ -1535,10 +1470,8 @@ mod tests {
                 let nrm = naive::layer_norm(&tok, c, &bk("norm3.weight"), &bk("norm3.bias"), 1e-5);
                 let proj = naive::linear(&nrm, c, &bk("ff.net.0.proj.weight"), Some(&bk("ff.net.0.proj.bias")));
                 let inner = 4 * c;
-                let gated: Vec<f64> = proj
-                    .chunks(2 * inner)
-                    .flat_map(|r| (0..inner).map(move |j| r[j] * naive::gelu(r[inner + j])))
-                    .collect();
+                let gated: Vec<f64> =
+                    proj.chunks(2 * inner).flat_map(|r| (0..inner).map(move |j| r[j] * naive::gelu(r[inner + j]))).collect();
                 let ff = naive::linear(&gated, inner, &bk("ff.net.2.weight"), Some(&bk("ff.net.2.bias")));
                 for (t, f) in tok.iter_mut().zip(ff) {
                     *t += f;

@@ -16,8 +16,7 @@ use rayon::prelude::*;
 use super::{Act, ActQuant, ChannelAxis, ObserverSpec, ObserverStats, Ops};
 use crate::formats::fp8::{Plan, plan as fp8_plan};
 use crate::formats::numerics::{
-    self, E2M1_MAX, E4M3_MAX, F32, e2m1_from_f32_fast, e2m1_to_f32, e4m3_from_f32_sat, e4m3_to_f32, e8m0_ceil_code,
-    e8m0_to_f32,
+    self, E2M1_MAX, E4M3_MAX, F32, e2m1_from_f32_fast, e2m1_to_f32, e4m3_from_f32_sat, e4m3_to_f32, e8m0_ceil_code, e8m0_to_f32,
 };
 use crate::formats::{WeightView, decode_source, mxfp8, nvfp4};
 
@@ -261,14 +260,11 @@ impl Ops for CpuOps {
         ensure!(heads > 0 && width.is_multiple_of(heads), "attention: width {width} does not split into {heads} heads");
         ensure!(nk > 0, "attention: no keys");
         let d = width / heads;
-        let split = |t: &Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?)
-        };
+        let split = |t: &Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?) };
         let (qh, kh, vh) = (split(q, nq)?, split(k, nk)?, split(v, nk)?);
         let mut scores = qh.matmul(&kh.t()?)?.affine(1.0 / (d as f64).sqrt(), 0.0)?;
         if causal {
-            let mask: Vec<f32> =
-                (0..nq).flat_map(|i| (0..nk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+            let mask: Vec<f32> = (0..nq).flat_map(|i| (0..nk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
             scores = scores.broadcast_add(&Tensor::from_vec(mask, (nq, nk), &self.device)?)?;
         }
         let scores = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?.exp()?;
@@ -428,33 +424,16 @@ impl Ops for CpuOps {
         Ok(Tensor::cat(&[&y0, &y1], 4)?.reshape((b, n, width))?)
     }
 
-    fn attention_biased(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        heads: usize,
-        bias: &Tensor,
-        scale: f32,
-    ) -> Result<Tensor> {
+    fn attention_biased(&self, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, bias: &Tensor, scale: f32) -> Result<Tensor> {
         let (b, nq, width) = q.dims3().context("attention_biased: q must be [B, N, H*D]")?;
         let (bk, nk, kw) = k.dims3().context("attention_biased: k must be [B, N, H*D]")?;
         ensure!(v.dims() == k.dims(), "attention_biased: v {:?} differs from k {:?}", v.dims(), k.dims());
         ensure!(bk == b && kw == width, "attention_biased: q {:?} and k {:?} do not match", q.dims(), k.dims());
-        ensure!(
-            heads > 0 && width.is_multiple_of(heads),
-            "attention_biased: width {width} does not split into {heads} heads"
-        );
+        ensure!(heads > 0 && width.is_multiple_of(heads), "attention_biased: width {width} does not split into {heads} heads");
         ensure!(nk > 0, "attention_biased: no keys");
-        ensure!(
-            bias.dims() == [heads, nq, nk],
-            "attention_biased: bias {:?} is not [{heads}, {nq}, {nk}]",
-            bias.dims()
-        );
+        ensure!(bias.dims() == [heads, nq, nk], "attention_biased: bias {:?} is not [{heads}, {nq}, {nk}]", bias.dims());
         let d = width / heads;
-        let split = |t: &Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?)
-        };
+        let split = |t: &Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?) };
         let (qh, kh, vh) = (split(q, nq)?, split(k, nk)?, split(v, nk)?);
         let scores = qh.matmul(&kh.t()?)?.affine(scale as f64, 0.0)?.broadcast_add(&bias.unsqueeze(0)?)?;
         let scores = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?.exp()?;
@@ -468,10 +447,8 @@ impl Ops for CpuOps {
         let mut o = self.observers.lock().map_err(|_| anyhow!("observer state poisoned"))?;
         o.specs = specs.to_vec();
         o.step = 0;
-        o.stats = specs
-            .iter()
-            .map(|s| ObserverStats { channel_amax: vec![0.0; s.channels], step_amax: vec![0.0; steps], calls: 0 })
-            .collect();
+        o.stats =
+            specs.iter().map(|s| ObserverStats { channel_amax: vec![0.0; s.channels], step_amax: vec![0.0; steps], calls: 0 }).collect();
         Ok(())
     }
 
@@ -496,11 +473,7 @@ impl Ops for CpuOps {
                 (dims[1], dims[2..].iter().product())
             }
         };
-        ensure!(
-            channels == spec.channels,
-            "observer slot {slot}: input {dims:?} has {channels} channels, the slot {}",
-            spec.channels
-        );
+        ensure!(channels == spec.channels, "observer slot {slot}: input {dims:?} has {channels} channels, the slot {}", spec.channels);
         let stats = &mut o.stats[slot];
         if data.is_empty() {
             // Nothing to fold; the call still counts.
@@ -535,10 +508,7 @@ impl Ops for CpuOps {
         let cols = dims.last().copied().unwrap_or(1).max(1);
         match q {
             ActQuant::Fp8Static { scale } => {
-                ensure!(
-                    scale.is_finite() && scale >= 0.0,
-                    "fp8 static activation scale {scale} is not a finite scale ≥ 0"
-                );
+                ensure!(scale.is_finite() && scale >= 0.0, "fp8 static activation scale {scale} is not a finite scale ≥ 0");
                 // A zero scale (an input never seen nonzero in calibration)
                 // quantizes everything to 0, as fp8.rs's zero plan does.
                 let mul = 1.0 / scale;
@@ -764,10 +734,7 @@ mod tests {
         assert_eq!(ops.to_f32(&biased).unwrap(), vec![11.0, 12.0, 23.0, 24.0]);
 
         let table = t(&ops, &[3, 2], &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
-        assert_eq!(
-            ops.to_f32(&ops.embedding(&table, &[2, 0, 2]).unwrap()).unwrap(),
-            vec![4.0, 5.0, 0.0, 1.0, 4.0, 5.0]
-        );
+        assert_eq!(ops.to_f32(&ops.embedding(&table, &[2, 0, 2]).unwrap()).unwrap(), vec![4.0, 5.0, 0.0, 1.0, 4.0, 5.0]);
         assert!(ops.embedding(&table, &[3]).is_err());
         let x = t(&ops, &[2, 3, 2], &(0..12).map(|v| v as f32).collect::<Vec<_>>());
         assert_eq!(ops.to_f32(&ops.select_tokens(&x, &[2, 0]).unwrap()).unwrap(), vec![4.0, 5.0, 6.0, 7.0]);
@@ -776,10 +743,7 @@ mod tests {
     #[test]
     fn observers_fold_channels_and_steps() {
         let ops = CpuOps::new();
-        let specs = [
-            ObserverSpec { channels: 3, axis: ChannelAxis::Last },
-            ObserverSpec { channels: 2, axis: ChannelAxis::Dim1 },
-        ];
+        let specs = [ObserverSpec { channels: 3, axis: ChannelAxis::Last }, ObserverSpec { channels: 2, axis: ChannelAxis::Dim1 }];
         ops.observers_reset(&specs, 2).unwrap();
         ops.observe(&t(&ops, &[2, 3], &[1.0, -5.0, 2.0, -3.0, 0.5, 4.0]), 0).unwrap();
         ops.observers_set_step(1).unwrap();
@@ -800,9 +764,6 @@ mod tests {
         assert!(s[0].channel_amax[0].is_nan() && s[0].step_amax[1].is_nan());
         // Reset zeroes everything.
         ops.observers_reset(&specs[..1], 1).unwrap();
-        assert_eq!(
-            ops.observers_read().unwrap(),
-            vec![ObserverStats { channel_amax: vec![0.0; 3], step_amax: vec![0.0], calls: 0 }]
-        );
+        assert_eq!(ops.observers_read().unwrap(), vec![ObserverStats { channel_amax: vec![0.0; 3], step_amax: vec![0.0], calls: 0 }]);
     }
 }

@@ -145,9 +145,8 @@ fn ref_attention_biased(
             for i in 0..nq {
                 let s: Vec<f64> = (0..nk)
                     .map(|j| {
-                        let dot: f64 = (0..d)
-                            .map(|e| q[(bi * nq + i) * w + h * d + e] as f64 * k[(bi * nk + j) * w + h * d + e] as f64)
-                            .sum();
+                        let dot: f64 =
+                            (0..d).map(|e| q[(bi * nq + i) * w + h * d + e] as f64 * k[(bi * nk + j) * w + h * d + e] as f64).sum();
                         scale as f64 * dot + bias[(h * nq + i) * nk + j] as f64
                     })
                     .collect();
@@ -155,8 +154,7 @@ fn ref_attention_biased(
                 let p: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
                 let z: f64 = p.iter().sum();
                 for e in 0..d {
-                    out[(bi * nq + i) * w + h * d + e] =
-                        (0..nk).map(|j| p[j] / z * v[(bi * nk + j) * w + h * d + e] as f64).sum();
+                    out[(bi * nq + i) * w + h * d + e] = (0..nk).map(|j| p[j] / z * v[(bi * nk + j) * w + h * d + e] as f64).sum();
                 }
             }
         }
@@ -261,9 +259,7 @@ fn modulate_and_gated_add_match_reference() {
 fn rope_matches_reference() {
     let ops = CpuOps::new();
     // Hand-checked: a quarter turn maps the pair (1, 2) to (-2, 1).
-    let got = ops
-        .rope(&t(&ops, &[1, 1, 2], &[1.0, 2.0]), &t(&ops, &[1, 1], &[0.0]), &t(&ops, &[1, 1], &[1.0]), 1)
-        .unwrap();
+    let got = ops.rope(&t(&ops, &[1, 1, 2], &[1.0, 2.0]), &t(&ops, &[1, 1], &[0.0]), &t(&ops, &[1, 1], &[1.0]), 1).unwrap();
     assert_eq!(ops.to_f32(&got).unwrap(), vec![-2.0, 1.0]);
 
     let (b, n, heads, d) = (2, 7, 3, 8);
@@ -272,9 +268,7 @@ fn rope_matches_reference() {
     let angles: Vec<f32> = randn(&mut rng, n * d / 2);
     let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
     let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
-    let got = ops
-        .rope(&t(&ops, &[b, n, heads * d], &x), &t(&ops, &[n, d / 2], &cos), &t(&ops, &[n, d / 2], &sin), heads)
-        .unwrap();
+    let got = ops.rope(&t(&ops, &[b, n, heads * d], &x), &t(&ops, &[n, d / 2], &cos), &t(&ops, &[n, d / 2], &sin), heads).unwrap();
     close("rope", &ops.to_f32(&got).unwrap(), &ref_rope(&x, &cos, &sin, b, n, heads, d));
     assert!(ops.rope(&t(&ops, &[b, n, heads * d], &x), &t(&ops, &[n, d / 2], &cos), &t(&ops, &[n, d / 2], &sin), 5).is_err());
 }
@@ -367,9 +361,7 @@ fn ln_modulate_matches_reference() {
     let (b, n, c) = (2, 5, 24);
     let x: Vec<f32> = randn(&mut rng, b * n * c).iter().map(|v| v * 3.0 + 1.5).collect();
     let (shift, scale) = (randn(&mut rng, b * c), randn(&mut rng, b * c));
-    let y = ops
-        .ln_modulate(&t(&ops, &[b, n, c], &x), &t(&ops, &[b, c], &shift), &t(&ops, &[b, c], &scale), 1e-6)
-        .unwrap();
+    let y = ops.ln_modulate(&t(&ops, &[b, n, c], &x), &t(&ops, &[b, c], &shift), &t(&ops, &[b, c], &scale), 1e-6).unwrap();
     close("ln_modulate", &ops.to_f32(&y).unwrap(), &ref_ln_modulate(&x, &shift, &scale, b, n, c, 1e-6));
 }
 
@@ -435,8 +427,7 @@ fn qkv_heads_matches_reference() {
     let (t1, t2) = (t(&ops, &[b, n1, c1], &x1), t(&ops, &[b, n2, c2], &x2));
     let (tq, tk) = (t(&ops, &[d], &qn), t(&ops, &[d], &kn));
     let (tc, ts) = (t(&ops, &[n1 + n2, d / 2], &cos), t(&ops, &[n1 + n2, d / 2], &sin));
-    let parts =
-        [QkvPart { qkv: &t1, q_norm: Some(&tq), k_norm: Some(&tk) }, QkvPart { qkv: &t2, q_norm: None, k_norm: None }];
+    let parts = [QkvPart { qkv: &t1, q_norm: Some(&tq), k_norm: Some(&tk) }, QkvPart { qkv: &t2, q_norm: None, k_norm: None }];
     for rope in [false, true] {
         let r = rope.then_some((&tc, &ts));
         let got = ops.qkv_heads(&parts, w, heads, 1e-6, r).unwrap();

@@ -107,35 +107,14 @@ pub trait Ops {
     /// `x [.., in] @ w[out, in]^T + b[out]`.
     fn linear(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>) -> Result<Self::Tensor>;
     /// 2-D convolution, NCHW, square kernel from `w [out, in, k, k]`, groups = 1.
-    fn conv2d(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Tensor,
-        b: Option<&Self::Tensor>,
-        stride: usize,
-        padding: usize,
-    ) -> Result<Self::Tensor>;
+    fn conv2d(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>, stride: usize, padding: usize) -> Result<Self::Tensor>;
     /// GroupNorm over `[N, C, ...]` with affine `w[C]`, `b[C]`.
-    fn group_norm(
-        &self,
-        x: &Self::Tensor,
-        groups: usize,
-        w: &Self::Tensor,
-        b: &Self::Tensor,
-        eps: f32,
-    ) -> Result<Self::Tensor>;
+    fn group_norm(&self, x: &Self::Tensor, groups: usize, w: &Self::Tensor, b: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
     /// LayerNorm over the last dimension with affine `w`, `b`.
     fn layer_norm(&self, x: &Self::Tensor, w: &Self::Tensor, b: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
     /// Multi-head scaled-dot-product attention: `q [B, Nq, H*D]`, `k`, `v [B, Nk, H*D]`
     /// -> `[B, Nq, H*D]`, softmax scale `1/sqrt(D)`; `causal` masks keys after the query.
-    fn attention(
-        &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        heads: usize,
-        causal: bool,
-    ) -> Result<Self::Tensor>;
+    fn attention(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, heads: usize, causal: bool) -> Result<Self::Tensor>;
     fn act(&self, x: &Self::Tensor, act: Act) -> Result<Self::Tensor>;
     /// `[.., 2F]` -> `[.., F]`: `a * gelu(g)` with `a, g` the two halves (diffusers' GEGLU).
     fn geglu(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
@@ -267,13 +246,7 @@ pub mod composed {
 
     use super::{Act, Ops, QkvPart};
 
-    pub fn ln_modulate<O: Ops + ?Sized>(
-        ops: &O,
-        x: &O::Tensor,
-        shift: &O::Tensor,
-        scale: &O::Tensor,
-        eps: f32,
-    ) -> Result<O::Tensor> {
+    pub fn ln_modulate<O: Ops + ?Sized>(ops: &O, x: &O::Tensor, shift: &O::Tensor, scale: &O::Tensor, eps: f32) -> Result<O::Tensor> {
         let c = *ops.shape(x).last().ok_or_else(|| anyhow!("ln_modulate: scalar input"))?;
         let ones = ops.from_f32(&[c], &vec![1.0; c])?;
         let zeros = ops.from_f32(&[c], &vec![0.0; c])?;
@@ -307,8 +280,7 @@ pub mod composed {
                 });
             }
         }
-        let [q, k, v] =
-            out.map(|ts| if ts.len() == 1 { Ok(ts[0].clone()) } else { ops.concat(&ts.iter().collect::<Vec<_>>(), 1) });
+        let [q, k, v] = out.map(|ts| if ts.len() == 1 { Ok(ts[0].clone()) } else { ops.concat(&ts.iter().collect::<Vec<_>>(), 1) });
         let (mut q, mut k, v) = (q?, k?, v?);
         if let Some((cos, sin)) = rope {
             q = ops.rope(&q, cos, sin, heads)?;
@@ -317,14 +289,7 @@ pub mod composed {
         Ok([q, k, v])
     }
 
-    pub fn concat_act<O: Ops + ?Sized>(
-        ops: &O,
-        a: &O::Tensor,
-        x: &O::Tensor,
-        start: usize,
-        len: usize,
-        act: Act,
-    ) -> Result<O::Tensor> {
+    pub fn concat_act<O: Ops + ?Sized>(ops: &O, a: &O::Tensor, x: &O::Tensor, start: usize, len: usize, act: Act) -> Result<O::Tensor> {
         let dim = ops.shape(x).len().checked_sub(1).ok_or_else(|| anyhow!("concat_act: scalar input"))?;
         let h = ops.act(&ops.narrow(x, dim, start, len)?, act)?;
         ops.concat(&[a, &h], dim)

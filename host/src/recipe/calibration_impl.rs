@@ -13,7 +13,8 @@ use std::time::Instant;
 use wasmtime::component::Resource;
 
 use super::calibrating::api::{
-    ObservedStats, CalibrationInfo, ConditioningSource, Host, HostConditioning, HostTensor, NoiseSchedule as WitSchedule, Spacing as WitSpacing,
+    CalibrationInfo, ConditioningSource, Host, HostConditioning, HostTensor, NoiseSchedule as WitSchedule, ObservedStats,
+    Spacing as WitSpacing,
 };
 use super::runtime::State;
 use crate::calibrate::schedule::Spacing;
@@ -66,7 +67,11 @@ impl State {
         self.table.push(CondHandle { id }).map_err(|e| format!("too many live conditionings: {e}"))
     }
 
-    fn tensor_op(&mut self, what: &str, f: impl FnOnce(&mut dyn CalibSession) -> anyhow::Result<u32>) -> Result<Resource<TensorHandle>, String> {
+    fn tensor_op(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&mut dyn CalibSession) -> anyhow::Result<u32>,
+    ) -> Result<Resource<TensorHandle>, String> {
         let id = self.session(what, f)?;
         self.new_tensor(id)
     }
@@ -209,7 +214,13 @@ impl Host for State {
         })
     }
 
-    fn denoise(&mut self, x: Resource<TensorHandle>, sigma: f32, cond: Resource<CondHandle>, step: u32) -> Result<Resource<TensorHandle>, String> {
+    fn denoise(
+        &mut self,
+        x: Resource<TensorHandle>,
+        sigma: f32,
+        cond: Resource<CondHandle>,
+        step: u32,
+    ) -> Result<Resource<TensorHandle>, String> {
         let (x, cond) = (self.tensor_id(&x)?, self.cond_id(&cond)?);
         let id = self.forward("denoise", |s| s.denoise(x, sigma, cond, step as usize))?;
         self.new_tensor(id)
@@ -240,7 +251,12 @@ impl super::calibrating::smoothing_api::Host for State {
         // A scan of the consumers' weights: a pass like a forward (counted, not timed).
         let (s, act) = self.forward("smooth", |s| s.smooth(&producer, alpha))?;
         let r = s.report(&act);
-        Ok(super::calibrating::smoothing_api::Smoothed { min_factor: r.min_factor, max_factor: r.max_factor, amax_before: r.amax_before, amax_after: r.amax_after })
+        Ok(super::calibrating::smoothing_api::Smoothed {
+            min_factor: r.min_factor,
+            max_factor: r.max_factor,
+            amax_before: r.amax_before,
+            amax_after: r.amax_after,
+        })
     }
 }
 

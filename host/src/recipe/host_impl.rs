@@ -72,7 +72,9 @@ impl Host for State {
     fn tensors(&mut self) -> Vec<TensorInfo> {
         let Some(ctx) = &self.ctx else { return vec![] };
         let c = &ctx.checkpoint;
-        c.diffusion_tensors().map(|t| TensorInfo { name: c.local_name(t).to_string(), shape: dims(&t.shape), dtype: wit_dtype(t.dtype) }).collect()
+        c.diffusion_tensors()
+            .map(|t| TensorInfo { name: c.local_name(t).to_string(), shape: dims(&t.shape), dtype: wit_dtype(t.dtype) })
+            .collect()
     }
 
     fn modules(&mut self) -> Vec<ModuleInfo> {
@@ -110,9 +112,13 @@ impl Host for State {
         let ctx = self.ctx.as_ref().ok_or("no checkpoint during describe")?;
         let t = ctx.checkpoint.get_local(&name).ok_or_else(|| format!("no tensor {name:?}"))?;
         if t.elements() > SMALL_TENSOR_LIMIT {
-            return Err(format!("tensor {name} has {} elements; read-small returns at most {SMALL_TENSOR_LIMIT} (use stats)", t.elements()));
+            return Err(format!(
+                "tensor {name} has {} elements; read-small returns at most {SMALL_TENSOR_LIMIT} (use stats)",
+                t.elements()
+            ));
         }
-        let values = elements::decode_f64(t.dtype, ctx.checkpoint.bytes(t)).ok_or_else(|| format!("tensor {name}: dtype {:?} cannot be read as numbers", t.dtype))?;
+        let values = elements::decode_f64(t.dtype, ctx.checkpoint.bytes(t))
+            .ok_or_else(|| format!("tensor {name}: dtype {:?} cannot be read as numbers", t.dtype))?;
         Ok(values.into_iter().map(|v| v as f32).collect())
     }
 
@@ -120,7 +126,8 @@ impl Host for State {
         self.check_deadline("stats")?;
         let ctx = self.ctx.as_ref().ok_or("no checkpoint during describe")?;
         let t = ctx.checkpoint.get_local(&name).ok_or_else(|| format!("no tensor {name:?}"))?;
-        let s = elements::stats(t.dtype, ctx.checkpoint.bytes(t)).ok_or_else(|| format!("tensor {name}: dtype {:?} has no statistics", t.dtype))?;
+        let s = elements::stats(t.dtype, ctx.checkpoint.bytes(t))
+            .ok_or_else(|| format!("tensor {name}: dtype {:?} has no statistics", t.dtype))?;
         Ok(TensorStats { amax: s.amax, mean: s.mean, std: s.std, elements: s.elements, non_finite: s.non_finite })
     }
 

@@ -37,8 +37,8 @@ pub mod calibrating {
     });
     pub use self::exports::quantsmith::recipe::calibrate::{Algorithm, CalibrationSettings};
     pub use self::quantsmith::recipe::calibration as api;
-    pub use self::quantsmith::recipe::smoothing as smoothing_api;
     pub use self::quantsmith::recipe::sampling as sampling_api;
+    pub use self::quantsmith::recipe::smoothing as smoothing_api;
 }
 
 /// The contract version this host implements (the `wit/` package version).

@@ -144,7 +144,10 @@ pub fn check_schema(schema: &[ParamSpec]) -> Result<(), String> {
         let default_len = if let ParamValue::Text(t) = &p.default { t.len() } else { 0 };
         let longest = p.allowed.iter().map(|a| a.len()).chain([p.help.len(), default_len]).max().unwrap_or(0);
         if longest > MAX_PARAM_TEXT {
-            return Err(format!("parameter {}: a help text, default or allowed value of {longest} bytes; at most {MAX_PARAM_TEXT} are allowed", shown()));
+            return Err(format!(
+                "parameter {}: a help text, default or allowed value of {longest} bytes; at most {MAX_PARAM_TEXT} are allowed",
+                shown()
+            ));
         }
         let ok = matches!(
             (p.kind, &p.default),
@@ -205,10 +208,34 @@ mod tests {
 
     fn schema() -> Vec<ParamSpec> {
         vec![
-            ParamSpec { name: "format".into(), kind: ParamKind::Choice, default: ParamValue::Text("fp8".into()), allowed: vec!["fp8".into(), "nvfp4".into()], help: "Weight format".into() },
-            ParamSpec { name: "steps".into(), kind: ParamKind::Integer, default: ParamValue::Integer(20), allowed: vec![], help: "Steps".into() },
-            ParamSpec { name: "alpha".into(), kind: ParamKind::Number, default: ParamValue::Number(0.5), allowed: vec![], help: "Alpha".into() },
-            ParamSpec { name: "smooth".into(), kind: ParamKind::Boolean, default: ParamValue::Boolean(false), allowed: vec![], help: "Smooth".into() },
+            ParamSpec {
+                name: "format".into(),
+                kind: ParamKind::Choice,
+                default: ParamValue::Text("fp8".into()),
+                allowed: vec!["fp8".into(), "nvfp4".into()],
+                help: "Weight format".into(),
+            },
+            ParamSpec {
+                name: "steps".into(),
+                kind: ParamKind::Integer,
+                default: ParamValue::Integer(20),
+                allowed: vec![],
+                help: "Steps".into(),
+            },
+            ParamSpec {
+                name: "alpha".into(),
+                kind: ParamKind::Number,
+                default: ParamValue::Number(0.5),
+                allowed: vec![],
+                help: "Alpha".into(),
+            },
+            ParamSpec {
+                name: "smooth".into(),
+                kind: ParamKind::Boolean,
+                default: ParamValue::Boolean(false),
+                allowed: vec![],
+                help: "Smooth".into(),
+            },
         ]
     }
 
@@ -256,7 +283,13 @@ mod tests {
 
     #[test]
     fn schema_caps_are_refusals() {
-        let spec = |name: String| ParamSpec { name, kind: ParamKind::Integer, default: ParamValue::Integer(0), allowed: vec![], help: String::new() };
+        let spec = |name: String| ParamSpec {
+            name,
+            kind: ParamKind::Integer,
+            default: ParamValue::Integer(0),
+            allowed: vec![],
+            help: String::new(),
+        };
         let many: Vec<ParamSpec> = (0..MAX_PARAMS + 1).map(|i| spec(format!("p{i}"))).collect();
         assert!(check_schema(&many).unwrap_err().contains("at most 256"));
         assert!(check_schema(&many[..MAX_PARAMS]).is_ok());

@@ -10,8 +10,8 @@ use wasmtime::{Cache, CacheConfig, Config, Engine, ResourceLimiter, Store, Trap}
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::wit::{Detection, QuantPlan, RecipeInfo};
 use super::calibrating::{CalibratingRecipeV0Pre, CalibrationSettings};
+use super::wit::{Detection, QuantPlan, RecipeInfo};
 use super::{PRESETS, RecipeSource, RecipeV0Pre, WIT_VERSION};
 use crate::calibrate::session::CalibSession;
 use crate::checkpoint::Checkpoint;
@@ -47,9 +47,13 @@ pub struct HostContext {
 pub enum RecipeError {
     #[error("recipe {recipe}: cannot load: {reason}")]
     Load { recipe: String, reason: String },
-    #[error("recipe {recipe} was built against quantsmith:recipe@{found}; this host speaks quantsmith:recipe@{WIT_VERSION} (0.1.x). Rebuild it with a matching quantsmith-recipe-sdk")]
+    #[error(
+        "recipe {recipe} was built against quantsmith:recipe@{found}; this host speaks quantsmith:recipe@{WIT_VERSION} (0.1.x). Rebuild it with a matching quantsmith-recipe-sdk"
+    )]
     Version { recipe: String, found: String },
-    #[error("recipe {recipe}: {call} exceeded its CPU budget of {secs:.1} s (its own time and the host work it asked for) and was stopped (raise it with --recipe-timeout)")]
+    #[error(
+        "recipe {recipe}: {call} exceeded its CPU budget of {secs:.1} s (its own time and the host work it asked for) and was stopped (raise it with --recipe-timeout)"
+    )]
     Timeout { recipe: String, call: &'static str, secs: f64 },
     #[error("recipe {recipe}: {call} exceeded its memory limit of {mib} MiB and was stopped (raise it with --recipe-memory)")]
     Memory { recipe: String, call: &'static str, mib: usize },
@@ -232,13 +236,17 @@ impl RecipeRuntime {
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let component = Component::new(&self.engine, &bytes).map_err(|e| load_err(format!("not a valid WebAssembly component: {e:#}")))?;
         check_contract(&self.engine, &component, &label)?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| load_err(format!("its imports do not match what the sandbox provides (the quantsmith:recipe@{WIT_VERSION} contract and WASI 0.2): {e:#}")))?;
-        let exports_calibrate = component.component_type().exports(&self.engine).any(|(n, _)| n.starts_with("quantsmith:recipe/calibrate@"));
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            load_err(format!(
+                "its imports do not match what the sandbox provides (the quantsmith:recipe@{WIT_VERSION} contract and WASI 0.2): {e:#}"
+            ))
+        })?;
+        let exports_calibrate =
+            component.component_type().exports(&self.engine).any(|(n, _)| n.starts_with("quantsmith:recipe/calibrate@"));
         let mismatch = |e: wasmtime::Error| {
-            load_err(format!("its exports do not match the quantsmith:recipe@{WIT_VERSION} contract this host speaks (built against a modified or newer WIT?): {e:#}"))
+            load_err(format!(
+                "its exports do not match the quantsmith:recipe@{WIT_VERSION} contract this host speaks (built against a modified or newer WIT?): {e:#}"
+            ))
         };
         let calibrating = if exports_calibrate { Some(CalibratingRecipeV0Pre::new(pre.clone()).map_err(mismatch)?) } else { None };
         let pre = RecipeV0Pre::new(pre).map_err(mismatch)?;
@@ -250,15 +258,29 @@ impl RecipeRuntime {
             calibrating,
             engine: self.engine.clone(),
             limits: self.limits,
-            info: RecipeInfo { name: label.clone(), version: String::new(), description: String::new(), families: vec![], formats: vec![], params: vec![] },
+            info: RecipeInfo {
+                name: label.clone(),
+                version: String::new(),
+                description: String::new(),
+                families: vec![],
+                formats: vec![],
+                params: vec![],
+            },
         };
         let pre = loaded.pre.clone();
         let info = loaded.call("describe", None, vec![], |s| pre.instantiate(&mut *s)?.quantsmith_recipe_recipe().call_describe(s))?;
-        super::params::check_schema(&info.params).map_err(|m| RecipeError::Invalid { recipe: label.clone(), message: format!("describe returned an invalid parameter schema: {m}") })?;
+        super::params::check_schema(&info.params).map_err(|m| RecipeError::Invalid {
+            recipe: label.clone(),
+            message: format!("describe returned an invalid parameter schema: {m}"),
+        })?;
         if info.families.len() > MAX_LISTED || info.formats.len() > MAX_LISTED {
             return Err(RecipeError::Invalid {
                 recipe: label,
-                message: format!("describe lists {} families and {} formats; at most {MAX_LISTED} each", info.families.len(), info.formats.len()),
+                message: format!(
+                    "describe lists {} families and {} formats; at most {MAX_LISTED} each",
+                    info.families.len(),
+                    info.formats.len()
+                ),
             });
         }
         if info.name.trim().is_empty() {
@@ -289,7 +311,9 @@ fn check_contract(engine: &Engine, component: &Component, label: &str) -> Result
             return Err(RecipeError::Version { recipe: label.to_string(), found: version.to_string() });
         }
     }
-    let exports_recipe = ty.exports(engine).any(|(n, item)| n.starts_with("quantsmith:recipe/recipe@") && matches!(item.ty, ComponentItem::ComponentInstance(_)));
+    let exports_recipe = ty
+        .exports(engine)
+        .any(|(n, item)| n.starts_with("quantsmith:recipe/recipe@") && matches!(item.ty, ComponentItem::ComponentInstance(_)));
     if !exports_recipe {
         let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
         return Err(RecipeError::Load {
@@ -332,8 +356,13 @@ impl LoadedRecipe {
 
     /// The recipe's verdict on a checkpoint: `Ok(Err(reason))` when it declines.
     /// Its strings come back escaped and cut (crate::text), ready to print.
-    pub fn detect(&self, ctx: &Arc<HostContext>, params: Vec<(String, super::wit::ParamValue)>) -> Result<Result<Detection, String>, RecipeError> {
-        let r = self.call("detect", Some(ctx.clone()), params, |s| self.pre.instantiate(&mut *s)?.quantsmith_recipe_recipe().call_detect(s))?;
+    pub fn detect(
+        &self,
+        ctx: &Arc<HostContext>,
+        params: Vec<(String, super::wit::ParamValue)>,
+    ) -> Result<Result<Detection, String>, RecipeError> {
+        let r =
+            self.call("detect", Some(ctx.clone()), params, |s| self.pre.instantiate(&mut *s)?.quantsmith_recipe_recipe().call_detect(s))?;
         Ok(match r {
             Ok(d) => Ok(Detection { family: untrusted(&d.family), variant: untrusted(&d.variant), reason: untrusted(&d.reason), ..d }),
             Err(reason) => Err(untrusted(&reason)),
@@ -343,7 +372,11 @@ impl LoadedRecipe {
     /// The recipe's plan: `Ok(Err(reason))` when it refuses.
     /// A refusal comes back escaped and cut (crate::text), ready to print; the
     /// plan's notes are, by plan::resolve.
-    pub fn plan(&self, ctx: &Arc<HostContext>, params: Vec<(String, super::wit::ParamValue)>) -> Result<Result<QuantPlan, String>, RecipeError> {
+    pub fn plan(
+        &self,
+        ctx: &Arc<HostContext>,
+        params: Vec<(String, super::wit::ParamValue)>,
+    ) -> Result<Result<QuantPlan, String>, RecipeError> {
         let r = self.call("plan", Some(ctx.clone()), params, |s| self.pre.instantiate(&mut *s)?.quantsmith_recipe_recipe().call_plan(s))?;
         Ok(r.map_err(|reason| untrusted(&reason)))
     }
@@ -394,7 +427,11 @@ impl LoadedRecipe {
         calib: Option<Box<dyn CalibSession>>,
         f: impl FnOnce(&mut Store<State>) -> wasmtime::Result<R>,
     ) -> (Result<R, RecipeError>, Option<State>) {
-        let recipe = if self.info.name.is_empty() || self.info.name == self.label { self.label.clone() } else { format!("{} ({})", self.info.name, self.label) };
+        let recipe = if self.info.name.is_empty() || self.info.name == self.label {
+            self.label.clone()
+        } else {
+            format!("{} ({})", self.info.name, self.label)
+        };
         let stderr = MemoryOutputPipe::new(64 << 10);
         let wasi = WasiCtx::builder()
             .stderr(stderr.clone())
@@ -426,11 +463,7 @@ impl LoadedRecipe {
         let budget = self.limits.timeout;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |ctx| {
-            if ctx.data().used() < budget {
-                Ok(wasmtime::UpdateDeadline::Continue(1))
-            } else {
-                Err(wasmtime::Error::new(Trap::Interrupt))
-            }
+            if ctx.data().used() < budget { Ok(wasmtime::UpdateDeadline::Continue(1)) } else { Err(wasmtime::Error::new(Trap::Interrupt)) }
         });
         let result = f(&mut store);
         let elapsed = store.data().used().min(Duration::from_secs(u32::MAX as u64));
@@ -449,12 +482,21 @@ impl LoadedRecipe {
     }
 }
 
-fn classify_failure(e: wasmtime::Error, recipe: String, call: &'static str, limits: SandboxLimits, elapsed: Duration, output: String) -> RecipeError {
+fn classify_failure(
+    e: wasmtime::Error,
+    recipe: String,
+    call: &'static str,
+    limits: SandboxLimits,
+    elapsed: Duration,
+    output: String,
+) -> RecipeError {
     let text = format!("{e:#}");
     if text.contains("failed to convert function to given type") || text.contains("type mismatch") {
         return RecipeError::Load {
             recipe,
-            reason: format!("its exports do not match the quantsmith:recipe@{WIT_VERSION} contract this host speaks (built against a modified or newer WIT?): {text}"),
+            reason: format!(
+                "its exports do not match the quantsmith:recipe@{WIT_VERSION} contract this host speaks (built against a modified or newer WIT?): {text}"
+            ),
         };
     }
     if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {

@@ -90,8 +90,8 @@ impl FluxConfig {
         ensure!(depth + depth_single > 0, "not a FLUX model: no `{prefix}double_blocks.*` nor `single_blocks.*`");
         let norm_base = if depth > 0 { "double_blocks.0.img_attn.norm" } else { "single_blocks.0.norm" };
         let head_dim = {
-            let s = norm_scale_key(src, prefix, &format!("{norm_base}.query_norm"))
-                .and_then(|k| Ok(src.tensor(&format!("{prefix}{k}"))?.0))?;
+            let s =
+                norm_scale_key(src, prefix, &format!("{norm_base}.query_norm")).and_then(|k| Ok(src.tensor(&format!("{prefix}{k}"))?.0))?;
             ensure!(s.len() == 1, "`{prefix}{norm_base}.query_norm` has shape {s:?}, not [head width]");
             s[0]
         };
@@ -295,11 +295,7 @@ impl<O: Ops> Flux<O> {
             cfg.heads * cfg.head_dim == h && cfg.axes_dim.iter().sum::<usize>() == cfg.head_dim,
             "inconsistent FLUX configuration {cfg:?}"
         );
-        ensure!(
-            cfg.axes_dim.iter().all(|a| a % 2 == 0),
-            "RoPE axes {:?} must be even (pairs of head channels)",
-            cfg.axes_dim
-        );
+        ensure!(cfg.axes_dim.iter().all(|a| a % 2 == 0), "RoPE axes {:?} must be even (pairs of head channels)", cfg.axes_dim);
         let img_in = l.linear("img_in", h, cfg.in_channels * PATCH * PATCH)?;
         let time_in = l.mlp("time_in", TIME_DIM, h)?;
         let guidance_in = if cfg.guidance_embed { Some(l.mlp("guidance_in", TIME_DIM, h)?) } else { None };
@@ -327,18 +323,7 @@ impl<O: Ops> Flux<O> {
             .collect::<Result<Vec<_>>>()?;
         let final_linear = l.linear("final_layer.linear", cfg.in_channels * PATCH * PATCH, h)?;
         let final_modulation = l.linear("final_layer.adaLN_modulation.1", 2 * h, h)?;
-        Ok(Flux {
-            cfg,
-            img_in,
-            time_in,
-            guidance_in,
-            vector_in,
-            txt_in,
-            double,
-            single,
-            final_linear,
-            final_modulation,
-        })
+        Ok(Flux { cfg, img_in, time_in, guidance_in, vector_in, txt_in, double, single, final_linear, final_modulation })
     }
 
     pub fn config(&self) -> &FluxConfig {
@@ -402,11 +387,7 @@ impl<O: Ops> Flux<O> {
         );
         ensure!(timesteps.len() == b, "{} timesteps for a batch of {b}", timesteps.len());
         let cs = ops.shape(context);
-        ensure!(
-            cs.len() == 3 && cs[0] == b && cs[2] == cfg.context_in_dim,
-            "context {cs:?} is not [{b}, T, {}]",
-            cfg.context_in_dim
-        );
+        ensure!(cs.len() == 3 && cs[0] == b && cs[2] == cfg.context_in_dim, "context {cs:?} is not [{b}, T, {}]", cfg.context_in_dim);
         let ys = ops.shape(y);
         ensure!(ys == [b, cfg.vec_in_dim], "y {ys:?} is not [{b}, {}]", cfg.vec_in_dim);
         let guidance = match (&self.guidance_in, guidance) {
@@ -487,14 +468,7 @@ impl<O: Ops> Flux<O> {
     }
 
     /// The fused q|k|v projection of one stream of a double block.
-    fn stream_qkv(
-        &self,
-        ops: &O,
-        hooks: &InputHooks,
-        s: &Stream<O::Tensor>,
-        x: &O::Tensor,
-        m: &O::Tensor,
-    ) -> Result<O::Tensor> {
+    fn stream_qkv(&self, ops: &O, hooks: &InputHooks, s: &Stream<O::Tensor>, x: &O::Tensor, m: &O::Tensor) -> Result<O::Tensor> {
         let hd = self.cfg.hidden;
         let xm = ops.ln_modulate(x, &chunk(ops, m, 0, hd)?, &chunk(ops, m, 1, hd)?, LN_EPS)?;
         linear(ops, hooks, &s.qkv, &xm)

@@ -270,8 +270,7 @@ mod naive {
             let k = qk_norm(&cols(&l1, wd, hd, hd), &format!("{b}.norm.key_norm"));
             let attn = attention(&q, &k, &cols(&l1, wd, 2 * hd, hd), &ids, cfg);
             let act: Vec<f64> = cols(&l1, wd, 3 * hd, mlp).into_iter().map(gelu_tanh).collect();
-            let cat: Vec<f64> =
-                attn.chunks(hd).zip(act.chunks(mlp)).flat_map(|(a, b)| [a, b].concat()).collect();
+            let cat: Vec<f64> = attn.chunks(hd).zip(act.chunks(mlp)).flat_map(|(a, b)| [a, b].concat()).collect();
             let o = linear(&cat, src, &format!("{b}.linear2"));
             x = x.iter().zip(&o).enumerate().map(|(i, (x, o))| x + m[2 * hd + i % hd] * o).collect();
         }
@@ -489,9 +488,7 @@ fn synthetic_dev_and_schnell_load_and_run() {
         let ctx = ops.from_f32(&[1, 3, 4096], &randn(&mut rng, 3 * 4096)).unwrap();
         let y = ops.from_f32(&[1, 768], &randn(&mut rng, 768)).unwrap();
         let g = [3.5f32];
-        let out = flux
-            .forward(&ops, &x, &[0.7], &ctx, &y, cfg.guidance_embed.then_some(&g[..]), &InputHooks::none())
-            .unwrap();
+        let out = flux.forward(&ops, &x, &[0.7], &ctx, &y, cfg.guidance_embed.then_some(&g[..]), &InputHooks::none()).unwrap();
         assert_eq!(ops.shape(&out), vec![1, 16, 4, 4]);
         let v = ops.to_f32(&out).unwrap();
         assert!(v.iter().all(|a| a.is_finite()) && v.iter().any(|&a| a != 0.0), "{variant}: {v:?}");

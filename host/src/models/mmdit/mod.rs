@@ -112,24 +112,12 @@ impl MmditConfig {
 
     /// SD3.5-medium: qk RMSNorm, `attn2` in the first 13 x-blocks, a 384² position table.
     pub fn sd35_medium() -> MmditConfig {
-        MmditConfig {
-            pos_embed_max_size: 384,
-            qk_norm: true,
-            x_self_attn_layers: (0..13).collect(),
-            ..MmditConfig::sd3_medium()
-        }
+        MmditConfig { pos_embed_max_size: 384, qk_norm: true, x_self_attn_layers: (0..13).collect(), ..MmditConfig::sd3_medium() }
     }
 
     /// SD3.5-large: 38 blocks of 2432 (38 heads), qk RMSNorm.
     pub fn sd35_large() -> MmditConfig {
-        MmditConfig {
-            hidden: 2432,
-            heads: 38,
-            depth: 38,
-            mlp_hidden: 4 * 2432,
-            qk_norm: true,
-            ..MmditConfig::sd3_medium()
-        }
+        MmditConfig { hidden: 2432, heads: 38, depth: 38, mlp_hidden: 4 * 2432, qk_norm: true, ..MmditConfig::sd3_medium() }
     }
 
     /// Reads the configuration from the tensors under `prefix`
@@ -164,10 +152,7 @@ impl MmditConfig {
         };
         let xe = need("x_embedder.proj.weight", 4)?;
         let (hidden, in_channels, patch_size) = (xe[0], xe[1], xe[2]);
-        ensure!(
-            patch_size > 0 && xe[3] == patch_size,
-            "`x_embedder.proj.weight` has shape {xe:?}: not a square patch"
-        );
+        ensure!(patch_size > 0 && xe[3] == patch_size, "`x_embedder.proj.weight` has shape {xe:?}: not a square patch");
         ensure!(
             hidden > 0 && hidden.is_multiple_of(HEAD_DIM),
             "`x_embedder.proj.weight` has shape {xe:?}: width {hidden} is not a multiple of the {HEAD_DIM}-wide heads"
@@ -202,8 +187,7 @@ impl MmditConfig {
         }
         let mlp_hidden = need("joint_blocks.0.x_block.mlp.fc1.weight", 2)?[0];
         let qk_norm = shape("joint_blocks.0.x_block.attn.ln_q.weight").is_some();
-        let x_self_attn_layers =
-            (0..depth).filter(|i| shape(&format!("joint_blocks.{i}.x_block.attn2.qkv.weight")).is_some()).collect();
+        let x_self_attn_layers = (0..depth).filter(|i| shape(&format!("joint_blocks.{i}.x_block.attn2.qkv.weight")).is_some()).collect();
         Ok(MmditConfig {
             in_channels,
             out_channels: fl[0] / pp,
@@ -267,7 +251,13 @@ pub fn layout(cfg: &MmditConfig) -> Vec<(String, Vec<usize>)> {
                 lin(&mut v, &format!("{b}.mlp.fc1"), cfg.mlp_hidden, h);
                 lin(&mut v, &format!("{b}.mlp.fc2"), h, cfg.mlp_hidden);
             }
-            let mods = if pre_only { 2 } else if attn2 { 9 } else { 6 };
+            let mods = if pre_only {
+                2
+            } else if attn2 {
+                9
+            } else {
+                6
+            };
             lin(&mut v, &format!("{b}.adaLN_modulation.1"), mods * h, h);
         }
     }
@@ -344,10 +334,7 @@ impl<O: Ops> Loader<'_, O> {
             qkv: self.linear(&format!("{path}.qkv"), 3 * h, h)?,
             proj: if pre_only { None } else { Some(self.linear(&format!("{path}.proj"), h, h)?) },
             ln_qk: if cfg.qk_norm {
-                Some((
-                    self.get(&format!("{path}.ln_q.weight"), &[HEAD_DIM])?,
-                    self.get(&format!("{path}.ln_k.weight"), &[HEAD_DIM])?,
-                ))
+                Some((self.get(&format!("{path}.ln_q.weight"), &[HEAD_DIM])?, self.get(&format!("{path}.ln_k.weight"), &[HEAD_DIM])?))
             } else {
                 None
             },
@@ -356,7 +343,13 @@ impl<O: Ops> Loader<'_, O> {
 
     fn block(&self, path: &str, cfg: &MmditConfig, pre_only: bool, attn2: bool) -> Result<Block<O::Tensor>> {
         let h = cfg.hidden;
-        let mods = if pre_only { 2 } else if attn2 { 9 } else { 6 };
+        let mods = if pre_only {
+            2
+        } else if attn2 {
+            9
+        } else {
+            6
+        };
         Ok(Block {
             ada_ln: self.linear(&format!("{path}.adaLN_modulation.1"), mods * h, h)?,
             attn: self.attention(&format!("{path}.attn"), cfg, pre_only)?,
@@ -427,17 +420,7 @@ impl<O: Ops> Mmdit<O> {
             .collect::<Result<Vec<_>>>()?;
         let final_ada_ln = l.linear("final_layer.adaLN_modulation.1", 2 * h, h)?;
         let final_linear = l.linear("final_layer.linear", p * p * cfg.out_channels, h)?;
-        Ok(Mmdit {
-            cfg,
-            patch,
-            pos_embed,
-            t_embedder,
-            y_embedder,
-            context_embedder,
-            blocks,
-            final_ada_ln,
-            final_linear,
-        })
+        Ok(Mmdit { cfg, patch, pos_embed, t_embedder, y_embedder, context_embedder, blocks, final_ada_ln, final_linear })
     }
 
     pub fn config(&self) -> &MmditConfig {
@@ -505,19 +488,10 @@ impl<O: Ops> Mmdit<O> {
             xs[3]
         );
         let (h, w) = (xs[2] / p, xs[3] / p);
-        ensure!(
-            h <= m && w <= m,
-            "MMDiT input {}x{} has {h}x{w} patches, more than the {m}x{m} position table",
-            xs[2],
-            xs[3]
-        );
+        ensure!(h <= m && w <= m, "MMDiT input {}x{} has {h}x{w} patches, more than the {m}x{m} position table", xs[2], xs[3]);
         ensure!(timesteps.len() == b, "{} timesteps for a batch of {b}", timesteps.len());
         let cs = ops.shape(context);
-        ensure!(
-            cs.len() == 3 && cs[0] == b && cs[2] == cfg.context_dim,
-            "context {cs:?} is not [{b}, T, {}]",
-            cfg.context_dim
-        );
+        ensure!(cs.len() == 3 && cs[0] == b && cs[2] == cfg.context_dim, "context {cs:?} is not [{b}, T, {}]", cfg.context_dim);
         let ys = ops.shape(y);
         ensure!(ys == [b, cfg.adm_in_channels], "y {ys:?} is not [{b}, {}]", cfg.adm_in_channels);
 

@@ -95,9 +95,7 @@ fn small(kind: &str) -> MmditConfig {
     };
     match kind {
         "sd3-medium" => base,
-        "3.5-medium" => {
-            MmditConfig { pos_embed_max_size: 8, qk_norm: true, x_self_attn_layers: vec![0, 1], ..base }
-        }
+        "3.5-medium" => MmditConfig { pos_embed_max_size: 8, qk_norm: true, x_self_attn_layers: vec![0, 1], ..base },
         "3.5-large" => MmditConfig { hidden: 192, heads: 3, depth: 2, mlp_hidden: 768, qk_norm: true, ..base },
         _ => unreachable!(),
     }
@@ -157,9 +155,8 @@ mod naive {
         let mut out = vec![0.0; nq * c];
         for h in 0..c / d {
             for i in 0..nq {
-                let s: Vec<f64> = (0..nk)
-                    .map(|j| (0..d).map(|e| q[i * c + h * d + e] * k[j * c + h * d + e]).sum::<f64>() / (d as f64).sqrt())
-                    .collect();
+                let s: Vec<f64> =
+                    (0..nk).map(|j| (0..d).map(|e| q[i * c + h * d + e] * k[j * c + h * d + e]).sum::<f64>() / (d as f64).sqrt()).collect();
                 let m = s.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
                 for j in 0..nk {
@@ -208,15 +205,7 @@ mod naive {
 
     /// One batch row: `x [in, H, W]`, model timestep `t`, `ctx [T, context_dim]`,
     /// `y [adm]` -> `[out, H, W]`.
-    pub fn forward(
-        src: &MapSource,
-        cfg: &MmditConfig,
-        x: &[f64],
-        hw: (usize, usize),
-        t: f32,
-        ctx: &[f64],
-        y: &[f64],
-    ) -> Vec<f64> {
+    pub fn forward(src: &MapSource, cfg: &MmditConfig, x: &[f64], hw: (usize, usize), t: f32, ctx: &[f64], y: &[f64]) -> Vec<f64> {
         let wt = W(src);
         let (hid, p, m, ci) = (cfg.hidden, cfg.patch_size, cfg.pos_embed_max_size, cfg.in_channels);
         let (hh, ww) = (hw.0 / p, hw.1 / p);
@@ -307,8 +296,7 @@ mod naive {
                 for py in 0..p {
                     for px in 0..p {
                         for ch in 0..co {
-                            o[(ch * hw.0 + r * p + py) * hw.1 + s * p + px] =
-                                out[(r * ww + s) * p * p * co + (py * p + px) * co + ch];
+                            o[(ch * hw.0 + r * p + py) * hw.1 + s * p + px] = out[(r * ww + s) * p * p * co + (py * p + px) * co + ch];
                         }
                     }
                 }
@@ -505,10 +493,7 @@ fn tiny_synthetic_variants_run_and_hook_every_module_once() {
         let model = Mmdit::load(&ops, &ckpt, prefix, cfg.clone()).unwrap();
 
         let table = ModuleTable::build(&ckpt);
-        let quantizable: Vec<_> = table
-            .iter()
-            .filter(|m| matches!(m.kind, ModuleKind::Linear | ModuleKind::Conv))
-            .collect();
+        let quantizable: Vec<_> = table.iter().filter(|m| matches!(m.kind, ModuleKind::Linear | ModuleKind::Conv)).collect();
         let mut hooks = InputHooks::none();
         let mut specs = Vec::new();
         for (slot, m) in quantizable.iter().enumerate() {

@@ -128,7 +128,13 @@ pub fn sd3<O: Ops>(
 }
 
 /// FLUX.1 conditioning for `batch` prompts from CLIP-L's pooled output and T5's hidden state.
-pub fn flux<O: Ops>(ops: &O, batch: usize, widths: TextWidths, clip_l_pooled: Option<&O::Tensor>, t5: Option<&O::Tensor>) -> Result<DitConditioning<O::Tensor>> {
+pub fn flux<O: Ops>(
+    ops: &O,
+    batch: usize,
+    widths: TextWidths,
+    clip_l_pooled: Option<&O::Tensor>,
+    t5: Option<&O::Tensor>,
+) -> Result<DitConditioning<O::Tensor>> {
     let w = widths;
     if w.clip_g != 0 {
         bail!("FLUX takes no OpenCLIP-G");

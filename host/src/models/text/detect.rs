@@ -70,10 +70,18 @@ pub fn detect(file: &EncoderFile) -> Result<Vec<DetectedEncoder>> {
     for prefix in ["", SD3_T5_PREFIX] {
         if file.contains(&format!("{prefix}encoder.block.0.layer.0.SelfAttention.q.weight")) {
             let cfg = T5Config::read(file, prefix).with_context(|| format!("{path}: a T5 encoder this tool cannot run"))?;
-            found.push(DetectedEncoder { kind: EncoderKind::T5, prefix: prefix.into(), width: cfg.d_model, layers: cfg.layers, fp8: file.has_fp8() });
+            found.push(DetectedEncoder {
+                kind: EncoderKind::T5,
+                prefix: prefix.into(),
+                width: cfg.d_model,
+                layers: cfg.layers,
+                fp8: file.has_fp8(),
+            });
         }
     }
-    for (prefix, named) in [(STANDALONE_CLIP_PREFIX, None), (SD3_CLIP_L_PREFIX, Some(EncoderKind::ClipL)), (SD3_CLIP_G_PREFIX, Some(EncoderKind::ClipG))] {
+    for (prefix, named) in
+        [(STANDALONE_CLIP_PREFIX, None), (SD3_CLIP_L_PREFIX, Some(EncoderKind::ClipL)), (SD3_CLIP_G_PREFIX, Some(EncoderKind::ClipG))]
+    {
         let probe = format!("{prefix}embeddings.token_embedding.weight");
         if !file.contains(&probe) {
             continue;
@@ -83,7 +91,8 @@ pub fn detect(file: &EncoderFile) -> Result<Vec<DetectedEncoder>> {
         let layers = (0..).take_while(|i| file.contains(&format!("{prefix}encoder.layers.{i}.mlp.fc1.weight"))).count();
         let outer = prefix.strip_suffix(STANDALONE_CLIP_PREFIX).unwrap_or("");
         let projected = file.contains(&format!("{outer}text_projection.weight"));
-        let kind = clip_kind(width, layers, named, projected).with_context(|| format!("{path} holds a CLIP text encoder under `{prefix}*` that this tool cannot use"))?;
+        let kind = clip_kind(width, layers, named, projected)
+            .with_context(|| format!("{path} holds a CLIP text encoder under `{prefix}*` that this tool cannot use"))?;
         found.push(DetectedEncoder { kind, prefix: prefix.into(), width, layers, fp8: file.has_fp8() });
     }
     if !found.is_empty() {
@@ -91,7 +100,9 @@ pub fn detect(file: &EncoderFile) -> Result<Vec<DetectedEncoder>> {
     }
     let keys = file.keys();
     if keys.iter().any(|k| k.starts_with("token_embedding.") || k.starts_with("transformer.resblocks.")) {
-        bail!("{path} holds a text encoder in OpenCLIP layout; use ComfyUI's Hugging Face-layout file (`clip_g.safetensors`, keys `text_model.*`)");
+        bail!(
+            "{path} holds a text encoder in OpenCLIP layout; use ComfyUI's Hugging Face-layout file (`clip_g.safetensors`, keys `text_model.*`)"
+        );
     }
     let diffusion = ["model.diffusion_model.", "double_blocks.", "joint_blocks.", "input_blocks."];
     if keys.iter().any(|k| diffusion.iter().any(|d| k.starts_with(d))) {

@@ -27,7 +27,14 @@ pub(crate) fn hf_clip(seed: u64, prefix: &str, width: usize, layers: usize, proj
     put(format!("{prefix}embeddings.position_embedding.weight"), vec![CONTEXT_LENGTH, w], 0.0, 0.5);
     for i in 0..layers {
         let l = format!("{prefix}encoder.layers.{i}.");
-        for (m, o, inp) in [("self_attn.q_proj", w, w), ("self_attn.k_proj", w, w), ("self_attn.v_proj", w, w), ("self_attn.out_proj", w, w), ("mlp.fc1", mlp, w), ("mlp.fc2", w, mlp)] {
+        for (m, o, inp) in [
+            ("self_attn.q_proj", w, w),
+            ("self_attn.k_proj", w, w),
+            ("self_attn.v_proj", w, w),
+            ("self_attn.out_proj", w, w),
+            ("mlp.fc1", mlp, w),
+            ("mlp.fc2", w, mlp),
+        ] {
             put(format!("{l}{m}.weight"), vec![o, inp], 0.0, 1.5 / (inp as f32).sqrt());
             put(format!("{l}{m}.bias"), vec![o], 0.0, 0.1);
         }
@@ -77,7 +84,11 @@ fn standalone_and_sd3_prefixed_encoders_are_detected() {
     let sd3 = file_of(&dir, "sd3.safetensors", &all);
     assert_eq!(
         detect(&sd3).unwrap(),
-        vec![d(EncoderKind::T5, SD3_T5_PREFIX, 8, 2), d(EncoderKind::ClipL, SD3_CLIP_L_PREFIX, 8, 2), d(EncoderKind::ClipG, SD3_CLIP_G_PREFIX, 8, 2)]
+        vec![
+            d(EncoderKind::T5, SD3_T5_PREFIX, 8, 2),
+            d(EncoderKind::ClipL, SD3_CLIP_L_PREFIX, 8, 2),
+            d(EncoderKind::ClipG, SD3_CLIP_G_PREFIX, 8, 2)
+        ]
     );
 }
 
@@ -106,7 +117,11 @@ fn wrong_kinds_and_widths_are_named() {
     let deep = file_of(&dir, "deep.safetensors", &real_size_clip(768, 24));
     assert!(err(&deep).contains("CLIP-L is 768 wide with 12 layers"), "{}", err(&deep));
     // A diffusion model, an unknown file, an OpenCLIP-layout file, a non-safetensors file.
-    let dm = file_of(&dir, "flux.safetensors", &vec![("double_blocks.0.img_attn.norm.key_norm.scale".into(), Dtype::F32, vec![2], vec![1.0, 1.0])]);
+    let dm = file_of(
+        &dir,
+        "flux.safetensors",
+        &vec![("double_blocks.0.img_attn.norm.key_norm.scale".into(), Dtype::F32, vec![2], vec![1.0, 1.0])],
+    );
     assert!(err(&dm).contains("is a diffusion model"), "{}", err(&dm));
     let unknown = file_of(&dir, "vae.safetensors", &vec![("decoder.conv_in.weight".into(), Dtype::F32, vec![1], vec![1.0])]);
     let e = err(&unknown);

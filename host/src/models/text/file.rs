@@ -114,10 +114,7 @@ impl EncoderFile {
 
 impl WeightSource for EncoderFile {
     fn tensor(&self, key: &str) -> Result<(Vec<usize>, WeightView<'_>)> {
-        let (stored_key, e) = self
-            .tensors
-            .get_key_value(key)
-            .ok_or_else(|| anyhow!("{} has no tensor `{key}`", self.path.display()))?;
+        let (stored_key, e) = self.tensors.get_key_value(key).ok_or_else(|| anyhow!("{} has no tensor `{key}`", self.path.display()))?;
         let Some(dtype) = SourceDtype::from_safetensors(e.dtype) else {
             bail!("{}: tensor `{key}` has dtype {:?}, not a float the model can run", self.path.display(), e.dtype)
         };

@@ -84,11 +84,17 @@ impl TextFiles {
         let width = |kind| self.get(kind).map(|(f, e)| (f.path().display().to_string(), e.width));
         let w = match text {
             DitText::Flux => TextWidths { clip_l: pooled, clip_g: 0, context, ..conditioning::FLUX_WIDTHS },
-            DitText::Sd3 if pooled == conditioning::SD3_WIDTHS.clip_l + conditioning::SD3_WIDTHS.clip_g => TextWidths { context, ..conditioning::SD3_WIDTHS },
+            DitText::Sd3 if pooled == conditioning::SD3_WIDTHS.clip_l + conditioning::SD3_WIDTHS.clip_g => {
+                TextWidths { context, ..conditioning::SD3_WIDTHS }
+            }
             DitText::Sd3 => {
                 let (clip_l, clip_g) = match (width(EncoderKind::ClipL), width(EncoderKind::ClipG)) {
                     (Some((lf, l)), Some((gf, g))) => {
-                        ensure!(l + g == pooled, "{lf} holds a CLIP-L {l} wide and {gf} an OpenCLIP-G {g} wide, but this model's pooled vector is {pooled} wide, not {}", l + g);
+                        ensure!(
+                            l + g == pooled,
+                            "{lf} holds a CLIP-L {l} wide and {gf} an OpenCLIP-G {g} wide, but this model's pooled vector is {pooled} wide, not {}",
+                            l + g
+                        );
                         (l, g)
                     }
                     (Some((lf, l)), None) => {
@@ -126,17 +132,14 @@ impl TextFiles {
             let Some(&(_, width)) = wanted.iter().find(|(k, _)| *k == e.kind) else {
                 bail!("{} holds an {}, which {text:?} does not take", file.path().display(), e.kind.name());
             };
-            ensure!(
-                e.width == width,
-                "{} holds a {} {} wide, but this model takes {width}",
-                file.path().display(),
-                e.kind.name(),
-                e.width
-            );
+            ensure!(e.width == width, "{} holds a {} {} wide, but this model takes {width}", file.path().display(), e.kind.name(), e.width);
         }
         for &(kind, _) in wanted {
             if self.get(kind).is_none() {
-                notes.push(format!("no {} given (--text-encoder): its part of the conditioning is zeros, as ComfyUI does without it", kind.name()));
+                notes.push(format!(
+                    "no {} given (--text-encoder): its part of the conditioning is zeros, as ComfyUI does without it",
+                    kind.name()
+                ));
             }
         }
         Ok(notes)
@@ -162,7 +165,8 @@ impl TextFiles {
         // Each prompt's CLIP output, its chunks joined (`first_only`: the first chunk alone).
         let clip = |kind: EncoderKind, tower: HfTower, padding: Padding, first_only: bool| -> Result<Option<Vec<ClipOutput<O::Tensor>>>> {
             let Some((file, e)) = self.get(kind) else { return Ok(None) };
-            let tokenizer = clip_tokenizer.with_context(|| format!("{} holds a {}: its prompts need a CLIP tokenizer", file.path().display(), kind.name()))?;
+            let tokenizer = clip_tokenizer
+                .with_context(|| format!("{} holds a {}: its prompts need a CLIP tokenizer", file.path().display(), kind.name()))?;
             let model = HfClip::load(file, &e.prefix, tower).with_context(|| format!("cannot use {}", file.path().display()))?;
             ensure!(
                 tokenizer.vocab_size() <= model.config().vocab,
@@ -188,7 +192,8 @@ impl TextFiles {
         };
         let t5 = match self.get(EncoderKind::T5) {
             Some((file, e)) => {
-                let tokenizer = t5_tokenizer.with_context(|| format!("{} holds a T5 encoder: its prompts need T5's tokenizer.json", file.path().display()))?;
+                let tokenizer = t5_tokenizer
+                    .with_context(|| format!("{} holds a T5 encoder: its prompts need T5's tokenizer.json", file.path().display()))?;
                 let model = T5Encoder::load(file, &e.prefix).with_context(|| format!("cannot use {}", file.path().display()))?;
                 ensure!(
                     tokenizer.vocab_size() <= model.config().vocab,
@@ -218,13 +223,16 @@ impl TextFiles {
         let mut pooled = Vec::with_capacity(batch);
         for i in 0..batch {
             let c = match text {
-                DitText::Sd3 => conditioning::sd3(ops, 1, widths, l.as_ref().map(|v| &v[i]), g.as_ref().map(|v| &v[i]), t5.as_ref().map(|v| &v[i]))?,
+                DitText::Sd3 => {
+                    conditioning::sd3(ops, 1, widths, l.as_ref().map(|v| &v[i]), g.as_ref().map(|v| &v[i]), t5.as_ref().map(|v| &v[i]))?
+                }
                 DitText::Flux => conditioning::flux(ops, 1, widths, l.as_ref().map(|v| &v[i].pooled), t5.as_ref().map(|v| &v[i]))?,
             };
             contexts.push(c.context);
             pooled.push(c.pooled);
         }
-        let context = clip::batch_contexts(ops, &contexts.iter().collect::<Vec<_>>()).context("prompts of these lengths cannot be batched")?;
+        let context =
+            clip::batch_contexts(ops, &contexts.iter().collect::<Vec<_>>()).context("prompts of these lengths cannot be batched")?;
         let pooled = ops.concat(&pooled.iter().collect::<Vec<_>>(), 0)?;
         Ok(DitConditioning { context, pooled })
     }

@@ -43,7 +43,10 @@ fn sd3_stack_from_three_files_is_conditioning_of_each_encoder() {
     // The parts, run by hand and joined by `conditioning::sd3`.
     let part = |kind, tower, padding| {
         let (f, e) = files.get(kind).unwrap();
-        let (hidden, pooled) = HfClip::load(f, &e.prefix, tower).unwrap().encode(&ops, &clip_tok.encode(&prompts, padding).unwrap(), &InputHooks::none()).unwrap();
+        let (hidden, pooled) = HfClip::load(f, &e.prefix, tower)
+            .unwrap()
+            .encode(&ops, &clip_tok.encode(&prompts, padding).unwrap(), &InputHooks::none())
+            .unwrap();
         ClipOutput { hidden, pooled }
     };
     let l = part(EncoderKind::ClipL, HfTower::ClipL, Padding::EndToken);
@@ -60,7 +63,10 @@ fn sd3_stack_from_three_files_is_conditioning_of_each_encoder() {
     assert_eq!(ops.shape(&c.context), vec![1, 77 + 6, 8]);
     // Each prompt pads T5 to its own length, as ComfyUI encodes one prompt: 82 and 83
     // tokens do not batch (ComfyUI's `cond_cat` would repeat them to 6806).
-    let e = format!("{:#}", files.encode(&ops, DitText::Sd3, widths, Some(&clip_tok), Some(&t5_tok), 5, &prompts, &InputHooks::none()).err().unwrap());
+    let e = format!(
+        "{:#}",
+        files.encode(&ops, DitText::Sd3, widths, Some(&clip_tok), Some(&t5_tok), 5, &prompts, &InputHooks::none()).err().unwrap()
+    );
     assert!(e.contains("cannot be batched"), "{e}");
 }
 
@@ -97,12 +103,17 @@ fn long_prompts_are_chunked_as_comfyui_encodes_them() {
     // By hand: each chunk encoded on its own, as a prompt of its own.
     let encode = |kind, tower, padding, text: &str| {
         let (f, e) = files.get(kind).unwrap();
-        let (hidden, pooled) = HfClip::load(f, &e.prefix, tower).unwrap().encode(&ops, &clip_tok.encode(&[text], padding).unwrap(), &InputHooks::none()).unwrap();
+        let (hidden, pooled) = HfClip::load(f, &e.prefix, tower)
+            .unwrap()
+            .encode(&ops, &clip_tok.encode(&[text], padding).unwrap(), &InputHooks::none())
+            .unwrap();
         ClipOutput { hidden, pooled }
     };
     let chunks: Vec<(ClipOutput<_>, ClipOutput<_>)> = chunk_texts
         .iter()
-        .map(|t| (encode(EncoderKind::ClipL, HfTower::ClipL, Padding::EndToken, t), encode(EncoderKind::ClipG, HfTower::ClipG, Padding::Zero, t)))
+        .map(|t| {
+            (encode(EncoderKind::ClipL, HfTower::ClipL, Padding::EndToken, t), encode(EncoderKind::ClipG, HfTower::ClipG, Padding::Zero, t))
+        })
         .collect();
     let (tf, _) = files.get(EncoderKind::T5).unwrap();
     let t5_tokens = t5_tok.encode(&[long.as_str()], 77).unwrap();
@@ -174,7 +185,10 @@ fn flux_stack_matches_its_parts_and_notes_missing_encoders() {
     let c = files.encode(&ops, DitText::Flux, widths, Some(&clip_tok), Some(&t5_tok), 6, &prompts, &InputHooks::none()).unwrap();
     // The parts, run by hand.
     let (lf, le) = files.get(EncoderKind::ClipL).unwrap();
-    let (_, pooled) = HfClip::load(lf, &le.prefix, HfTower::ClipL).unwrap().encode(&ops, &clip_tok.encode(&prompts, Padding::EndToken).unwrap(), &InputHooks::none()).unwrap();
+    let (_, pooled) = HfClip::load(lf, &le.prefix, HfTower::ClipL)
+        .unwrap()
+        .encode(&ops, &clip_tok.encode(&prompts, Padding::EndToken).unwrap(), &InputHooks::none())
+        .unwrap();
     let (tf, _) = files.get(EncoderKind::T5).unwrap();
     let tokens = t5_tok.encode(&prompts, 6).unwrap();
     assert_eq!(tokens, T5Tokens { ids: vec![3, 4, 1, 0, 0, 0, 3, 4, 6, 7, 8, 1], len: 6 });
@@ -184,7 +198,8 @@ fn flux_stack_matches_its_parts_and_notes_missing_encoders() {
     assert_eq!(ops.shape(&c.context), vec![2, 6, 8]);
 
     // Missing tokenizers are named; a second T5 is refused.
-    let e = format!("{:#}", files.encode(&ops, DitText::Flux, widths, Some(&clip_tok), None, 6, &prompts, &InputHooks::none()).err().unwrap());
+    let e =
+        format!("{:#}", files.encode(&ops, DitText::Flux, widths, Some(&clip_tok), None, 6, &prompts, &InputHooks::none()).err().unwrap());
     assert!(e.contains("t5xxl_fp16.safetensors") && e.contains("tokenizer.json"), "{e}");
     let e = format!("{:#}", TextFiles::open(&[t5_path.clone(), t5_path.clone()]).err().unwrap());
     assert!(e.contains("second T5 encoder"), "{e}");

@@ -57,11 +57,17 @@ impl SynthEncoder {
     pub fn dims(self, full: bool) -> EncoderDims {
         match (self, full) {
             (SynthEncoder::ClipL, true) => EncoderDims { vocab: 49408, width: 768, layers: 12, mlp: 3072, heads: 12, positions: 77 },
-            (SynthEncoder::ClipL, false) => EncoderDims { vocab: 49408, width: TINY_CLIP_L_WIDTH, layers: 2, mlp: 128, heads: 1, positions: 77 },
+            (SynthEncoder::ClipL, false) => {
+                EncoderDims { vocab: 49408, width: TINY_CLIP_L_WIDTH, layers: 2, mlp: 128, heads: 1, positions: 77 }
+            }
             (SynthEncoder::ClipG, true) => EncoderDims { vocab: 49408, width: 1280, layers: 32, mlp: 5120, heads: 20, positions: 77 },
-            (SynthEncoder::ClipG, false) => EncoderDims { vocab: 49408, width: TINY_CLIP_G_WIDTH, layers: 3, mlp: 256, heads: 2, positions: 77 },
+            (SynthEncoder::ClipG, false) => {
+                EncoderDims { vocab: 49408, width: TINY_CLIP_G_WIDTH, layers: 3, mlp: 256, heads: 2, positions: 77 }
+            }
             (SynthEncoder::T5Xxl, true) => EncoderDims { vocab: 32128, width: 4096, layers: 24, mlp: 10240, heads: 64, positions: 32 },
-            (SynthEncoder::T5Xxl, false) => EncoderDims { vocab: 32128, width: TINY_T5_WIDTH, layers: 2, mlp: 256, heads: 4, positions: 32 },
+            (SynthEncoder::T5Xxl, false) => {
+                EncoderDims { vocab: 32128, width: TINY_T5_WIDTH, layers: 2, mlp: 256, heads: 4, positions: 32 }
+            }
         }
     }
 }
@@ -87,7 +93,14 @@ fn layout(kind: SynthEncoder, d: EncoderDims) -> Vec<(String, Vec<usize>, Init, 
             t.push((format!("{p}embeddings.position_embedding.weight"), vec![d.positions, w], Init::Spread(0.5), false));
             for i in 0..d.layers {
                 let l = format!("{p}encoder.layers.{i}.");
-                for (name, out, inp) in [("self_attn.q_proj", w, w), ("self_attn.k_proj", w, w), ("self_attn.v_proj", w, w), ("self_attn.out_proj", w, w), ("mlp.fc1", m, w), ("mlp.fc2", w, m)] {
+                for (name, out, inp) in [
+                    ("self_attn.q_proj", w, w),
+                    ("self_attn.k_proj", w, w),
+                    ("self_attn.v_proj", w, w),
+                    ("self_attn.out_proj", w, w),
+                    ("mlp.fc1", m, w),
+                    ("mlp.fc2", w, m),
+                ] {
                     t.push((format!("{l}{name}.weight"), vec![out, inp], lin(inp), true));
                     t.push((format!("{l}{name}.bias"), vec![out], Init::Spread(0.05), false));
                 }
@@ -112,7 +125,12 @@ fn layout(kind: SynthEncoder, d: EncoderDims) -> Vec<(String, Vec<usize>, Init, 
                 }
                 t.push((format!("{l}layer.0.SelfAttention.o.weight"), vec![w, inner], lin(inner), true));
                 if i == 0 {
-                    t.push((format!("{l}layer.0.SelfAttention.relative_attention_bias.weight"), vec![d.positions, d.heads], Init::Spread(1.0), false));
+                    t.push((
+                        format!("{l}layer.0.SelfAttention.relative_attention_bias.weight"),
+                        vec![d.positions, d.heads],
+                        Init::Spread(1.0),
+                        false,
+                    ));
                 }
                 t.push((format!("{l}layer.0.layer_norm.weight"), vec![w], Init::Norm, false));
                 t.push((format!("{l}layer.1.DenseReluDense.wi_0.weight"), vec![ff, w], lin(w), true));
@@ -196,13 +214,17 @@ mod tests {
         let mut ids = vec![49406, 320, 2368, 49407];
         ids.resize(CONTEXT_LENGTH, 49407);
         let clip_tokens = TokenBatch { ids, end_index: vec![3] };
-        for (kind, tower, name, width) in [(SynthEncoder::ClipL, HfTower::ClipL, "clip_l.safetensors", 64), (SynthEncoder::ClipG, HfTower::ClipG, "clip_g.safetensors", 128)] {
+        for (kind, tower, name, width) in [
+            (SynthEncoder::ClipL, HfTower::ClipL, "clip_l.safetensors", 64),
+            (SynthEncoder::ClipG, HfTower::ClipG, "clip_g.safetensors", 128),
+        ] {
             let path = dir.path().join(name);
             write(&path, kind, false, Dtype::BF16, false, 1).unwrap();
             let (file, found) = detect::open(&path).unwrap();
             let want = if tower == HfTower::ClipL { EncoderKind::ClipL } else { EncoderKind::ClipG };
             assert_eq!((found.len(), found[0].kind, found[0].width, found[0].prefix.as_str()), (1, want, width, "text_model."));
-            let (hidden, pooled) = HfClip::load(&file, "text_model.", tower).unwrap().encode(&ops, &clip_tokens, &InputHooks::none()).unwrap();
+            let (hidden, pooled) =
+                HfClip::load(&file, "text_model.", tower).unwrap().encode(&ops, &clip_tokens, &InputHooks::none()).unwrap();
             assert_eq!((ops.shape(&hidden), ops.shape(&pooled)), (vec![1, CONTEXT_LENGTH, width], vec![1, width]));
             assert!(ops.to_f32(&pooled).unwrap().iter().all(|v| v.is_finite()));
         }

@@ -149,9 +149,8 @@ pub fn relative_position_bucket(relative: i64, buckets: usize, max_distance: usi
 /// `bias [heads, n, n]` with `bias[h, i, j] = table[bucket(j - i), h]`, from block
 /// 0's `relative_attention_bias` `table [buckets, heads]`.
 pub fn relative_position_bias(table: &[f32], buckets: usize, heads: usize, n: usize) -> Vec<f32> {
-    let bucket_of: Vec<usize> = (0..2 * n.max(1) - 1)
-        .map(|d| relative_position_bucket(d as i64 - (n as i64 - 1), buckets, MAX_DISTANCE))
-        .collect();
+    let bucket_of: Vec<usize> =
+        (0..2 * n.max(1) - 1).map(|d| relative_position_bucket(d as i64 - (n as i64 - 1), buckets, MAX_DISTANCE)).collect();
     let mut bias = vec![0.0; heads * n * n];
     for h in 0..heads {
         for i in 0..n {
@@ -278,7 +277,15 @@ fn rms_norm<O: Ops>(ops: &O, src: &dyn WeightSource, key: &str, d: usize, x: &O:
 }
 
 /// `module(x)` for a Linear without bias, `x` passing through the module's input hook.
-fn linear<O: Ops>(ops: &O, src: &dyn WeightSource, hooks: &InputHooks, module: &str, x: &O::Tensor, out: usize, inp: usize) -> Result<O::Tensor> {
+fn linear<O: Ops>(
+    ops: &O,
+    src: &dyn WeightSource,
+    hooks: &InputHooks,
+    module: &str,
+    x: &O::Tensor,
+    out: usize,
+    inp: usize,
+) -> Result<O::Tensor> {
     let w = load(ops, src, &format!("{module}.weight"), &[out, inp])?;
     let x = hooks.apply(ops, module, x)?;
     ops.linear(&x, &w, None)

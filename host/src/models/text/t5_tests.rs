@@ -58,7 +58,13 @@ pub(crate) fn random_t5(seed: u64, prefix: &str, dims: Dims) -> Memory {
     let mut m = Memory::default();
     let (d, inner, ff) = (dims.d_model, dims.heads * dims.d_kv, dims.d_ff);
     m.random(&mut rng, format!("{prefix}shared.weight"), &[dims.vocab, d], 0.0, 2.0);
-    m.random(&mut rng, format!("{prefix}encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"), &[32, dims.heads], 0.0, 1.5);
+    m.random(
+        &mut rng,
+        format!("{prefix}encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+        &[32, dims.heads],
+        0.0,
+        1.5,
+    );
     for i in 0..dims.layers {
         let l = format!("{prefix}encoder.block.{i}.");
         for (name, out, inp) in [("q", inner, d), ("k", inner, d), ("v", inner, d), ("o", d, inner)] {
@@ -87,7 +93,8 @@ fn naive_bucket(relative: i64) -> usize {
     if distance < max_exact {
         return (bucket + distance) as usize;
     }
-    let large = max_exact + ((distance as f64 / max_exact as f64).ln() / (128.0f64 / max_exact as f64).ln() * (num_buckets - max_exact) as f64) as i64;
+    let large = max_exact
+        + ((distance as f64 / max_exact as f64).ln() / (128.0f64 / max_exact as f64).ln() * (num_buckets - max_exact) as f64) as i64;
     (bucket + large.min(num_buckets - 1)) as usize
 }
 
@@ -114,7 +121,8 @@ pub(crate) fn naive_t5(m: &Memory, prefix: &str, dims: Dims, ids: &[u32], n: usi
     let table = m.get(&format!("{prefix}encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"));
     let mut out = Vec::new();
     for row in ids.chunks(n) {
-        let mut x: Vec<Vec<f64>> = row.iter().map(|&id| shared[id as usize * d..(id as usize + 1) * d].iter().map(|&v| v as f64).collect()).collect();
+        let mut x: Vec<Vec<f64>> =
+            row.iter().map(|&id| shared[id as usize * d..(id as usize + 1) * d].iter().map(|&v| v as f64).collect()).collect();
         for l in 0..dims.layers {
             let p = format!("{prefix}encoder.block.{l}.");
             let w = |name: &str| m.get(&format!("{p}{name}.weight"));
@@ -232,10 +240,7 @@ fn relative_bias_reads_the_table_by_bucket() {
 fn config_from_shapes() {
     let m = random_t5(1, SD3_T5_PREFIX, TINY);
     let cfg = T5Config::read(&m, SD3_T5_PREFIX).unwrap();
-    assert_eq!(
-        (cfg.d_model, cfg.heads, cfg.d_kv, cfg.d_ff, cfg.layers, cfg.vocab, cfg.buckets),
-        (8, 2, 3, 10, 2, 40, 32)
-    );
+    assert_eq!((cfg.d_model, cfg.heads, cfg.d_kv, cfg.d_ff, cfg.layers, cfg.vocab, cfg.buckets), (8, 2, 3, 10, 2, 40, 32));
     assert_eq!(cfg.embedding_key, format!("{SD3_T5_PREFIX}shared.weight"));
     assert!(T5Config::read(&m, "").is_err());
 }
@@ -276,7 +281,13 @@ fn hooks_see_linear_inputs_by_full_key() {
     for module in &modules {
         let x = recorded.get(module).unwrap_or_else(|| panic!("{module} not observed"));
         let x = x.downcast_ref::<<CpuOps as Ops>::Tensor>().unwrap();
-        let width = if module.ends_with(".o") { TINY.heads * TINY.d_kv } else if module.ends_with("wo") { TINY.d_ff } else { TINY.d_model };
+        let width = if module.ends_with(".o") {
+            TINY.heads * TINY.d_kv
+        } else if module.ends_with("wo") {
+            TINY.d_ff
+        } else {
+            TINY.d_model
+        };
         assert_eq!(ops.shape(x), vec![1, 6, width], "{module}");
     }
 }
@@ -440,13 +451,15 @@ fn dump_bf16_test_model() {
     let m = random_t5(BF16_TEST_SEED, "", BF16_TEST_DIMS);
     let mut keys: Vec<&String> = m.0.keys().collect();
     keys.sort();
-    let tensors: Vec<(String, Dtype, Vec<usize>, Vec<f32>)> = keys.into_iter().map(|k| (k.clone(), Dtype::F32, m.0[k].0.clone(), m.get(k))).collect();
+    let tensors: Vec<(String, Dtype, Vec<usize>, Vec<f32>)> =
+        keys.into_iter().map(|k| (k.clone(), Dtype::F32, m.0[k].0.clone(), m.get(k))).collect();
     write_file(std::path::Path::new(&path), &tensors).unwrap();
     // The file is the same model.
     let file = EncoderFile::open(std::path::Path::new(&path)).unwrap();
     let t = tokens(13, BF16_TEST_DIMS.vocab, 1, 16);
     let ops = CpuOps::new();
-    let run = |src: &dyn WeightSource| ops.to_f32(&T5Encoder::load(src, "").unwrap().encode(&ops, &t, &InputHooks::none()).unwrap()).unwrap();
+    let run =
+        |src: &dyn WeightSource| ops.to_f32(&T5Encoder::load(src, "").unwrap().encode(&ops, &t, &InputHooks::none()).unwrap()).unwrap();
     assert_eq!(run(&file), run(&m));
     println!("wrote {}", std::path::Path::new(&path).display());
 }
@@ -469,7 +482,8 @@ fn matches_transformers() {
     let ids_view = st.tensor("ids").unwrap();
     let [b, n] = ids_view.shape()[..] else { panic!("ids shape {:?}", ids_view.shape()) };
     let ids: Vec<u32> = ids_view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect();
-    let want: Vec<f64> = st.tensor("hidden").unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect();
+    let want: Vec<f64> =
+        st.tensor("hidden").unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect();
     let file = EncoderFile::open(std::path::Path::new(&model)).unwrap();
     let ops = CpuOps::new();
     let tokens = T5Tokens { ids, len: n };

@@ -135,18 +135,18 @@ mod tests {
     /// of T5 v1.1), `Precompiled` + right `Strip` + `Replace(" {2,}", "▁")`
     /// normalizer and `Metaspace` (prepend "first") pre-tokenizer.
     const REAL_TOKENIZER_IDS: [&[u32]; 12] = [
-        &[3, 9, 1202, 13, 3, 9, 1712],  // 'a photo of a cat'
-        &[71, 25941, 3, 7325, 880, 53, 30, 3, 9, 2480, 6, 7069, 1781, 6, 11989, 635, 6888, 6, 3, 22483, 15, 107],  // 'A majestic lion resting on a rock, golden hour, 85mm lens, bokeh'
-        &[9738, 102, 6513, 2815, 512, 16, 8, 3412, 6, 22432, 3957, 6, 706],  // 'cyberpunk street market in the rain, neon signs, night'
-        &[25634, 13, 46, 625, 2495, 49, 348, 117, 1969, 15, 26, 522, 1636, 8417, 3598, 55],  // 'Portrait of an old fisherman; weathered face -- dramatic lighting!'
-        &[192, 4856, 11, 3, 9, 5032, 53, 628],  // 'two  spaces and a trailing space '
-        &[3, 9, 689, 1733],  // 'a line\nbreak'
-        &[11949, 6, 3, 29, 9, 2, 162, 6, 3333, 904, 860, 6, 20435, 29925, 721],  // 'café, naïve, Übermensch, crème brûlée'
-        &[105, 3663, 120, 7599, 153, 11, 458, 7, 53, 109, 22, 3, 318, 3, 15, 51, 211, 107],  // '“curly quotes” and ‘single’ — em dash'
-        &[335, 2266, 226, 14388, 8525, 3, 9285, 4864, 6, 5743, 326, 6, 1713, 107, 3198, 2408, 3320, 10041],  // '1024x1024, 3.5 guidance, 50% off, #hashtag @user'
-        &[3, 15, 51, 21892, 3, 2, 11, 3, 2, 33, 7752],  // 'emoji 🐱 and 猫 are unknown'
-        &[3, 6880, 8742, 254, 17892, 1364, 6701, 2133, 4, 15, 308],  // 'UPPERCASE lowercase MiXeD'
-        &[278, 31, 17, 54, 31, 17, 751, 31, 17, 34, 31, 7],  // "don't can't won't it's"
+        &[3, 9, 1202, 13, 3, 9, 1712], // 'a photo of a cat'
+        &[71, 25941, 3, 7325, 880, 53, 30, 3, 9, 2480, 6, 7069, 1781, 6, 11989, 635, 6888, 6, 3, 22483, 15, 107], // 'A majestic lion resting on a rock, golden hour, 85mm lens, bokeh'
+        &[9738, 102, 6513, 2815, 512, 16, 8, 3412, 6, 22432, 3957, 6, 706], // 'cyberpunk street market in the rain, neon signs, night'
+        &[25634, 13, 46, 625, 2495, 49, 348, 117, 1969, 15, 26, 522, 1636, 8417, 3598, 55], // 'Portrait of an old fisherman; weathered face -- dramatic lighting!'
+        &[192, 4856, 11, 3, 9, 5032, 53, 628],                                              // 'two  spaces and a trailing space '
+        &[3, 9, 689, 1733],                                                                 // 'a line\nbreak'
+        &[11949, 6, 3, 29, 9, 2, 162, 6, 3333, 904, 860, 6, 20435, 29925, 721],             // 'café, naïve, Übermensch, crème brûlée'
+        &[105, 3663, 120, 7599, 153, 11, 458, 7, 53, 109, 22, 3, 318, 3, 15, 51, 211, 107], // '“curly quotes” and ‘single’ — em dash'
+        &[335, 2266, 226, 14388, 8525, 3, 9285, 4864, 6, 5743, 326, 6, 1713, 107, 3198, 2408, 3320, 10041], // '1024x1024, 3.5 guidance, 50% off, #hashtag @user'
+        &[3, 15, 51, 21892, 3, 2, 11, 3, 2, 33, 7752],                                                      // 'emoji 🐱 and 猫 are unknown'
+        &[3, 6880, 8742, 254, 17892, 1364, 6701, 2133, 4, 15, 308],                                         // 'UPPERCASE lowercase MiXeD'
+        &[278, 31, 17, 54, 31, 17, 751, 31, 17, 34, 31, 7],                                                 // "don't can't won't it's"
     ];
 
     /// T5's real tokenizer.json, where `QUANTSMITH_T5_TOKENIZER` names it (ComfyUI's
