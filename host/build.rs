@@ -28,7 +28,10 @@ fn main() {
     // The outer build's flags and jobserver target the host, not the guest.
     for (key, _) in env::vars() {
         let keep = ["CARGO_HOME", "CARGO_NET_", "CARGO_HTTP_", "CARGO_REGISTR"].iter().any(|k| key.starts_with(k));
-        if key.starts_with("CARGO_") && !keep || key == "RUSTFLAGS" || key == "RUSTC_WRAPPER" {
+        // `cargo clippy` lints through RUSTC_WORKSPACE_WRAPPER and CLIPPY_ARGS: the
+        // guests are another workspace, built here, not linted.
+        let outer = ["RUSTFLAGS", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "CLIPPY_ARGS"].contains(&key.as_str());
+        if key.starts_with("CARGO_") && !keep || outer {
             cmd.env_remove(&key);
         }
     }

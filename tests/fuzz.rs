@@ -424,7 +424,8 @@ fn random_sets(g: &mut Gen, schema: &[ParamSpec]) -> RawParams {
         let _ = raw.set(&format!("{key}={value}"));
     }
     if g.chance(3) {
-        let _ = raw.load_toml(*g.pick(&["a = 1", "[params]\nb = \"x\"", "c = [1]", "= broken", "d = 1e400"]), "fuzz.toml");
+        let toml: &&str = g.pick(&["a = 1", "[params]\nb = \"x\"", "c = [1]", "= broken", "d = 1e400"]);
+        let _ = raw.load_toml(toml, "fuzz.toml");
     }
     raw
 }

@@ -154,14 +154,14 @@ pub struct ConvertOptions {
 /// known and before calibration or a weight is read (exit 2: the command line
 /// asked for a layout the recipe's formats do not fit).
 pub fn check_layout(plan: &ResolvedPlan, layout: Layout) -> Result<(), crate::error::Usage> {
-    if layout == Layout::ComfyLegacy {
-        if let Some(l) = plan.quantized().find(|l| l.spec.is_some_and(|s| s.format != QuantFormat::Fp8)) {
-            return Err(crate::error::Usage(format!(
-                "--layout comfy-legacy stores FP8 only, but the plan makes layer {} {}: use --layout comfy, or a plan of FP8 only (--set format=fp8)",
-                l.path,
-                l.spec.map(|s| s.format.name()).unwrap_or("-")
-            )));
-        }
+    if layout == Layout::ComfyLegacy
+        && let Some(l) = plan.quantized().find(|l| l.spec.is_some_and(|s| s.format != QuantFormat::Fp8))
+    {
+        return Err(crate::error::Usage(format!(
+            "--layout comfy-legacy stores FP8 only, but the plan makes layer {} {}: use --layout comfy, or a plan of FP8 only (--set format=fp8)",
+            l.path,
+            l.spec.map(|s| s.format.name()).unwrap_or("-")
+        )));
     }
     Ok(())
 }

@@ -538,10 +538,10 @@ fn build(opts: &SynthOptions) -> Result<Vec<Spec>> {
         if shrink {
             shape = shape.into_iter().map(|d| family.shrink_dim(d)).collect();
         }
-        if let Some(w) = tiny_text_width(family, &t.name).filter(|_| opts.tiny_text) {
-            if let Some(last) = shape.last_mut() {
-                *last = w;
-            }
+        if let Some(w) = tiny_text_width(family, &t.name).filter(|_| opts.tiny_text)
+            && let Some(last) = shape.last_mut()
+        {
+            *last = w;
         }
         let mut name = t.name;
         if family == Family::Flux {

@@ -17,8 +17,7 @@ fn is_invisible_control(c: char) -> bool {
 /// `\u{..}` / `\n` / `\t`, cut to `max` characters with a note of what was left out.
 pub fn sanitize(s: &str, max: usize) -> String {
     let mut out = String::with_capacity(s.len().min(max * 2));
-    let mut shown = 0usize;
-    for (i, c) in s.char_indices() {
+    for (shown, (i, c)) in s.char_indices().enumerate() {
         if shown >= max {
             out.push_str(&format!("... ({} more bytes)", s.len() - i));
             return out;
@@ -28,7 +27,6 @@ pub fn sanitize(s: &str, max: usize) -> String {
         } else {
             out.push(c);
         }
-        shown += 1;
     }
     out
 }

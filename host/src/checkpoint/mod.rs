@@ -258,7 +258,7 @@ impl Checkpoint {
             if let Some(key) = language_model_key(&dm) {
                 return Err(recognised(
                     path,
-                    &format!("a language model or text encoder, not a diffusion model (found `{}`)", crate::text::sanitize(key, 200)),
+                    format!("a language model or text encoder, not a diffusion model (found `{}`)", crate::text::sanitize(key, 200)),
                     "Quantsmith quantizes diffusion models (SD1.5, SDXL, SD3/3.5, FLUX.1); for language models use an LLM quantizer",
                 ));
             }

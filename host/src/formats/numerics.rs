@@ -784,6 +784,17 @@ pub(crate) fn scale_interval<T: Src>(value: f64, rel: f64) -> (f64, f64) {
     (lo.min(lo_t) * (1.0 - 1e-7), hi.max(hi_t) * (1.0 + 1e-7))
 }
 
+/// Little-endian bytes of `values` rounded to `dtype` (nearest even), as a
+/// checkpoint would store them: for tests and benchmarks.
+pub fn encode_source(dtype: crate::formats::SourceDtype, values: &[f32]) -> Vec<u8> {
+    use crate::formats::SourceDtype;
+    match dtype {
+        SourceDtype::BF16 => values.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect(),
+        SourceDtype::F16 => values.iter().flat_map(|&x| f32_to_f16(x).to_le_bytes()).collect(),
+        SourceDtype::F32 => values.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1114,16 +1125,5 @@ mod tests {
         assert!(matches!(finite_amax::<F32>(&w), Err(QuantError::NonFinite { first: 2, count: 1, .. })));
         let wrong = WeightView { name: "y", dtype: SourceDtype::F16, rows: 2, cols: 2, bytes: &bytes[..6] };
         assert!(matches!(finite_amax::<F16>(&wrong), Err(QuantError::Invalid { .. })));
-    }
-}
-
-/// Little-endian bytes of `values` rounded to `dtype` (nearest even), as a
-/// checkpoint would store them: for tests and benchmarks.
-pub fn encode_source(dtype: crate::formats::SourceDtype, values: &[f32]) -> Vec<u8> {
-    use crate::formats::SourceDtype;
-    match dtype {
-        SourceDtype::BF16 => values.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect(),
-        SourceDtype::F16 => values.iter().flat_map(|&x| f32_to_f16(x).to_le_bytes()).collect(),
-        SourceDtype::F32 => values.iter().flat_map(|&x| x.to_le_bytes()).collect(),
     }
 }

@@ -861,10 +861,10 @@ impl CudaBackend {
                 })));
             }
             // The kernel's amax word is the f32 bits of the largest |x|.
-            if spec.format == QuantFormat::Mxfp8 {
-                if let Err(e) = crate::formats::mxfp8::check_range(w.name, f32::from_bits(amax)) {
-                    return Ok(Err(e));
-                }
+            if spec.format == QuantFormat::Mxfp8
+                && let Err(e) = crate::formats::mxfp8::check_range(w.name, f32::from_bits(amax))
+            {
+                return Ok(Err(e));
             }
             let tensors = out
                 .specs

@@ -188,7 +188,7 @@ impl Architecture {
     /// Latent shape `[batch, channels, h, w]` of a `width` x `height` image, or why not.
     pub fn latent_shape(&self, batch: usize, width: u32, height: u32) -> Result<[usize; 4]> {
         let step = self.latent_downscale * self.latent_multiple;
-        if width as usize % step != 0 || height as usize % step != 0 || width == 0 || height == 0 {
+        if !(width as usize).is_multiple_of(step) || !(height as usize).is_multiple_of(step) || width == 0 || height == 0 {
             bail!("{}: image sides must be positive multiples of {step} pixels, got {width}x{height}", self.family);
         }
         Ok([batch, self.latent_channels, height as usize / self.latent_downscale, width as usize / self.latent_downscale])

@@ -108,7 +108,7 @@ pub fn batch_contexts<O: Ops>(ops: &O, parts: &[&O::Tensor]) -> Result<O::Tensor
 /// `[B, n, C]` repeated along the tokens to `[B, tokens, C]` (`tokens` a multiple of `n`).
 fn repeat_tokens<O: Ops>(ops: &O, t: &O::Tensor, tokens: usize) -> Result<O::Tensor> {
     let n = ops.shape(t)[1];
-    ensure!(tokens % n == 0, "internal: {tokens} tokens is not a multiple of {n}");
+    ensure!(tokens.is_multiple_of(n), "internal: {tokens} tokens is not a multiple of {n}");
     if tokens == n {
         return Ok(t.clone());
     }

@@ -263,7 +263,7 @@ fn long_prompts_are_chunked_and_batched_as_comfyui_does() {
     let values = |t: &<CpuOps as Ops>::Tensor| ops.to_f32(t).unwrap();
     // 80 one-token words: a chunk of 75 and a chunk of 5, each its own 77-token sequence.
     let long = vec!["a"; 80].join(" ");
-    let (first, second) = (vec!["a"; 75].join(" "), vec!["a"; 5].join(" "));
+    let (first, second) = (vec!["a"; 75].join(" "), ["a"; 5].join(" "));
     let both = enc(&[long.as_str(), "a"]);
     assert_eq!(ops.shape(&both.context), vec![2, 2 * CONTEXT_LENGTH, 192]);
     let (c, row) = (values(&both.context), CONTEXT_LENGTH * 192);

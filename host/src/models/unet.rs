@@ -829,7 +829,6 @@ impl UnetConfig {
 
 /// The LDM key/shape layout of a configuration (checked against the manifests in
 /// the tests), for checkpoints of configurations synth has no manifest for (SDXL refiner).
-
 pub fn ldm_layout(cfg: &UnetConfig) -> Vec<(String, Vec<usize>)> {
     let mut v: Vec<(String, Vec<usize>)> = Vec::new();
     let (mc, ted) = (cfg.model_channels, cfg.time_embed_dim);

@@ -1698,7 +1698,7 @@ impl Ops for CudaOps {
         // when it starts 256-byte aligned (what cuBLASLt's algorithms and the
         // 16-byte vector loads of every kernel assume of a tensor).
         let off_bytes = x.off + start * inner * 2;
-        if outer == 1 && off_bytes % 256 == 0 {
+        if outer == 1 && off_bytes.is_multiple_of(256) {
             return Ok(CudaTensor { buf: x.buf.clone(), off: off_bytes, shape });
         }
         self.bind()?;
@@ -1763,7 +1763,7 @@ impl Ops for CudaOps {
         let (n, width) = (x.shape[1], x.shape[2]);
         ensure!(heads > 0 && width % heads == 0, "rope: width {width} does not split into {heads} heads");
         let d = width / heads;
-        ensure!(d % 2 == 0, "rope: head dimension {d} is odd");
+        ensure!(d.is_multiple_of(2), "rope: head dimension {d} is odd");
         let half = d / 2;
         ensure!(cos.shape == [n, half], "rope: cos {:?} is not [{n}, {half}]", cos.shape);
         ensure!(sin.shape == [n, half], "rope: sin {:?} is not [{n}, {half}]", sin.shape);
@@ -1844,9 +1844,9 @@ impl Ops for CudaOps {
     ) -> Result<[CudaTensor; 3]> {
         let _p = self.prof("qkv_heads");
         ensure!(!parts.is_empty(), "qkv_heads: no parts");
-        ensure!(heads > 0 && width % heads == 0, "qkv_heads: width {width} does not split into {heads} heads");
+        ensure!(heads > 0 && width.is_multiple_of(heads), "qkv_heads: width {width} does not split into {heads} heads");
         let d = width / heads;
-        if d % 2 != 0 || d > 256 {
+        if !d.is_multiple_of(2) || d > 256 {
             return super::composed::qkv_heads(self, parts, width, heads, eps, rope);
         }
         let b = parts[0].qkv.shape.first().copied().unwrap_or(0);
@@ -1925,7 +1925,7 @@ impl Ops for CudaOps {
             "concat_act: {start}..{start}+{len} is outside the last dimension of {:?}",
             x.shape
         );
-        if (ac | xc | start | len) % 8 != 0 {
+        if !(ac | xc | start | len).is_multiple_of(8) {
             return super::composed::concat_act(self, a, x, start, len, act);
         }
         debug_assert_eq!(rows, arows);

@@ -93,7 +93,8 @@ pub trait Ops {
     /// Human-readable description for logs and reports.
     fn name(&self) -> String;
 
-    /// A tensor from host f32 values (row-major).
+    /// A tensor from host f32 values (row-major). The backend makes it, hence `&self`.
+    #[allow(clippy::wrong_self_convention)]
     fn from_f32(&self, shape: &[usize], data: &[f32]) -> Result<Self::Tensor>;
     /// A checkpoint tensor of any shape, converted from its stored dtype to the
     /// compute dtype. `view.rows * view.cols` elements; `shape` gives the real shape.
@@ -131,6 +132,7 @@ pub trait Ops {
     /// `[N, C, H, W]` -> `[N, H*W, C]`.
     fn to_tokens(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
     /// `[N, H*W, C]` -> `[N, C, H, W]`.
+    #[allow(clippy::wrong_self_convention)]
     fn from_tokens(&self, x: &Self::Tensor, h: usize, w: usize) -> Result<Self::Tensor>;
     /// Rows of `table [V, C]` for `ids` -> `[ids.len(), C]` (token embeddings).
     fn embedding(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor>;
@@ -262,7 +264,7 @@ pub mod composed {
         rope: Option<(&O::Tensor, &O::Tensor)>,
     ) -> Result<[O::Tensor; 3]> {
         ensure!(!parts.is_empty(), "qkv_heads: no parts");
-        ensure!(heads > 0 && width % heads == 0, "qkv_heads: width {width} does not split into {heads} heads");
+        ensure!(heads > 0 && width.is_multiple_of(heads), "qkv_heads: width {width} does not split into {heads} heads");
         let per_head = |t: &O::Tensor, w: &O::Tensor| -> Result<O::Tensor> {
             let s = ops.shape(t);
             let y = ops.rms_norm(&ops.reshape(t, &[s[0], s[1], heads, width / heads])?, w, eps)?;

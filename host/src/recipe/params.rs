@@ -84,17 +84,11 @@ impl RawParams {
                     None => spec.default.clone(),
                     Some(raw) => convert(spec, raw).map_err(|m| err(format!("parameter {}: {m}. {}", spec.name, spec.help)))?,
                 };
-                if spec.kind == ParamKind::Choice {
-                    if let ParamValue::Text(s) = &value {
-                        if !spec.allowed.contains(s) {
-                            return Err(err(format!(
-                                "parameter {}: {s:?} is not one of {}. {}",
-                                spec.name,
-                                spec.allowed.join(", "),
-                                spec.help
-                            )));
-                        }
-                    }
+                if spec.kind == ParamKind::Choice
+                    && let ParamValue::Text(s) = &value
+                    && !spec.allowed.contains(s)
+                {
+                    return Err(err(format!("parameter {}: {s:?} is not one of {}. {}", spec.name, spec.allowed.join(", "), spec.help)));
                 }
                 Ok((spec.name.clone(), value))
             })

@@ -156,10 +156,10 @@ mod naive {
         }
         let rot = |x: &[f64]| -> Vec<f64> {
             let mut y = x.to_vec();
-            for t in 0..n {
+            for (t, id) in ids.iter().enumerate().take(n) {
                 for h in 0..cfg.heads {
                     for (i, &(axis, om)) in freqs.iter().enumerate() {
-                        let a = ids[t][axis] * om;
+                        let a = id[axis] * om;
                         let p = t * hd + h * d + 2 * i;
                         y[p] = a.cos() * x[p] - a.sin() * x[p + 1];
                         y[p + 1] = a.sin() * x[p] + a.cos() * x[p + 1];

@@ -98,7 +98,7 @@ fn long_prompts_are_chunked_as_comfyui_encodes_them() {
     let t5_tok = t5_fixture();
     // "a" is one CLIP token: 80 of them are a chunk of 75 and one of 5. T5: 80 tokens and its end.
     let long = vec!["a"; 80].join(" ");
-    let chunk_texts = [vec!["a"; 75].join(" "), vec!["a"; 5].join(" ")];
+    let chunk_texts = [vec!["a"; 75].join(" "), ["a"; 5].join(" ")];
     let c = files.encode(&ops, DitText::Sd3, widths, Some(&clip_tok), Some(&t5_tok), 77, &[long.as_str()], &InputHooks::none()).unwrap();
     // By hand: each chunk encoded on its own, as a prompt of its own.
     let encode = |kind, tower, padding, text: &str| {
