@@ -43,7 +43,7 @@ use session::{CalibSession, Session, SessionInputs, SessionLimits, SessionStats}
 #[serde(rename_all = "kebab-case")]
 pub enum CalibrateMode {
     /// When the plan has FP8 or NVFP4 layers, the family has a forward pass
-    /// (SD1.x, SD2.x, SDXL) and the recipe exports `calibrate`.
+    /// (SD1.x, SDXL, SD3, FLUX.1) and the recipe exports `calibrate`.
     #[default]
     Auto,
     /// As `auto`, but a run that cannot calibrate fails instead of writing weight-only scales.
@@ -135,7 +135,7 @@ pub fn skip_reason(opts: &CalibrationOptions, plan: &ResolvedPlan, family: &str,
         return Some("no FP8, NVFP4 or INT8 layer in the plan (MXFP8 quantizes activations at run time and takes no SmoothQuant)".into());
     }
     if !family_supported(family) {
-        return Some(format!("no host forward pass for {family} yet (SD1.x, SD2.x and SDXL have one)"));
+        return Some(format!("no host forward pass for {family} yet (SD1.x, SDXL, SD3 and FLUX.1 have one)"));
     }
     if !recipe.can_calibrate() {
         return Some(format!("recipe {} does not export `calibrate` (built against contract 0.1.0)", recipe.name()));
