@@ -177,6 +177,33 @@ fn runs_give_byte_identical_files() {
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
 }
 
+/// The same job on the CPU and on the GPU gives the same bytes, for every format
+/// (no calibration: the weights' path; the GPU kernels are bit-exact to the CPU
+/// references and the writer orders everything). Skips without a GPU, with a
+/// printed reason, unless `QUANTSMITH_REQUIRE_GPU=1` makes that a failure.
+#[test]
+fn cpu_and_gpu_runs_give_byte_identical_files() {
+    if quantsmith::gpu::device_count().map_or(true, |n| n == 0) {
+        assert!(std::env::var_os("QUANTSMITH_REQUIRE_GPU").is_none(), "QUANTSMITH_REQUIRE_GPU is set but no GPU is usable");
+        println!("SKIPPED cpu_and_gpu_runs_give_byte_identical_files: no CUDA device on this machine");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = synth_tiny(dir.path(), "sdxl");
+    for format in ["fp8", "int8", "nvfp4", "mxfp8"] {
+        let mut files = Vec::new();
+        for device in ["cpu", "cuda"] {
+            let out = dir.path().join(format!("{format}-{device}.safetensors"));
+            let set = format!("format={format}");
+            let args = ["run", s(&input), "-o", s(&out), "--device", device, "--quiet", "--calibrate", "off", "--set", set.as_str()];
+            let (code, _, stderr) = rr(&args, &[]);
+            assert_eq!(code, Some(0), "{format} on {device}: {stderr}");
+            files.push(std::fs::read(&out).unwrap());
+        }
+        assert!(files[0] == files[1], "{format}: the CPU and GPU files differ");
+    }
+}
+
 // ---- 3. interrupted runs leave nothing -------------------------------------
 
 fn partials(dir: &Path) -> Vec<String> {
