@@ -104,6 +104,11 @@ fn a_skipped_calibration_says_why_once() {
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(stdout.matches("--calibrate off").count(), 1, "{stdout}");
     assert!(stdout.contains("FP8 layers have no static activation scale (no calibration on this run"), "{stdout}");
+    // A dry run on the CPU says what the real run on the CPU does: no calibration.
+    let (code, stdout, stderr) = rr(&["run", s(&input), "--dry-run", "--device", "cpu", "--set", "format=fp8"], &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("no activation calibration: --device cpu"), "{stdout}");
+    assert!(!stdout.contains("a real run calibrates"), "{stdout}");
 }
 
 /// A missing file says why once: not "No such file ...: No such file ...".

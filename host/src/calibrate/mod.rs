@@ -140,8 +140,14 @@ pub fn skip_reason(opts: &CalibrationOptions, plan: &ResolvedPlan, family: &str,
     if !recipe.can_calibrate() {
         return Some(format!("recipe {} does not export `calibrate` (built against contract 0.1.0)", recipe.name()));
     }
+    if opts.device == DeviceChoice::Cpu && opts.mode == CalibrateMode::Auto {
+        return Some(format!("--device cpu; {CPU_IS_SLOW}"));
+    }
     None
 }
+
+/// Why `auto` never starts an hours-long CPU calibration of a real model.
+const CPU_IS_SLOW: &str = "calibrating on the CPU is slow, pass --calibrate on to do it anyway";
 
 /// Runs calibration (and the evaluation) or says why not; an error only for real failures.
 #[allow(clippy::too_many_arguments)]
@@ -202,14 +208,8 @@ pub fn run(
             _ => None,
         }),
     };
-    let cpu_skip = |why: String| -> Result<Outcome> {
-        // `auto` never starts an hours-long CPU calibration of a real model.
-        let reason = format!("{why}; calibrating on the CPU is slow, pass --calibrate on to do it anyway");
-        tracing::info!("no activation calibration: {reason}");
-        Ok(Outcome::Skipped(reason))
-    };
     match opts.device {
-        DeviceChoice::Cpu if opts.mode == CalibrateMode::Auto => cpu_skip("--device cpu".into()),
+        // `--device cpu` with `auto` was skipped above (skip_reason).
         DeviceChoice::Cpu => with_backend(crate::nn::cpu::CpuOps::new(), ctx, recipe, params, &layers, inputs, opts, progress),
         DeviceChoice::Cuda(n) => {
             let ops = crate::nn::cuda::CudaOps::new(n).with_context(|| format!("--device cuda:{n} cannot be used for calibration"))?;
@@ -217,7 +217,11 @@ pub fn run(
         }
         DeviceChoice::Auto => match crate::nn::cuda::CudaOps::new(0) {
             Ok(ops) => with_backend(ops, ctx, recipe, params, &layers, inputs, opts, progress),
-            Err(e) if opts.mode == CalibrateMode::Auto => cpu_skip(format!("no usable CUDA GPU ({e:#})")),
+            Err(e) if opts.mode == CalibrateMode::Auto => {
+                let reason = format!("no usable CUDA GPU ({e:#}); {CPU_IS_SLOW}");
+                tracing::info!("no activation calibration: {reason}");
+                Ok(Outcome::Skipped(reason))
+            }
             Err(e) => {
                 tracing::warn!("calibrating on the CPU (no usable CUDA GPU: {e:#}); full-size models take a long time there");
                 with_backend(crate::nn::cpu::CpuOps::new(), ctx, recipe, params, &layers, inputs, opts, progress)
