@@ -13,16 +13,7 @@
 #   bash scripts/device-wheels.sh download
 #   # device tool: carry [".device/dit-bins.tar.xz", ".device/wheels"]; command:
 #   bash scripts/dit-device.sh [tests] [t5] [flux] [sd3] [variants] [profile] [calib]
-set -uo pipefail
-D=${QS_DEVICE_DIR:-.device}
-W=${WORK:-/tmp/qs}
-O=${OUT:-$W/out}
-mkdir -p "$W/bin" "$O"
-tar -C "$W/bin" -xJf "$D/dit-bins.tar.xz"
-RR=$W/bin/run-recipe
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-bash scripts/device-wheels.sh install diffusers >"$O/wheels.log" 2>&1 && export PYTHONPATH=/tmp/site
+WHEELS=diffusers . scripts/dit-device-env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$O/gpu.txt"
 step() { echo "== $*" | tee -a "$O/steps.log"; timeout "${STEP_TIMEOUT:-400}" "$@"; }
 want() { [ $# -eq 0 ] || [[ " $* " == *" $1 "* ]]; }

@@ -12,15 +12,8 @@
 #   --set calib-samples=1 --device cuda` (one 16-step walk, 1024², random conditioning: the
 #   same number of calls ModelOpt calibrates over, not the preset's 8 samples). Each model
 #   takes a few minutes; one per call keeps within the 10-minute limit.
-set -uo pipefail
-D=${QS_DEVICE_DIR:-.device}
-W=${WORK:-/tmp/qs}
-O=${OUT:-$W/out}
-mkdir -p "$W/bin" "$O"
-tar -C "$W/bin" -xJf "$D/dit-bins.tar.xz"
-RR=$W/bin/run-recipe
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-bash scripts/device-wheels.sh install all >"$O/wheels.log" 2>&1 && export PYTHONPATH=/tmp/site:$PWD/scripts
+WHEELS=all . scripts/dit-device-env.sh
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/scripts
 ARGS=" $* "
 [ -n "${ARGS// /}" ] || ARGS=" bench "
 has() { [[ "$ARGS" == *" $1 "* ]]; }

@@ -3,16 +3,7 @@
 # `run-recipe forward`) beside diffusers' (torch.profiler, scripts/dit_profile.py).
 # Carry .device/dit-bins.tar.xz (see scripts/dit-device.sh) and .device/wheels.
 #   bash scripts/dit-profile-device.sh [flux] [sd3]
-set -uo pipefail
-D=${QS_DEVICE_DIR:-.device}
-W=${WORK:-/tmp/qs}
-O=${OUT:-$W/out}
-mkdir -p "$W/bin" "$O"
-tar -C "$W/bin" -xJf "$D/dit-bins.tar.xz"
-RR=$W/bin/run-recipe
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-bash scripts/device-wheels.sh install diffusers >"$O/wheels.log" 2>&1 && export PYTHONPATH=/tmp/site
+WHEELS=diffusers . scripts/dit-device-env.sh
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 prof() {  # name, tokens, synth args...
   local name=$1 tokens=$2; shift 2
