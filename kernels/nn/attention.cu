@@ -101,11 +101,6 @@ QS_DEV void fa_load_rows(u16* dst, const u16* __restrict__ src, i64 r0, i64 nrow
 }
 
 template <int DP>
-QS_DEV void fa_load_tile(u16 (*dst)[DP + 8], const u16* __restrict__ src, i64 k0, i64 nk, int d, i64 ld) {
-    fa_load_rows<FA_BK, DP>(&dst[0][0], src, k0, nk, d, ld);
-}
-
-template <int DP>
 QS_DEV void fa_forward(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, u16* __restrict__ o,
                        i64 nq, i64 nk, int heads, int d, float scale_log2, int causal) {
     __shared__ __align__(16) u16 ks[FA_BK][DP + 8];
@@ -126,7 +121,7 @@ QS_DEV void fa_forward(const u16* __restrict__ q, const u16* __restrict__ k, con
     const i64 r1 = r0 + 8;
 
     const i64 kend = causal ? min(nk, q0 + FA_BQ) : nk;
-    fa_load_tile<DP>(ks, kb, 0, nk, d, hd);
+    fa_load_rows<FA_BK, DP>(&ks[0][0], kb, 0, nk, d, hd);
     fa_cp_commit();
 
     u32 qf[DP / 16][4];
@@ -149,7 +144,7 @@ QS_DEV void fa_forward(const u16* __restrict__ q, const u16* __restrict__ k, con
 
     for (i64 k0 = 0; k0 < kend; k0 += FA_BK) {
         // V of this tile streams in while S is computed; K of the next while PV is.
-        fa_load_tile<DP>(vs, vb, k0, nk, d, hd);
+        fa_load_rows<FA_BK, DP>(&vs[0][0], vb, k0, nk, d, hd);
         fa_cp_commit();
         fa_cp_wait<1>();
         __syncthreads();
@@ -171,7 +166,7 @@ QS_DEV void fa_forward(const u16* __restrict__ q, const u16* __restrict__ k, con
             }
         }
         __syncthreads();  // every warp is done with ks
-        if (k0 + FA_BK < kend) fa_load_tile<DP>(ks, kb, k0 + FA_BK, nk, d, hd);
+        if (k0 + FA_BK < kend) fa_load_rows<FA_BK, DP>(&ks[0][0], kb, k0 + FA_BK, nk, d, hd);
         fa_cp_commit();
 
         // Mask keys past the end (and, causal, after the query) only in the
